@@ -1,0 +1,1 @@
+//! The `katamaran.v1.Migration` ttrpc service (placeholder until the protocol lands).

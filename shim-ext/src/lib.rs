@@ -1,0 +1,1 @@
+//! katamaran's migration engine.
