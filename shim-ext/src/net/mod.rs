@@ -1,0 +1,1 @@
+//! Netlink: links, routes, tunnels, qdiscs, netns threads (in progress).

@@ -1,0 +1,1 @@
+//! Helpers for driving the two-node lab from tests.
