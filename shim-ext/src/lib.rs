@@ -4,6 +4,8 @@
 //! |---|---|
 //! | [`qmp`] | the QMP client: handshake, commands, events, deadlines — no migration policy |
 //! | [`net`] | netlink (links, routes, tunnels, qdiscs) and netns threads — the only syscall room |
+//! | [`sandbox`] | discovery: OCI bundle, Kata run dir, command-line capture and rewrite |
 
 pub mod net;
 pub mod qmp;
+pub mod sandbox;

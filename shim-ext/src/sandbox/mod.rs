@@ -1,0 +1,105 @@
+//! Sandbox discovery: where a Kata sandbox's pieces live, what its OCI bundle says, and how its
+//! QEMU command line becomes the destination's.
+//!
+//! Nothing here talks to QEMU or netlink; everything is files and pure functions, so it is tested
+//! with tables and temporary directories.
+
+pub mod bundle;
+pub mod cmdline;
+pub mod layout;
+
+pub use bundle::{BundleInfo, ContainerType};
+pub use cmdline::{IncomingRewrite, QemuCmdline};
+pub use layout::NodeLayout;
+
+/// Validates a sandbox id before it becomes part of a path, a socket name or a QEMU argument.
+///
+/// containerd sandbox ids are 64 hex characters; CRI-O and tests use other shapes, so the rule is
+/// the conservative superset: 1–128 characters from `[A-Za-z0-9_.-]`, not starting with `.` or `-`.
+///
+/// # Errors
+/// [`Error::InvalidSandboxId`] naming the offending id.
+pub fn validate_sandbox_id(id: &str) -> Result<(), Error> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with(['.', '-'])
+        && id.chars().all(ok_char);
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidSandboxId(id.to_owned()))
+    }
+}
+
+/// Errors of sandbox discovery.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A sandbox id that cannot be used in a path.
+    #[error("invalid sandbox id {0:?}: expected 1-128 characters of [A-Za-z0-9_.-], not starting with '.' or '-'")]
+    InvalidSandboxId(String),
+    /// The bundle's `config.json` could not be read or parsed.
+    #[error("cannot read OCI bundle config {path}")]
+    BundleConfig {
+        /// The `config.json` path.
+        path: std::path::PathBuf,
+        /// What oci-spec reported.
+        #[source]
+        source: oci_spec::OciSpecError,
+    },
+    /// The bundle lacks something the extension needs.
+    #[error("OCI bundle {path} has no {what}")]
+    BundleMissing {
+        /// The `config.json` path.
+        path: std::path::PathBuf,
+        /// What is missing, e.g. "network namespace path".
+        what: &'static str,
+    },
+    /// A file under Kata's run directory could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Kata's pid file does not hold a pid.
+    #[error("pid file {path} holds {content:?}, not a process id")]
+    BadPidFile {
+        /// The pid file.
+        path: std::path::PathBuf,
+        /// What it held (trimmed).
+        content: String,
+    },
+    /// The QEMU command line cannot be migrated as it is.
+    #[error("QEMU command line: {0}")]
+    Cmdline(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandbox_ids() {
+        let table = [
+            ("4f1c2ab0d8e9f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a2", true),
+            ("web-0_sandbox.1", true),
+            ("a", true),
+            ("", false),
+            ("../etc", false),
+            (".hidden", false),
+            ("-rf", false),
+            ("a/b", false),
+            ("a b", false),
+            ("id\0", false),
+        ];
+        for (id, ok) in table {
+            assert_eq!(validate_sandbox_id(id).is_ok(), ok, "{id:?}");
+        }
+        assert!(validate_sandbox_id(&"x".repeat(129)).is_err());
+        let msg = validate_sandbox_id("a/b").expect_err("slash").to_string();
+        assert!(msg.contains("\"a/b\""), "{msg}");
+    }
+}
