@@ -3,10 +3,12 @@
 //! | module | what it owns |
 //! |---|---|
 //! | [`qmp`] | the QMP client: handshake, commands, events, deadlines — no migration policy |
+//! | [`dataplane`] | authenticated TCP streams between nodes (per-migration secret) and the unix↔TCP relay |
 //! | [`migration`] | the state machine (source, destination, storage, compute, cutover) and its pure decisions |
 //! | [`net`] | netlink (links, routes, tunnels, qdiscs) and netns threads — the only syscall room |
 //! | [`sandbox`] | discovery: OCI bundle, Kata run dir, command-line capture and rewrite |
 
+pub mod dataplane;
 pub mod migration;
 pub mod net;
 pub mod qmp;

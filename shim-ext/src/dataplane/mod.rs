@@ -1,0 +1,79 @@
+//! The data plane: authenticated TCP streams between nodes for RAM and NBD.
+//!
+//! Kata's tcfilter sends everything arriving on the pod's `eth0` into the guest, so QEMU cannot
+//! accept connections on the pod address; the node-side processes own the TCP connections. Each
+//! connection proves it belongs to a migration with a per-migration secret (mutual HMAC-SHA256
+//! challenge, [`handshake`]) before a byte of VM state crosses it. An authenticated socket is then
+//! handed to QEMU itself where QEMU can take an fd (`getfd` + `fd:` URIs, no userspace copy) or
+//! bridged to a unix socket by [`relay`] where it cannot.
+//!
+//! ```text
+//!  source node                                   destination node
+//!  QEMU ─fd─ extension ══TCP(handshake)══▶ DataListener ─fd─ QEMU (-incoming)
+//!  QEMU ─unix─ relay ════TCP(handshake)══▶ DataListener ─ relay ─unix─ NBD server
+//! ```
+
+pub mod handshake;
+pub mod listener;
+pub mod relay;
+
+pub use handshake::{Secret, StreamKey};
+pub use listener::{DataListener, Expected};
+
+/// Errors of the data plane.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A migration id or stream name that cannot go on the wire.
+    #[error("invalid {what} {value:?}: {why}")]
+    InvalidName {
+        /// "migration id" or "stream name".
+        what: &'static str,
+        /// The value.
+        value: String,
+        /// The rule it breaks.
+        why: &'static str,
+    },
+    /// A secret too short to authenticate anything.
+    #[error("migration secret is {0} bytes; at least 32 are required")]
+    ShortSecret(usize),
+    /// The peer spoke something else than the handshake.
+    #[error("data stream handshake: {0}")]
+    Protocol(String),
+    /// The peer's proof did not verify.
+    #[error("data stream handshake: peer failed authentication for {0}")]
+    Authentication(String),
+    /// The destination refused the stream.
+    #[error("data stream {key} rejected by the destination: {reason}")]
+    Rejected {
+        /// `migration/stream`.
+        key: String,
+        /// What the destination said.
+        reason: &'static str,
+    },
+    /// Connecting, reading or writing failed.
+    #[error("data stream {context}")]
+    Io {
+        /// What was being done, e.g. "connect to 10.0.0.2:4000".
+        context: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A deadline passed.
+    #[error("data stream {0} timed out")]
+    Timeout(String),
+    /// The listener stopped or the expectation was dropped.
+    #[error("data listener closed while waiting for {0}")]
+    Closed(String),
+    /// The same migration id was registered twice.
+    #[error("migration {0} already expects data streams on this listener")]
+    Duplicate(String),
+    /// Randomness was unavailable.
+    #[error("cannot read random bytes for a nonce: {0}")]
+    Random(String),
+}
+
+pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let context = context.into();
+    move |source| Error::Io { context, source }
+}
