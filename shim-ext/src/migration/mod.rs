@@ -1,5 +1,9 @@
 //! The migration state machine and the pure decisions it takes.
 
+pub mod cleanup;
+pub mod events;
 pub mod options;
 
+pub use cleanup::Cleanup;
+pub use events::{Event, EventLog, Phase, Role};
 pub use options::{MigrationOptions, StorageMode, TunnelMode};
