@@ -63,6 +63,7 @@ fn rich_sandbox() -> Sandbox {
     s.qemu_argv = ["/opt/kata/bin/qemu-system-x86_64", "-name", "sandbox-3f2a9c", "-daemonize"]
         .map(String::from)
         .to_vec();
+    s.node_address = "10.201.0.11".into();
     s
 }
 

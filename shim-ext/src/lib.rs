@@ -6,10 +6,12 @@
 //! | [`dataplane`] | authenticated TCP streams between nodes (per-migration secret) and the unix↔TCP relay |
 //! | [`migration`] | the state machine (source, destination, storage, compute, cutover) and its pure decisions |
 //! | [`net`] | netlink (links, routes, tunnels, qdiscs) and netns threads — the only syscall room |
+//! | [`client`] | reaching an endpoint; driving a migration between two endpoints |
 //! | [`cli`], [`convert`] | flags shared by the clients; engine ↔ wire type mapping |
 //! | [`sandbox`] | discovery: OCI bundle, Kata run dir, command-line capture and rewrite |
 
 pub mod cli;
+pub mod client;
 pub mod convert;
 pub mod dataplane;
 pub mod migration;
