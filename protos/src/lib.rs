@@ -27,6 +27,7 @@
 
 pub use async_trait::async_trait;
 pub use protobuf;
+pub use protobuf_json_mapping;
 pub use ttrpc;
 
 // The generated files allow `clippy::all` themselves; these two come from our workspace lints.
