@@ -2,7 +2,9 @@
 
 pub mod cleanup;
 pub mod events;
+pub mod network;
 pub mod options;
+pub mod qemu;
 
 pub use cleanup::Cleanup;
 pub use events::{Event, EventLog, Phase, Role};
