@@ -62,6 +62,12 @@ impl Drop for Expected {
 }
 
 impl Expected {
+    /// Takes the receiver of `stream`'s connections, for a task that serves them all; later
+    /// [`Expected::accept`] calls for that stream report it closed.
+    pub fn take_stream(&mut self, stream: &str) -> Option<mpsc::UnboundedReceiver<TcpStream>> {
+        self.receivers.remove(stream)
+    }
+
     /// Waits for the next authenticated connection of `stream`.
     ///
     /// # Errors

@@ -1,10 +1,15 @@
 //! The migration state machine and the pure decisions it takes.
 
+pub mod cancel;
 pub mod cleanup;
+pub mod ctl;
+pub mod dest;
+pub mod error;
 pub mod events;
 pub mod network;
 pub mod options;
 pub mod qemu;
+pub mod source;
 
 pub use cleanup::Cleanup;
 pub use events::{Event, EventLog, Phase, Role};

@@ -324,6 +324,34 @@ pub async fn has_feature<N: NetOps + ?Sized>(node: &N, f: Feature) -> Result<boo
     }
 }
 
+/// The tunnel kind to use: the requested one if the kernel has it; `auto` falls back to a plain
+/// route (with a warning) when the module is missing; an explicit mode never falls back.
+///
+/// # Errors
+/// [`super::error::EngineError::Precondition`] for an explicit mode the kernel lacks; netlink
+/// failures of the probe.
+pub async fn resolve_tunnel<N: NetOps + ?Sized>(node: &N, mode: TunnelMode, vm: IpAddr) -> Result<Option<net::TunnelMode>, super::error::EngineError> {
+    let Some(kind) = net_tunnel_mode(mode, vm) else { return Ok(None) };
+    if has_feature(node, kind.feature()).await? {
+        return Ok(Some(kind));
+    }
+    if mode == TunnelMode::Auto {
+        tracing::warn!(tunnel = %kind, "kernel lacks the tunnel module: forwarding with a plain route (needs a shared L2)");
+        Ok(None)
+    } else {
+        Err(super::error::EngineError::Precondition(format!(
+            "this node's kernel lacks {kind} (module {}); load it or use --tunnel-mode route",
+            match kind.feature() {
+                Feature::Ipip => "ipip",
+                Feature::Gre => "ip_gre",
+                Feature::Ip6Tnl => "ip6_tunnel",
+                Feature::Ip6Gre => "ip6_gre",
+                Feature::Plug => "sch_plug",
+            }
+        )))
+    }
+}
+
 #[cfg(test)]
 #[path = "network_tests.rs"]
 mod tests;

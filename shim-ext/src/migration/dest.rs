@@ -1,0 +1,521 @@
+//! The destination role: create an incoming sandbox for a VM and receive it.
+//!
+//! ```text
+//!  PREPARING  state dir ─▶ netns ─▶ veth/tap/tcfilter/plug/routes/neighbours/decap tunnel
+//!             ─▶ empty disk images (local storage) ─▶ QEMU from the source's rewritten command
+//!             line with -incoming defer ─▶ QMP ─▶ NBD exports ─▶ accept authenticated streams
+//!             (ram: getfd + migrate-incoming fd:, nbd: relay, ctl)      ── PrepareIncoming returns
+//!  STORAGE/RAM the source pushes; ctl storage-done ─▶ NBD exports stopped
+//!  CUTOVER    RESUME event ─▶ plug released (the reaction is measured) ─▶ announce-self
+//!  COMPLETED  MIGRATION completed; the incoming sandbox now owns netns, QEMU and routes
+//! ```
+//! Any failure or cancel before RESUME unwinds the stack: QEMU killed, exports, routes,
+//! neighbours, tunnel, veth, netns and state directory removed.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::UnixStream;
+use tokio::sync::watch;
+
+use super::cancel::CancelToken;
+use super::cleanup::Cleanup;
+use super::ctl::{self, Ctl};
+use super::error::EngineError;
+use super::events::{CutoverTimes, Event, EventLog, Phase};
+use super::network::{self, IncomingNet, IncomingSpec};
+use super::options::{MigrationOptions, StorageMode};
+use super::qemu::{self, compute, storage, EventBus, NbdAddress, NbdExports, QemuFeatures, RamConfig};
+use crate::convert::unix_nanos;
+use crate::dataplane::{relay, DataListener, Expected, Secret};
+use crate::net::{self, MacAddr, NetnsHandle, NetnsRoots, TunnelSpec};
+use crate::qmp::{MigrationStatus, QmpClient, QmpConfig};
+use crate::sandbox::cmdline::{IncomingRewrite, QemuCmdline};
+
+/// How long QEMU has to open its QMP socket after being spawned.
+const QMP_APPEAR_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A source disk the destination must provide.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceDisk {
+    /// Drive id.
+    pub drive_id: String,
+    /// Top node name.
+    pub node_name: String,
+    /// Virtual size in bytes.
+    pub size_bytes: u64,
+    /// Image format.
+    pub format: String,
+    /// Read-only disks need no copy.
+    pub read_only: bool,
+}
+
+/// A validated PrepareIncoming.
+#[derive(Debug, Clone)]
+pub struct DestRequest {
+    /// Migration id.
+    pub migration_id: String,
+    /// Secret.
+    pub secret: Secret,
+    /// The sandbox id (kept across the move).
+    pub sandbox_id: String,
+    /// The source's Kata VM directory (parent of its QMP socket); paths under it are moved.
+    pub source_state_dir: PathBuf,
+    /// The source's QEMU command line.
+    pub argv: QemuCmdline,
+    /// Pod interface name.
+    pub pod_ifname: String,
+    /// Tap name.
+    pub tap_name: String,
+    /// VM MAC.
+    pub mac: MacAddr,
+    /// MTU.
+    pub mtu: u32,
+    /// VM addresses.
+    pub vm_addrs: Vec<IpAddr>,
+    /// Source disks.
+    pub disks: Vec<SourceDisk>,
+    /// Options.
+    pub options: MigrationOptions,
+    /// Source node address.
+    pub source_node: IpAddr,
+}
+
+/// What the node provides to an incoming migration.
+#[derive(Debug, Clone)]
+pub struct DestEnv {
+    /// The node's namespace.
+    pub node: Arc<NetnsHandle>,
+    /// This node's address (tunnel and data endpoint).
+    pub node_address: IpAddr,
+    /// The shared data listener.
+    pub listener: Arc<DataListener>,
+    /// The QEMU binary to run.
+    pub qemu_binary: PathBuf,
+    /// Where incoming sandboxes keep their state.
+    pub incoming_root: PathBuf,
+    /// Where incoming sandboxes' netns files are bind-mounted.
+    pub netns_dir: PathBuf,
+}
+
+/// The incoming sandbox while it receives.
+#[derive(Debug)]
+pub struct Incoming {
+    /// Endpoints for the source.
+    pub endpoints: (SocketAddr, BTreeMap<String, SocketAddr>),
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Netns file.
+    pub netns: PathBuf,
+    /// QEMU's pid.
+    pub qemu_pid: u32,
+    qmp: QmpClient,
+    /// Keeps the event fan-out alive for `sub` and the stream tasks.
+    _bus: EventBus,
+    sub: qemu::Subscription,
+    sandbox_ns: Arc<NetnsHandle>,
+    net: IncomingNet,
+    exited: watch::Receiver<Option<String>>,
+    started: Instant,
+    tasks: Vec<tokio::task::AbortHandle>,
+}
+
+fn netns_roots(env: &DestEnv) -> NetnsRoots {
+    NetnsRoots { dirs: vec![env.netns_dir.clone()], proc: None }
+}
+
+/// Creates the incoming sandbox and opens the data streams. Everything created is on `cleanup`.
+///
+/// # Errors
+/// The first failure.
+pub async fn prepare(req: &DestRequest, env: &DestEnv, log: &EventLog, cleanup: &Cleanup) -> Result<Incoming, EngineError> {
+    let started = Instant::now();
+    log.push(Event::new(Phase::Preparing, format!("creating incoming sandbox {}", req.sandbox_id)));
+    let suffix = network::ifname_suffix(&req.migration_id);
+
+    // State directory, root-only.
+    let state_dir = env.incoming_root.join(&req.sandbox_id);
+    if state_dir.exists() {
+        return Err(EngineError::Precondition(format!("sandbox {} already exists on this node ({})", req.sandbox_id, state_dir.display())));
+    }
+    std::fs::create_dir_all(&state_dir).map_err(EngineError::io(format!("create {}", state_dir.display())))?;
+    std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700)).map_err(EngineError::io("chmod state dir"))?;
+    {
+        let d = state_dir.clone();
+        cleanup.push(format!("remove {}", d.display()), move || async move { std::fs::remove_dir_all(&d) });
+    }
+
+    // Network namespace and plumbing.
+    std::fs::create_dir_all(&env.netns_dir).map_err(EngineError::io(format!("create {}", env.netns_dir.display())))?;
+    let netns = env.netns_dir.join(format!("kmr-{suffix}"));
+    net::create_netns_in(&netns, &netns_roots(env))?;
+    {
+        let p = netns.clone();
+        cleanup.push(format!("remove netns {}", p.display()), move || async move { net::remove_netns(&p) });
+    }
+    let sandbox_ns = Arc::new(NetnsHandle::open_in(&netns, &netns_roots(env))?);
+    let primary = *req.vm_addrs.first().ok_or_else(|| EngineError::Invalid("no VM address".into()))?;
+    let decap = network::resolve_tunnel(env.node.as_ref(), req.options.tunnel_mode, primary).await?.map(|mode| TunnelSpec {
+        name: format!("kmrd{suffix}"),
+        mode,
+        local: env.node_address,
+        remote: req.source_node,
+        ttl: 0,
+    });
+    let multi_queue = req.argv.values("netdev").any(|v| v.contains("queues=") || v.contains("fds=") && v.contains(':'));
+    let plug_limit = req.options.plug_limit.unwrap_or_else(|| default_plug_limit(&req.options));
+    let spec = IncomingSpec {
+        sandbox_netns: netns.clone(),
+        host_veth: format!("kmr{suffix}"),
+        pod_ifname: req.pod_ifname.clone(),
+        tap_name: req.tap_name.clone(),
+        tap_multi_queue: multi_queue,
+        mac: req.mac,
+        mtu: req.mtu,
+        vm_addrs: req.vm_addrs.clone(),
+        plug_limit,
+        decap,
+    };
+    let net = network::build_incoming(&env.node, sandbox_ns.as_ref(), &spec, cleanup).await?;
+    if let Some(d) = &net.decap {
+        // Decapsulated packets arrive on the tunnel from a source the node would not route
+        // back through it: no reverse-path filtering on that device.
+        let name = d.name.clone();
+        env.node
+            .run(move || std::fs::write(format!("/proc/sys/net/ipv4/conf/{name}/rp_filter"), "0"))
+            .await?
+            .map_err(EngineError::io("disable rp_filter on the decap tunnel"))?;
+    }
+
+    // Disks: empty images of the source's size (local storage).
+    let mut disk_paths = BTreeMap::new();
+    let local_disks: Vec<&SourceDisk> = match req.options.storage {
+        StorageMode::Shared => Vec::new(),
+        StorageMode::Local => req.disks.iter().filter(|d| !d.read_only).collect(),
+    };
+    if !local_disks.is_empty() {
+        let dir = state_dir.join("disks");
+        std::fs::create_dir_all(&dir).map_err(EngineError::io("create disks dir"))?;
+        for d in &local_disks {
+            if d.format != "raw" {
+                return Err(EngineError::Invalid(format!(
+                    "drive {} is {}; local-storage migration supports raw images (use shared storage)", d.drive_id, d.format)));
+            }
+            let path = dir.join(format!("{}.img", storage::qemu_id("", &d.drive_id)));
+            let f = std::fs::File::create(&path).map_err(EngineError::io(format!("create {}", path.display())))?;
+            f.set_len(d.size_bytes).map_err(EngineError::io(format!("size {}", path.display())))?;
+            disk_paths.insert(d.drive_id.clone(), path.clone());
+            if !d.node_name.is_empty() {
+                disk_paths.insert(d.node_name.clone(), path);
+            }
+        }
+    }
+
+    // QEMU from the source's command line.
+    let rewritten = IncomingRewrite {
+        qemu_binary: env.qemu_binary.clone(),
+        state_dir: state_dir.clone(),
+        source_state_dirs: vec![req.source_state_dir.clone()],
+        tap_name: req.tap_name.clone(),
+        disk_paths,
+    }
+    .apply(&req.argv)?;
+    let (qemu_pid, exited) = spawn_qemu(&sandbox_ns, &rewritten.argv, &state_dir.join("qemu.log"), cleanup).await?;
+    let (qmp, events) = wait_for_qmp(&rewritten.qmp_socket, &exited).await?;
+    let bus = EventBus::spawn(events);
+    let sub = bus.subscribe();
+    let features = QemuFeatures::discover(&qmp).await?;
+    let ram = RamConfig::from_options(&req.options);
+    compute::configure_incoming(&qmp, &features, &ram).await?;
+
+    // Streams.
+    let mut streams = vec![ctl::STREAM.to_owned(), "ram".to_owned()];
+    let dest_disks = qemu::list_disks(&qmp).await?;
+    let mut nbd = None;
+    if !local_disks.is_empty() {
+        let to_export: Vec<qemu::DiskInfo> =
+            dest_disks.iter().filter(|d| local_disks.iter().any(|s| s.drive_id == d.drive_id)).cloned().collect();
+        if to_export.len() != local_disks.len() {
+            return Err(EngineError::Precondition("the destination QEMU does not have every source drive".into()));
+        }
+        let exports = storage::export_disks(&qmp, &NbdAddress::Unix(state_dir.join("nbd.sock")), &to_export).await?;
+        {
+            let (q, b, e) = (qmp.clone(), bus.clone(), exports.clone());
+            cleanup.push("stop NBD exports", move || async move { storage::stop_exports(&q, &b, &e, Duration::from_secs(10)).await });
+        }
+        for d in &local_disks {
+            streams.push(format!("nbd:{}", d.drive_id));
+        }
+        nbd = Some(exports);
+    }
+    let names: Vec<&str> = streams.iter().map(String::as_str).collect();
+    let expected = env.listener.expect(&req.migration_id, req.secret.clone(), &names)?;
+    let mut tasks = Vec::new();
+    let data_addr = SocketAddr::new(env.node_address, env.listener.local_addr().port());
+    tasks.push(
+        tokio::spawn(serve_streams(expected, qmp.clone(), bus.clone(), nbd.clone(), state_dir.clone(), ram.multifd_channels.is_some(), local_disks.iter().map(|d| d.drive_id.clone()).collect()))
+            .abort_handle(),
+    );
+    let nbd_endpoints = local_disks.iter().map(|d| (d.drive_id.clone(), data_addr)).collect();
+    let aborts = tasks.clone();
+    cleanup.push("stop stream acceptors", move || async move {
+        for t in aborts {
+            t.abort();
+        }
+        Ok::<(), String>(())
+    });
+    Ok(Incoming {
+        endpoints: (data_addr, nbd_endpoints),
+        state_dir,
+        netns,
+        qemu_pid,
+        qmp,
+        _bus: bus,
+        sub,
+        sandbox_ns,
+        net,
+        exited,
+        started,
+        tasks,
+    })
+}
+
+/// The plug limit when none is given: a 50 000 pps stream of full frames through a blackout of
+/// ten downtime limits (at least 2 s), doubled — capped by the net layer's maximum.
+fn default_plug_limit(o: &MigrationOptions) -> u32 {
+    let blackout = (o.downtime_limit * 10).max(Duration::from_secs(2));
+    net::plug_limit_bytes(50_000, 1514, blackout, 2.0)
+}
+
+async fn spawn_qemu(
+    ns: &NetnsHandle,
+    argv: &[String],
+    log_path: &Path,
+    cleanup: &Cleanup,
+) -> Result<(u32, watch::Receiver<Option<String>>), EngineError> {
+    let log = std::fs::File::create(log_path).map_err(EngineError::io(format!("create {}", log_path.display())))?;
+    let err = log.try_clone().map_err(EngineError::io("dup log"))?;
+    let (program, args) = argv.split_first().ok_or_else(|| EngineError::Invalid("empty QEMU command line".into()))?;
+    let (program, args) = (program.clone(), args.to_vec());
+    // Spawned from the namespace thread: the child inherits its network namespace.
+    let mut child = ns
+        .run(move || Command::new(program).args(args).stdin(Stdio::null()).stdout(log).stderr(err).spawn())
+        .await?
+        .map_err(EngineError::io("spawn the destination QEMU"))?;
+    let pid = child.id();
+    let (tx, rx) = watch::channel(None);
+    tokio::task::spawn_blocking(move || {
+        let status = child.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+        let _ = tx.send(Some(status));
+    });
+    let mut exited = rx.clone();
+    cleanup.push(format!("stop destination QEMU (pid {pid})"), move || async move {
+        kill_and_wait(pid, &mut exited).await
+    });
+    Ok((pid, rx))
+}
+
+/// SIGTERM, then SIGKILL after 5 s; waits for the exit.
+async fn kill_and_wait(pid: u32, exited: &mut watch::Receiver<Option<String>>) -> Result<(), String> {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let pid_t = Pid::from_raw(i32::try_from(pid).map_err(|e| e.to_string())?);
+    if exited.borrow().is_some() {
+        return Ok(());
+    }
+    let _ = kill(pid_t, Signal::SIGTERM);
+    if tokio::time::timeout(Duration::from_secs(5), exited.wait_for(Option::is_some)).await.is_err() {
+        let _ = kill(pid_t, Signal::SIGKILL);
+        tokio::time::timeout(Duration::from_secs(5), exited.wait_for(Option::is_some))
+            .await
+            .map_err(|_| format!("QEMU pid {pid} did not exit"))?
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+async fn wait_for_qmp(
+    socket: &Path,
+    exited: &watch::Receiver<Option<String>>,
+) -> Result<(QmpClient, crate::qmp::EventReceiver), EngineError> {
+    let until = Instant::now() + QMP_APPEAR_TIMEOUT;
+    loop {
+        if let Some(status) = exited.borrow().clone() {
+            return Err(EngineError::QemuExited(status));
+        }
+        match QmpClient::connect(socket, &QmpConfig::default()).await {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() < until => {
+                tracing::trace!(error = %e, "QMP socket not ready yet");
+                // QEMU creates the socket during start-up; there is no event to wait on.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => return Err(EngineError::Qmp(e)),
+        }
+    }
+}
+
+/// Serves the authenticated streams of one migration.
+async fn serve_streams(
+    mut expected: Expected,
+    qmp: QmpClient,
+    bus: EventBus,
+    nbd: Option<NbdExports>,
+    state_dir: PathBuf,
+    multifd: bool,
+    drives: Vec<String>,
+) {
+    for drive in drives {
+        let key = format!("nbd:{drive}");
+        let sock = state_dir.join("nbd.sock");
+        // One acceptor per drive; each connection relays to QEMU's NBD server.
+        let Some(mut rx) = expected.take_stream(&key) else { continue };
+        tokio::spawn(async move {
+            while let Some(mut tcp) = rx.recv().await {
+                let sock = sock.clone();
+                tokio::spawn(async move {
+                    match UnixStream::connect(&sock).await {
+                        Ok(mut unix) => {
+                            let _ = relay::relay(&mut tcp, &mut unix).await;
+                        }
+                        Err(e) => tracing::warn!(error = %e, "NBD server unreachable"),
+                    }
+                });
+            }
+        });
+    }
+    // Control stream.
+    let ctl_task = {
+        let (qmp, bus) = (qmp.clone(), bus.clone());
+        let rx = expected.take_stream(ctl::STREAM);
+        tokio::spawn(async move {
+            let Some(mut rx) = rx else { return };
+            let Some(stream) = rx.recv().await else { return };
+            let mut c = Ctl::new(stream);
+            while let Ok(line) = c.recv().await {
+                if line == ctl::STORAGE_DONE {
+                    let reply = match &nbd {
+                        Some(e) => match storage::stop_exports(&qmp, &bus, e, Duration::from_secs(30)).await {
+                            Ok(()) => ctl::OK.to_owned(),
+                            Err(err) => format!("error {err}"),
+                        },
+                        None => ctl::OK.to_owned(),
+                    };
+                    if c.send(&reply).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        })
+    };
+    // RAM.
+    let Some(mut rx) = expected.take_stream("ram") else { return };
+    if multifd {
+        let sock = state_dir.join("ram.sock");
+        if let Err(e) = compute::start_incoming(&qmp, &format!("unix:{}", sock.display())).await {
+            tracing::error!(error = %e, "migrate-incoming failed");
+            return;
+        }
+        while let Some(mut tcp) = rx.recv().await {
+            let sock = sock.clone();
+            tokio::spawn(async move {
+                if let Ok(mut unix) = UnixStream::connect(&sock).await {
+                    let _ = relay::relay(&mut tcp, &mut unix).await;
+                }
+            });
+        }
+    } else if let Some(tcp) = rx.recv().await {
+        let result = async {
+            let std = tcp.into_std().map_err(EngineError::io("detach the RAM stream"))?;
+            qmp.getfd("kmr-ram", std.as_fd()).await?;
+            drop(std);
+            compute::start_incoming(&qmp, "fd:kmr-ram").await?;
+            Ok::<(), EngineError>(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "cannot start the incoming RAM stream");
+        }
+    }
+    let _ = ctl_task.await;
+    // Stay registered (late NBD reconnects) until the migration ends and aborts this task.
+    std::future::pending::<()>().await;
+    drop(expected);
+}
+
+/// Waits for the VM to arrive: RESUME releases the plug; MIGRATION completed ends it.
+///
+/// # Errors
+/// QEMU exiting, the migration failing, the deadline, or `cancel` before RESUME.
+pub async fn receive(mut inc: Incoming, log: EventLog, cancel: CancelToken, timeout: Duration) -> Result<(CutoverTimes, u64), EngineError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut times = CutoverTimes::default();
+    let mut resumed = false;
+    loop {
+        tokio::select! {
+            ev = inc.sub.next() => {
+                let Some(ev) = ev else { return Err(EngineError::QemuExited("QMP connection closed".into())) };
+                match ev.name.as_str() {
+                    "RESUME" if !resumed => {
+                        resumed = true;
+                        let released = network::release_plug(inc.sandbox_ns.as_ref(), &inc.net).await?;
+                        let resume_at = ev.qemu_timestamp.unwrap_or(ev.received_at);
+                        times.resume_unix_nanos = unix_nanos(resume_at);
+                        times.plug_released_unix_nanos = unix_nanos(released);
+                        times.resume_to_plug_release_nanos = released.duration_since(resume_at).map_or(0, |d| d.as_nanos() as u64);
+                        tracing::info!(reaction_us = times.resume_to_plug_release_nanos / 1000, plugged = inc.net.plugged, "RESUME: plug released");
+                        if let Err(e) = inc.qmp.execute("announce-self", Some(serde_json::json!({
+                            "initial": 50, "max": 550, "rounds": 5, "step": 100
+                        }))).await {
+                            tracing::warn!(error = %e, "announce-self failed");
+                        }
+                        let mut e = Event::new(Phase::Cutover, "VM resumed here; plug released");
+                        e.cutover = Some(times.clone());
+                        log.push(e);
+                    }
+                    "MIGRATION" => match ev.data_str("status").map(MigrationStatus::from) {
+                        Some(MigrationStatus::Completed) => {
+                            if !resumed {
+                                // Completion arrives just before RESUME; keep waiting for it.
+                                continue;
+                            }
+                            break;
+                        }
+                        Some(MigrationStatus::Failed) => {
+                            return Err(EngineError::Precondition("incoming migration failed in QEMU".into()));
+                        }
+                        Some(MigrationStatus::Active) => {
+                            if log.phase() < Phase::Ram {
+                                log.push(Event::new(Phase::Ram, "receiving RAM"));
+                            }
+                        }
+                        _ => {}
+                    },
+                    _ => {}
+                }
+                if resumed && matches!(inc.qmp.query_status().await, Ok(s) if s.running) {
+                    // RESUME seen and the VM runs: the migration is complete on this side.
+                    break;
+                }
+            }
+            _ = inc.exited.changed() => {
+                let status = inc.exited.borrow().clone().unwrap_or_default();
+                return Err(EngineError::QemuExited(status));
+            }
+            reason = cancel.cancelled(), if !resumed => return Err(EngineError::Cancelled(reason)),
+            () = tokio::time::sleep_until(deadline) => return Err(EngineError::Timeout(format!("waiting for the VM after {timeout:?}"))),
+        }
+    }
+    let drops = network::plug_drops(inc.sandbox_ns.as_ref(), &inc.net).await.unwrap_or(0);
+    for t in &inc.tasks {
+        t.abort();
+    }
+    tracing::info!(elapsed = ?inc.started.elapsed(), drops, "incoming VM running");
+    Ok((times, drops))
+}

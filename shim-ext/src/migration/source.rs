@@ -1,0 +1,438 @@
+//! The source role: move a running sandbox's VM to a prepared destination.
+//!
+//! ```text
+//!  PREPARING  discover QEMU features; pre-create the tunnel; record the VM routes
+//!  STORAGE    (local disks) NBD relay per disk ─▶ blockdev-mirror ─▶ every job READY
+//!  RAM        migrate caps/params ─▶ authenticated RAM stream ─▶ getfd ─▶ migrate fd:
+//!             ... MIGRATION pre-switchover (local disks): complete mirrors, ctl storage-done
+//!                 (destination stops NBD) ─▶ migrate-continue
+//!  CUTOVER    STOP event ─▶ one route replace per VM address (the reaction is measured)
+//!  FORWARDING completed; the tunnel carries stragglers until idle
+//!  COMPLETED  forward removed. The source QEMU stays paused (postmigrate): see docs.
+//! ```
+//! A RESUME after STOP means QEMU gave up and restarted the source VM: the routes go back.
+//! Failure or cancel before STOP unwinds everything registered on the cleanup stack.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::UnixListener;
+
+use super::cancel::CancelToken;
+use super::cleanup::Cleanup;
+use super::ctl::{self, Ctl};
+use super::error::EngineError;
+use super::events::{CutoverTimes, Event, EventLog, Phase};
+use super::network::{self, SourceForward};
+use super::options::{downtime_from_rtt, next_downtime_limit, MigrationOptions, StorageMode, TunnelMode};
+use super::qemu::{self, compute, mirror, DiskInfo, EventBus, MirrorJob, NbdAddress, QemuFeatures, RamConfig};
+use crate::convert::unix_nanos;
+use crate::dataplane::{self, relay, Secret, StreamKey};
+use crate::net::{NetOps, NetnsHandle, TunnelSpec};
+use crate::qmp::{MigrationStatus, QmpClient};
+
+/// How often RAM progress is reported.
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+/// Deadline of a data-stream connect + handshake.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the forward's traffic counter is read.
+const IDLE_POLL: Duration = Duration::from_secs(1);
+
+/// A validated source request.
+#[derive(Debug, Clone)]
+pub struct SourceRequest {
+    /// Migration id.
+    pub migration_id: String,
+    /// Sandbox id.
+    pub sandbox_id: String,
+    /// The VM's addresses (host routes on this node).
+    pub vm_addrs: Vec<IpAddr>,
+    /// This node's address.
+    pub source_node: IpAddr,
+    /// The destination node's address.
+    pub dest_node: IpAddr,
+    /// Destination RAM/ctl listener.
+    pub ram_endpoint: SocketAddr,
+    /// Destination NBD listener per drive id.
+    pub nbd_endpoints: BTreeMap<String, SocketAddr>,
+    /// Per-migration secret.
+    pub secret: Secret,
+    /// Options.
+    pub options: MigrationOptions,
+    /// Where this migration keeps its sockets (0700).
+    pub state_dir: PathBuf,
+    /// The node's interface towards the destination (route mode).
+    pub node_interface: Option<String>,
+}
+
+/// The live connection to the sandbox's QEMU.
+#[derive(Debug, Clone)]
+pub struct QemuConn {
+    /// QMP.
+    pub qmp: QmpClient,
+    /// Its events, fanned out.
+    pub bus: EventBus,
+}
+
+/// Runs the source role to its end. The caller records the returned error as the terminal
+/// event and unwinds `cleanup` when it is an error.
+///
+/// # Errors
+/// The first failure; [`EngineError::Cancelled`] when `cancel` fired before the cutover.
+pub async fn run(
+    req: SourceRequest,
+    conn: QemuConn,
+    node: Arc<NetnsHandle>,
+    log: EventLog,
+    cleanup: Cleanup,
+    cancel: CancelToken,
+) -> Result<CutoverTimes, EngineError> {
+    let started = Instant::now();
+    let QemuConn { qmp, bus } = conn;
+
+    // PREPARING
+    log.push(Event::new(Phase::Preparing, "discovering QEMU and preparing the forward"));
+    let features = QemuFeatures::discover(&qmp).await?;
+    let mut options = req.options.clone();
+    let disks: Vec<DiskInfo> = qemu::list_disks(&qmp).await?.into_iter().filter(|d| !d.read_only).collect();
+    let mirror_disks: Vec<DiskInfo> = match options.storage {
+        StorageMode::Shared => Vec::new(),
+        StorageMode::Local => disks,
+    };
+    for d in &mirror_disks {
+        if !req.nbd_endpoints.contains_key(&d.drive_id) {
+            return Err(EngineError::Invalid(format!("destination offered no NBD endpoint for drive {}", d.drive_id)));
+        }
+    }
+    let primary = *req.vm_addrs.first().ok_or_else(|| EngineError::Invalid("no VM address".into()))?;
+    let tunnel = network::resolve_tunnel(node.as_ref(), options.tunnel_mode, primary).await?;
+    if tunnel.is_none() {
+        options.tunnel_mode = TunnelMode::Route;
+    }
+    let suffix = network::ifname_suffix(&req.migration_id);
+    let tunnel_spec = tunnel.map(|mode| TunnelSpec {
+        name: format!("kmrs{suffix}"),
+        mode,
+        local: req.source_node,
+        remote: req.dest_node,
+        ttl: 0,
+    });
+    let uplink = match (&tunnel_spec, &req.node_interface) {
+        (None, Some(name)) => Some(node.link(name).await?.id),
+        _ => None,
+    };
+    let forward = network::prepare_forward(&node, tunnel_spec, &req.vm_addrs, req.dest_node, uplink.as_ref(), &cleanup).await?;
+    check_cancel(&cancel)?;
+
+    // Control stream first: its connect time is the RTT sample for --auto-downtime.
+    let t0 = Instant::now();
+    let ctl_stream = connect(&req, ctl::STREAM).await?;
+    let rtt = t0.elapsed();
+    let mut ctl = Ctl::new(ctl_stream);
+
+    // STORAGE
+    let mut jobs: Vec<MirrorJob> = Vec::new();
+    if !mirror_disks.is_empty() {
+        log.push(Event::new(Phase::Storage, format!("mirroring {} disk(s) to {}", mirror_disks.len(), req.dest_node)));
+        for disk in &mirror_disks {
+            let path = req.state_dir.join(format!("nbd-{}.sock", qemu::storage::qemu_id("", &disk.drive_id)));
+            spawn_nbd_relay(&req, &disk.drive_id, &path, &cleanup)?;
+            let job = mirror::start_mirror(&qmp, disk, &NbdAddress::Unix(path.clone()), &disk.drive_id).await?;
+            let (q, b, j) = (qmp.clone(), bus.clone(), job.clone());
+            cleanup.push(format!("abort mirror {}", job.drive_id), move || async move {
+                mirror::abort(&q, &b, &[j], Duration::from_secs(30)).await
+            });
+            jobs.push(job);
+        }
+        let mut sub = bus.subscribe();
+        let log2 = log.clone();
+        let ready = tokio::select! {
+            r = mirror::wait_ready(&qmp, &mut sub, &jobs, options.storage_timeout, |p| {
+                let mut e = Event::new(Phase::Storage, "mirroring");
+                e.storage = Some(p.to_vec());
+                log2.push(e);
+            }) => r?,
+            reason = cancel.cancelled() => return Err(EngineError::Cancelled(reason)),
+        };
+        let mut e = Event::new(Phase::Storage, "every mirror is in sync");
+        e.storage = Some(ready);
+        log.push(e);
+    }
+
+    // RAM
+    let mut ram = RamConfig::from_options(&options);
+    ram.pause_before_switchover = !jobs.is_empty();
+    if options.auto_downtime {
+        ram.downtime_limit = downtime_from_rtt(ram.downtime_limit, rtt);
+    }
+    compute::configure(&qmp, &features, &ram).await?;
+    let mut status_sub = bus.subscribe();
+    let times = Arc::new(Mutex::new(CutoverTimes::default()));
+    let cutover_task = tokio::spawn(cutover(bus.subscribe(), node.clone(), forward.clone(), times.clone(), log.clone()));
+    let abort_cutover = cutover_task.abort_handle();
+    cleanup.push("stop the cutover watcher", move || async move {
+        abort_cutover.abort();
+        Ok::<(), String>(())
+    });
+    let uri = start_ram_stream(&req, &qmp, &ram, &cleanup).await?;
+    {
+        let q = qmp.clone();
+        cleanup.push("migrate_cancel", move || async move { compute::cancel(&q).await });
+    }
+    compute::start_outgoing(&qmp, &uri).await?;
+    log.push(Event::new(Phase::Ram, format!("RAM pre-copy to {} (downtime limit {:?})", req.dest_node, ram.downtime_limit)));
+
+    let deadline = tokio::time::Instant::now() + options.ram_timeout;
+    let mut ticker = tokio::time::interval(PROGRESS_EVERY);
+    let mut remaining_history: Vec<u64> = Vec::new();
+    let mut last_iteration = 0;
+    let mut downtime_limit = ram.downtime_limit;
+    let info = loop {
+        tokio::select! {
+            ev = status_sub.next() => {
+                let Some(ev) = ev else { return Err(EngineError::Precondition("QEMU closed the QMP connection".into())) };
+                if ev.name != "MIGRATION" { continue; }
+                match ev.data_str("status").map(MigrationStatus::from) {
+                    Some(MigrationStatus::PreSwitchover) => {
+                        mirror::complete_consistent(&qmp, &bus, &jobs, Duration::from_secs(60)).await?;
+                        ctl.send(ctl::STORAGE_DONE).await.map_err(|e| EngineError::Precondition(e.to_string()))?;
+                        let answer = ctl.recv().await.map_err(|e| EngineError::Precondition(e.to_string()))?;
+                        if answer != ctl::OK {
+                            return Err(EngineError::Precondition(format!("destination could not release its disks: {answer}")));
+                        }
+                        compute::continue_after_switchover(&qmp).await?;
+                    }
+                    Some(MigrationStatus::Completed) => break qmp.query_migrate().await?,
+                    Some(MigrationStatus::Failed) => {
+                        let info = qmp.query_migrate().await?;
+                        return Err(EngineError::Precondition(format!(
+                            "QEMU migration failed: {}", info.error_desc.unwrap_or_else(|| "no reason given".into()))));
+                    }
+                    Some(MigrationStatus::Cancelled) => return Err(EngineError::Cancelled("migration cancelled in QEMU".into())),
+                    _ => {}
+                }
+            }
+            _ = ticker.tick() => {
+                let (_, p) = compute::progress(&qmp).await?;
+                if options.auto_downtime && p.iteration > last_iteration {
+                    last_iteration = p.iteration;
+                    remaining_history.push(p.remaining_bytes);
+                    if let Some(next) = next_downtime_limit(downtime_limit, &remaining_history) {
+                        tracing::warn!(from = ?downtime_limit, to = ?next, "RAM does not converge: raising the downtime limit");
+                        downtime_limit = next;
+                        let ms = u64::try_from(next.as_millis()).unwrap_or(u64::MAX);
+                        qmp.execute("migrate-set-parameters", Some(serde_json::json!({"downtime-limit": ms}))).await?;
+                        remaining_history.clear();
+                    }
+                }
+                if log.phase() == Phase::Ram {
+                    let mut e = Event::new(Phase::Ram, "pre-copy");
+                    e.ram = Some(p);
+                    log.push(e);
+                }
+            }
+            reason = cancel.cancelled(), if log.phase() < Phase::Cutover => {
+                return Err(EngineError::Cancelled(reason));
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                return Err(EngineError::Timeout(format!("RAM pre-copy after {:?}", options.ram_timeout)));
+            }
+        }
+    };
+    // The cutover task has seen STOP before QEMU reported completion; wait for its route swap.
+    let mut cut = times.lock().map(|t| t.clone()).unwrap_or_default();
+    cut.downtime_ms = info.downtime.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    if let Ok(mut t) = times.lock() {
+        t.downtime_ms = cut.downtime_ms;
+    }
+    cleanup.disarm();
+    // The cutover watcher keeps running: it owns nothing more to undo, but a late RESUME must
+    // still not happen (QEMU does not resume a completed source).
+    let mut e = Event::new(Phase::Forwarding, format!(
+        "VM runs on {}; forwarding until idle for {:?} (total {:?})",
+        req.dest_node, options.tunnel_idle_timeout, started.elapsed()));
+    e.cutover = Some(cut.clone());
+    log.push(e);
+
+    forward_until_idle(&node, &forward, options.tunnel_idle_timeout).await;
+    if let Err(err) = forward.remove(node.as_ref()).await {
+        tracing::warn!(error = %err, "removing the forward failed");
+    }
+    Ok(cut)
+}
+
+fn check_cancel(cancel: &CancelToken) -> Result<(), EngineError> {
+    match cancel.reason() {
+        Some(r) => Err(EngineError::Cancelled(r)),
+        None => Ok(()),
+    }
+}
+
+async fn connect(req: &SourceRequest, stream: &str) -> Result<tokio::net::TcpStream, EngineError> {
+    let key = StreamKey::new(&req.migration_id, stream)?;
+    Ok(dataplane::listener::connect(req.ram_endpoint, &req.secret, &key, CONNECT_TIMEOUT).await?)
+}
+
+/// Each NBD connection QEMU opens on the local socket is carried to the destination's export
+/// over its own authenticated stream.
+fn spawn_nbd_relay(req: &SourceRequest, drive: &str, path: &std::path::Path, cleanup: &Cleanup) -> Result<(), EngineError> {
+    let endpoint = *req.nbd_endpoints.get(drive).ok_or_else(|| EngineError::Invalid(format!("no NBD endpoint for {drive}")))?;
+    let key = StreamKey::new(&req.migration_id, &format!("nbd:{drive}"))?;
+    let listener = UnixListener::bind(path).map_err(EngineError::io(format!("bind {}", path.display())))?;
+    let secret = req.secret.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((mut unix, _)) = listener.accept().await {
+            let (key, secret) = (key.clone(), secret.clone());
+            tokio::spawn(async move {
+                match dataplane::listener::connect(endpoint, &secret, &key, CONNECT_TIMEOUT).await {
+                    Ok(mut tcp) => {
+                        if let Err(e) = relay::relay(&mut unix, &mut tcp).await {
+                            tracing::debug!(error = %e, %key, "NBD relay ended");
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, %key, "NBD stream refused"),
+                }
+            });
+        }
+    });
+    let path = path.to_owned();
+    cleanup.push(format!("stop NBD relay {drive}"), move || async move {
+        task.abort();
+        std::fs::remove_file(&path).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
+    });
+    Ok(())
+}
+
+/// Opens the RAM transport and returns the `migrate` URI. A single stream is handed to QEMU as
+/// an fd (no userspace copy); multifd opens several connections, which QEMU 7.2 cannot take as
+/// fds, so they go through a local unix socket and a relay each.
+async fn start_ram_stream(req: &SourceRequest, qmp: &QmpClient, ram: &RamConfig, cleanup: &Cleanup) -> Result<String, EngineError> {
+    if ram.multifd_channels.is_none() {
+        let tcp = connect(req, "ram").await?;
+        let std = tcp.into_std().map_err(EngineError::io("detach the RAM stream"))?;
+        let name = "kmr-ram";
+        qmp.getfd(name, std.as_fd()).await?;
+        drop(std);
+        return Ok(format!("fd:{name}"));
+    }
+    let path = req.state_dir.join("ram.sock");
+    let listener = UnixListener::bind(&path).map_err(EngineError::io(format!("bind {}", path.display())))?;
+    let (endpoint, secret, key) = (req.ram_endpoint, req.secret.clone(), StreamKey::new(&req.migration_id, "ram")?);
+    let task = tokio::spawn(async move {
+        while let Ok((mut unix, _)) = listener.accept().await {
+            let (key, secret) = (key.clone(), secret.clone());
+            tokio::spawn(async move {
+                match dataplane::listener::connect(endpoint, &secret, &key, CONNECT_TIMEOUT).await {
+                    Ok(mut tcp) => {
+                        let _ = relay::relay(&mut unix, &mut tcp).await;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "RAM stream refused"),
+                }
+            });
+        }
+    });
+    cleanup.push("stop RAM relay", move || async move {
+        task.abort();
+        Ok::<(), String>(())
+    });
+    Ok(format!("unix:{}", path.display()))
+}
+
+/// Reacts to STOP with the route swap and to a later RESUME (QEMU restarted the source after a
+/// failure) with the routes put back. Runs until aborted.
+async fn cutover(
+    mut sub: qemu::Subscription,
+    node: Arc<NetnsHandle>,
+    forward: SourceForward,
+    times: Arc<Mutex<CutoverTimes>>,
+    log: EventLog,
+) {
+    let mut stopped = false;
+    while let Some(ev) = sub.next().await {
+        match ev.name.as_str() {
+            "STOP" if !stopped => {
+                stopped = true;
+                let result = forward.swap(node.as_ref()).await;
+                let stop_at = ev.qemu_timestamp.unwrap_or(ev.received_at);
+                let mut t = times.lock().map(|t| t.clone()).unwrap_or_default();
+                t.stop_unix_nanos = unix_nanos(stop_at);
+                match result {
+                    Ok(acked) => {
+                        t.route_swapped_unix_nanos = unix_nanos(acked);
+                        t.stop_to_route_swap_nanos = acked.duration_since(stop_at).map_or(0, |d| d.as_nanos() as u64);
+                        tracing::info!(reaction_us = t.stop_to_route_swap_nanos / 1000, "STOP: VM routes now forward to the destination");
+                    }
+                    Err(e) => tracing::error!(error = %e, "STOP: route swap failed; packets reach the paused source"),
+                }
+                if let Ok(mut shared) = times.lock() {
+                    *shared = t.clone();
+                }
+                let mut e = Event::new(Phase::Cutover, "source stopped; VM routes forward to the destination");
+                e.cutover = Some(t);
+                log.push(e);
+            }
+            "RESUME" if stopped => {
+                stopped = false;
+                match forward.restore(node.as_ref()).await {
+                    Ok(()) => tracing::warn!("source VM resumed after STOP: VM routes restored to the sandbox"),
+                    Err(e) => tracing::error!(error = %e, "source VM resumed but its routes could not be restored"),
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Waits until the forward carried nothing for `idle`. Tunnel traffic is read from the tunnel
+/// link's counters; route mode has no per-VM counter, so it holds for `idle` after completion.
+async fn forward_until_idle(node: &Arc<NetnsHandle>, forward: &SourceForward, idle: Duration) {
+    let Some(tunnel) = forward.tunnel.clone() else {
+        tokio::time::sleep(idle).await;
+        return;
+    };
+    let mut last = None;
+    let mut quiet_since = Instant::now();
+    loop {
+        let name = tunnel.name.clone();
+        let count = node.run(move || tx_packets(&name)).await.ok().flatten();
+        if count != last {
+            last = count;
+            quiet_since = Instant::now();
+        }
+        if quiet_since.elapsed() >= idle || count.is_none() {
+            return;
+        }
+        tokio::time::sleep(IDLE_POLL).await;
+    }
+}
+
+/// Transmitted packets of a link, from `/proc/thread-self/net/dev` (the calling thread's
+/// namespace), or `None` if the link is gone.
+fn tx_packets(link: &str) -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/thread-self/net/dev").ok()?;
+    parse_tx_packets(&text, link)
+}
+
+fn parse_tx_packets(text: &str, link: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (name, rest) = l.split_once(':')?;
+        (name.trim() == link).then(|| rest.split_whitespace().nth(9)?.parse().ok()).flatten()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tx_counter_parses_proc_net_dev() {
+        let text = "Inter-|   Receive                                                |  Transmit\n face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n    lo:   100       2    0    0    0     0          0         0      100       2    0    0    0     0       0          0\nkmrs1234abcd: 0 0 0 0 0 0 0 0 5000 42 0 0 0 0 0 0\n";
+        assert_eq!(parse_tx_packets(text, "kmrs1234abcd"), Some(42));
+        assert_eq!(parse_tx_packets(text, "lo"), Some(2));
+        assert_eq!(parse_tx_packets(text, "eth9"), None);
+    }
+}
