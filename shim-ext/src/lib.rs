@@ -8,6 +8,7 @@
 //! | [`net`] | netlink (links, routes, tunnels, qdiscs) and netns threads — the only syscall room |
 //! | [`client`] | reaching an endpoint; driving a migration between two endpoints |
 //! | [`cli`], [`convert`] | flags shared by the clients; engine ↔ wire type mapping |
+//! | [`node`] | one node's engine: sandboxes, migrations of either role, request validation |
 //! | [`sandbox`] | discovery: OCI bundle, Kata run dir, command-line capture and rewrite |
 
 pub mod cli;
@@ -16,5 +17,6 @@ pub mod convert;
 pub mod dataplane;
 pub mod migration;
 pub mod net;
+pub mod node;
 pub mod qmp;
 pub mod sandbox;

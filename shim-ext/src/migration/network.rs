@@ -116,6 +116,11 @@ where
 
     let pod = sandbox.link(&spec.pod_ifname).await?.id;
     sandbox.set_mac(&pod, spec.mac).await?;
+    // The pod interface carries the VM's addresses as the CNI gave them on the source, so the
+    // sandbox describes itself the same way here (tc redirects every packet before IP sees it).
+    for vm in &spec.vm_addrs {
+        sandbox.add_address(&pod, IpPrefix::host(*vm)).await?;
+    }
     sandbox.set_mtu(&pod, spec.mtu).await?;
     let tap = sandbox
         .create_tap(&TapSpec { name: spec.tap_name.clone(), multi_queue: spec.tap_multi_queue, vnet_hdr: true })

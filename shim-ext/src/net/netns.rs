@@ -43,7 +43,9 @@ type LocalFuture = Pin<Box<dyn Future<Output = ()>>>;
 type Job = Box<dyn FnOnce(Ctx) -> LocalFuture + Send>;
 
 /// A handle on a network namespace thread. Cloning shares the thread; it
-/// ends (and is joined) when the last clone is dropped.
+/// ends when the last clone is dropped, and that drop waits for the jobs
+/// already queued to finish and the thread to exit (so the namespace is no
+/// longer pinned by it afterwards).
 ///
 /// All [`NetOps`](super::NetOps) operations are implemented on it.
 #[derive(Clone, Debug)]

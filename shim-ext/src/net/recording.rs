@@ -90,7 +90,7 @@ impl Recording {
     pub fn with_link(self, info: LinkInfo) -> Self {
         {
             let mut st = self.lock();
-            st.next_index = st.next_index.max(info.id.index + 1);
+            st.next_index = st.next_index.max(info.id.index.saturating_add(1));
             st.links.insert(info.id.name.clone(), info);
         }
         self
@@ -167,7 +167,7 @@ impl Recording {
 
     fn add_link(st: &mut State, name: &str, kind: &str) -> LinkId {
         let index = st.next_index.max(100);
-        st.next_index = index + 1;
+        st.next_index = index.saturating_add(1);
         let info = fake_link(index, name, Some(kind));
         let id = info.id.clone();
         st.links.insert(name.to_owned(), info);

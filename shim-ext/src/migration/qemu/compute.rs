@@ -377,7 +377,7 @@ pub async fn wait_terminal(
     events: &mut Subscription,
     deadline: Duration,
 ) -> Result<MigrationEnd, QemuError> {
-    let status = wait_matching(events, deadline, "a terminal status", is_terminal).await?;
+    let status = wait_matching(events, deadline, "the migration to end", is_terminal).await?;
     let info = query(qmp).await?;
     Ok(match status {
         MigrationStatus::Completed => MigrationEnd::Completed(info),
@@ -399,7 +399,7 @@ pub async fn wait_status(
     status: MigrationStatus,
     deadline: Duration,
 ) -> Result<(), QemuError> {
-    let what = format!("status '{status}'");
+    let what = format!("migration status '{status}'");
     let reached = wait_matching(events, deadline, &what, |seen| {
         *seen == status || is_terminal(seen)
     })
@@ -432,7 +432,7 @@ async fn wait_matching(
                 deadline,
             },
             WaitError::Ended => QemuError::EventsEnded {
-                waiting_for: format!("migration {what}"),
+                waiting_for: what.to_owned(),
             },
         })?;
         if let Some(status) = status_of(&event) {

@@ -122,9 +122,9 @@ pub enum QemuError {
     },
 
     /// No `MIGRATION` event with the awaited status arrived in time.
-    #[error("the migration did not reach {waiting_for} within {deadline:?}")]
+    #[error("timed out after {deadline:?} waiting for {waiting_for}")]
     MigrationTimeout {
-        /// The awaited status, e.g. `status 'pre-switchover'`.
+        /// What was awaited, e.g. `migration status 'pre-switchover'`.
         waiting_for: String,
         /// The time allowed.
         deadline: Duration,

@@ -1,0 +1,542 @@
+//! One node's engine: the sandboxes it can see, the migrations it takes part in (either role),
+//! and the wire-level validation of requests before anything touches QMP or netlink.
+//!
+//! The node agent and the per-sandbox extension both run a [`Node`]; the extension's is scoped
+//! to its one sandbox.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use katamaran_protos::protobuf::{EnumOrUnknown, MessageField};
+use katamaran_protos::v1 as pb;
+use tokio::sync::OnceCell;
+use tracing::Instrument;
+
+use crate::convert::{event_to_proto, options_from_proto, phase_to_proto, role_to_proto, unix_nanos};
+use crate::dataplane::{DataListener, Secret};
+use crate::migration::cancel::CancelToken;
+use crate::migration::cleanup::Cleanup;
+use crate::migration::dest::{self, DestEnv, DestRequest, SourceDisk};
+use crate::migration::error::{chain, EngineError};
+use crate::migration::events::{Event, EventLog, Outcome, Phase, Role, Watcher};
+use crate::migration::qemu::{self, EventBus};
+use crate::migration::source::{self, QemuConn, SourceRequest};
+use crate::net::{validate_ifname, MacAddr, NetOps, NetnsHandle, NetnsRoots};
+use crate::qmp::{QmpClient, QmpConfig, RunState};
+use crate::sandbox::{self, BundleInfo, NodeLayout, QemuCmdline};
+
+/// How a node runs.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Where Kata, containerd and katamaran keep their files.
+    pub layout: NodeLayout,
+    /// This node's address: tunnel endpoint and data listener.
+    pub node_address: Option<IpAddr>,
+    /// The node's interface towards other nodes (route mode).
+    pub node_interface: Option<String>,
+    /// QEMU binary for incoming VMs.
+    pub qemu_binary: PathBuf,
+    /// Port of the data listener (0 picks one).
+    pub data_port: u16,
+    /// Directory for incoming sandboxes' netns files.
+    pub netns_dir: PathBuf,
+    /// The pod interface name in sandboxes (Kata: `eth0`).
+    pub pod_ifname: String,
+    /// The tap name in sandboxes (Kata: `tap0_kata`).
+    pub tap_name: String,
+    /// Serve only this sandbox (the per-sandbox extension).
+    pub only_sandbox: Option<String>,
+}
+
+impl NodeConfig {
+    /// Defaults for a node rooted at `layout`.
+    pub fn new(layout: NodeLayout) -> Self {
+        Self {
+            netns_dir: layout.katamaran_run.join("netns"),
+            layout,
+            node_address: None,
+            node_interface: None,
+            qemu_binary: PathBuf::from("qemu-system-x86_64"),
+            data_port: 0,
+            pod_ifname: "eth0".into(),
+            tap_name: "tap0_kata".into(),
+            only_sandbox: None,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Record {
+    sandbox_id: String,
+    role: Role,
+    peer: IpAddr,
+    started: SystemTime,
+    log: EventLog,
+    cancel: CancelToken,
+}
+
+/// A node's engine.
+#[derive(Debug)]
+pub struct Node {
+    cfg: NodeConfig,
+    node_ns: Arc<NetnsHandle>,
+    listener: OnceCell<Arc<DataListener>>,
+    migrations: Mutex<BTreeMap<String, Arc<Record>>>,
+    /// Sandboxes received here: id → QMP socket, netns, QEMU pid.
+    incoming: Arc<Mutex<BTreeMap<String, (PathBuf, PathBuf, u32)>>>,
+    /// QMP connections held by running source migrations (the socket serves one client).
+    live: Arc<Mutex<BTreeMap<String, QmpClient>>>,
+}
+
+fn invalid(msg: impl Into<String>) -> EngineError {
+    EngineError::Invalid(msg.into())
+}
+
+impl Node {
+    /// Starts a node engine in the calling process's network namespace.
+    ///
+    /// # Errors
+    /// When the namespace thread cannot start.
+    pub fn new(cfg: NodeConfig) -> Result<Self, EngineError> {
+        Ok(Self {
+            cfg,
+            node_ns: Arc::new(NetnsHandle::current()?),
+            listener: OnceCell::new(),
+            migrations: Mutex::default(),
+            incoming: Arc::default(),
+            live: Arc::default(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &NodeConfig {
+        &self.cfg
+    }
+
+    fn node_address(&self) -> Result<IpAddr, EngineError> {
+        self.cfg.node_address.ok_or_else(|| EngineError::Precondition("this node has no --node-address configured".into()))
+    }
+
+    fn check_scope(&self, id: &str) -> Result<(), EngineError> {
+        sandbox::validate_sandbox_id(id)?;
+        match &self.cfg.only_sandbox {
+            Some(only) if only != id => Err(EngineError::NotFound(format!("sandbox {id} (this endpoint serves {only})"))),
+            _ => Ok(()),
+        }
+    }
+
+    /// Sandbox ids under Kata's run directory (plus those received here).
+    pub fn sandbox_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = std::fs::read_dir(self.cfg.layout.kata_run.join("vc/vm"))
+            .map(|rd| rd.filter_map(|e| e.ok()).filter_map(|e| e.file_name().into_string().ok()).collect())
+            .unwrap_or_default();
+        if let Ok(inc) = self.incoming.lock() {
+            ids.extend(inc.keys().cloned());
+        }
+        ids.sort();
+        ids.dedup();
+        if let Some(only) = &self.cfg.only_sandbox {
+            ids.retain(|i| i == only);
+        }
+        ids.retain(|i| sandbox::validate_sandbox_id(i).is_ok());
+        ids
+    }
+
+    /// Describes a sandbox: bundle facts, QEMU state, network and disks.
+    ///
+    /// # Errors
+    /// [`EngineError::NotFound`] for an unknown sandbox; QMP or netlink failures.
+    pub async fn inspect(&self, id: &str) -> Result<pb::Sandbox, EngineError> {
+        self.check_scope(id)?;
+        let (qmp_socket, netns_path, pid, bundle) = self.locate(id)?;
+        let mut s = pb::Sandbox::new();
+        s.id = id.to_owned();
+        if let Some(b) = &bundle {
+            s.pod_name = b.pod_name.clone().unwrap_or_default();
+            s.pod_namespace = b.pod_namespace.clone().unwrap_or_default();
+            s.pod_uid = b.pod_uid.clone().unwrap_or_default();
+            s.annotations = b.annotations.clone().into_iter().collect();
+        }
+        s.netns_path = netns_path.display().to_string();
+        s.qmp_socket = qmp_socket.display().to_string();
+        s.qemu_pid = pid;
+        s.node_address = self.cfg.node_address.map(|a| a.to_string()).unwrap_or_default();
+        if pid > 0 {
+            s.qemu_argv = QemuCmdline::from_proc_file(&PathBuf::from(format!("/proc/{pid}/cmdline")))?.to_argv();
+        }
+        // QEMU facts, through the migration's connection if one holds the single-client socket.
+        let qmp = match self.live_qmp(id) {
+            Some(q) => q,
+            None => QmpClient::connect(&qmp_socket, &QmpConfig::default()).await?.0,
+        };
+        let v = qmp.query_version().await?;
+        s.qemu_version = format!("{}.{}.{}", v.major, v.minor, v.micro);
+        let st = qmp.query_status().await?;
+        s.qemu_status = st.status.as_str().to_owned();
+        s.run_state = EnumOrUnknown::new(run_state(&st.status));
+        for d in qemu::list_disks(&qmp).await? {
+            let mut disk = pb::Disk::new();
+            disk.drive_id = d.drive_id;
+            disk.node_name = d.node_name;
+            disk.file_path = d.file;
+            disk.size_bytes = d.virtual_size;
+            disk.format = d.format;
+            disk.read_only = d.read_only;
+            s.disks.push(disk);
+        }
+        // Network, from inside the sandbox's namespace.
+        let roots = NetnsRoots { dirs: vec![netns_path.parent().map(PathBuf::from).unwrap_or_default()], proc: Some("/proc".into()) };
+        let ns = NetnsHandle::open_in(&netns_path, &roots)?;
+        let pod = ns.link(&self.cfg.pod_ifname).await?;
+        let mut network = pb::Network::new();
+        network.interface_name = self.cfg.pod_ifname.clone();
+        network.tap_name = self.cfg.tap_name.clone();
+        network.mac_address = pod.mac.map(|m| m.to_string()).unwrap_or_default();
+        network.mtu = pod.mtu;
+        let addrs = ns.addresses(&pod.id).await?;
+        for a in addrs.into_iter().filter(|a| !a.addr().is_loopback() && !is_link_local(a.addr())) {
+            let mut ip = pb::IpAddress::new();
+            ip.address = a.addr().to_string();
+            ip.prefix_length = u32::from(a.prefix_len());
+            network.addresses.push(ip);
+        }
+        s.network = MessageField::some(network);
+        Ok(s)
+    }
+
+    fn live_qmp(&self, id: &str) -> Option<QmpClient> {
+        self.live.lock().ok()?.get(id).filter(|q| q.is_connected()).cloned()
+    }
+
+    /// QMP socket, netns, QEMU pid and bundle of a sandbox.
+    fn locate(&self, id: &str) -> Result<(PathBuf, PathBuf, u32, Option<BundleInfo>), EngineError> {
+        if let Some((qmp, netns, pid)) = self.incoming.lock().ok().and_then(|m| m.get(id).cloned()) {
+            return Ok((qmp, netns, pid, None));
+        }
+        let layout = &self.cfg.layout;
+        if !layout.vm_dir(id).is_dir() {
+            return Err(EngineError::NotFound(format!("sandbox {id}")));
+        }
+        let bundle_dir = layout.bundle_config(id).parent().map(PathBuf::from).unwrap_or_default();
+        let bundle = BundleInfo::load(&bundle_dir)?;
+        let netns = bundle.require_netns()?.to_owned();
+        let pid = layout.read_qemu_pid(id)?;
+        Ok((layout.extra_monitor_socket(id), netns, pid, Some(bundle)))
+    }
+
+    /// Every sandbox, inspected; sandboxes that cannot be inspected are logged and skipped.
+    pub async fn list_sandboxes(&self) -> Vec<pb::Sandbox> {
+        let mut out = Vec::new();
+        for id in self.sandbox_ids() {
+            match self.inspect(&id).await {
+                Ok(s) => out.push(s),
+                Err(e) => tracing::debug!(sandbox = %id, error = %chain(&e), "skipping sandbox"),
+            }
+        }
+        out
+    }
+
+    async fn data_listener(&self) -> Result<Arc<DataListener>, EngineError> {
+        let addr = SocketAddr::new(self.node_address()?, self.cfg.data_port);
+        self.listener.get_or_try_init(|| async { DataListener::bind(addr).await.map(Arc::new) }).await.cloned().map_err(EngineError::from)
+    }
+
+    fn register(&self, id: &str, sandbox_id: &str, role: Role, peer: IpAddr) -> Result<Arc<Record>, EngineError> {
+        let mut m = self.migrations.lock().map_err(|_| EngineError::Precondition("engine state poisoned".into()))?;
+        if m.contains_key(id) {
+            return Err(EngineError::Precondition(format!("migration {id} already exists on this node")));
+        }
+        if let Some(busy) = m.values().find(|r| r.sandbox_id == sandbox_id && !r.log.phase().is_terminal()) {
+            return Err(EngineError::Precondition(format!("sandbox {sandbox_id} is already migrating ({:?})", busy.role)));
+        }
+        let rec = Arc::new(Record {
+            sandbox_id: sandbox_id.to_owned(),
+            role,
+            peer,
+            started: SystemTime::now(),
+            log: EventLog::default(),
+            cancel: CancelToken::default(),
+        });
+        m.insert(id.to_owned(), rec.clone());
+        Ok(rec)
+    }
+
+    /// Source role: validates and starts moving a sandbox; returns once accepted.
+    ///
+    /// # Errors
+    /// [`EngineError::Invalid`], [`EngineError::NotFound`], [`EngineError::Precondition`]
+    /// before anything was touched.
+    pub async fn start_migration(&self, req: &pb::StartMigrationRequest) -> Result<String, EngineError> {
+        self.check_scope(&req.sandbox_id)?;
+        crate::dataplane::handshake::validate_migration_id(&req.migration_id)?;
+        let secret = Secret::new(req.secret.clone())?;
+        let dest_node: IpAddr = req.destination_node_address.parse().map_err(|_| invalid(format!("destination node address {:?} is not an IP address", req.destination_node_address)))?;
+        let source_node = self.node_address()?;
+        let endpoints = req.endpoints.as_ref().ok_or_else(|| invalid("missing destination endpoints"))?;
+        let ram_endpoint: SocketAddr = endpoints.ram_endpoint.parse().map_err(|_| invalid(format!("RAM endpoint {:?} is not host:port", endpoints.ram_endpoint)))?;
+        let mut nbd_endpoints = BTreeMap::new();
+        for e in &endpoints.nbd_endpoints {
+            let addr: SocketAddr = e.endpoint.parse().map_err(|_| invalid(format!("NBD endpoint {:?} is not host:port", e.endpoint)))?;
+            crate::dataplane::handshake::validate_stream(&format!("nbd:{}", e.drive_id))?;
+            nbd_endpoints.insert(e.drive_id.clone(), addr);
+        }
+        let options = options_from_proto(req.options.as_ref().ok_or_else(|| invalid("missing options"))?)?;
+        let sandbox = self.inspect(&req.sandbox_id).await?;
+        let vm_addrs = crate::client::vm_addresses(&sandbox).map_err(|e| invalid(e.to_string()))?;
+        options.validate(&vm_addrs, Some((source_node, dest_node)))?;
+        let state_dir = self.cfg.layout.katamaran_run.join("migrations").join(&req.migration_id);
+        let qmp_socket = PathBuf::from(&sandbox.qmp_socket);
+        let rec = self.register(&req.migration_id, &req.sandbox_id, Role::Source, dest_node)?;
+        let request = SourceRequest {
+            migration_id: req.migration_id.clone(),
+            sandbox_id: req.sandbox_id.clone(),
+            vm_addrs,
+            source_node,
+            dest_node,
+            ram_endpoint,
+            nbd_endpoints,
+            secret,
+            options,
+            state_dir: state_dir.clone(),
+            node_interface: self.cfg.node_interface.clone(),
+        };
+        let node = self.node_ns.clone();
+        let live = self.live.clone();
+        let sandbox_id = req.sandbox_id.clone();
+        let span = tracing::info_span!("migration", id = %req.migration_id, role = "source");
+        tokio::spawn(
+            async move {
+                let cleanup = Cleanup::default();
+                let started = std::time::Instant::now();
+                let result = async {
+                    std::fs::create_dir_all(&state_dir).map_err(EngineError::io(format!("create {}", state_dir.display())))?;
+                    let sd = state_dir.clone();
+                    cleanup.push("remove migration state dir", move || async move { std::fs::remove_dir_all(&sd) });
+                    let (qmp, events) = QmpClient::connect(&qmp_socket, &QmpConfig::default()).await?;
+                    if let Ok(mut l) = live.lock() {
+                        l.insert(sandbox_id.clone(), qmp.clone());
+                    }
+                    let conn = QemuConn { qmp, bus: EventBus::spawn(events) };
+                    source::run(request, conn, node, rec.log.clone(), cleanup.clone(), rec.cancel.clone()).await
+                }
+                .await;
+                finish(&rec, result.map(|t| (t.downtime_ms, 0)), &cleanup, started).await;
+                if let Ok(mut l) = live.lock() {
+                    l.remove(&sandbox_id);
+                }
+                let _ = std::fs::remove_dir_all(&state_dir);
+            }
+            .instrument(span),
+        );
+        Ok(req.migration_id.clone())
+    }
+
+    /// Destination role: validates, creates the incoming sandbox and returns the endpoints; the
+    /// rest of the migration continues in the background.
+    ///
+    /// # Errors
+    /// Validation failures (nothing touched), or the first failure of the preparation (after
+    /// everything it created was undone).
+    pub async fn prepare_incoming(&self, req: &pb::PrepareIncomingRequest) -> Result<pb::PrepareIncomingResponse, EngineError> {
+        let node_address = self.node_address()?;
+        if self.cfg.only_sandbox.is_some() {
+            return Err(EngineError::Precondition("a sandbox extension cannot receive a VM; call the node agent".into()));
+        }
+        crate::dataplane::handshake::validate_migration_id(&req.migration_id)?;
+        let secret = Secret::new(req.secret.clone())?;
+        let src = req.source_sandbox.as_ref().ok_or_else(|| invalid("missing source sandbox"))?;
+        sandbox::validate_sandbox_id(&src.id)?;
+        let source_node: IpAddr = req.source_node_address.parse().map_err(|_| invalid(format!("source node address {:?} is not an IP address", req.source_node_address)))?;
+        let argv = QemuCmdline::parse(&req.source_qemu_argv)?;
+        let net = src.network.as_ref().ok_or_else(|| invalid("missing source network"))?;
+        validate_ifname(&net.interface_name).map_err(|e| invalid(e.to_string()))?;
+        validate_ifname(&net.tap_name).map_err(|e| invalid(e.to_string()))?;
+        let mac: MacAddr = net.mac_address.parse().map_err(|_| invalid(format!("MAC address {:?} does not parse", net.mac_address)))?;
+        if !(68..=65535).contains(&net.mtu) {
+            return Err(invalid(format!("MTU {} is outside 68..=65535", net.mtu)));
+        }
+        let vm_addrs = crate::client::vm_addresses(src).map_err(|e| invalid(e.to_string()))?;
+        let options = options_from_proto(req.options.as_ref().ok_or_else(|| invalid("missing options"))?)?;
+        options.validate(&vm_addrs, Some((source_node, node_address)))?;
+        let source_state_dir = PathBuf::from(&src.qmp_socket).parent().map(PathBuf::from).ok_or_else(|| invalid("source QMP socket has no directory"))?;
+        if !source_state_dir.is_absolute() {
+            return Err(invalid(format!("source QMP socket {:?} is not absolute", src.qmp_socket)));
+        }
+        let disks = src
+            .disks
+            .iter()
+            .map(|d| SourceDisk {
+                drive_id: d.drive_id.clone(),
+                node_name: d.node_name.clone(),
+                size_bytes: d.size_bytes,
+                format: d.format.clone(),
+                read_only: d.read_only,
+            })
+            .collect();
+        let dreq = DestRequest {
+            migration_id: req.migration_id.clone(),
+            secret,
+            sandbox_id: src.id.clone(),
+            source_state_dir,
+            argv,
+            pod_ifname: net.interface_name.clone(),
+            tap_name: net.tap_name.clone(),
+            mac,
+            mtu: net.mtu,
+            vm_addrs,
+            disks,
+            options,
+            source_node,
+        };
+        let listener = self.data_listener().await?;
+        let env = DestEnv {
+            node: self.node_ns.clone(),
+            node_address,
+            listener,
+            qemu_binary: self.cfg.qemu_binary.clone(),
+            incoming_root: self.cfg.layout.katamaran_run.join("incoming"),
+            netns_dir: self.cfg.netns_dir.clone(),
+        };
+        let rec = self.register(&req.migration_id, &src.id, Role::Destination, source_node)?;
+        let cleanup = Cleanup::default();
+        let started = std::time::Instant::now();
+        let span = tracing::info_span!("migration", id = %req.migration_id, role = "destination");
+        let incoming = match dest::prepare(&dreq, &env, &rec.log, &cleanup).instrument(span.clone()).await {
+            Ok(i) => i,
+            Err(e) => {
+                let msg = chain(&e);
+                finish(&rec, Err(e), &cleanup, started).await;
+                return Err(EngineError::Precondition(msg));
+            }
+        };
+        let mut resp = pb::PrepareIncomingResponse::new();
+        resp.destination_sandbox_id = src.id.clone();
+        resp.destination_node_address = node_address.to_string();
+        let mut eps = pb::DestinationEndpoints::new();
+        eps.ram_endpoint = incoming.endpoints.0.to_string();
+        for (drive, addr) in &incoming.endpoints.1 {
+            let mut e = pb::NbdEndpoint::new();
+            e.drive_id = drive.clone();
+            e.endpoint = addr.to_string();
+            eps.nbd_endpoints.push(e);
+        }
+        resp.endpoints = MessageField::some(eps);
+        if let Ok(mut m) = self.incoming.lock() {
+            m.insert(src.id.clone(), (incoming.state_dir.join("qmp.sock"), incoming.netns.clone(), incoming.qemu_pid));
+        }
+        let timeout = dreq.options.storage_timeout + dreq.options.ram_timeout;
+        let (log, cancel) = (rec.log.clone(), rec.cancel.clone());
+        let incoming_map = self.incoming.clone();
+        let sandbox_id = src.id.clone();
+        tokio::spawn(
+            async move {
+                let result = dest::receive(incoming, log, cancel, timeout).await;
+                let ok = result.is_ok();
+                finish(&rec, result.map(|(t, drops)| (t.downtime_ms, drops)), &cleanup, started).await;
+                if !ok {
+                    if let Ok(mut m) = incoming_map.lock() {
+                        m.remove(&sandbox_id);
+                    }
+                }
+            }
+            .instrument(span),
+        );
+        Ok(resp)
+    }
+
+    /// A watcher of a migration's events.
+    ///
+    /// # Errors
+    /// [`EngineError::NotFound`].
+    pub fn watch(&self, id: &str) -> Result<(Role, Watcher), EngineError> {
+        let m = self.migrations.lock().map_err(|_| EngineError::Precondition("engine state poisoned".into()))?;
+        let r = m.get(id).ok_or_else(|| EngineError::NotFound(format!("migration {id}")))?;
+        Ok((r.role, r.log.watch()))
+    }
+
+    /// Cancels a migration before its cutover.
+    ///
+    /// # Errors
+    /// [`EngineError::NotFound`].
+    pub fn cancel(&self, id: &str, reason: &str) -> Result<(bool, Phase), EngineError> {
+        let m = self.migrations.lock().map_err(|_| EngineError::Precondition("engine state poisoned".into()))?;
+        let r = m.get(id).ok_or_else(|| EngineError::NotFound(format!("migration {id}")))?;
+        let phase = r.log.phase();
+        if phase.is_terminal() || phase >= Phase::Cutover {
+            return Ok((false, phase));
+        }
+        let reason = if reason.is_empty() { "cancelled" } else { reason };
+        Ok((r.cancel.cancel(reason), phase))
+    }
+
+    /// Every migration known here.
+    pub fn list_migrations(&self) -> Vec<pb::MigrationStatus> {
+        let Ok(m) = self.migrations.lock() else { return Vec::new() };
+        m.iter()
+            .map(|(id, r)| {
+                let mut s = pb::MigrationStatus::new();
+                s.migration_id = id.clone();
+                s.sandbox_id = r.sandbox_id.clone();
+                s.role = EnumOrUnknown::new(role_to_proto(r.role));
+                s.phase = EnumOrUnknown::new(phase_to_proto(r.log.phase()));
+                s.started_unix_nanos = unix_nanos(r.started);
+                if let Some(e) = r.log.last() {
+                    s.last_event = MessageField::some(event_to_proto(id, r.role, &e));
+                }
+                s.peer_node_address = r.peer.to_string();
+                s
+            })
+            .collect()
+    }
+}
+
+/// Records the terminal event; on failure unwinds the cleanup stack first so the event reports
+/// a node with nothing left behind.
+async fn finish(rec: &Record, result: Result<(u64, u64), EngineError>, cleanup: &Cleanup, started: std::time::Instant) {
+    let total_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    match result {
+        Ok((downtime_ms, drops)) => {
+            let mut e = Event::new(Phase::Completed, "completed");
+            e.outcome = Some(Outcome { error: None, total_ms, downtime_ms, plug_dropped_packets: drops });
+            rec.log.push(e);
+        }
+        Err(err) => {
+            let report = cleanup.unwind().await;
+            let cancelled = matches!(err, EngineError::Cancelled(_));
+            let mut msg = chain(&err);
+            if !report.is_clean() {
+                let failed: Vec<String> = report.steps.iter().filter(|(_, r)| r.is_err()).map(|(n, r)| format!("{n}: {}", r.clone().err().unwrap_or_default())).collect();
+                msg.push_str(&format!(" (cleanup incomplete: {})", failed.join("; ")));
+            }
+            tracing::warn!(error = %msg, undone = report.steps.len(), "migration ended without success");
+            let mut e = Event::new(if cancelled { Phase::Cancelled } else { Phase::Failed }, msg.clone());
+            e.outcome = Some(Outcome { error: Some((err.kind(), msg)), total_ms, downtime_ms: 0, plug_dropped_packets: 0 });
+            rec.log.push(e);
+        }
+    }
+}
+
+fn run_state(s: &RunState) -> pb::VmRunState {
+    match s {
+        RunState::Running => pb::VmRunState::VM_RUN_STATE_RUNNING,
+        RunState::Paused => pb::VmRunState::VM_RUN_STATE_PAUSED,
+        RunState::Inmigrate => pb::VmRunState::VM_RUN_STATE_INMIGRATE,
+        RunState::Postmigrate => pb::VmRunState::VM_RUN_STATE_POSTMIGRATE,
+        RunState::FinishMigrate => pb::VmRunState::VM_RUN_STATE_FINISH_MIGRATE,
+        RunState::Prelaunch => pb::VmRunState::VM_RUN_STATE_PRELAUNCH,
+        RunState::Shutdown => pb::VmRunState::VM_RUN_STATE_SHUTDOWN,
+        RunState::Suspended => pb::VmRunState::VM_RUN_STATE_SUSPENDED,
+        RunState::InternalError | RunState::IoError | RunState::GuestPanicked => pb::VmRunState::VM_RUN_STATE_ERROR,
+        _ => pb::VmRunState::VM_RUN_STATE_OTHER,
+    }
+}
+
+fn is_link_local(a: IpAddr) -> bool {
+    match a {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+    }
+}

@@ -1,0 +1,220 @@
+//! The QMP client against a real `qemu-system-x86_64` (TCG, no disk). Skips with a `skipped:`
+//! line when QEMU is not installed.
+
+mod support;
+
+use std::time::Duration;
+
+use katamaran::qmp::{
+    ErrorClass, EventReceiver, MigrationCapability, MigrationStatus, QmpClient, QmpConfig, QmpEvent, RunState,
+};
+use support::qemu::Qemu;
+use tokio::io::AsyncReadExt;
+
+const EVENT_DEADLINE: Duration = Duration::from_secs(10);
+
+async fn start() -> Option<(Qemu, QmpClient, EventReceiver)> {
+    let mut qemu = Qemu::launch(&[])?;
+    qemu.wait_for_qmp().await;
+    let (qmp, events) = QmpClient::connect(qemu.qmp_path(), &QmpConfig::default())
+        .await
+        .unwrap_or_else(|err| panic!("connect to QEMU's QMP: {err}\n{}", qemu.log()));
+    Some((qemu, qmp, events))
+}
+
+/// The next event called `name`; others (none are expected on a diskless VM) are skipped.
+async fn wait_for_event(events: &mut EventReceiver, name: &str) -> QmpEvent {
+    let wait = async {
+        loop {
+            let event = events.recv().await.expect("event channel open");
+            if event.name == name {
+                return event;
+            }
+        }
+    };
+    tokio::time::timeout(EVENT_DEADLINE, wait)
+        .await
+        .unwrap_or_else(|_| panic!("no {name} event within {EVENT_DEADLINE:?}"))
+}
+
+#[tokio::test]
+async fn query_version_matches_the_greeting() {
+    let Some((_qemu, qmp, _events)) = start().await else {
+        return;
+    };
+    let version = qmp.query_version().await.expect("query-version");
+    assert_eq!(&version, &qmp.greeting().version);
+    assert!(version.major >= 7, "{version}");
+    eprintln!("QEMU {version}");
+}
+
+#[tokio::test]
+async fn stop_and_cont_emit_events_and_change_status() {
+    const CYCLES: usize = 7;
+    let Some((_qemu, qmp, mut events)) = start().await else {
+        return;
+    };
+    let status = qmp.query_status().await.expect("query-status");
+    assert!(status.running);
+    assert_eq!(status.status, RunState::Running);
+
+    let mut latencies = Vec::new();
+    for _ in 0..CYCLES {
+        qmp.stop().await.expect("stop");
+        // QEMU emits STOP before the reply, and the reader keeps wire order.
+        let stop = events.try_recv().expect("STOP queued before `stop` returned");
+        assert_eq!(stop.name, "STOP");
+        latencies.push(stop.delivery_latency().expect("QEMU stamps STOP"));
+        let status = qmp.query_status().await.expect("query-status");
+        assert!(!status.running);
+        assert_eq!(status.status, RunState::Paused);
+
+        qmp.cont().await.expect("cont");
+        let resume = wait_for_event(&mut events, "RESUME").await;
+        latencies.push(resume.delivery_latency().expect("QEMU stamps RESUME"));
+        let status = qmp.query_status().await.expect("query-status");
+        assert!(status.running);
+        assert_eq!(status.status, RunState::Running);
+    }
+
+    latencies.sort();
+    let median = latencies[latencies.len() / 2];
+    let max = latencies[latencies.len() - 1];
+    eprintln!(
+        "STOP/RESUME delivery latency (our receive time - QEMU's timestamp) over {} events: \
+         min {:?}, median {median:?}, max {max:?}",
+        latencies.len(),
+        latencies[0],
+    );
+    assert!(median < Duration::from_secs(1), "median {median:?}");
+}
+
+#[tokio::test]
+async fn query_migrate_parses_on_a_fresh_vm() {
+    let Some((_qemu, qmp, _events)) = start().await else {
+        return;
+    };
+    let info = qmp.query_migrate().await.expect("query-migrate");
+    assert!(matches!(info.status, None | Some(MigrationStatus::None)), "{info:?}");
+    assert!(info.ram.is_none(), "{info:?}");
+}
+
+#[tokio::test]
+async fn migrate_capabilities_include_the_ones_katamaran_uses() {
+    let Some((_qemu, qmp, _events)) = start().await else {
+        return;
+    };
+    let capabilities = qmp.query_migrate_capabilities().await.expect("query-migrate-capabilities");
+    for wanted in [
+        MigrationCapability::Events,
+        MigrationCapability::PauseBeforeSwitchover,
+        MigrationCapability::Multifd,
+        MigrationCapability::ReturnPath,
+        MigrationCapability::AutoConverge,
+        MigrationCapability::Xbzrle,
+    ] {
+        let entry = capabilities
+            .iter()
+            .find(|entry| entry.capability == wanted)
+            .unwrap_or_else(|| panic!("{wanted} missing from {capabilities:?}"));
+        assert!(!entry.state, "{wanted} is off by default");
+    }
+    let unknown: Vec<_> = capabilities
+        .iter()
+        .filter(|entry| matches!(entry.capability, MigrationCapability::Other(_)))
+        .map(|entry| entry.capability.to_string())
+        .collect();
+    eprintln!("{} migration capabilities, not named by katamaran: {unknown:?}", capabilities.len());
+}
+
+#[tokio::test]
+async fn query_commands_lists_what_katamaran_needs() {
+    let Some((_qemu, qmp, _events)) = start().await else {
+        return;
+    };
+    let commands = qmp.query_commands().await.expect("query-commands");
+    for wanted in [
+        "query-status",
+        "stop",
+        "cont",
+        "getfd",
+        "closefd",
+        "migrate",
+        "migrate-incoming",
+        "query-migrate",
+        "migrate-set-capabilities",
+    ] {
+        assert!(commands.iter().any(|name| name == wanted), "{wanted} missing");
+    }
+}
+
+#[tokio::test]
+async fn unknown_command_is_command_not_found() {
+    let Some((_qemu, qmp, _events)) = start().await else {
+        return;
+    };
+    let err = qmp.execute("katamaran-no-such-command", None).await.expect_err("unknown command");
+    assert_eq!(err.class(), Some(&ErrorClass::CommandNotFound), "{err:?}");
+    let message = err.to_string();
+    assert!(
+        message.starts_with("QMP command `katamaran-no-such-command` failed: CommandNotFound:"),
+        "{message}"
+    );
+    qmp.query_status().await.expect("an error reply leaves the connection usable");
+}
+
+#[tokio::test]
+async fn getfd_hands_qemu_a_descriptor_that_closefd_releases() {
+    let Some((_qemu, qmp, _events)) = start().await else {
+        return;
+    };
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+    qmp.getfd("katamaran-test", &theirs).await.expect("getfd");
+    // QEMU now holds the only other reference to `theirs`: the peer stays open after we close
+    // our copy, and reaches EOF only when QEMU closes its descriptor.
+    drop(theirs);
+    ours.set_nonblocking(true).expect("nonblocking");
+    let mut ours = tokio::net::UnixStream::from_std(ours).expect("tokio stream");
+    let mut buf = [0_u8; 16];
+    let open = ours.try_read(&mut buf);
+    assert!(
+        matches!(&open, Err(err) if err.kind() == std::io::ErrorKind::WouldBlock),
+        "QEMU keeps the passed descriptor open: {open:?}"
+    );
+
+    qmp.closefd("katamaran-test").await.expect("closefd");
+    let read = tokio::time::timeout(EVENT_DEADLINE, ours.read(&mut buf))
+        .await
+        .expect("EOF once QEMU closes the descriptor")
+        .expect("read");
+    assert_eq!(read, 0);
+
+    let err = qmp.closefd("katamaran-test").await.expect_err("the name is gone");
+    assert_eq!(err.class(), Some(&ErrorClass::GenericError), "{err:?}");
+}
+
+#[tokio::test]
+async fn killed_qemu_fails_pending_and_later_commands_as_closed() {
+    let Some((mut qemu, qmp, mut events)) = start().await else {
+        return;
+    };
+    let pending = qmp.query_status();
+    tokio::pin!(pending);
+    // One poll registers the command; nothing else runs on this current-thread runtime before
+    // QEMU dies, so the command is pending when the socket closes.
+    assert!(futures::poll!(&mut pending).is_pending());
+    qemu.kill();
+
+    let err = tokio::time::timeout(EVENT_DEADLINE, pending)
+        .await
+        .expect("pending command fails in time")
+        .expect_err("QEMU is gone");
+    assert!(err.is_closed(), "{err:?}");
+    assert!(err.to_string().contains("closed"), "{err}");
+    assert!(err.to_string().contains("query-status"), "{err}");
+
+    let later = qmp.stop().await.expect_err("QEMU is gone");
+    assert_eq!(later.to_string(), "QMP command `stop` failed: QEMU closed the connection");
+    let end = tokio::time::timeout(EVENT_DEADLINE, events.recv()).await.expect("event channel ends in time");
+    assert!(end.is_none(), "{end:?}");
+}
