@@ -33,7 +33,7 @@ pub enum ClientError {
         source: std::io::Error,
     },
     /// An RPC failed.
-    #[error("{rpc} on the {side}: {source}")]
+    #[error("{rpc} on the {side}: {}", rpc_text(source))]
     Rpc {
         /// The RPC name.
         rpc: &'static str,
@@ -71,6 +71,14 @@ impl ClientError {
             }
             _ => false,
         }
+    }
+}
+
+/// A ttrpc error as a person reads it: `NOT_FOUND: sandbox x not found`.
+pub fn rpc_text(e: &ttrpc::Error) -> String {
+    match e {
+        ttrpc::Error::RpcStatus(s) => format!("{:?}: {}", s.code(), s.message()),
+        other => other.to_string(),
     }
 }
 

@@ -9,6 +9,7 @@
 //! | [`client`] | reaching an endpoint; driving a migration between two endpoints |
 //! | [`cli`], [`convert`] | flags shared by the clients; engine ↔ wire type mapping |
 //! | [`node`] | one node's engine: sandboxes, migrations of either role, request validation |
+//! | [`service`] | the ttrpc `Migration` service over a node, and root-only socket serving |
 //! | [`sandbox`] | discovery: OCI bundle, Kata run dir, command-line capture and rewrite |
 
 pub mod cli;
@@ -20,3 +21,4 @@ pub mod net;
 pub mod node;
 pub mod qmp;
 pub mod sandbox;
+pub mod service;

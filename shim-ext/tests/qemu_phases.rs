@@ -196,6 +196,10 @@ async fn qemu_refusing_a_capability_is_reported_with_what_was_asked() {
 #[tokio::test]
 async fn migration_waits_report_status_and_qemu_error() {
     let (qmp, bus, server) = fake(|mut conn| async move {
+        // Events only after the client's first command: it subscribes before sending it.
+        let query = conn.expect_command("query-migrate").await;
+        conn.reply(&query, json!({"status": "active", "expected-downtime": 30,
+            "ram": {"transferred": 1, "remaining": 2, "total": 3, "dirty-sync-count": 4}})).await;
         for status in ["setup", "active", "pre-switchover"] {
             conn.send_event("MIGRATION", json!({"status": status})).await;
         }
@@ -208,9 +212,6 @@ async fn migration_waits_report_status_and_qemu_error() {
         conn.send_event("MIGRATION", json!({"status": "failed"})).await;
         let query = conn.expect_command("query-migrate").await;
         conn.reply(&query, json!({"status": "failed", "error-desc": "Unable to write to socket: Broken pipe"})).await;
-        let query = conn.expect_command("query-migrate").await;
-        conn.reply(&query, json!({"status": "active", "expected-downtime": 30,
-            "ram": {"transferred": 1, "remaining": 2, "total": 3, "dirty-sync-count": 4}})).await;
         // Like QEMU exiting: reply, then close.
         let quit = conn.expect_command("quit").await;
         conn.reply(&quit, json!({})).await;
@@ -218,6 +219,10 @@ async fn migration_waits_report_status_and_qemu_error() {
     })
     .await;
     let mut events = bus.subscribe();
+    let (status, ram) = compute::progress(&qmp).await.expect("progress");
+    assert_eq!(status, MigrationStatus::Active);
+    assert_eq!((ram.transferred_bytes, ram.remaining_bytes, ram.iteration), (1, 2, 4));
+    assert_eq!(ram.expected_downtime_ms, 30);
     compute::wait_status(&qmp, &mut events, MigrationStatus::PreSwitchover, WAIT)
         .await
         .expect("reaches pre-switchover");
@@ -232,10 +237,6 @@ async fn migration_waits_report_status_and_qemu_error() {
         error.to_string(),
         "the migration ended as 'failed' while waiting for 'pre-switchover': Unable to write to socket: Broken pipe"
     );
-    let (status, ram) = compute::progress(&qmp).await.expect("progress");
-    assert_eq!(status, MigrationStatus::Active);
-    assert_eq!((ram.transferred_bytes, ram.remaining_bytes, ram.iteration), (1, 2, 4));
-    assert_eq!(ram.expected_downtime_ms, 30);
     let timeout = compute::wait_terminal(&qmp, &mut events, Duration::from_millis(50))
         .await
         .expect_err("nothing more");
@@ -411,17 +412,18 @@ async fn bus_latency_over_a_qmp_connection() {
     const EVENTS: usize = 300;
     let (qmp, bus, server) = fake(|mut conn| async move {
         for _ in 0..EVENTS {
-            // One at a time: the client acknowledges each with a command, so events do not
-            // queue up and the figure is latency, not throughput.
+            // One at a time, each after the client asked for it (it subscribed before asking
+            // the first time), so events do not queue up: the figure is latency, not throughput.
+            let ask = conn.expect_command("query-status").await;
+            conn.reply(&ask, json!({"running": true, "status": "running"})).await;
             conn.send_event("STOP", Value::Null).await;
-            let ack = conn.expect_command("query-status").await;
-            conn.reply(&ack, json!({"running": false, "status": "paused"})).await;
         }
     })
     .await;
     let mut subscribers = [bus.subscribe(), bus.subscribe()];
     let (mut wire, mut fan_out) = (Vec::new(), Vec::new());
     for _ in 0..EVENTS {
+        qmp.query_status().await.expect("ask for an event");
         for (i, sub) in subscribers.iter_mut().enumerate() {
             let event = sub.wait_for(|e| e.name == "STOP", WAIT).await.expect("STOP");
             if i == 0 {
@@ -429,7 +431,6 @@ async fn bus_latency_over_a_qmp_connection() {
                 wire.extend(event.delivery_latency());
             }
         }
-        qmp.query_status().await.expect("ack");
     }
     let median = |v: &mut Vec<Duration>| {
         v.sort();

@@ -152,7 +152,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Ps => {
             let c = client::connect(&cli.runtime_endpoint).await?;
-            let list = c.list_sandboxes(ctx(cli.timeout), &pb::ListSandboxesRequest::new()).await?;
+            let list = c.list_sandboxes(ctx(cli.timeout), &pb::ListSandboxesRequest::new()).await.map_err(rpc("ListSandboxes"))?;
             if json {
                 print_json(&list)?;
             } else {
@@ -176,13 +176,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let c = client::connect(&cli.runtime_endpoint).await?;
             let mut req = pb::InspectRequest::new();
             req.sandbox_id = id;
-            let s = c.inspect(ctx(cli.timeout), &req).await.map_err(|source| client::ClientError::Rpc { rpc: "Inspect", side: "endpoint", source })?;
+            let s = c.inspect(ctx(cli.timeout), &req).await.map_err(rpc("Inspect"))?;
             print_json(&s)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrations => {
             let c = client::connect(&cli.runtime_endpoint).await?;
-            let list = c.list_migrations(ctx(cli.timeout), &pb::ListMigrationsRequest::new()).await?;
+            let list = c.list_migrations(ctx(cli.timeout), &pb::ListMigrationsRequest::new()).await.map_err(rpc("ListMigrations"))?;
             if json {
                 print_json(&list)?;
             } else {
@@ -204,9 +204,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let c = client::connect(&cli.runtime_endpoint).await?;
             let mut req = pb::WatchRequest::new();
             req.migration_id = migration_id;
-            let mut stream = c.watch(ctx(Duration::ZERO), &req).await?;
+            let mut stream = c.watch(ctx(Duration::ZERO), &req).await.map_err(rpc("Watch"))?;
             let mut last = None;
-            while let Some(ev) = stream.recv().await? {
+            while let Some(ev) = stream.recv().await.map_err(rpc("Watch"))? {
                 print_event(json, Side::Source, &ev)?;
                 last = Some(ev);
             }
@@ -220,7 +220,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut req = pb::CancelRequest::new();
             req.migration_id = migration_id;
             req.reason = reason;
-            let r = c.cancel(ctx(cli.timeout), &req).await.map_err(|source| client::ClientError::Rpc { rpc: "Cancel", side: "endpoint", source })?;
+            let r = c.cancel(ctx(cli.timeout), &req).await.map_err(rpc("Cancel"))?;
             if json {
                 print_json(&r)?;
             } else {
@@ -262,6 +262,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
     }
+}
+
+fn rpc(name: &'static str) -> impl FnOnce(katamaran_protos::ttrpc::Error) -> client::ClientError {
+    move |source| client::ClientError::Rpc { rpc: name, side: "endpoint", source }
 }
 
 fn short(id: &str) -> &str {

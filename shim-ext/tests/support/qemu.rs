@@ -78,17 +78,21 @@ impl Qemu {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Waits until the QMP socket exists; panics with QEMU's log if QEMU exits or the deadline
-    /// passes first.
+    /// Waits until QEMU listens on its QMP socket; panics with QEMU's log if QEMU exits or the
+    /// deadline passes first.
+    ///
+    /// The socket file appears at `bind`, before `listen`, so its existence is not enough: a
+    /// connect in between is refused. Listening is read from `/proc/net/unix` rather than
+    /// probed with a connect, which would take QEMU's single QMP client slot.
     pub async fn wait_for_qmp(&mut self) {
         let started = Instant::now();
-        while !self.qmp.exists() {
+        while !is_listening(&self.qmp) {
             if let Some(status) = self.child.try_wait().expect("poll QEMU") {
-                panic!("QEMU exited with {status} before creating its QMP socket:\n{}", self.log());
+                panic!("QEMU exited with {status} before listening on QMP:\n{}", self.log());
             }
             assert!(
                 started.elapsed() < START_DEADLINE,
-                "QEMU created no QMP socket within {START_DEADLINE:?}:\n{}",
+                "QEMU did not listen on QMP within {START_DEADLINE:?}:\n{}",
                 self.log()
             );
             // QEMU offers no readiness notification for the socket; poll the condition.
@@ -109,4 +113,22 @@ impl Drop for Qemu {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// `true` if a unix socket bound to `path` is listening (`__SO_ACCEPTCON` in `/proc/net/unix`).
+fn is_listening(path: &Path) -> bool {
+    const SO_ACCEPTCON: u32 = 1 << 16;
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return false;
+    };
+    let Some(path) = path.to_str() else {
+        return false;
+    };
+    // Columns: Num RefCount Protocol Flags Type St Inode [Path]
+    table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.len() >= 8
+            && fields[7] == path
+            && u32::from_str_radix(fields[3], 16).is_ok_and(|flags| flags & SO_ACCEPTCON != 0)
+    })
 }

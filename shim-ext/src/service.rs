@@ -1,0 +1,139 @@
+//! The ttrpc `Migration` service: thin adapters that call the [`Node`] engine and map its
+//! errors to ttrpc codes at the edge.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use katamaran_protos::protobuf::EnumOrUnknown;
+use katamaran_protos::ttrpc::{self, r#async::TtrpcContext};
+use katamaran_protos::v1 as pb;
+
+use crate::convert::{error_kind_to_proto, event_to_proto, phase_to_proto};
+use crate::migration::error::{chain, EngineError};
+use crate::node::Node;
+
+/// The service over a node engine.
+#[derive(Debug, Clone)]
+pub struct MigrationService {
+    node: Arc<Node>,
+}
+
+impl MigrationService {
+    /// Wraps a node.
+    pub fn new(node: Arc<Node>) -> Self {
+        Self { node }
+    }
+}
+
+impl From<EngineError> for ttrpc::Error {
+    fn from(e: EngineError) -> Self {
+        error_kind_to_proto(e.kind()).rpc_error(chain(&e))
+    }
+}
+
+#[katamaran_protos::async_trait]
+impl pb::Migration for MigrationService {
+    async fn inspect(&self, _ctx: &TtrpcContext, req: pb::InspectRequest) -> ttrpc::Result<pb::Sandbox> {
+        Ok(self.node.inspect(&req.sandbox_id).await?)
+    }
+
+    async fn list_sandboxes(&self, _ctx: &TtrpcContext, _req: pb::ListSandboxesRequest) -> ttrpc::Result<pb::ListSandboxesResponse> {
+        let mut r = pb::ListSandboxesResponse::new();
+        r.sandboxes = self.node.list_sandboxes().await;
+        Ok(r)
+    }
+
+    async fn list_migrations(&self, _ctx: &TtrpcContext, _req: pb::ListMigrationsRequest) -> ttrpc::Result<pb::ListMigrationsResponse> {
+        let mut r = pb::ListMigrationsResponse::new();
+        r.migrations = self.node.list_migrations();
+        Ok(r)
+    }
+
+    async fn prepare_incoming(&self, _ctx: &TtrpcContext, req: pb::PrepareIncomingRequest) -> ttrpc::Result<pb::PrepareIncomingResponse> {
+        Ok(self.node.prepare_incoming(&req).await?)
+    }
+
+    async fn start_migration(&self, _ctx: &TtrpcContext, req: pb::StartMigrationRequest) -> ttrpc::Result<pb::StartMigrationResponse> {
+        let id = self.node.start_migration(&req).await?;
+        let mut r = pb::StartMigrationResponse::new();
+        r.migration_id = id;
+        Ok(r)
+    }
+
+    async fn watch(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::WatchRequest,
+        sink: ttrpc::r#async::ServerStreamSender<pb::MigrationEvent>,
+    ) -> ttrpc::Result<()> {
+        let (role, mut watcher) = self.node.watch(&req.migration_id)?;
+        while let Some(e) = watcher.next().await {
+            sink.send(&event_to_proto(&req.migration_id, role, &e)).await?;
+        }
+        Ok(())
+    }
+
+    async fn cancel(&self, _ctx: &TtrpcContext, req: pb::CancelRequest) -> ttrpc::Result<pb::CancelResponse> {
+        let (cancelled, phase) = self.node.cancel(&req.migration_id, &req.reason)?;
+        let mut r = pb::CancelResponse::new();
+        r.cancelled = cancelled;
+        r.phase = EnumOrUnknown::new(if cancelled { pb::Phase::PHASE_CANCELLED } else { phase_to_proto(phase) });
+        Ok(r)
+    }
+}
+
+/// Errors of serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The socket path is taken by a live server or cannot be prepared.
+    #[error("socket {path}: {why}")]
+    Socket {
+        /// The path.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// ttrpc failed.
+    #[error("ttrpc server: {0}")]
+    Ttrpc(#[from] ttrpc::Error),
+}
+
+/// Binds a root-only unix socket (0600 in a 0700 directory) for the service. A stale socket
+/// file (nothing listening) is replaced; a live one is an error, never stolen.
+///
+/// # Errors
+/// [`ServeError::Socket`].
+pub fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, ServeError> {
+    let fail = |why: String| ServeError::Socket { path: path.to_owned(), why };
+    let dir = path.parent().ok_or_else(|| fail("has no parent directory".into()))?;
+    std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot create its directory: {e}")))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| fail(format!("cannot restrict its directory: {e}")))?;
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(fail("another server is listening on it".into()));
+        }
+        std::fs::remove_file(path).map_err(|e| fail(format!("cannot remove the stale socket: {e}")))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(|e| fail(format!("cannot bind: {e}")))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| fail(format!("cannot chmod 0600: {e}")))?;
+    Ok(listener)
+}
+
+/// Serves `service` on `listener` until `shutdown` resolves.
+///
+/// # Errors
+/// [`ServeError::Ttrpc`].
+pub async fn serve(
+    service: MigrationService,
+    listener: tokio::net::UnixListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let mut server = ttrpc::r#async::Server::new()
+        .add_listener(ttrpc::r#async::transport::Listener::from(listener))
+        .register_service(pb::create_migration(Arc::new(service)));
+    server.start().await?;
+    shutdown.await;
+    server.shutdown().await?;
+    Ok(())
+}
