@@ -90,6 +90,7 @@ fn rich_endpoints() -> DestinationEndpoints {
     nbd.drive_id = "drive-virtio-disk0".into();
     nbd.endpoint = "[2001:db8::20]:40002".into();
     e.nbd_endpoints.push(nbd);
+    e.node_addresses = vec!["10.201.0.12".into(), "fd00:201::12".into()];
     e
 }
 

@@ -157,24 +157,32 @@ pub struct Summary {
     pub cancelled_by_caller: bool,
 }
 
+/// Whether a side's part is over for a client: its terminal event, or for the source
+/// FORWARDING — the VM runs on the destination and the forward lives on until idle.
+pub fn is_end(side: Side, p: pb::Phase) -> bool {
+    p.is_terminal() || (side == Side::Source && p == pb::Phase::PHASE_FORWARDING)
+}
+
+fn is_success(p: pb::Phase) -> bool {
+    matches!(p, pb::Phase::PHASE_COMPLETED | pb::Phase::PHASE_FORWARDING)
+}
+
 impl Summary {
-    /// The terminal event of one side.
+    /// The event that ended a side's part (see [`is_end`]).
     pub fn terminal(&self, side: Side) -> Option<&pb::MigrationEvent> {
-        self.events.iter().rev().find(|(s, e)| *s == side && phase(e).is_terminal()).map(|(_, e)| e)
+        self.events.iter().rev().find(|(s, e)| *s == side && is_end(side, phase(e))).map(|(_, e)| e)
     }
 
-    /// Whether both sides completed.
+    /// Whether both sides succeeded.
     pub fn succeeded(&self) -> bool {
-        [Side::Source, Side::Destination]
-            .iter()
-            .all(|s| self.terminal(*s).is_some_and(|e| phase(e) == pb::Phase::PHASE_COMPLETED))
+        [Side::Source, Side::Destination].iter().all(|s| self.terminal(*s).is_some_and(|e| is_success(phase(e))))
     }
 
     /// The first failure message, if any.
     pub fn failure(&self) -> Option<String> {
         [Side::Source, Side::Destination].iter().find_map(|s| {
             let e = self.terminal(*s)?;
-            (phase(e) != pb::Phase::PHASE_COMPLETED).then(|| {
+            (!is_success(phase(e))).then(|| {
                 let msg = if e.result.error_message.is_empty() { &e.message } else { &e.result.error_message };
                 format!("{}: {}", s.name(), msg)
             })
@@ -299,9 +307,9 @@ pub async fn drive(
             Some(ev) => {
                 on_event(side, &ev);
                 let p = phase(&ev);
-                if p.is_terminal() {
+                if is_end(side, p) {
                     done[side as usize] = true;
-                    if p != pb::Phase::PHASE_COMPLETED && !cancelled_peer {
+                    if !is_success(p) && !cancelled_peer {
                         cancelled_peer = true;
                         let other = if side == Side::Source { dest } else { source };
                         cancel_side(other, &plan.migration_id, "the other side failed", plan.rpc_timeout).await;
@@ -334,7 +342,7 @@ async fn spawn_watch(client: &pb::MigrationClient, side: Side, id: &str, _timeou
         loop {
             match stream.recv().await {
                 Ok(Some(ev)) => {
-                    let terminal = phase(&ev).is_terminal();
+                    let terminal = is_end(side, phase(&ev));
                     let _ = tx.send((side, Some(ev)));
                     if terminal {
                         return;

@@ -19,6 +19,7 @@ pub mod dataplane;
 pub mod migration;
 pub mod net;
 pub mod node;
+pub mod pidfd;
 pub mod qmp;
 pub mod sandbox;
 pub mod service;

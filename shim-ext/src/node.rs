@@ -33,8 +33,9 @@ use crate::sandbox::{self, BundleInfo, NodeLayout, QemuCmdline};
 pub struct NodeConfig {
     /// Where Kata, containerd and katamaran keep their files.
     pub layout: NodeLayout,
-    /// This node's address: tunnel endpoint and data listener.
-    pub node_address: Option<IpAddr>,
+    /// This node's addresses, at most one per family; the first is the tunnel endpoint and data
+    /// listener.
+    pub node_addresses: Vec<IpAddr>,
     /// The node's interface towards other nodes (route mode).
     pub node_interface: Option<String>,
     /// QEMU binary for incoming VMs.
@@ -49,6 +50,10 @@ pub struct NodeConfig {
     pub tap_name: String,
     /// Serve only this sandbox (the per-sandbox extension).
     pub only_sandbox: Option<String>,
+    /// MAC of the node-side veth of incoming sandboxes (calico: `ee:ee:ee:ee:ee:ee`).
+    pub gateway_mac: Option<MacAddr>,
+    /// IPv6 gateway of guests (calico-style: `fe80::1`).
+    pub gateway6: Option<std::net::Ipv6Addr>,
 }
 
 impl NodeConfig {
@@ -57,13 +62,15 @@ impl NodeConfig {
         Self {
             netns_dir: layout.katamaran_run.join("netns"),
             layout,
-            node_address: None,
+            node_addresses: Vec::new(),
             node_interface: None,
             qemu_binary: PathBuf::from("qemu-system-x86_64"),
             data_port: 0,
             pod_ifname: "eth0".into(),
             tap_name: "tap0_kata".into(),
             only_sandbox: None,
+            gateway_mac: "ee:ee:ee:ee:ee:ee".parse().ok(),
+            gateway6: "fe80::1".parse().ok(),
         }
     }
 }
@@ -117,7 +124,7 @@ impl Node {
     }
 
     fn node_address(&self) -> Result<IpAddr, EngineError> {
-        self.cfg.node_address.ok_or_else(|| EngineError::Precondition("this node has no --node-address configured".into()))
+        self.cfg.node_addresses.first().copied().ok_or_else(|| EngineError::Precondition("this node has no --node-address configured".into()))
     }
 
     fn check_scope(&self, id: &str) -> Result<(), EngineError> {
@@ -163,7 +170,7 @@ impl Node {
         s.netns_path = netns_path.display().to_string();
         s.qmp_socket = qmp_socket.display().to_string();
         s.qemu_pid = pid;
-        s.node_address = self.cfg.node_address.map(|a| a.to_string()).unwrap_or_default();
+        s.node_address = self.cfg.node_addresses.first().map(|a| a.to_string()).unwrap_or_default();
         if pid > 0 {
             s.qemu_argv = QemuCmdline::from_proc_file(&PathBuf::from(format!("/proc/{pid}/cmdline")))?.to_argv();
         }
@@ -283,6 +290,13 @@ impl Node {
             crate::dataplane::handshake::validate_stream(&format!("nbd:{}", e.drive_id))?;
             nbd_endpoints.insert(e.drive_id.clone(), addr);
         }
+        let mut dest_nodes = vec![dest_node];
+        for a in &endpoints.node_addresses {
+            let a: IpAddr = a.parse().map_err(|_| invalid(format!("destination node address {a:?} is not an IP address")))?;
+            if !dest_nodes.contains(&a) {
+                dest_nodes.push(a);
+            }
+        }
         let options = options_from_proto(req.options.as_ref().ok_or_else(|| invalid("missing options"))?)?;
         let sandbox = self.inspect(&req.sandbox_id).await?;
         let vm_addrs = crate::client::vm_addresses(&sandbox).map_err(|e| invalid(e.to_string()))?;
@@ -296,6 +310,8 @@ impl Node {
             vm_addrs,
             source_node,
             dest_node,
+            dest_nodes,
+            qemu_pid: sandbox.qemu_pid,
             ram_endpoint,
             nbd_endpoints,
             secret,
@@ -399,6 +415,8 @@ impl Node {
             qemu_binary: self.cfg.qemu_binary.clone(),
             incoming_root: self.cfg.layout.katamaran_run.join("incoming"),
             netns_dir: self.cfg.netns_dir.clone(),
+            gateway_mac: self.cfg.gateway_mac,
+            gateway6: self.cfg.gateway6,
         };
         let rec = self.register(&req.migration_id, &src.id, Role::Destination, source_node)?;
         let cleanup = Cleanup::default();
@@ -417,6 +435,7 @@ impl Node {
         resp.destination_node_address = node_address.to_string();
         let mut eps = pb::DestinationEndpoints::new();
         eps.ram_endpoint = incoming.endpoints.0.to_string();
+        eps.node_addresses = self.cfg.node_addresses.iter().map(ToString::to_string).collect();
         for (drive, addr) in &incoming.endpoints.1 {
             let mut e = pb::NbdEndpoint::new();
             e.drive_id = drive.clone();

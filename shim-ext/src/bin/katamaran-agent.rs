@@ -49,9 +49,10 @@ struct Common {
     /// Root under which Kata's, containerd's and katamaran's run directories live.
     #[arg(long, default_value = "/")]
     root: PathBuf,
-    /// This node's address: tunnel endpoint and data-stream listener.
-    #[arg(long, env = "KATAMARAN_NODE_ADDRESS")]
-    node_address: Option<IpAddr>,
+    /// This node's address: tunnel endpoint and data-stream listener. Give one per family for
+    /// dual-stack VMs in route mode; the first is the primary.
+    #[arg(long, env = "KATAMARAN_NODE_ADDRESS", value_delimiter = ',')]
+    node_address: Vec<IpAddr>,
     /// The node's interface towards other nodes (needed for --tunnel-mode route).
     #[arg(long)]
     node_interface: Option<String>,
@@ -65,6 +66,10 @@ struct Common {
     #[arg(long)]
     socket: Option<PathBuf>,
 }
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -89,7 +94,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("katamaran-agent: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(if e.downcast_ref::<UsageError>().is_some() { 2 } else { 1 })
         }
     }
 }
@@ -104,7 +109,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let layout = NodeLayout::under(&common.root);
     let mut cfg = NodeConfig::new(layout.clone());
-    cfg.node_address = common.node_address;
+    if common.node_address.len() > 2 || (common.node_address.len() == 2 && common.node_address[0].is_ipv6() == common.node_address[1].is_ipv6()) {
+        return Err(UsageError("--node-address takes at most one address per family".into()).into());
+    }
+    cfg.node_addresses = common.node_address;
     cfg.node_interface = common.node_interface;
     cfg.data_port = common.data_port;
     cfg.qemu_binary = common.qemu;

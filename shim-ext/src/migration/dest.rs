@@ -102,6 +102,10 @@ pub struct DestEnv {
     pub incoming_root: PathBuf,
     /// Where incoming sandboxes' netns files are bind-mounted.
     pub netns_dir: PathBuf,
+    /// Node-side veth MAC (the guest's gateway MAC).
+    pub gateway_mac: Option<MacAddr>,
+    /// The guests' IPv6 gateway.
+    pub gateway6: Option<std::net::Ipv6Addr>,
 }
 
 /// The incoming sandbox while it receives.
@@ -160,8 +164,9 @@ pub async fn prepare(req: &DestRequest, env: &DestEnv, log: &EventLog, cleanup: 
         cleanup.push(format!("remove netns {}", p.display()), move || async move { net::remove_netns(&p) });
     }
     let sandbox_ns = Arc::new(NetnsHandle::open_in(&netns, &netns_roots(env))?);
-    let primary = *req.vm_addrs.first().ok_or_else(|| EngineError::Invalid("no VM address".into()))?;
-    let decap = network::resolve_tunnel(env.node.as_ref(), req.options.tunnel_mode, primary).await?.map(|mode| TunnelSpec {
+    let decap = network::resolve_tunnel(env.node.as_ref(), req.options.tunnel_mode, &req.vm_addrs, env.node_address.is_ipv6())
+        .await?
+        .map(|mode| TunnelSpec {
         name: format!("kmrd{suffix}"),
         mode,
         local: env.node_address,
@@ -181,8 +186,25 @@ pub async fn prepare(req: &DestRequest, env: &DestEnv, log: &EventLog, cleanup: 
         vm_addrs: req.vm_addrs.clone(),
         plug_limit,
         decap,
+        gateway_mac: env.gateway_mac,
+        gateway6: env.gateway6,
     };
     let net = network::build_incoming(&env.node, sandbox_ns.as_ref(), &spec, cleanup).await?;
+    // The node answers ARP for the guest's IPv4 gateway by proxy, without the default random
+    // delay of up to 0.8 s that would stall the first packets after the move.
+    let veth = net.host_veth.name.clone();
+    env.node
+        .run(move || {
+            for (key, value) in [
+                (format!("/proc/sys/net/ipv4/conf/{veth}/proxy_arp"), "1"),
+                (format!("/proc/sys/net/ipv4/neigh/{veth}/proxy_delay"), "0"),
+            ] {
+                std::fs::write(&key, value)?;
+            }
+            Ok::<(), std::io::Error>(())
+        })
+        .await?
+        .map_err(EngineError::io("set proxy ARP on the node-side veth"))?;
     if let Some(d) = &net.decap {
         // Decapsulated packets arrive on the tunnel from a source the node would not route
         // back through it: no reverse-path filtering on that device.

@@ -22,8 +22,8 @@ use crate::net::{
 pub const FALLBACK_TXQUEUELEN: u32 = 10_000;
 
 /// The concrete tunnel kind for the net layer, or `None` for route mode.
-pub fn net_tunnel_mode(mode: TunnelMode, vm: IpAddr) -> Option<net::TunnelMode> {
-    match mode.resolve(vm) {
+pub fn net_tunnel_mode(mode: TunnelMode, vms: &[IpAddr], nodes_v6: bool) -> Option<net::TunnelMode> {
+    match mode.resolve(vms, nodes_v6) {
         TunnelMode::Ipip => Some(net::TunnelMode::Ipip),
         TunnelMode::Gre => Some(net::TunnelMode::Gre),
         TunnelMode::Ip6ip6 => Some(net::TunnelMode::Ip6ip6),
@@ -66,6 +66,12 @@ pub struct IncomingSpec {
     pub plug_limit: u32,
     /// The decapsulating end of the source's tunnel, if a tunnel mode is used.
     pub decap: Option<TunnelSpec>,
+    /// MAC of the node-side veth: the guest's cached gateway MAC must stay valid across the move
+    /// (calico-style CNIs use one fixed MAC on every node, `ee:ee:ee:ee:ee:ee`).
+    pub gateway_mac: Option<MacAddr>,
+    /// IPv6 gateway the guest routes through (link-local), put on the node-side veth so the
+    /// node answers neighbour solicitations for it.
+    pub gateway6: Option<std::net::Ipv6Addr>,
 }
 
 /// The destination's plumbing once built.
@@ -112,6 +118,12 @@ where
         cleanup.push(format!("delete veth {}", link.name), move || async move { node.delete_link(&link).await });
     }
     node.set_mtu(&host_veth, spec.mtu).await?;
+    if let Some(mac) = spec.gateway_mac {
+        node.set_mac(&host_veth, mac).await?;
+    }
+    if let Some(gw6) = spec.gateway6 {
+        node.add_address(&host_veth, IpPrefix::new(IpAddr::V6(gw6), 64).unwrap_or(IpPrefix::host(IpAddr::V6(gw6)))).await?;
+    }
     node.set_link_up(&host_veth, true).await?;
 
     let pod = sandbox.link(&spec.pod_ifname).await?.id;
@@ -218,7 +230,7 @@ pub async fn prepare_forward<N: NetOps + 'static>(
     node: &Arc<N>,
     tunnel: Option<TunnelSpec>,
     vm_addrs: &[IpAddr],
-    dest_node: IpAddr,
+    dest_nodes: &[IpAddr],
     uplink: Option<&LinkId>,
     cleanup: &Cleanup,
 ) -> Result<SourceForward, ForwardError> {
@@ -245,7 +257,10 @@ pub async fn prepare_forward<N: NetOps + 'static>(
         let dest = IpPrefix::host(*vm);
         swap.push(match (&tunnel_link, uplink) {
             (Some(t), _) => RouteSpec::dev(dest, t.clone()),
-            (None, Some(up)) => RouteSpec::via_onlink(dest, dest_node, up.clone()),
+            (None, Some(up)) => {
+                let gw = dest_nodes.iter().find(|a| a.is_ipv6() == vm.is_ipv6()).ok_or(ForwardError::NoGateway(*vm))?;
+                RouteSpec::via_onlink(dest, *gw, up.clone())
+            }
             (None, None) => return Err(ForwardError::NoUplink),
         });
     }
@@ -261,6 +276,9 @@ pub enum ForwardError {
     /// The VM address is not routed on this node.
     #[error("VM address {0} has no route on this node; is this the node hosting the sandbox?")]
     NoVmRoute(IpAddr),
+    /// Route mode for a VM address whose family the destination node has no address in.
+    #[error("route mode cannot forward {0}: the destination node has no address of its family (give the agent one with --node-address, or use a GRE tunnel)")]
+    NoGateway(IpAddr),
     /// Route mode without a known uplink.
     #[error("route mode needs the node's interface towards the destination (--node-interface)")]
     NoUplink,
@@ -335,8 +353,13 @@ pub async fn has_feature<N: NetOps + ?Sized>(node: &N, f: Feature) -> Result<boo
 /// # Errors
 /// [`super::error::EngineError::Precondition`] for an explicit mode the kernel lacks; netlink
 /// failures of the probe.
-pub async fn resolve_tunnel<N: NetOps + ?Sized>(node: &N, mode: TunnelMode, vm: IpAddr) -> Result<Option<net::TunnelMode>, super::error::EngineError> {
-    let Some(kind) = net_tunnel_mode(mode, vm) else { return Ok(None) };
+pub async fn resolve_tunnel<N: NetOps + ?Sized>(
+    node: &N,
+    mode: TunnelMode,
+    vms: &[IpAddr],
+    nodes_v6: bool,
+) -> Result<Option<net::TunnelMode>, super::error::EngineError> {
+    let Some(kind) = net_tunnel_mode(mode, vms, nodes_v6) else { return Ok(None) };
     if has_feature(node, kind.feature()).await? {
         return Ok(Some(kind));
     }

@@ -21,6 +21,8 @@ fn spec(decap: bool) -> IncomingSpec {
             remote: "10.201.0.11".parse().expect("ip"),
             ttl: 0,
         }),
+        gateway_mac: Some("ee:ee:ee:ee:ee:ee".parse().expect("mac")),
+        gateway6: Some("fe80::1".parse().expect("ip")),
     }
 }
 
@@ -98,7 +100,7 @@ async fn source_forward_swaps_restores_and_removes() {
         remote: "10.201.0.12".parse().expect("ip"),
         ttl: 0,
     };
-    let fwd = prepare_forward(&node, Some(tunnel), &[vm], "10.201.0.12".parse().expect("ip"), None, &cleanup)
+    let fwd = prepare_forward(&node, Some(tunnel), &[vm], &["10.201.0.12".parse().expect("ip")], None, &cleanup)
         .await
         .expect("prepare");
     assert_eq!(fwd.original[0].dev.index, 7);
@@ -119,7 +121,7 @@ async fn source_forward_swaps_restores_and_removes() {
 async fn forward_needs_a_vm_route_and_an_uplink_in_route_mode() {
     let vm: IpAddr = "10.244.1.10".parse().expect("ip");
     let node = Arc::new(Recording::new());
-    let err = prepare_forward(&node, None, &[vm], "10.201.0.12".parse().expect("ip"), None, &Cleanup::default())
+    let err = prepare_forward(&node, None, &[vm], &["10.201.0.12".parse().expect("ip")], None, &Cleanup::default())
         .await
         .expect_err("no route");
     assert!(err.to_string().contains("10.244.1.10 has no route"), "{err}");
@@ -127,12 +129,21 @@ async fn forward_needs_a_vm_route_and_an_uplink_in_route_mode() {
         IpPrefix::host(vm),
         vec![RouteInfo { dest: IpPrefix::host(vm), gateway: None, oif: Some(7), onlink: false }],
     ));
-    let err = prepare_forward(&node, None, &[vm], "10.201.0.12".parse().expect("ip"), None, &Cleanup::default())
+    let err = prepare_forward(&node, None, &[vm], &["10.201.0.12".parse().expect("ip")], None, &Cleanup::default())
         .await
         .expect_err("no uplink");
     assert!(matches!(err, ForwardError::NoUplink));
     let up = fake_link(3, "eth0", None).id;
-    let fwd = prepare_forward(&node, None, &[vm], "10.201.0.12".parse().expect("ip"), Some(&up), &Cleanup::default())
+    let v6: IpAddr = "fd00:244::10".parse().expect("ip");
+    let node6 = Arc::new(Recording::new().with_routes(
+        IpPrefix::host(v6),
+        vec![RouteInfo { dest: IpPrefix::host(v6), gateway: None, oif: Some(7), onlink: false }],
+    ));
+    let err = prepare_forward(&node6, None, &[v6], &["10.201.0.12".parse().expect("ip")], Some(&up), &Cleanup::default())
+        .await
+        .expect_err("no IPv6 gateway");
+    assert!(matches!(err, ForwardError::NoGateway(a) if a == v6), "{err}");
+    let fwd = prepare_forward(&node, None, &[vm], &["fd00:201::12".parse().expect("ip"), "10.201.0.12".parse().expect("ip")], Some(&up), &Cleanup::default())
         .await
         .expect("route mode");
     assert_eq!(fwd.swap[0].gateway, Some("10.201.0.12".parse().expect("ip")));

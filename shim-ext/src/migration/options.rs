@@ -34,21 +34,29 @@ pub enum TunnelMode {
 }
 
 impl TunnelMode {
-    /// The concrete mode for a VM address of this family.
-    pub fn resolve(self, vm: IpAddr) -> TunnelMode {
-        match (self, vm) {
-            (TunnelMode::Auto, IpAddr::V4(_)) => TunnelMode::Ipip,
-            (TunnelMode::Auto, IpAddr::V6(_)) => TunnelMode::Ip6ip6,
-            (mode, _) => mode,
+    /// The concrete mode for a VM with these addresses between nodes of this family: one
+    /// tunnel carries every VM address, so a dual-stack VM needs GRE (which carries any
+    /// protocol); a single-family VM gets the lighter IP-in-IP of its family.
+    pub fn resolve(self, vms: &[IpAddr], nodes_v6: bool) -> TunnelMode {
+        if self != TunnelMode::Auto {
+            return self;
+        }
+        let all_v4 = vms.iter().all(IpAddr::is_ipv4);
+        let all_v6 = vms.iter().all(IpAddr::is_ipv6);
+        match (nodes_v6, all_v4, all_v6) {
+            (false, true, _) => TunnelMode::Ipip,
+            (false, false, _) => TunnelMode::Gre,
+            (true, _, true) => TunnelMode::Ip6ip6,
+            (true, _, false) => TunnelMode::Ip6gre,
         }
     }
 
-    /// Whether a VM address of `vm`'s family can travel in this mode (IPIP and GRE carry IPv4
-    /// only; ip6ip6 carries IPv6; GRE over IPv6 and plain routes carry either).
+    /// Whether a VM address of `vm`'s family can travel in this mode: IP-in-IP carries its own
+    /// family only (ipip IPv4, ip6ip6 IPv6); GRE and plain routes carry either.
     pub fn carries(self, vm: IpAddr) -> bool {
         match self {
-            TunnelMode::Auto | TunnelMode::Route | TunnelMode::Ip6gre => true,
-            TunnelMode::Ipip | TunnelMode::Gre => vm.is_ipv4(),
+            TunnelMode::Auto | TunnelMode::Route | TunnelMode::Gre | TunnelMode::Ip6gre => true,
+            TunnelMode::Ipip => vm.is_ipv4(),
             TunnelMode::Ip6ip6 => vm.is_ipv6(),
         }
     }
@@ -204,8 +212,9 @@ impl MigrationOptions {
                 return Err(invalid(field, "must be positive"));
             }
         }
+        let nodes_v6 = node_addrs.is_some_and(|(src, _)| src.is_ipv6());
+        let mode = self.tunnel_mode.resolve(vm_addrs, nodes_v6);
         for vm in vm_addrs {
-            let mode = self.tunnel_mode.resolve(*vm);
             if !mode.carries(*vm) {
                 return Err(invalid(
                     "tunnel-mode",
@@ -271,6 +280,7 @@ mod tests {
         assert_eq!(o.downtime_limit, Duration::from_millis(25));
         o.validate(&[ip("10.244.1.10")], Some((ip("10.0.0.1"), ip("10.0.0.2")))).expect("v4");
         o.validate(&[ip("fd00::10")], Some((ip("fd00::1"), ip("fd00::2")))).expect("v6");
+        o.validate(&[ip("10.244.1.10"), ip("fd00::10")], Some((ip("10.0.0.1"), ip("10.0.0.2")))).expect("dual stack over IPv4 nodes");
     }
 
     #[test]
@@ -300,10 +310,15 @@ mod tests {
 
     #[test]
     fn tunnel_modes() {
-        assert_eq!(TunnelMode::Auto.resolve(ip("10.0.0.1")), TunnelMode::Ipip);
-        assert_eq!(TunnelMode::Auto.resolve(ip("fd00::1")), TunnelMode::Ip6ip6);
-        assert_eq!(TunnelMode::Gre.resolve(ip("fd00::1")), TunnelMode::Gre);
-        assert!(TunnelMode::Ip6gre.carries(ip("10.0.0.1")));
+        let (v4, v6) = (ip("10.0.0.1"), ip("fd00::1"));
+        assert_eq!(TunnelMode::Auto.resolve(&[v4], false), TunnelMode::Ipip);
+        assert_eq!(TunnelMode::Auto.resolve(&[v6], true), TunnelMode::Ip6ip6);
+        assert_eq!(TunnelMode::Auto.resolve(&[v4, v6], false), TunnelMode::Gre, "dual stack over IPv4");
+        assert_eq!(TunnelMode::Auto.resolve(&[v4, v6], true), TunnelMode::Ip6gre, "dual stack over IPv6");
+        assert_eq!(TunnelMode::Auto.resolve(&[v6], false), TunnelMode::Gre, "IPv6 VM over IPv4 nodes");
+        assert_eq!(TunnelMode::Gre.resolve(&[v6], true), TunnelMode::Gre, "explicit modes stand");
+        assert!(TunnelMode::Ip6gre.carries(v4) && TunnelMode::Gre.carries(v6));
+        assert!(!TunnelMode::Ipip.carries(v6) && !TunnelMode::Ip6ip6.carries(v4));
         for s in ["auto", "ipip", "gre", "ip6ip6", "ip6gre", "route"] {
             assert_eq!(s.parse::<TunnelMode>().expect(s).as_str(), s);
         }

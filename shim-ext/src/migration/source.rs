@@ -53,8 +53,12 @@ pub struct SourceRequest {
     pub vm_addrs: Vec<IpAddr>,
     /// This node's address.
     pub source_node: IpAddr,
-    /// The destination node's address.
+    /// The destination node's primary address (tunnel peer).
     pub dest_node: IpAddr,
+    /// Every destination node address (route mode picks the VM address's family).
+    pub dest_nodes: Vec<IpAddr>,
+    /// The source QEMU's pid: forwarding ends at the latest when it exits.
+    pub qemu_pid: u32,
     /// Destination RAM/ctl listener.
     pub ram_endpoint: SocketAddr,
     /// Destination NBD listener per drive id.
@@ -108,8 +112,7 @@ pub async fn run(
             return Err(EngineError::Invalid(format!("destination offered no NBD endpoint for drive {}", d.drive_id)));
         }
     }
-    let primary = *req.vm_addrs.first().ok_or_else(|| EngineError::Invalid("no VM address".into()))?;
-    let tunnel = network::resolve_tunnel(node.as_ref(), options.tunnel_mode, primary).await?;
+    let tunnel = network::resolve_tunnel(node.as_ref(), options.tunnel_mode, &req.vm_addrs, req.source_node.is_ipv6()).await?;
     if tunnel.is_none() {
         options.tunnel_mode = TunnelMode::Route;
     }
@@ -125,7 +128,7 @@ pub async fn run(
         (None, Some(name)) => Some(node.link(name).await?.id),
         _ => None,
     };
-    let forward = network::prepare_forward(&node, tunnel_spec, &req.vm_addrs, req.dest_node, uplink.as_ref(), &cleanup).await?;
+    let forward = network::prepare_forward(&node, tunnel_spec, &req.vm_addrs, &req.dest_nodes, uplink.as_ref(), &cleanup).await?;
     check_cancel(&cancel)?;
 
     // Control stream first: its connect time is the RTT sample for --auto-downtime.
@@ -172,7 +175,8 @@ pub async fn run(
     compute::configure(&qmp, &features, &ram).await?;
     let mut status_sub = bus.subscribe();
     let times = Arc::new(Mutex::new(CutoverTimes::default()));
-    let cutover_task = tokio::spawn(cutover(bus.subscribe(), node.clone(), forward.clone(), times.clone(), log.clone()));
+    let (stop_handled_tx, mut stop_handled) = tokio::sync::watch::channel(false);
+    let cutover_task = tokio::spawn(cutover(bus.subscribe(), node.clone(), forward.clone(), times.clone(), log.clone(), stop_handled_tx));
     let abort_cutover = cutover_task.abort_handle();
     cleanup.push("stop the cutover watcher", move || async move {
         abort_cutover.abort();
@@ -243,7 +247,11 @@ pub async fn run(
             }
         }
     };
-    // The cutover task has seen STOP before QEMU reported completion; wait for its route swap.
+    // QEMU stopped the VM before it reported completion; the cutover task reacts to that STOP on
+    // its own subscription: wait until its route swap is recorded.
+    if tokio::time::timeout(Duration::from_secs(5), stop_handled.wait_for(|h| *h)).await.is_err() {
+        tracing::warn!("no STOP seen before completion");
+    }
     let mut cut = times.lock().map(|t| t.clone()).unwrap_or_default();
     cut.downtime_ms = info.downtime.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     if let Ok(mut t) = times.lock() {
@@ -258,7 +266,14 @@ pub async fn run(
     e.cutover = Some(cut.clone());
     log.push(e);
 
-    forward_until_idle(&node, &forward, options.tunnel_idle_timeout).await;
+    tokio::select! {
+        () = forward_until_idle(&node, &forward, options.tunnel_idle_timeout) => {
+            tracing::info!(idle = ?options.tunnel_idle_timeout, "forward idle: removing it");
+        }
+        r = crate::pidfd::wait_exit(req.qemu_pid), if req.qemu_pid > 0 => {
+            tracing::info!(result = ?r, "source QEMU gone: removing the forward");
+        }
+    }
     if let Err(err) = forward.remove(node.as_ref()).await {
         tracing::warn!(error = %err, "removing the forward failed");
     }
@@ -350,6 +365,7 @@ async fn cutover(
     forward: SourceForward,
     times: Arc<Mutex<CutoverTimes>>,
     log: EventLog,
+    stop_handled: tokio::sync::watch::Sender<bool>,
 ) {
     let mut stopped = false;
     while let Some(ev) = sub.next().await {
@@ -374,6 +390,7 @@ async fn cutover(
                 let mut e = Event::new(Phase::Cutover, "source stopped; VM routes forward to the destination");
                 e.cutover = Some(t);
                 log.push(e);
+                stop_handled.send_replace(true);
             }
             "RESUME" if stopped => {
                 stopped = false;
@@ -388,11 +405,11 @@ async fn cutover(
 }
 
 /// Waits until the forward carried nothing for `idle`. Tunnel traffic is read from the tunnel
-/// link's counters; route mode has no per-VM counter, so it holds for `idle` after completion.
+/// link's counters; route mode has no per-VM counter, so it never reports idle: the forward then
+/// lives as long as the source sandbox (DESIGN.md decision 5 — a fixed hold breaks connections).
 async fn forward_until_idle(node: &Arc<NetnsHandle>, forward: &SourceForward, idle: Duration) {
     let Some(tunnel) = forward.tunnel.clone() else {
-        tokio::time::sleep(idle).await;
-        return;
+        return std::future::pending().await;
     };
     let mut last = None;
     let mut quiet_since = Instant::now();
