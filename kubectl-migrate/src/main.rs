@@ -1,1 +1,349 @@
-fn main() {}
+//! `kubectl migrate` — live-migrates a Kata pod's VM to another node with katamaran.
+//!
+//! kubectl runs any `kubectl-migrate` on `PATH` for `kubectl migrate ...`. This binary resolves
+//! the pod and nodes through the Kubernetes API ([`resolve`]), reaches the katamaran agent on
+//! each node through `pods/portforward` ([`transport`]), drives the migration ([`orchestrate`])
+//! and shows progress and the result ([`output`]).
+
+mod orchestrate;
+mod output;
+mod resolve;
+mod transport;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use k8s_openapi::api::core::v1::Pod;
+use katamaran::cli::{parse_duration, MigrateFlags};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+use tokio::sync::watch;
+
+use crate::orchestrate::{Outcome, Plan, Settings, DEFAULT_CANCEL_GRACE};
+use crate::output::Format;
+use crate::resolve::{Resolved, Resolver};
+use crate::transport::Agent;
+
+const EXAMPLES: &str = "\
+Examples:
+  # Move pod web-0 of namespace shop to node node-b
+  kubectl migrate pod web-0 -n shop --to node-b
+
+  # Show the plan (nodes, addresses, agents, sandbox, options) and change nothing
+  kubectl migrate pod web-0 -n shop --to node-b --dry-run
+
+  # Disks on shared storage, allow 100 ms of downtime, print one JSON document
+  kubectl migrate pod web-0 --to node-b --shared-storage --downtime 100ms -o json
+
+  # Roll back unless it is done within 10 minutes
+  kubectl migrate pod web-0 --to node-b --timeout 10m
+
+Exit codes: 0 migrated, 1 the migration failed, 2 usage error or refused request,
+130 cancelled with Ctrl-C (both sides rolled back).";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kubectl-migrate",
+    bin_name = "kubectl migrate",
+    version,
+    about = "Live-migrate a Kata pod's VM to another node with katamaran (no packet lost)",
+    after_help = EXAMPLES
+)]
+struct Cli {
+    #[command(flatten)]
+    kube: KubeFlags,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// kubectl's connection flags, with kubectl's meaning.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Cluster options")]
+struct KubeFlags {
+    /// Path to the kubeconfig file (default: $KUBECONFIG, then ~/.kube/config, then in-cluster).
+    #[arg(long, global = true, value_name = "PATH")]
+    kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use.
+    #[arg(long, global = true)]
+    context: Option<String>,
+    /// The kubeconfig cluster to use.
+    #[arg(long, global = true)]
+    cluster: Option<String>,
+    /// The kubeconfig user to use.
+    #[arg(long, global = true)]
+    user: Option<String>,
+    /// Namespace of the pod (default: the context's namespace).
+    #[arg(short = 'n', long, global = true)]
+    namespace: Option<String>,
+    /// Namespace of the katamaran agent DaemonSet.
+    #[arg(long, global = true, default_value = "katamaran-system", value_name = "NAMESPACE")]
+    agent_namespace: String,
+    /// Port the agent serves the Migration service on, inside its pod.
+    #[arg(long, global = true, default_value_t = 10555, value_name = "PORT")]
+    agent_port: u16,
+    /// More logs on stderr (-v info, -vv debug); KATAMARAN_LOG takes a full filter.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Migrate a pod to another node.
+    #[command(after_help = EXAMPLES)]
+    Pod(PodArgs),
+}
+
+#[derive(Debug, Args)]
+struct PodArgs {
+    /// Name of the pod.
+    name: String,
+    /// Destination node.
+    #[arg(long, value_name = "NODE")]
+    to: String,
+    /// Print the plan and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Output format: text (progress and a table) or json (one document at the end).
+    #[arg(short, long, value_enum, default_value = "text")]
+    output: Format,
+    /// Cancel both sides (roll back) if the migration has not ended by then.
+    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    timeout: Option<Duration>,
+    /// The RuntimeClass of katamaran-managed Kata pods; other pods are refused.
+    #[arg(long, default_value = "kata-katamaran", value_name = "NAME")]
+    runtime_class: String,
+    /// Also wait until the source stops forwarding stragglers (after the tunnel is idle).
+    #[arg(long)]
+    wait_forwarding: bool,
+    // Last, so the heading it sets does not spill onto the flags above.
+    #[command(flatten, next_help_heading = "Migration options")]
+    migrate: MigrateFlags,
+}
+
+/// How the process ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exit {
+    Migrated = 0,
+    Failed = 1,
+    Refused = 2,
+    Cancelled = 130,
+}
+
+impl From<Exit> for ExitCode {
+    fn from(e: Exit) -> Self {
+        ExitCode::from(e as u8)
+    }
+}
+
+fn fail(code: Exit, e: impl Into<anyhow::Error>) -> Exit {
+    eprintln!("error: {:#}", e.into());
+    code
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version print to stdout and succeed; usage errors exit 2.
+            let _ = e.print();
+            return if e.use_stderr() { Exit::Refused.into() } else { ExitCode::SUCCESS };
+        }
+    };
+    let default = match cli.kube.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KATAMARAN_LOG").unwrap_or_else(|_| default.into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            return fail(Exit::Failed, anyhow::Error::from(e).context("cannot start the async runtime"))
+                .into()
+        }
+    };
+    rt.block_on(run(cli)).into()
+}
+
+async fn client(flags: &KubeFlags) -> anyhow::Result<Client> {
+    let options = KubeConfigOptions {
+        context: flags.context.clone(),
+        cluster: flags.cluster.clone(),
+        user: flags.user.clone(),
+    };
+    let mut config = if let Some(path) = &flags.kubeconfig {
+        let kubeconfig = Kubeconfig::read_from(path)
+            .with_context(|| format!("cannot read kubeconfig {}", path.display()))?;
+        Config::from_custom_kubeconfig(kubeconfig, &options).await.context("invalid kubeconfig")?
+    } else if options.context.is_some() || options.cluster.is_some() || options.user.is_some() {
+        Config::from_kubeconfig(&options).await.context("invalid kubeconfig")?
+    } else {
+        Config::infer().await.context("no Kubernetes configuration (kubeconfig or in-cluster)")?
+    };
+    if let Some(ns) = &flags.namespace {
+        config.default_namespace.clone_from(ns);
+    }
+    Client::try_from(config).context("cannot build the Kubernetes client")
+}
+
+async fn run(cli: Cli) -> Exit {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            // Nobody listening any more means the run is over; nothing to stop.
+            let _ = tx.send(true);
+        }
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("interrupted again: quitting without waiting for the agents");
+            std::process::exit(Exit::Cancelled as i32);
+        }
+    });
+    let Command::Pod(args) = &cli.command;
+    migrate(&cli.kube, args, rx).await
+}
+
+async fn migrate(flags: &KubeFlags, args: &PodArgs, interrupt: watch::Receiver<bool>) -> Exit {
+    let client = match client(flags).await {
+        Ok(c) => c,
+        Err(e) => return fail(Exit::Refused, e),
+    };
+    let namespace = flags.namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned());
+    let resolver = Resolver::new(client.clone(), flags.agent_namespace.clone());
+    let stoppable = |interrupt: watch::Receiver<bool>| async move {
+        let mut rx = interrupt;
+        if rx.wait_for(|v| *v).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+
+    let resolved = tokio::select! {
+        r = resolver.resolve(&namespace, &args.name, &args.to, &args.runtime_class) => r,
+        () = stoppable(interrupt.clone()) => return fail(Exit::Cancelled, anyhow::anyhow!("interrupted; nothing was changed")),
+    };
+    let resolved = match resolved {
+        Ok(r) => r,
+        Err(e) => return fail(if e.is_refusal() { Exit::Refused } else { Exit::Failed }, e),
+    };
+    let options = args.migrate.options();
+    if let Err(e) =
+        options.validate(&resolved.pod.ips, Some((resolved.source.address, resolved.destination.address)))
+    {
+        return fail(Exit::Refused, e);
+    }
+    let pods: Api<Pod> = Api::namespaced(client, &flags.agent_namespace);
+    let connect = |end: &resolve::NodeEnd| {
+        let (pods, ns, port) = (pods.clone(), flags.agent_namespace.clone(), flags.agent_port);
+        let (pod, node) = (end.agent_pod.clone(), end.node.clone());
+        async move { Agent::connect(&pods, &ns, &pod, &node, port).await }
+    };
+
+    if args.dry_run {
+        return dry_run(args, &resolved, &options, connect(&resolved.source)).await;
+    }
+
+    let agents = tokio::select! {
+        r = futures::future::try_join(connect(&resolved.source), connect(&resolved.destination)) => r,
+        () = stoppable(interrupt.clone()) => return fail(Exit::Cancelled, anyhow::anyhow!("interrupted; nothing was changed")),
+    };
+    let (source, destination) = match agents {
+        Ok(pair) => pair,
+        Err(e) => return fail(if e.is_refusal() { Exit::Refused } else { Exit::Failed }, e),
+    };
+    let sandbox = tokio::select! {
+        r = find_sandbox(&source, &resolved) => r,
+        () = stoppable(interrupt.clone()) => return fail(Exit::Cancelled, anyhow::anyhow!("interrupted; nothing was changed")),
+    };
+    let sandbox = match sandbox {
+        Ok(s) => s,
+        Err((code, e)) => return fail(code, e),
+    };
+    let plan = Plan { resolved, options, sandbox };
+    let settings = Settings {
+        timeout: args.timeout,
+        wait_forwarding: args.wait_forwarding,
+        cancel_grace: DEFAULT_CANCEL_GRACE,
+    };
+    let mut progress =
+        output::progress_for(args.output, std::io::stdout().is_terminal(), std::io::stderr().is_terminal());
+    let report =
+        orchestrate::run(&plan, &source, &destination, &settings, interrupt, progress.as_mut()).await;
+    progress.finish();
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => return fail(if e.is_refusal() { Exit::Refused } else { Exit::Failed }, e),
+    };
+    let summary = output::summarize(&plan, &report);
+    match args.output {
+        Format::Text => print!("\n{}", output::render_text(&summary)),
+        Format::Json => match serde_json::to_string_pretty(&summary) {
+            Ok(doc) => println!("{doc}"),
+            Err(e) => return fail(Exit::Failed, e),
+        },
+    }
+    match &report.outcome {
+        Outcome::Succeeded => Exit::Migrated,
+        Outcome::Cancelled => {
+            eprintln!(
+                "cancelled: both sides rolled back; the pod keeps running on {}",
+                plan.resolved.source.node
+            );
+            Exit::Cancelled
+        }
+        Outcome::Failed { message, .. } => {
+            eprintln!("error: migration {} failed: {message}", report.migration_id);
+            Exit::Failed
+        }
+    }
+}
+
+/// Lists the source agent's sandboxes and inspects the pod's.
+async fn find_sandbox(
+    source: &Agent,
+    resolved: &Resolved,
+) -> Result<katamaran_protos::v1::Sandbox, (Exit, anyhow::Error)> {
+    let transport =
+        |e: transport::Error| (if e.is_refusal() { Exit::Refused } else { Exit::Failed }, e.into());
+    let sandboxes = source.list_sandboxes().await.map_err(transport)?;
+    let id =
+        resolve::match_sandbox(&sandboxes, &resolved.pod).map_err(|e| (Exit::Refused, e.into()))?.id.clone();
+    source.inspect(&id).await.map_err(transport)
+}
+
+async fn dry_run(
+    args: &PodArgs,
+    resolved: &Resolved,
+    options: &katamaran::migration::options::MigrationOptions,
+    connect: impl std::future::Future<Output = Result<Agent, transport::Error>>,
+) -> Exit {
+    // Reading the sandbox list changes nothing; an unreachable agent is reported, not fatal.
+    let sandbox = match connect.await {
+        Ok(agent) => match agent.list_sandboxes().await {
+            Ok(list) => match resolve::match_sandbox(&list, &resolved.pod) {
+                Ok(s) => Ok(s.clone()),
+                Err(e) => return fail(Exit::Refused, e),
+            },
+            Err(e) => Err(format!("{:#}", anyhow::Error::from(e))),
+        },
+        Err(e) => Err(format!("{:#}", anyhow::Error::from(e))),
+    };
+    let sandbox_ref = sandbox.as_ref().map_err(String::as_str);
+    match args.output {
+        Format::Text => print!("{}", output::render_plan_text(resolved, options, sandbox_ref)),
+        Format::Json => {
+            match serde_json::to_string_pretty(&output::plan_view(resolved, options, sandbox_ref)) {
+                Ok(doc) => println!("{doc}"),
+                Err(e) => return fail(Exit::Failed, e),
+            }
+        }
+    }
+    Exit::Migrated
+}

@@ -55,12 +55,7 @@ async fn main() -> anyhow::Result<()> {
     let scratch = Scratch(PathBuf::from(format!("/run/netns/kt-latency-{}", std::process::id())));
     create_netns(&scratch.0)?;
     let h = NetnsHandle::open(&scratch.0)?;
-    h.create_veth(&VethSpec {
-        name: "lat0".into(),
-        peer: "lat1".into(),
-        peer_netns: None,
-    })
-    .await?;
+    h.create_veth(&VethSpec { name: "lat0".into(), peer: "lat1".into(), peer_netns: None }).await?;
     let lat0 = h.link("lat0").await?.id;
     let lat1 = h.link("lat1").await?.id;
     h.set_link_up(&lat0, true).await?;
@@ -68,10 +63,8 @@ async fn main() -> anyhow::Result<()> {
     h.add_address(&lat0, "10.81.0.1/24".parse()?).await?;
 
     let vm: IpPrefix = "10.81.1.5/32".parse()?;
-    let routes = [
-        RouteSpec::dev(vm, lat0.clone()),
-        RouteSpec::via_onlink(vm, "10.81.0.2".parse()?, lat1.clone()),
-    ];
+    let routes =
+        [RouteSpec::dev(vm, lat0.clone()), RouteSpec::via_onlink(vm, "10.81.0.2".parse()?, lat1.clone())];
     let mut on_thread = Vec::with_capacity(iterations);
     let mut round_trip = Vec::with_capacity(iterations);
     for i in 0..WARMUP + iterations {

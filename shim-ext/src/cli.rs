@@ -155,8 +155,17 @@ mod tests {
         let o = Cli::try_parse_from(["x"]).expect("parse").flags.options();
         assert_eq!(o, MigrationOptions::default());
         let o = Cli::try_parse_from([
-            "x", "--shared-storage", "--downtime", "100ms", "--bandwidth", "1G", "--multifd-channels", "4",
-            "--no-auto-converge", "--tunnel-mode", "gre",
+            "x",
+            "--shared-storage",
+            "--downtime",
+            "100ms",
+            "--bandwidth",
+            "1G",
+            "--multifd-channels",
+            "4",
+            "--no-auto-converge",
+            "--tunnel-mode",
+            "gre",
         ])
         .expect("parse")
         .flags

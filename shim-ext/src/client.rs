@@ -67,7 +67,10 @@ impl ClientError {
         match self {
             ClientError::Endpoint(_) | ClientError::Options(_) | ClientError::Sandbox { .. } => true,
             ClientError::Rpc { source: ttrpc::Error::RpcStatus(s), .. } => {
-                matches!(s.code(), ttrpc::Code::INVALID_ARGUMENT | ttrpc::Code::NOT_FOUND | ttrpc::Code::FAILED_PRECONDITION)
+                matches!(
+                    s.code(),
+                    ttrpc::Code::INVALID_ARGUMENT | ttrpc::Code::NOT_FOUND | ttrpc::Code::FAILED_PRECONDITION
+                )
             }
             _ => false,
         }
@@ -175,7 +178,9 @@ impl Summary {
 
     /// Whether both sides succeeded.
     pub fn succeeded(&self) -> bool {
-        [Side::Source, Side::Destination].iter().all(|s| self.terminal(*s).is_some_and(|e| is_success(phase(e))))
+        [Side::Source, Side::Destination]
+            .iter()
+            .all(|s| self.terminal(*s).is_some_and(|e| is_success(phase(e))))
     }
 
     /// The first failure message, if any.
@@ -183,7 +188,8 @@ impl Summary {
         [Side::Source, Side::Destination].iter().find_map(|s| {
             let e = self.terminal(*s)?;
             (!is_success(phase(e))).then(|| {
-                let msg = if e.result.error_message.is_empty() { &e.message } else { &e.result.error_message };
+                let msg =
+                    if e.result.error_message.is_empty() { &e.message } else { &e.result.error_message };
                 format!("{}: {}", s.name(), msg)
             })
         })
@@ -191,12 +197,17 @@ impl Summary {
 
     /// The latest cutover times reported by a side.
     pub fn cutover(&self, side: Side) -> Option<&pb::CutoverTimes> {
-        self.events.iter().rev().find(|(s, e)| *s == side && e.cutover.is_some()).and_then(|(_, e)| e.cutover.as_ref())
+        self.events
+            .iter()
+            .rev()
+            .find(|(s, e)| *s == side && e.cutover.is_some())
+            .and_then(|(_, e)| e.cutover.as_ref())
     }
 
     /// Time spent in each phase on a side, from event timestamps, in phase order.
     pub fn phase_durations(&self, side: Side) -> Vec<(pb::Phase, Duration)> {
-        let evs: Vec<&pb::MigrationEvent> = self.events.iter().filter(|(s, _)| *s == side).map(|(_, e)| e).collect();
+        let evs: Vec<&pb::MigrationEvent> =
+            self.events.iter().filter(|(s, _)| *s == side).map(|(_, e)| e).collect();
         let mut out: Vec<(pb::Phase, Duration)> = Vec::new();
         for w in evs.windows(2) {
             let (a, b) = (w[0], w[1]);
@@ -261,7 +272,10 @@ pub async fn drive(
     prep.source_sandbox = MessageField::some(sandbox.clone());
     prep.options = MessageField::some(options.clone());
     prep.source_node_address = source_address.to_string();
-    let prepared = dest.prepare_incoming(ctx(plan.rpc_timeout), &prep).await.map_err(rpc("PrepareIncoming", Side::Destination))?;
+    let prepared = dest
+        .prepare_incoming(ctx(plan.rpc_timeout), &prep)
+        .await
+        .map_err(rpc("PrepareIncoming", Side::Destination))?;
     if let Ok(dst) = prepared.destination_node_address.parse::<IpAddr>() {
         if let Err(e) = plan.options.validate(&vm_addrs, Some((source_address, dst))) {
             cancel_side(dest, &plan.migration_id, "invalid options", plan.rpc_timeout).await;
@@ -312,7 +326,8 @@ pub async fn drive(
                     if !is_success(p) && !cancelled_peer {
                         cancelled_peer = true;
                         let other = if side == Side::Source { dest } else { source };
-                        cancel_side(other, &plan.migration_id, "the other side failed", plan.rpc_timeout).await;
+                        cancel_side(other, &plan.migration_id, "the other side failed", plan.rpc_timeout)
+                            .await;
                     }
                 }
                 events.push((side, ev));
@@ -324,7 +339,14 @@ pub async fn drive(
             }
         }
     }
-    Ok(Summary { migration_id: plan.migration_id.clone(), sandbox, prepared, events, elapsed: started.elapsed(), cancelled_by_caller })
+    Ok(Summary {
+        migration_id: plan.migration_id.clone(),
+        sandbox,
+        prepared,
+        events,
+        elapsed: started.elapsed(),
+        cancelled_by_caller,
+    })
 }
 
 type EventTx = mpsc::UnboundedSender<(Side, Option<pb::MigrationEvent>)>;
@@ -372,8 +394,10 @@ pub async fn cancel_side(client: &pb::MigrationClient, id: &str, reason: &str, t
 /// # Errors
 /// [`ClientError::Sandbox`] when an address does not parse or none is reported.
 pub fn vm_addresses(s: &pb::Sandbox) -> Result<Vec<IpAddr>, ClientError> {
-    let addrs: Result<Vec<IpAddr>, _> = s.network.addresses.iter().map(|a| a.address.parse::<IpAddr>()).collect();
-    let addrs = addrs.map_err(|e| ClientError::Sandbox { sandbox: s.id.clone(), what: format!("bad VM address: {e}") })?;
+    let addrs: Result<Vec<IpAddr>, _> =
+        s.network.addresses.iter().map(|a| a.address.parse::<IpAddr>()).collect();
+    let addrs = addrs
+        .map_err(|e| ClientError::Sandbox { sandbox: s.id.clone(), what: format!("bad VM address: {e}") })?;
     if addrs.is_empty() {
         return Err(ClientError::Sandbox { sandbox: s.id.clone(), what: "no VM address reported".into() });
     }

@@ -2,8 +2,8 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use katamaran_protos::v1 as pb;
 use katamaran_protos::protobuf::{EnumOrUnknown, MessageField};
+use katamaran_protos::v1 as pb;
 
 use crate::migration::events::{self, ErrorKind, Event, Phase, Role};
 use crate::migration::options::{MigrationOptions, OptionsError, StorageMode, TunnelMode};

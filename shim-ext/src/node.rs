@@ -85,6 +85,9 @@ struct Record {
     cancel: CancelToken,
 }
 
+/// Where a sandbox received on this node lives: QMP socket, netns, QEMU pid.
+type IncomingSandbox = (PathBuf, PathBuf, u32);
+
 /// A node's engine.
 #[derive(Debug)]
 pub struct Node {
@@ -92,8 +95,8 @@ pub struct Node {
     node_ns: Arc<NetnsHandle>,
     listener: OnceCell<Arc<DataListener>>,
     migrations: Mutex<BTreeMap<String, Arc<Record>>>,
-    /// Sandboxes received here: id → QMP socket, netns, QEMU pid.
-    incoming: Arc<Mutex<BTreeMap<String, (PathBuf, PathBuf, u32)>>>,
+    /// Sandboxes received here.
+    incoming: Arc<Mutex<BTreeMap<String, IncomingSandbox>>>,
     /// QMP connections held by running source migrations (the socket serves one client).
     live: Arc<Mutex<BTreeMap<String, QmpClient>>>,
 }
@@ -124,13 +127,19 @@ impl Node {
     }
 
     fn node_address(&self) -> Result<IpAddr, EngineError> {
-        self.cfg.node_addresses.first().copied().ok_or_else(|| EngineError::Precondition("this node has no --node-address configured".into()))
+        self.cfg
+            .node_addresses
+            .first()
+            .copied()
+            .ok_or_else(|| EngineError::Precondition("this node has no --node-address configured".into()))
     }
 
     fn check_scope(&self, id: &str) -> Result<(), EngineError> {
         sandbox::validate_sandbox_id(id)?;
         match &self.cfg.only_sandbox {
-            Some(only) if only != id => Err(EngineError::NotFound(format!("sandbox {id} (this endpoint serves {only})"))),
+            Some(only) if only != id => {
+                Err(EngineError::NotFound(format!("sandbox {id} (this endpoint serves {only})")))
+            }
             _ => Ok(()),
         }
     }
@@ -172,7 +181,8 @@ impl Node {
         s.qemu_pid = pid;
         s.node_address = self.cfg.node_addresses.first().map(|a| a.to_string()).unwrap_or_default();
         if pid > 0 {
-            s.qemu_argv = QemuCmdline::from_proc_file(&PathBuf::from(format!("/proc/{pid}/cmdline")))?.to_argv();
+            s.qemu_argv =
+                QemuCmdline::from_proc_file(&PathBuf::from(format!("/proc/{pid}/cmdline")))?.to_argv();
         }
         // QEMU facts, through the migration's connection if one holds the single-client socket.
         let qmp = match self.live_qmp(id) {
@@ -195,7 +205,10 @@ impl Node {
             s.disks.push(disk);
         }
         // Network, from inside the sandbox's namespace.
-        let roots = NetnsRoots { dirs: vec![netns_path.parent().map(PathBuf::from).unwrap_or_default()], proc: Some("/proc".into()) };
+        let roots = NetnsRoots {
+            dirs: vec![netns_path.parent().map(PathBuf::from).unwrap_or_default()],
+            proc: Some("/proc".into()),
+        };
         let ns = NetnsHandle::open_in(&netns_path, &roots)?;
         let pod = ns.link(&self.cfg.pod_ifname).await?;
         let mut network = pb::Network::new();
@@ -248,16 +261,30 @@ impl Node {
 
     async fn data_listener(&self) -> Result<Arc<DataListener>, EngineError> {
         let addr = SocketAddr::new(self.node_address()?, self.cfg.data_port);
-        self.listener.get_or_try_init(|| async { DataListener::bind(addr).await.map(Arc::new) }).await.cloned().map_err(EngineError::from)
+        self.listener
+            .get_or_try_init(|| async { DataListener::bind(addr).await.map(Arc::new) })
+            .await
+            .cloned()
+            .map_err(EngineError::from)
     }
 
-    fn register(&self, id: &str, sandbox_id: &str, role: Role, peer: IpAddr) -> Result<Arc<Record>, EngineError> {
-        let mut m = self.migrations.lock().map_err(|_| EngineError::Precondition("engine state poisoned".into()))?;
+    fn register(
+        &self,
+        id: &str,
+        sandbox_id: &str,
+        role: Role,
+        peer: IpAddr,
+    ) -> Result<Arc<Record>, EngineError> {
+        let mut m =
+            self.migrations.lock().map_err(|_| EngineError::Precondition("engine state poisoned".into()))?;
         if m.contains_key(id) {
             return Err(EngineError::Precondition(format!("migration {id} already exists on this node")));
         }
         if let Some(busy) = m.values().find(|r| r.sandbox_id == sandbox_id && !r.log.phase().is_terminal()) {
-            return Err(EngineError::Precondition(format!("sandbox {sandbox_id} is already migrating ({:?})", busy.role)));
+            return Err(EngineError::Precondition(format!(
+                "sandbox {sandbox_id} is already migrating ({:?})",
+                busy.role
+            )));
         }
         let rec = Arc::new(Record {
             sandbox_id: sandbox_id.to_owned(),
@@ -280,19 +307,32 @@ impl Node {
         self.check_scope(&req.sandbox_id)?;
         crate::dataplane::handshake::validate_migration_id(&req.migration_id)?;
         let secret = Secret::new(req.secret.clone())?;
-        let dest_node: IpAddr = req.destination_node_address.parse().map_err(|_| invalid(format!("destination node address {:?} is not an IP address", req.destination_node_address)))?;
+        let dest_node: IpAddr = req.destination_node_address.parse().map_err(|_| {
+            invalid(format!(
+                "destination node address {:?} is not an IP address",
+                req.destination_node_address
+            ))
+        })?;
         let source_node = self.node_address()?;
         let endpoints = req.endpoints.as_ref().ok_or_else(|| invalid("missing destination endpoints"))?;
-        let ram_endpoint: SocketAddr = endpoints.ram_endpoint.parse().map_err(|_| invalid(format!("RAM endpoint {:?} is not host:port", endpoints.ram_endpoint)))?;
+        let ram_endpoint: SocketAddr = endpoints
+            .ram_endpoint
+            .parse()
+            .map_err(|_| invalid(format!("RAM endpoint {:?} is not host:port", endpoints.ram_endpoint)))?;
         let mut nbd_endpoints = BTreeMap::new();
         for e in &endpoints.nbd_endpoints {
-            let addr: SocketAddr = e.endpoint.parse().map_err(|_| invalid(format!("NBD endpoint {:?} is not host:port", e.endpoint)))?;
+            let addr: SocketAddr = e
+                .endpoint
+                .parse()
+                .map_err(|_| invalid(format!("NBD endpoint {:?} is not host:port", e.endpoint)))?;
             crate::dataplane::handshake::validate_stream(&format!("nbd:{}", e.drive_id))?;
             nbd_endpoints.insert(e.drive_id.clone(), addr);
         }
         let mut dest_nodes = vec![dest_node];
         for a in &endpoints.node_addresses {
-            let a: IpAddr = a.parse().map_err(|_| invalid(format!("destination node address {a:?} is not an IP address")))?;
+            let a: IpAddr = a
+                .parse()
+                .map_err(|_| invalid(format!("destination node address {a:?} is not an IP address")))?;
             if !dest_nodes.contains(&a) {
                 dest_nodes.push(a);
             }
@@ -328,15 +368,19 @@ impl Node {
                 let cleanup = Cleanup::default();
                 let started = std::time::Instant::now();
                 let result = async {
-                    std::fs::create_dir_all(&state_dir).map_err(EngineError::io(format!("create {}", state_dir.display())))?;
+                    std::fs::create_dir_all(&state_dir)
+                        .map_err(EngineError::io(format!("create {}", state_dir.display())))?;
                     let sd = state_dir.clone();
-                    cleanup.push("remove migration state dir", move || async move { std::fs::remove_dir_all(&sd) });
+                    cleanup.push("remove migration state dir", move || async move {
+                        std::fs::remove_dir_all(&sd)
+                    });
                     let (qmp, events) = QmpClient::connect(&qmp_socket, &QmpConfig::default()).await?;
                     if let Ok(mut l) = live.lock() {
                         l.insert(sandbox_id.clone(), qmp.clone());
                     }
                     let conn = QemuConn { qmp, bus: EventBus::spawn(events) };
-                    source::run(request, conn, node, rec.log.clone(), cleanup.clone(), rec.cancel.clone()).await
+                    source::run(request, conn, node, rec.log.clone(), cleanup.clone(), rec.cancel.clone())
+                        .await
                 }
                 .await;
                 finish(&rec, result.map(|t| (t.downtime_ms, 0)), &cleanup, started).await;
@@ -356,28 +400,41 @@ impl Node {
     /// # Errors
     /// Validation failures (nothing touched), or the first failure of the preparation (after
     /// everything it created was undone).
-    pub async fn prepare_incoming(&self, req: &pb::PrepareIncomingRequest) -> Result<pb::PrepareIncomingResponse, EngineError> {
+    pub async fn prepare_incoming(
+        &self,
+        req: &pb::PrepareIncomingRequest,
+    ) -> Result<pb::PrepareIncomingResponse, EngineError> {
         let node_address = self.node_address()?;
         if self.cfg.only_sandbox.is_some() {
-            return Err(EngineError::Precondition("a sandbox extension cannot receive a VM; call the node agent".into()));
+            return Err(EngineError::Precondition(
+                "a sandbox extension cannot receive a VM; call the node agent".into(),
+            ));
         }
         crate::dataplane::handshake::validate_migration_id(&req.migration_id)?;
         let secret = Secret::new(req.secret.clone())?;
         let src = req.source_sandbox.as_ref().ok_or_else(|| invalid("missing source sandbox"))?;
         sandbox::validate_sandbox_id(&src.id)?;
-        let source_node: IpAddr = req.source_node_address.parse().map_err(|_| invalid(format!("source node address {:?} is not an IP address", req.source_node_address)))?;
+        let source_node: IpAddr = req.source_node_address.parse().map_err(|_| {
+            invalid(format!("source node address {:?} is not an IP address", req.source_node_address))
+        })?;
         let argv = QemuCmdline::parse(&req.source_qemu_argv)?;
         let net = src.network.as_ref().ok_or_else(|| invalid("missing source network"))?;
         validate_ifname(&net.interface_name).map_err(|e| invalid(e.to_string()))?;
         validate_ifname(&net.tap_name).map_err(|e| invalid(e.to_string()))?;
-        let mac: MacAddr = net.mac_address.parse().map_err(|_| invalid(format!("MAC address {:?} does not parse", net.mac_address)))?;
+        let mac: MacAddr = net
+            .mac_address
+            .parse()
+            .map_err(|_| invalid(format!("MAC address {:?} does not parse", net.mac_address)))?;
         if !(68..=65535).contains(&net.mtu) {
             return Err(invalid(format!("MTU {} is outside 68..=65535", net.mtu)));
         }
         let vm_addrs = crate::client::vm_addresses(src).map_err(|e| invalid(e.to_string()))?;
         let options = options_from_proto(req.options.as_ref().ok_or_else(|| invalid("missing options"))?)?;
         options.validate(&vm_addrs, Some((source_node, node_address)))?;
-        let source_state_dir = PathBuf::from(&src.qmp_socket).parent().map(PathBuf::from).ok_or_else(|| invalid("source QMP socket has no directory"))?;
+        let source_state_dir = PathBuf::from(&src.qmp_socket)
+            .parent()
+            .map(PathBuf::from)
+            .ok_or_else(|| invalid("source QMP socket has no directory"))?;
         if !source_state_dir.is_absolute() {
             return Err(invalid(format!("source QMP socket {:?} is not absolute", src.qmp_socket)));
         }
@@ -444,7 +501,10 @@ impl Node {
         }
         resp.endpoints = MessageField::some(eps);
         if let Ok(mut m) = self.incoming.lock() {
-            m.insert(src.id.clone(), (incoming.state_dir.join("qmp.sock"), incoming.netns.clone(), incoming.qemu_pid));
+            m.insert(
+                src.id.clone(),
+                (incoming.state_dir.join("qmp.sock"), incoming.netns.clone(), incoming.qemu_pid),
+            );
         }
         let timeout = dreq.options.storage_timeout + dreq.options.ram_timeout;
         let (log, cancel) = (rec.log.clone(), rec.cancel.clone());
@@ -471,7 +531,8 @@ impl Node {
     /// # Errors
     /// [`EngineError::NotFound`].
     pub fn watch(&self, id: &str) -> Result<(Role, Watcher), EngineError> {
-        let m = self.migrations.lock().map_err(|_| EngineError::Precondition("engine state poisoned".into()))?;
+        let m =
+            self.migrations.lock().map_err(|_| EngineError::Precondition("engine state poisoned".into()))?;
         let r = m.get(id).ok_or_else(|| EngineError::NotFound(format!("migration {id}")))?;
         Ok((r.role, r.log.watch()))
     }
@@ -481,7 +542,8 @@ impl Node {
     /// # Errors
     /// [`EngineError::NotFound`].
     pub fn cancel(&self, id: &str, reason: &str) -> Result<(bool, Phase), EngineError> {
-        let m = self.migrations.lock().map_err(|_| EngineError::Precondition("engine state poisoned".into()))?;
+        let m =
+            self.migrations.lock().map_err(|_| EngineError::Precondition("engine state poisoned".into()))?;
         let r = m.get(id).ok_or_else(|| EngineError::NotFound(format!("migration {id}")))?;
         let phase = r.log.phase();
         if phase.is_terminal() || phase >= Phase::Cutover {
@@ -514,7 +576,12 @@ impl Node {
 
 /// Records the terminal event; on failure unwinds the cleanup stack first so the event reports
 /// a node with nothing left behind.
-async fn finish(rec: &Record, result: Result<(u64, u64), EngineError>, cleanup: &Cleanup, started: std::time::Instant) {
+async fn finish(
+    rec: &Record,
+    result: Result<(u64, u64), EngineError>,
+    cleanup: &Cleanup,
+    started: std::time::Instant,
+) {
     let total_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     match result {
         Ok((downtime_ms, drops)) => {
@@ -527,12 +594,22 @@ async fn finish(rec: &Record, result: Result<(u64, u64), EngineError>, cleanup: 
             let cancelled = matches!(err, EngineError::Cancelled(_));
             let mut msg = chain(&err);
             if !report.is_clean() {
-                let failed: Vec<String> = report.steps.iter().filter(|(_, r)| r.is_err()).map(|(n, r)| format!("{n}: {}", r.clone().err().unwrap_or_default())).collect();
+                let failed: Vec<String> = report
+                    .steps
+                    .iter()
+                    .filter(|(_, r)| r.is_err())
+                    .map(|(n, r)| format!("{n}: {}", r.clone().err().unwrap_or_default()))
+                    .collect();
                 msg.push_str(&format!(" (cleanup incomplete: {})", failed.join("; ")));
             }
             tracing::warn!(error = %msg, undone = report.steps.len(), "migration ended without success");
             let mut e = Event::new(if cancelled { Phase::Cancelled } else { Phase::Failed }, msg.clone());
-            e.outcome = Some(Outcome { error: Some((err.kind(), msg)), total_ms, downtime_ms: 0, plug_dropped_packets: 0 });
+            e.outcome = Some(Outcome {
+                error: Some((err.kind(), msg)),
+                total_ms,
+                downtime_ms: 0,
+                plug_dropped_packets: 0,
+            });
             rec.log.push(e);
         }
     }
@@ -548,7 +625,9 @@ fn run_state(s: &RunState) -> pb::VmRunState {
         RunState::Prelaunch => pb::VmRunState::VM_RUN_STATE_PRELAUNCH,
         RunState::Shutdown => pb::VmRunState::VM_RUN_STATE_SHUTDOWN,
         RunState::Suspended => pb::VmRunState::VM_RUN_STATE_SUSPENDED,
-        RunState::InternalError | RunState::IoError | RunState::GuestPanicked => pb::VmRunState::VM_RUN_STATE_ERROR,
+        RunState::InternalError | RunState::IoError | RunState::GuestPanicked => {
+            pb::VmRunState::VM_RUN_STATE_ERROR
+        }
         _ => pb::VmRunState::VM_RUN_STATE_OTHER,
     }
 }

@@ -40,8 +40,14 @@ mod tests {
         let mut child = std::process::Command::new("sleep").arg("0.2").spawn().expect("spawn sleep");
         let pid = child.id();
         let started = std::time::Instant::now();
-        tokio::time::timeout(std::time::Duration::from_secs(5), wait_exit(pid)).await.expect("in time").expect("wait");
-        assert!(started.elapsed() >= std::time::Duration::from_millis(150), "did not resolve before the exit");
+        tokio::time::timeout(std::time::Duration::from_secs(5), wait_exit(pid))
+            .await
+            .expect("in time")
+            .expect("wait");
+        assert!(
+            started.elapsed() >= std::time::Duration::from_millis(150),
+            "did not resolve before the exit"
+        );
         child.wait().expect("reap");
         // A pid that does not exist (pid_max is at most 2^22).
         wait_exit(4_194_999).await.expect("missing process counts as exited");

@@ -38,23 +38,39 @@ impl pb::Migration for MigrationService {
         Ok(self.node.inspect(&req.sandbox_id).await?)
     }
 
-    async fn list_sandboxes(&self, _ctx: &TtrpcContext, _req: pb::ListSandboxesRequest) -> ttrpc::Result<pb::ListSandboxesResponse> {
+    async fn list_sandboxes(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: pb::ListSandboxesRequest,
+    ) -> ttrpc::Result<pb::ListSandboxesResponse> {
         let mut r = pb::ListSandboxesResponse::new();
         r.sandboxes = self.node.list_sandboxes().await;
         Ok(r)
     }
 
-    async fn list_migrations(&self, _ctx: &TtrpcContext, _req: pb::ListMigrationsRequest) -> ttrpc::Result<pb::ListMigrationsResponse> {
+    async fn list_migrations(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: pb::ListMigrationsRequest,
+    ) -> ttrpc::Result<pb::ListMigrationsResponse> {
         let mut r = pb::ListMigrationsResponse::new();
         r.migrations = self.node.list_migrations();
         Ok(r)
     }
 
-    async fn prepare_incoming(&self, _ctx: &TtrpcContext, req: pb::PrepareIncomingRequest) -> ttrpc::Result<pb::PrepareIncomingResponse> {
+    async fn prepare_incoming(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::PrepareIncomingRequest,
+    ) -> ttrpc::Result<pb::PrepareIncomingResponse> {
         Ok(self.node.prepare_incoming(&req).await?)
     }
 
-    async fn start_migration(&self, _ctx: &TtrpcContext, req: pb::StartMigrationRequest) -> ttrpc::Result<pb::StartMigrationResponse> {
+    async fn start_migration(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::StartMigrationRequest,
+    ) -> ttrpc::Result<pb::StartMigrationResponse> {
         let id = self.node.start_migration(&req).await?;
         let mut r = pb::StartMigrationResponse::new();
         r.migration_id = id;
@@ -78,7 +94,8 @@ impl pb::Migration for MigrationService {
         let (cancelled, phase) = self.node.cancel(&req.migration_id, &req.reason)?;
         let mut r = pb::CancelResponse::new();
         r.cancelled = cancelled;
-        r.phase = EnumOrUnknown::new(if cancelled { pb::Phase::PHASE_CANCELLED } else { phase_to_proto(phase) });
+        r.phase =
+            EnumOrUnknown::new(if cancelled { pb::Phase::PHASE_CANCELLED } else { phase_to_proto(phase) });
         Ok(r)
     }
 }
@@ -108,7 +125,8 @@ pub fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, ServeError> 
     let fail = |why: String| ServeError::Socket { path: path.to_owned(), why };
     let dir = path.parent().ok_or_else(|| fail("has no parent directory".into()))?;
     std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot create its directory: {e}")))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| fail(format!("cannot restrict its directory: {e}")))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| fail(format!("cannot restrict its directory: {e}")))?;
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(fail("another server is listening on it".into()));
@@ -116,7 +134,8 @@ pub fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, ServeError> 
         std::fs::remove_file(path).map_err(|e| fail(format!("cannot remove the stale socket: {e}")))?;
     }
     let listener = tokio::net::UnixListener::bind(path).map_err(|e| fail(format!("cannot bind: {e}")))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|e| fail(format!("cannot chmod 0600: {e}")))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| fail(format!("cannot chmod 0600: {e}")))?;
     Ok(listener)
 }
 
@@ -134,6 +153,11 @@ pub async fn serve(
         .register_service(pb::create_migration(Arc::new(service)));
     server.start().await?;
     shutdown.await;
-    server.shutdown().await?;
+    // A watch of a migration that is still forwarding never ends by itself: stop listening and
+    // give open connections a moment, but do not wait on them.
+    server.stop_listen().await;
+    if tokio::time::timeout(std::time::Duration::from_secs(2), server.shutdown()).await.is_err() {
+        tracing::debug!("connections still open at shutdown");
+    }
     Ok(())
 }

@@ -17,9 +17,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use katamaran::net::{
-    self, create_netns, remove_netns, Error, Feature, IpPrefix, LinkId, MacAddr, NeighbourSpec,
-    NetOps, NetnsHandle, OperState, PlugAction, QdiscParent, RouteSpec, TapSpec, TunnelMode,
-    TunnelSpec, VethSpec,
+    self, create_netns, remove_netns, Error, Feature, IpPrefix, LinkId, MacAddr, NeighbourSpec, NetOps,
+    NetnsHandle, OperState, PlugAction, QdiscParent, RouteSpec, TapSpec, TunnelMode, TunnelSpec, VethSpec,
 };
 use tokio::net::UdpSocket;
 
@@ -144,7 +143,8 @@ async fn veth_across_namespaces_with_addresses_mtu_mac_txqueuelen() {
     let info = a.link("kt-a0").await.unwrap();
     assert_eq!((info.mtu, info.txqueuelen, info.mac, info.admin_up), (1400, 5000, Some(mac), true));
     eventually(Duration::from_secs(5), "both veth ends operationally up", || async {
-        a.link("kt-a0").await.unwrap().oper == OperState::Up && b.link("kt-b0").await.unwrap().oper == OperState::Up
+        a.link("kt-a0").await.unwrap().oper == OperState::Up
+            && b.link("kt-b0").await.unwrap().oper == OperState::Up
     })
     .await;
 
@@ -161,11 +161,7 @@ async fn veth_across_namespaces_with_addresses_mtu_mac_txqueuelen() {
 
     // Move a second pair's end across, then delete: the peer goes too.
     let m0 = a
-        .create_veth(&VethSpec {
-            name: "kt-m0".into(),
-            peer: "kt-m1".into(),
-            peer_netns: None,
-        })
+        .create_veth(&VethSpec { name: "kt-m0".into(), peer: "kt-m1".into(), peer_netns: None })
         .await
         .unwrap();
     let m1 = a.link("kt-m1").await.unwrap().id;
@@ -189,13 +185,7 @@ async fn routes_add_replace_delete_read_back() {
     }
     let ns = Ns::new("r");
     let h = ns.open();
-    h.create_veth(&VethSpec {
-        name: "kt-r0".into(),
-        peer: "kt-r1".into(),
-        peer_netns: None,
-    })
-    .await
-    .unwrap();
+    h.create_veth(&VethSpec { name: "kt-r0".into(), peer: "kt-r1".into(), peer_netns: None }).await.unwrap();
     let r0 = up(&h, "kt-r0").await;
     let r1 = up(&h, "kt-r1").await;
     h.add_address(&r0, prefix("10.78.0.1/24")).await.unwrap();
@@ -237,24 +227,13 @@ async fn permanent_neighbour_set_replace_delete() {
     }
     let ns = Ns::new("n");
     let h = ns.open();
-    h.create_veth(&VethSpec {
-        name: "kt-n0".into(),
-        peer: "kt-n1".into(),
-        peer_netns: None,
-    })
-    .await
-    .unwrap();
+    h.create_veth(&VethSpec { name: "kt-n0".into(), peer: "kt-n1".into(), peer_netns: None }).await.unwrap();
     let n0 = up(&h, "kt-n0").await;
     let vm = ip("10.78.0.9");
-    let (m1, m2): (MacAddr, MacAddr) = ("02:00:00:00:00:09".parse().unwrap(), "02:00:00:00:00:0a".parse().unwrap());
+    let (m1, m2): (MacAddr, MacAddr) =
+        ("02:00:00:00:00:09".parse().unwrap(), "02:00:00:00:00:0a".parse().unwrap());
     for mac in [m1, m2] {
-        h.replace_neighbour(&NeighbourSpec {
-            dev: n0.clone(),
-            ip: vm,
-            mac,
-        })
-        .await
-        .unwrap();
+        h.replace_neighbour(&NeighbourSpec { dev: n0.clone(), ip: vm, mac }).await.unwrap();
         let entries = h.neighbours(&n0).await.unwrap();
         let e = entries.iter().find(|e| e.ip == vm).unwrap();
         assert_eq!((e.mac, e.permanent), (Some(mac), true), "{entries:?}");
@@ -331,19 +310,11 @@ async fn ingress_mirred_filters_redirect_real_packets_both_ways() {
     // Static neighbours: no ARP needed, so only the data path is tested.
     let node_mac = node.link("kt-veth").await.unwrap().mac.unwrap();
     let guest_mac = guest.link("kt-g0").await.unwrap().mac.unwrap();
-    node.replace_neighbour(&NeighbourSpec {
-        dev: veth.clone(),
-        ip: ip("10.79.0.2"),
-        mac: guest_mac,
-    })
-    .await
-    .unwrap();
+    node.replace_neighbour(&NeighbourSpec { dev: veth.clone(), ip: ip("10.79.0.2"), mac: guest_mac })
+        .await
+        .unwrap();
     guest
-        .replace_neighbour(&NeighbourSpec {
-            dev: g0.clone(),
-            ip: ip("10.79.0.1"),
-            mac: node_mac,
-        })
+        .replace_neighbour(&NeighbourSpec { dev: g0.clone(), ip: ip("10.79.0.1"), mac: node_mac })
         .await
         .unwrap();
     eventually(Duration::from_secs(5), "links operationally up", || async {
@@ -407,27 +378,14 @@ async fn pair(tag: &str) -> Pair {
     a.add_address(&s0, prefix("10.80.0.1/24")).await.unwrap();
     b.add_address(&d0, prefix("10.80.0.2/24")).await.unwrap();
     let d0_mac = b.link("kt-d0").await.unwrap().mac.unwrap();
-    a.replace_neighbour(&NeighbourSpec {
-        dev: s0.clone(),
-        ip: ip("10.80.0.2"),
-        mac: d0_mac,
-    })
-    .await
-    .unwrap();
+    a.replace_neighbour(&NeighbourSpec { dev: s0.clone(), ip: ip("10.80.0.2"), mac: d0_mac }).await.unwrap();
     eventually(Duration::from_secs(5), "veth up", || async {
         a.link("kt-s0").await.unwrap().oper == OperState::Up
     })
     .await;
     let tx = udp_in(&a, "10.80.0.1:0".parse().unwrap()).await;
     let rx = udp_in(&b, "10.80.0.2:40003".parse().unwrap()).await;
-    Pair {
-        _ns: (na, nb),
-        a,
-        s0,
-        tx,
-        rx,
-        to: "10.80.0.2:40003".parse().unwrap(),
-    }
+    Pair { _ns: (na, nb), a, s0, tx, rx, to: "10.80.0.2:40003".parse().unwrap() }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -503,17 +461,14 @@ async fn tunnels_created_with_endpoints_then_deleted() {
         (TunnelMode::Ip6gre, "ip6_gre", "2001:db8::1", "2001:db8:1::2", "ip6gre"),
     ];
     for (mode, module, local, remote, kind) in cases {
-        let spec = TunnelSpec {
-            name: "kt-tnl0".into(),
-            mode,
-            local: ip(local),
-            remote: ip(remote),
-            ttl: 64,
-        };
+        let spec = TunnelSpec { name: "kt-tnl0".into(), mode, local: ip(local), remote: ip(remote), ttl: 64 };
         if let Err(e) = net::probe(mode.feature()).await {
             assert!(matches!(&e, Error::Unsupported { what, .. } if *what == mode.feature()), "{e}");
             let create = h.create_tunnel(&spec).await.unwrap_err();
-            assert!(matches!(&create, Error::Unsupported { what, .. } if *what == mode.feature()), "{create}");
+            assert!(
+                matches!(&create, Error::Unsupported { what, .. } if *what == mode.feature()),
+                "{create}"
+            );
             assert!(h.link("kt-tnl0").await.unwrap_err().is_not_found());
             println!("skipped: kernel lacks {module} (proven in the kernel lab VM)");
             continue;

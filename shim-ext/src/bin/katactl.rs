@@ -29,7 +29,13 @@ Exit codes: 0 success, 1 failure, 2 usage error or refused request.";
 #[command(name = "katactl", version, about = "Debug client for katamaran node agents and sandbox extensions", after_help = AFTER_HELP)]
 struct Cli {
     /// Service endpoint: unix:///path/to.sock or tcp://host:port.
-    #[arg(short = 'r', long, env = "KATAMARAN_ENDPOINT", default_value = "unix:///run/katamaran/agent.sock", global = true)]
+    #[arg(
+        short = 'r',
+        long,
+        env = "KATAMARAN_ENDPOINT",
+        default_value = "unix:///run/katamaran/agent.sock",
+        global = true
+    )]
     runtime_endpoint: String,
     /// Output format.
     #[arg(short, long, value_enum, default_value = "text", global = true)]
@@ -107,7 +113,9 @@ fn main() -> ExitCode {
         }
     };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("KATAMARAN_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KATAMARAN_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
@@ -152,11 +160,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Ps => {
             let c = client::connect(&cli.runtime_endpoint).await?;
-            let list = c.list_sandboxes(ctx(cli.timeout), &pb::ListSandboxesRequest::new()).await.map_err(rpc("ListSandboxes"))?;
+            let list = c
+                .list_sandboxes(ctx(cli.timeout), &pb::ListSandboxesRequest::new())
+                .await
+                .map_err(rpc("ListSandboxes"))?;
             if json {
                 print_json(&list)?;
             } else {
-                println!("{:<20} {:<24} {:<16} {:<12} {:<10} ADDRESSES", "SANDBOX", "POD", "NAMESPACE", "STATE", "QEMU");
+                println!(
+                    "{:<20} {:<24} {:<16} {:<12} {:<10} ADDRESSES",
+                    "SANDBOX", "POD", "NAMESPACE", "STATE", "QEMU"
+                );
                 for s in &list.sandboxes {
                     let addrs: Vec<String> = s.network.addresses.iter().map(|a| a.address.clone()).collect();
                     println!(
@@ -182,7 +196,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Migrations => {
             let c = client::connect(&cli.runtime_endpoint).await?;
-            let list = c.list_migrations(ctx(cli.timeout), &pb::ListMigrationsRequest::new()).await.map_err(rpc("ListMigrations"))?;
+            let list = c
+                .list_migrations(ctx(cli.timeout), &pb::ListMigrationsRequest::new())
+                .await
+                .map_err(rpc("ListMigrations"))?;
             if json {
                 print_json(&list)?;
             } else {
@@ -192,7 +209,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         "{:<18} {:<20} {:<12} {:<12} {}",
                         m.migration_id,
                         short(&m.sandbox_id),
-                        format!("{:?}", m.role.enum_value_or_default()).trim_start_matches("ROLE_").to_lowercase(),
+                        format!("{:?}", m.role.enum_value_or_default())
+                            .trim_start_matches("ROLE_")
+                            .to_lowercase(),
                         phase_name(m.phase.enum_value_or_default()),
                         m.peer_node_address
                     );
@@ -224,7 +243,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if json {
                 print_json(&r)?;
             } else {
-                println!("cancelled: {} (phase {})", r.cancelled, phase_name(r.phase.enum_value_or_default()));
+                println!(
+                    "cancelled: {} (phase {})",
+                    r.cancelled,
+                    phase_name(r.phase.enum_value_or_default())
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -246,11 +269,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     std::future::pending::<()>().await;
                 }
             };
-            let summary = client::drive(&source, &dest, &plan, |side, ev| {
-                if let Err(e) = print_event(json, side, ev) {
-                    tracing::warn!(error = %e, "cannot print event");
-                }
-            }, ctrl_c)
+            let summary = client::drive(
+                &source,
+                &dest,
+                &plan,
+                |side, ev| {
+                    if let Err(e) = print_event(json, side, ev) {
+                        tracing::warn!(error = %e, "cannot print event");
+                    }
+                },
+                ctrl_c,
+            )
             .await?;
             print_summary(json, &summary)?;
             Ok(if summary.cancelled_by_caller {
@@ -307,7 +336,13 @@ fn print_event(json: bool, side: Side, ev: &pb::MigrationEvent) -> anyhow::Resul
     }
     if let Some(s) = ev.storage.as_ref() {
         for d in &s.drives {
-            line += &format!("  {} {}/{} MiB{}", d.drive_id, d.done_bytes >> 20, d.total_bytes >> 20, if d.ready { " ready" } else { "" });
+            line += &format!(
+                "  {} {}/{} MiB{}",
+                d.drive_id,
+                d.done_bytes >> 20,
+                d.total_bytes >> 20,
+                if d.ready { " ready" } else { "" }
+            );
         }
     }
     let mut out = std::io::stdout().lock();

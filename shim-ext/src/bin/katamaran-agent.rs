@@ -80,7 +80,9 @@ fn main() -> ExitCode {
         }
     };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("KATAMARAN_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("KATAMARAN_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -109,7 +111,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let layout = NodeLayout::under(&common.root);
     let mut cfg = NodeConfig::new(layout.clone());
-    if common.node_address.len() > 2 || (common.node_address.len() == 2 && common.node_address[0].is_ipv6() == common.node_address[1].is_ipv6()) {
+    if common.node_address.len() > 2
+        || (common.node_address.len() == 2
+            && common.node_address[0].is_ipv6() == common.node_address[1].is_ipv6())
+    {
         return Err(UsageError("--node-address takes at most one address per family".into()).into());
     }
     cfg.node_addresses = common.node_address;

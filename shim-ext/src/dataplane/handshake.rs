@@ -161,7 +161,13 @@ pub fn parse_server_hello(buf: &[u8; SERVER_HELLO_LEN]) -> Result<[u8; NONCE_LEN
     Ok(nonce)
 }
 
-fn mac(secret: &Secret, label: &[u8], server: &[u8; NONCE_LEN], client: &[u8; NONCE_LEN], key: &StreamKey) -> Hmac<Sha256> {
+fn mac(
+    secret: &Secret,
+    label: &[u8],
+    server: &[u8; NONCE_LEN],
+    client: &[u8; NONCE_LEN],
+    key: &StreamKey,
+) -> Hmac<Sha256> {
     // HMAC accepts keys of any length; `new_from_slice` cannot fail for it.
     let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(secret.expose()).unwrap_or_else(|_| unreachable!());
     m.update(label);
@@ -178,7 +184,12 @@ const CLIENT_LABEL: &[u8] = b"katamaran/data/v1/client";
 const SERVER_LABEL: &[u8] = b"katamaran/data/v1/server";
 
 /// Builds the client hello answering `server_nonce`.
-pub fn client_hello(secret: &Secret, key: &StreamKey, server_nonce: &[u8; NONCE_LEN], client_nonce: &[u8; NONCE_LEN]) -> Vec<u8> {
+pub fn client_hello(
+    secret: &Secret,
+    key: &StreamKey,
+    server_nonce: &[u8; NONCE_LEN],
+    client_nonce: &[u8; NONCE_LEN],
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(MAX_CLIENT_HELLO_LEN);
     out.extend_from_slice(b"KMRC");
     out.push(VERSION);
@@ -187,7 +198,9 @@ pub fn client_hello(secret: &Secret, key: &StreamKey, server_nonce: &[u8; NONCE_
         out.extend_from_slice(part);
     }
     out.extend_from_slice(client_nonce);
-    out.extend_from_slice(&mac(secret, CLIENT_LABEL, server_nonce, client_nonce, key).finalize().into_bytes());
+    out.extend_from_slice(
+        &mac(secret, CLIENT_LABEL, server_nonce, client_nonce, key).finalize().into_bytes(),
+    );
     out
 }
 
@@ -260,7 +273,9 @@ pub fn verify_client(secret: &Secret, server_nonce: &[u8; NONCE_LEN], hello: &Cl
 pub fn server_accept(secret: &Secret, server_nonce: &[u8; NONCE_LEN], hello: &ClientHello) -> Vec<u8> {
     let mut out = b"KMRA".to_vec();
     out.push(status::OK);
-    out.extend_from_slice(&mac(secret, SERVER_LABEL, server_nonce, &hello.client_nonce, &hello.key).finalize().into_bytes());
+    out.extend_from_slice(
+        &mac(secret, SERVER_LABEL, server_nonce, &hello.client_nonce, &hello.key).finalize().into_bytes(),
+    );
     out
 }
 
@@ -270,7 +285,13 @@ pub fn server_reject() -> [u8; 5] {
 }
 
 /// Checks the server's accept (status already read as `OK`) against what the client sent.
-pub fn verify_server(secret: &Secret, server_nonce: &[u8; NONCE_LEN], client_nonce: &[u8; NONCE_LEN], key: &StreamKey, proof: &[u8]) -> bool {
+pub fn verify_server(
+    secret: &Secret,
+    server_nonce: &[u8; NONCE_LEN],
+    client_nonce: &[u8; NONCE_LEN],
+    key: &StreamKey,
+    proof: &[u8],
+) -> bool {
     mac(secret, SERVER_LABEL, server_nonce, client_nonce, key).verify_slice(proof).is_ok()
 }
 

@@ -154,7 +154,9 @@ async fn serve_handshake(mut conn: TcpStream, registry: &Registry) -> Result<Str
     let hello = loop {
         match handshake::parse_client_hello(&buf)? {
             Parsed::Complete(hello, used) if used == buf.len() => break hello,
-            Parsed::Complete(..) => return Err(Error::Protocol("client sent data before being accepted".into())),
+            Parsed::Complete(..) => {
+                return Err(Error::Protocol("client sent data before being accepted".into()))
+            }
             Parsed::Incomplete(need) => {
                 let old = buf.len();
                 buf.resize(need, 0);
@@ -175,7 +177,9 @@ async fn serve_handshake(mut conn: TcpStream, registry: &Registry) -> Result<Str
         let _ = conn.write_all(&handshake::server_reject()).await;
         return Err(Error::Authentication(key.to_string()));
     };
-    conn.write_all(&handshake::server_accept(&secret, &nonce, &hello)).await.map_err(io_err("send accept"))?;
+    conn.write_all(&handshake::server_accept(&secret, &nonce, &hello))
+        .await
+        .map_err(io_err("send accept"))?;
     waiter.send(conn).map_err(|_| Error::Closed(key.to_string()))?;
     Ok(key)
 }
@@ -186,7 +190,12 @@ async fn serve_handshake(mut conn: TcpStream, registry: &Registry) -> Result<Str
 /// [`Error::Io`] when the connection fails, [`Error::Rejected`] when the destination refuses,
 /// [`Error::Authentication`] when the destination cannot prove it holds the secret,
 /// [`Error::Timeout`] after `timeout`.
-pub async fn connect(addr: SocketAddr, secret: &Secret, key: &StreamKey, timeout: Duration) -> Result<TcpStream, Error> {
+pub async fn connect(
+    addr: SocketAddr,
+    secret: &Secret,
+    key: &StreamKey,
+    timeout: Duration,
+) -> Result<TcpStream, Error> {
     let attempt = async {
         let mut conn = TcpStream::connect(addr).await.map_err(io_err(format!("connect to {addr}")))?;
         let mut hello = [0u8; SERVER_HELLO_LEN];
@@ -202,7 +211,10 @@ pub async fn connect(addr: SocketAddr, secret: &Secret, key: &StreamKey, timeout
             return Err(Error::Protocol("destination answered something else than an accept".into()));
         }
         if head[4] != handshake::status::OK {
-            return Err(Error::Rejected { key: key.to_string(), reason: "unknown migration, stream or secret" });
+            return Err(Error::Rejected {
+                key: key.to_string(),
+                reason: "unknown migration, stream or secret",
+            });
         }
         let mut proof = [0u8; 32];
         conn.read_exact(&mut proof).await.map_err(io_err("read the destination's proof"))?;

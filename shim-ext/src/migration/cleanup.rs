@@ -71,7 +71,8 @@ impl Cleanup {
     /// Runs every step, newest first. A failing step is logged and the unwind goes on: a stuck
     /// route must not keep a QEMU alive.
     pub async fn unwind(&self) -> UnwindReport {
-        let steps: Vec<(String, Undo)> = self.steps.lock().map(|mut s| s.drain(..).collect()).unwrap_or_default();
+        let steps: Vec<(String, Undo)> =
+            self.steps.lock().map(|mut s| s.drain(..).collect()).unwrap_or_default();
         let mut report = UnwindReport { steps: Vec::new() };
         for (name, undo) in steps.into_iter().rev() {
             let result = undo().await;

@@ -138,7 +138,12 @@ fn netns_roots(env: &DestEnv) -> NetnsRoots {
 ///
 /// # Errors
 /// The first failure.
-pub async fn prepare(req: &DestRequest, env: &DestEnv, log: &EventLog, cleanup: &Cleanup) -> Result<Incoming, EngineError> {
+pub async fn prepare(
+    req: &DestRequest,
+    env: &DestEnv,
+    log: &EventLog,
+    cleanup: &Cleanup,
+) -> Result<Incoming, EngineError> {
     let started = Instant::now();
     log.push(Event::new(Phase::Preparing, format!("creating incoming sandbox {}", req.sandbox_id)));
     let suffix = network::ifname_suffix(&req.migration_id);
@@ -146,17 +151,24 @@ pub async fn prepare(req: &DestRequest, env: &DestEnv, log: &EventLog, cleanup: 
     // State directory, root-only.
     let state_dir = env.incoming_root.join(&req.sandbox_id);
     if state_dir.exists() {
-        return Err(EngineError::Precondition(format!("sandbox {} already exists on this node ({})", req.sandbox_id, state_dir.display())));
+        return Err(EngineError::Precondition(format!(
+            "sandbox {} already exists on this node ({})",
+            req.sandbox_id,
+            state_dir.display()
+        )));
     }
-    std::fs::create_dir_all(&state_dir).map_err(EngineError::io(format!("create {}", state_dir.display())))?;
-    std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700)).map_err(EngineError::io("chmod state dir"))?;
+    std::fs::create_dir_all(&state_dir)
+        .map_err(EngineError::io(format!("create {}", state_dir.display())))?;
+    std::fs::set_permissions(&state_dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(EngineError::io("chmod state dir"))?;
     {
         let d = state_dir.clone();
         cleanup.push(format!("remove {}", d.display()), move || async move { std::fs::remove_dir_all(&d) });
     }
 
     // Network namespace and plumbing.
-    std::fs::create_dir_all(&env.netns_dir).map_err(EngineError::io(format!("create {}", env.netns_dir.display())))?;
+    std::fs::create_dir_all(&env.netns_dir)
+        .map_err(EngineError::io(format!("create {}", env.netns_dir.display())))?;
     let netns = env.netns_dir.join(format!("kmr-{suffix}"));
     net::create_netns_in(&netns, &netns_roots(env))?;
     {
@@ -164,16 +176,22 @@ pub async fn prepare(req: &DestRequest, env: &DestEnv, log: &EventLog, cleanup: 
         cleanup.push(format!("remove netns {}", p.display()), move || async move { net::remove_netns(&p) });
     }
     let sandbox_ns = Arc::new(NetnsHandle::open_in(&netns, &netns_roots(env))?);
-    let decap = network::resolve_tunnel(env.node.as_ref(), req.options.tunnel_mode, &req.vm_addrs, env.node_address.is_ipv6())
-        .await?
-        .map(|mode| TunnelSpec {
+    let decap = network::resolve_tunnel(
+        env.node.as_ref(),
+        req.options.tunnel_mode,
+        &req.vm_addrs,
+        env.node_address.is_ipv6(),
+    )
+    .await?
+    .map(|mode| TunnelSpec {
         name: format!("kmrd{suffix}"),
         mode,
         local: env.node_address,
         remote: req.source_node,
         ttl: 0,
     });
-    let multi_queue = req.argv.values("netdev").any(|v| v.contains("queues=") || v.contains("fds=") && v.contains(':'));
+    let multi_queue =
+        req.argv.values("netdev").any(|v| v.contains("queues=") || v.contains("fds=") && v.contains(':'));
     let plug_limit = req.options.plug_limit.unwrap_or_else(|| default_plug_limit(&req.options));
     let spec = IncomingSpec {
         sandbox_netns: netns.clone(),
@@ -227,10 +245,13 @@ pub async fn prepare(req: &DestRequest, env: &DestEnv, log: &EventLog, cleanup: 
         for d in &local_disks {
             if d.format != "raw" {
                 return Err(EngineError::Invalid(format!(
-                    "drive {} is {}; local-storage migration supports raw images (use shared storage)", d.drive_id, d.format)));
+                    "drive {} is {}; local-storage migration supports raw images (use shared storage)",
+                    d.drive_id, d.format
+                )));
             }
             let path = dir.join(format!("{}.img", storage::qemu_id("", &d.drive_id)));
-            let f = std::fs::File::create(&path).map_err(EngineError::io(format!("create {}", path.display())))?;
+            let f = std::fs::File::create(&path)
+                .map_err(EngineError::io(format!("create {}", path.display())))?;
             f.set_len(d.size_bytes).map_err(EngineError::io(format!("size {}", path.display())))?;
             disk_paths.insert(d.drive_id.clone(), path.clone());
             if !d.node_name.is_empty() {
@@ -248,7 +269,8 @@ pub async fn prepare(req: &DestRequest, env: &DestEnv, log: &EventLog, cleanup: 
         disk_paths,
     }
     .apply(&req.argv)?;
-    let (qemu_pid, exited) = spawn_qemu(&sandbox_ns, &rewritten.argv, &state_dir.join("qemu.log"), cleanup).await?;
+    let (qemu_pid, exited) =
+        spawn_qemu(&sandbox_ns, &rewritten.argv, &state_dir.join("qemu.log"), cleanup).await?;
     let (qmp, events) = wait_for_qmp(&rewritten.qmp_socket, &exited).await?;
     let bus = EventBus::spawn(events);
     let sub = bus.subscribe();
@@ -261,15 +283,23 @@ pub async fn prepare(req: &DestRequest, env: &DestEnv, log: &EventLog, cleanup: 
     let dest_disks = qemu::list_disks(&qmp).await?;
     let mut nbd = None;
     if !local_disks.is_empty() {
-        let to_export: Vec<qemu::DiskInfo> =
-            dest_disks.iter().filter(|d| local_disks.iter().any(|s| s.drive_id == d.drive_id)).cloned().collect();
+        let to_export: Vec<qemu::DiskInfo> = dest_disks
+            .iter()
+            .filter(|d| local_disks.iter().any(|s| s.drive_id == d.drive_id))
+            .cloned()
+            .collect();
         if to_export.len() != local_disks.len() {
-            return Err(EngineError::Precondition("the destination QEMU does not have every source drive".into()));
+            return Err(EngineError::Precondition(
+                "the destination QEMU does not have every source drive".into(),
+            ));
         }
-        let exports = storage::export_disks(&qmp, &NbdAddress::Unix(state_dir.join("nbd.sock")), &to_export).await?;
+        let exports =
+            storage::export_disks(&qmp, &NbdAddress::Unix(state_dir.join("nbd.sock")), &to_export).await?;
         {
             let (q, b, e) = (qmp.clone(), bus.clone(), exports.clone());
-            cleanup.push("stop NBD exports", move || async move { storage::stop_exports(&q, &b, &e, Duration::from_secs(10)).await });
+            cleanup.push("stop NBD exports", move || async move {
+                storage::stop_exports(&q, &b, &e, Duration::from_secs(10)).await
+            });
         }
         for d in &local_disks {
             streams.push(format!("nbd:{}", d.drive_id));
@@ -281,8 +311,16 @@ pub async fn prepare(req: &DestRequest, env: &DestEnv, log: &EventLog, cleanup: 
     let mut tasks = Vec::new();
     let data_addr = SocketAddr::new(env.node_address, env.listener.local_addr().port());
     tasks.push(
-        tokio::spawn(serve_streams(expected, qmp.clone(), bus.clone(), nbd.clone(), state_dir.clone(), ram.multifd_channels.is_some(), local_disks.iter().map(|d| d.drive_id.clone()).collect()))
-            .abort_handle(),
+        tokio::spawn(serve_streams(
+            expected,
+            qmp.clone(),
+            bus.clone(),
+            nbd.clone(),
+            state_dir.clone(),
+            ram.multifd_channels.is_some(),
+            local_disks.iter().map(|d| d.drive_id.clone()).collect(),
+        ))
+        .abort_handle(),
     );
     let nbd_endpoints = local_disks.iter().map(|d| (d.drive_id.clone(), data_addr)).collect();
     let aborts = tasks.clone();
@@ -321,9 +359,11 @@ async fn spawn_qemu(
     log_path: &Path,
     cleanup: &Cleanup,
 ) -> Result<(u32, watch::Receiver<Option<String>>), EngineError> {
-    let log = std::fs::File::create(log_path).map_err(EngineError::io(format!("create {}", log_path.display())))?;
+    let log =
+        std::fs::File::create(log_path).map_err(EngineError::io(format!("create {}", log_path.display())))?;
     let err = log.try_clone().map_err(EngineError::io("dup log"))?;
-    let (program, args) = argv.split_first().ok_or_else(|| EngineError::Invalid("empty QEMU command line".into()))?;
+    let (program, args) =
+        argv.split_first().ok_or_else(|| EngineError::Invalid("empty QEMU command line".into()))?;
     let (program, args) = (program.clone(), args.to_vec());
     // Spawned from the namespace thread: the child inherits its network namespace.
     let mut child = ns
@@ -423,10 +463,12 @@ async fn serve_streams(
             while let Ok(line) = c.recv().await {
                 if line == ctl::STORAGE_DONE {
                     let reply = match &nbd {
-                        Some(e) => match storage::stop_exports(&qmp, &bus, e, Duration::from_secs(30)).await {
-                            Ok(()) => ctl::OK.to_owned(),
-                            Err(err) => format!("error {err}"),
-                        },
+                        Some(e) => {
+                            match storage::stop_exports(&qmp, &bus, e, Duration::from_secs(30)).await {
+                                Ok(()) => ctl::OK.to_owned(),
+                                Err(err) => format!("error {err}"),
+                            }
+                        }
                         None => ctl::OK.to_owned(),
                     };
                     if c.send(&reply).await.is_err() {
@@ -475,7 +517,12 @@ async fn serve_streams(
 ///
 /// # Errors
 /// QEMU exiting, the migration failing, the deadline, or `cancel` before RESUME.
-pub async fn receive(mut inc: Incoming, log: EventLog, cancel: CancelToken, timeout: Duration) -> Result<(CutoverTimes, u64), EngineError> {
+pub async fn receive(
+    mut inc: Incoming,
+    log: EventLog,
+    cancel: CancelToken,
+    timeout: Duration,
+) -> Result<(CutoverTimes, u64), EngineError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut times = CutoverTimes::default();
     let mut resumed = false;
@@ -512,10 +559,8 @@ pub async fn receive(mut inc: Incoming, log: EventLog, cancel: CancelToken, time
                         Some(MigrationStatus::Failed) => {
                             return Err(EngineError::Precondition("incoming migration failed in QEMU".into()));
                         }
-                        Some(MigrationStatus::Active) => {
-                            if log.phase() < Phase::Ram {
-                                log.push(Event::new(Phase::Ram, "receiving RAM"));
-                            }
+                        Some(MigrationStatus::Active) if log.phase() < Phase::Ram => {
+                            log.push(Event::new(Phase::Ram, "receiving RAM"));
                         }
                         _ => {}
                     },

@@ -234,10 +234,7 @@ impl EventLog {
 
     /// Events after `after` (a sequence number), in order.
     pub fn since(&self, after: u64) -> Vec<Event> {
-        self.inner
-            .lock()
-            .map(|i| i.events.iter().skip(after as usize).cloned().collect())
-            .unwrap_or_default()
+        self.inner.lock().map(|i| i.events.iter().skip(after as usize).cloned().collect()).unwrap_or_default()
     }
 
     /// A watcher that first yields the latest event, then every later one, ending after the

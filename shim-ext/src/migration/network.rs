@@ -13,8 +13,8 @@ use std::time::SystemTime;
 use crate::migration::cleanup::Cleanup;
 use crate::migration::options::TunnelMode;
 use crate::net::{
-    self, Feature, IpPrefix, LinkId, MacAddr, NeighbourSpec, NetOps, PlugAction, QdiscParent,
-    RouteSpec, TapSpec, TunnelSpec, VethSpec,
+    self, Feature, IpPrefix, LinkId, MacAddr, NeighbourSpec, NetOps, PlugAction, QdiscParent, RouteSpec,
+    TapSpec, TunnelSpec, VethSpec,
 };
 
 /// Without sch_plug the destination tap's own queue buffers (DESIGN.md decision 7): a 20 s hold
@@ -96,15 +96,12 @@ pub struct IncomingNet {
 ///
 /// # Errors
 /// The first netlink failure; everything created before it is on `cleanup`.
-pub async fn build_incoming<N: NetOps, S: NetOps + ?Sized>(
+pub async fn build_incoming<N: NetOps + 'static, S: NetOps + ?Sized>(
     node: &Arc<N>,
     sandbox: &S,
     spec: &IncomingSpec,
     cleanup: &Cleanup,
-) -> Result<IncomingNet, net::Error>
-where
-    N: 'static,
-{
+) -> Result<IncomingNet, net::Error> {
     let host_veth = node
         .create_veth(&VethSpec {
             name: spec.host_veth.clone(),
@@ -115,14 +112,19 @@ where
     {
         let node = node.clone();
         let link = host_veth.clone();
-        cleanup.push(format!("delete veth {}", link.name), move || async move { node.delete_link(&link).await });
+        cleanup
+            .push(format!("delete veth {}", link.name), move || async move { node.delete_link(&link).await });
     }
     node.set_mtu(&host_veth, spec.mtu).await?;
     if let Some(mac) = spec.gateway_mac {
         node.set_mac(&host_veth, mac).await?;
     }
     if let Some(gw6) = spec.gateway6 {
-        node.add_address(&host_veth, IpPrefix::new(IpAddr::V6(gw6), 64).unwrap_or(IpPrefix::host(IpAddr::V6(gw6)))).await?;
+        node.add_address(
+            &host_veth,
+            IpPrefix::new(IpAddr::V6(gw6), 64).unwrap_or(IpPrefix::host(IpAddr::V6(gw6))),
+        )
+        .await?;
     }
     node.set_link_up(&host_veth, true).await?;
 
@@ -135,7 +137,11 @@ where
     }
     sandbox.set_mtu(&pod, spec.mtu).await?;
     let tap = sandbox
-        .create_tap(&TapSpec { name: spec.tap_name.clone(), multi_queue: spec.tap_multi_queue, vnet_hdr: true })
+        .create_tap(&TapSpec {
+            name: spec.tap_name.clone(),
+            multi_queue: spec.tap_multi_queue,
+            vnet_hdr: true,
+        })
         .await?;
     sandbox.set_mtu(&tap, spec.mtu).await?;
     sandbox.set_txqueuelen(&tap, FALLBACK_TXQUEUELEN).await?;
@@ -168,14 +174,19 @@ where
         });
         node.replace_neighbour(&NeighbourSpec { dev: host_veth.clone(), ip: *vm, mac: spec.mac }).await?;
         let (node2, dev, ip) = (node.clone(), host_veth.clone(), *vm);
-        cleanup.push(format!("delete neighbour {ip}"), move || async move { node2.delete_neighbour(&dev, ip).await });
+        cleanup.push(format!("delete neighbour {ip}"), move || async move {
+            node2.delete_neighbour(&dev, ip).await
+        });
     }
 
     let decap = match &spec.decap {
         Some(t) => {
             let link = node.create_tunnel(t).await?;
             let (node2, l) = (node.clone(), link.clone());
-            cleanup.push(format!("delete tunnel {}", l.name), move || async move { node2.delete_link(&l).await });
+            cleanup.push(
+                format!("delete tunnel {}", l.name),
+                move || async move { node2.delete_link(&l).await },
+            );
             Some(link)
         }
         None => None,
@@ -187,7 +198,10 @@ where
 ///
 /// # Errors
 /// The netlink failure.
-pub async fn release_plug<S: NetOps + ?Sized>(sandbox: &S, incoming: &IncomingNet) -> Result<SystemTime, net::Error> {
+pub async fn release_plug<S: NetOps + ?Sized>(
+    sandbox: &S,
+    incoming: &IncomingNet,
+) -> Result<SystemTime, net::Error> {
     if incoming.plugged {
         sandbox.plug_action(&incoming.tap, PlugAction::ReleaseIndefinite).await?;
     }
@@ -247,7 +261,10 @@ pub async fn prepare_forward<N: NetOps + 'static>(
         Some(spec) => {
             let link = node.create_tunnel(&spec).await?;
             let (node2, l) = (node.clone(), link.clone());
-            cleanup.push(format!("delete tunnel {}", l.name), move || async move { node2.delete_link(&l).await });
+            cleanup.push(
+                format!("delete tunnel {}", l.name),
+                move || async move { node2.delete_link(&l).await },
+            );
             Some(link)
         }
         None => None,
@@ -258,7 +275,10 @@ pub async fn prepare_forward<N: NetOps + 'static>(
         swap.push(match (&tunnel_link, uplink) {
             (Some(t), _) => RouteSpec::dev(dest, t.clone()),
             (None, Some(up)) => {
-                let gw = dest_nodes.iter().find(|a| a.is_ipv6() == vm.is_ipv6()).ok_or(ForwardError::NoGateway(*vm))?;
+                let gw = dest_nodes
+                    .iter()
+                    .find(|a| a.is_ipv6() == vm.is_ipv6())
+                    .ok_or(ForwardError::NoGateway(*vm))?;
                 RouteSpec::via_onlink(dest, *gw, up.clone())
             }
             (None, None) => return Err(ForwardError::NoUplink),

@@ -38,10 +38,17 @@ async fn incoming_plumbing_plugs_before_routing_and_unwinds_in_reverse() {
     let built = build_incoming(&node, &sandbox, &spec(true), &cleanup).await.expect("build");
     assert!(built.plugged);
     let sb = sandbox.mutations();
-    let plug_at = sb.iter().position(|op| matches!(op, NetOp::InstallPlug { limit_bytes, .. } if *limit_bytes == 1 << 20));
-    let tap_up_at = sb.iter().position(|op| matches!(op, NetOp::SetLinkUp { link, up: true } if link.name == "tap0_kata"));
+    let plug_at = sb
+        .iter()
+        .position(|op| matches!(op, NetOp::InstallPlug { limit_bytes, .. } if *limit_bytes == 1 << 20));
+    let tap_up_at = sb
+        .iter()
+        .position(|op| matches!(op, NetOp::SetLinkUp { link, up: true } if link.name == "tap0_kata"));
     assert!(plug_at.is_some() && plug_at < tap_up_at, "plug before the tap is up: {sb:#?}");
-    assert!(sb.contains(&NetOp::SetMac { link: fake_link(2, "eth0", None).id, mac: spec(true).mac }), "pod MAC = VM MAC");
+    assert!(
+        sb.contains(&NetOp::SetMac { link: fake_link(2, "eth0", None).id, mac: spec(true).mac }),
+        "pod MAC = VM MAC"
+    );
     let redirects = sb.iter().filter(|op| matches!(op, NetOp::AddRedirectFilter { .. })).count();
     assert_eq!(redirects, 2, "Kata's tcfilter: both ways");
 
@@ -55,8 +62,14 @@ async fn incoming_plumbing_plugs_before_routing_and_unwinds_in_reverse() {
     let report = cleanup.unwind().await;
     assert!(report.is_clean(), "{report:?}");
     let undo = node.mutations();
-    assert!(matches!(undo.first(), Some(NetOp::DeleteLink { link }) if link.name == "kmrd12345678"), "{undo:#?}");
-    assert!(matches!(undo.last(), Some(NetOp::DeleteLink { link }) if link.name == "kmr12345678"), "veth last");
+    assert!(
+        matches!(undo.first(), Some(NetOp::DeleteLink { link }) if link.name == "kmrd12345678"),
+        "{undo:#?}"
+    );
+    assert!(
+        matches!(undo.last(), Some(NetOp::DeleteLink { link }) if link.name == "kmr12345678"),
+        "veth last"
+    );
     assert_eq!(undo.len(), 1 + 2 * 2 + 1, "tunnel, 2 × (neighbour + route), veth");
 }
 
@@ -100,9 +113,10 @@ async fn source_forward_swaps_restores_and_removes() {
         remote: "10.201.0.12".parse().expect("ip"),
         ttl: 0,
     };
-    let fwd = prepare_forward(&node, Some(tunnel), &[vm], &["10.201.0.12".parse().expect("ip")], None, &cleanup)
-        .await
-        .expect("prepare");
+    let fwd =
+        prepare_forward(&node, Some(tunnel), &[vm], &["10.201.0.12".parse().expect("ip")], None, &cleanup)
+            .await
+            .expect("prepare");
     assert_eq!(fwd.original[0].dev.index, 7);
     node.take_ops();
     fwd.swap(node.as_ref()).await.expect("swap");
@@ -121,17 +135,19 @@ async fn source_forward_swaps_restores_and_removes() {
 async fn forward_needs_a_vm_route_and_an_uplink_in_route_mode() {
     let vm: IpAddr = "10.244.1.10".parse().expect("ip");
     let node = Arc::new(Recording::new());
-    let err = prepare_forward(&node, None, &[vm], &["10.201.0.12".parse().expect("ip")], None, &Cleanup::default())
-        .await
-        .expect_err("no route");
+    let err =
+        prepare_forward(&node, None, &[vm], &["10.201.0.12".parse().expect("ip")], None, &Cleanup::default())
+            .await
+            .expect_err("no route");
     assert!(err.to_string().contains("10.244.1.10 has no route"), "{err}");
     let node = Arc::new(Recording::new().with_routes(
         IpPrefix::host(vm),
         vec![RouteInfo { dest: IpPrefix::host(vm), gateway: None, oif: Some(7), onlink: false }],
     ));
-    let err = prepare_forward(&node, None, &[vm], &["10.201.0.12".parse().expect("ip")], None, &Cleanup::default())
-        .await
-        .expect_err("no uplink");
+    let err =
+        prepare_forward(&node, None, &[vm], &["10.201.0.12".parse().expect("ip")], None, &Cleanup::default())
+            .await
+            .expect_err("no uplink");
     assert!(matches!(err, ForwardError::NoUplink));
     let up = fake_link(3, "eth0", None).id;
     let v6: IpAddr = "fd00:244::10".parse().expect("ip");
@@ -139,13 +155,27 @@ async fn forward_needs_a_vm_route_and_an_uplink_in_route_mode() {
         IpPrefix::host(v6),
         vec![RouteInfo { dest: IpPrefix::host(v6), gateway: None, oif: Some(7), onlink: false }],
     ));
-    let err = prepare_forward(&node6, None, &[v6], &["10.201.0.12".parse().expect("ip")], Some(&up), &Cleanup::default())
-        .await
-        .expect_err("no IPv6 gateway");
+    let err = prepare_forward(
+        &node6,
+        None,
+        &[v6],
+        &["10.201.0.12".parse().expect("ip")],
+        Some(&up),
+        &Cleanup::default(),
+    )
+    .await
+    .expect_err("no IPv6 gateway");
     assert!(matches!(err, ForwardError::NoGateway(a) if a == v6), "{err}");
-    let fwd = prepare_forward(&node, None, &[vm], &["fd00:201::12".parse().expect("ip"), "10.201.0.12".parse().expect("ip")], Some(&up), &Cleanup::default())
-        .await
-        .expect("route mode");
+    let fwd = prepare_forward(
+        &node,
+        None,
+        &[vm],
+        &["fd00:201::12".parse().expect("ip"), "10.201.0.12".parse().expect("ip")],
+        Some(&up),
+        &Cleanup::default(),
+    )
+    .await
+    .expect("route mode");
     assert_eq!(fwd.swap[0].gateway, Some("10.201.0.12".parse().expect("ip")));
     assert!(fwd.swap[0].onlink && fwd.tunnel.is_none());
 }

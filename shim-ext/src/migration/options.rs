@@ -184,7 +184,11 @@ impl MigrationOptions {
     ///
     /// # Errors
     /// [`OptionsError::Invalid`] naming the option.
-    pub fn validate(&self, vm_addrs: &[IpAddr], node_addrs: Option<(IpAddr, IpAddr)>) -> Result<(), OptionsError> {
+    pub fn validate(
+        &self,
+        vm_addrs: &[IpAddr],
+        node_addrs: Option<(IpAddr, IpAddr)>,
+    ) -> Result<(), OptionsError> {
         if self.downtime_limit < Duration::from_millis(1) || self.downtime_limit > MAX_DOWNTIME_LIMIT {
             return Err(invalid(
                 "downtime",
@@ -193,18 +197,29 @@ impl MigrationOptions {
         }
         if let Some(n) = self.multifd_channels {
             if n == 0 || n > MAX_MULTIFD_CHANNELS {
-                return Err(invalid("multifd-channels", format!("{n} is outside 1..={MAX_MULTIFD_CHANNELS}")));
+                return Err(invalid(
+                    "multifd-channels",
+                    format!("{n} is outside 1..={MAX_MULTIFD_CHANNELS}"),
+                ));
             }
         }
         if self.max_bandwidth == Some(0) {
             return Err(invalid("bandwidth", "0 bytes/s would never finish; omit it for uncapped"));
         }
-        if self.tunnel_idle_timeout < Duration::from_secs(1) || self.tunnel_idle_timeout > Duration::from_secs(24 * 3600) {
-            return Err(invalid("tunnel-idle-timeout", format!("{:?} is outside 1s..=24h", self.tunnel_idle_timeout)));
+        if self.tunnel_idle_timeout < Duration::from_secs(1)
+            || self.tunnel_idle_timeout > Duration::from_secs(24 * 3600)
+        {
+            return Err(invalid(
+                "tunnel-idle-timeout",
+                format!("{:?} is outside 1s..=24h", self.tunnel_idle_timeout),
+            ));
         }
         if let Some(limit) = self.plug_limit {
             if limit < 64 * 1024 {
-                return Err(invalid("plug-limit", format!("{limit} bytes is below 64 KiB and drops under load")));
+                return Err(invalid(
+                    "plug-limit",
+                    format!("{limit} bytes is below 64 KiB and drops under load"),
+                ));
             }
         }
         for (field, t) in [("storage-timeout", self.storage_timeout), ("ram-timeout", self.ram_timeout)] {
@@ -225,14 +240,21 @@ impl MigrationOptions {
                 if src.is_ipv6() != v6 || dst.is_ipv6() != v6 {
                     return Err(invalid(
                         "tunnel-mode",
-                        format!("{} needs IPv{} node addresses, got {src} and {dst}", mode.as_str(), if v6 { 6 } else { 4 }),
+                        format!(
+                            "{} needs IPv{} node addresses, got {src} and {dst}",
+                            mode.as_str(),
+                            if v6 { 6 } else { 4 }
+                        ),
                     ));
                 }
             }
         }
         if let Some((src, dst)) = node_addrs {
             if src == dst {
-                return Err(invalid("destination", format!("source and destination are the same node ({src})")));
+                return Err(invalid(
+                    "destination",
+                    format!("source and destination are the same node ({src})"),
+                ));
             }
         }
         Ok(())
@@ -280,7 +302,8 @@ mod tests {
         assert_eq!(o.downtime_limit, Duration::from_millis(25));
         o.validate(&[ip("10.244.1.10")], Some((ip("10.0.0.1"), ip("10.0.0.2")))).expect("v4");
         o.validate(&[ip("fd00::10")], Some((ip("fd00::1"), ip("fd00::2")))).expect("v6");
-        o.validate(&[ip("10.244.1.10"), ip("fd00::10")], Some((ip("10.0.0.1"), ip("10.0.0.2")))).expect("dual stack over IPv4 nodes");
+        o.validate(&[ip("10.244.1.10"), ip("fd00::10")], Some((ip("10.0.0.1"), ip("10.0.0.2"))))
+            .expect("dual stack over IPv4 nodes");
     }
 
     #[test]
@@ -288,18 +311,74 @@ mod tests {
         let v4 = [ip("10.244.1.10")];
         let v6 = [ip("fd00::10")];
         let nodes4 = Some((ip("10.0.0.1"), ip("10.0.0.2")));
-        let table: Vec<(MigrationOptions, &[IpAddr], Option<(IpAddr, IpAddr)>, &str)> = vec![
-            (MigrationOptions { downtime_limit: Duration::ZERO, ..Default::default() }, &v4, nodes4, "invalid downtime"),
-            (MigrationOptions { downtime_limit: Duration::from_secs(60), ..Default::default() }, &v4, nodes4, "invalid downtime"),
-            (MigrationOptions { multifd_channels: Some(0), ..Default::default() }, &v4, nodes4, "invalid multifd-channels"),
-            (MigrationOptions { multifd_channels: Some(200), ..Default::default() }, &v4, nodes4, "invalid multifd-channels"),
-            (MigrationOptions { max_bandwidth: Some(0), ..Default::default() }, &v4, nodes4, "invalid bandwidth"),
-            (MigrationOptions { plug_limit: Some(32 * 1024), ..Default::default() }, &v4, nodes4, "invalid plug-limit"),
-            (MigrationOptions { tunnel_idle_timeout: Duration::ZERO, ..Default::default() }, &v4, nodes4, "invalid tunnel-idle-timeout"),
-            (MigrationOptions { ram_timeout: Duration::ZERO, ..Default::default() }, &v4, nodes4, "invalid ram-timeout"),
-            (MigrationOptions { tunnel_mode: TunnelMode::Ipip, ..Default::default() }, &v6, None, "ipip cannot carry the VM address fd00::10"),
-            (MigrationOptions { tunnel_mode: TunnelMode::Ip6ip6, ..Default::default() }, &v4, None, "ip6ip6 cannot carry"),
-            (MigrationOptions { tunnel_mode: TunnelMode::Gre, ..Default::default() }, &v4, Some((ip("fd00::1"), ip("fd00::2"))), "gre needs IPv4 node addresses"),
+        type Case<'a> = (MigrationOptions, &'a [IpAddr], Option<(IpAddr, IpAddr)>, &'a str);
+        let table: Vec<Case<'_>> = vec![
+            (
+                MigrationOptions { downtime_limit: Duration::ZERO, ..Default::default() },
+                &v4,
+                nodes4,
+                "invalid downtime",
+            ),
+            (
+                MigrationOptions { downtime_limit: Duration::from_secs(60), ..Default::default() },
+                &v4,
+                nodes4,
+                "invalid downtime",
+            ),
+            (
+                MigrationOptions { multifd_channels: Some(0), ..Default::default() },
+                &v4,
+                nodes4,
+                "invalid multifd-channels",
+            ),
+            (
+                MigrationOptions { multifd_channels: Some(200), ..Default::default() },
+                &v4,
+                nodes4,
+                "invalid multifd-channels",
+            ),
+            (
+                MigrationOptions { max_bandwidth: Some(0), ..Default::default() },
+                &v4,
+                nodes4,
+                "invalid bandwidth",
+            ),
+            (
+                MigrationOptions { plug_limit: Some(32 * 1024), ..Default::default() },
+                &v4,
+                nodes4,
+                "invalid plug-limit",
+            ),
+            (
+                MigrationOptions { tunnel_idle_timeout: Duration::ZERO, ..Default::default() },
+                &v4,
+                nodes4,
+                "invalid tunnel-idle-timeout",
+            ),
+            (
+                MigrationOptions { ram_timeout: Duration::ZERO, ..Default::default() },
+                &v4,
+                nodes4,
+                "invalid ram-timeout",
+            ),
+            (
+                MigrationOptions { tunnel_mode: TunnelMode::Ipip, ..Default::default() },
+                &v6,
+                None,
+                "ipip cannot carry the VM address fd00::10",
+            ),
+            (
+                MigrationOptions { tunnel_mode: TunnelMode::Ip6ip6, ..Default::default() },
+                &v4,
+                None,
+                "ip6ip6 cannot carry",
+            ),
+            (
+                MigrationOptions { tunnel_mode: TunnelMode::Gre, ..Default::default() },
+                &v4,
+                Some((ip("fd00::1"), ip("fd00::2"))),
+                "gre needs IPv4 node addresses",
+            ),
             (MigrationOptions::default(), &v4, Some((ip("10.0.0.1"), ip("10.0.0.1"))), "same node"),
         ];
         for (opts, vms, nodes, want) in table {

@@ -29,7 +29,9 @@ use super::error::EngineError;
 use super::events::{CutoverTimes, Event, EventLog, Phase};
 use super::network::{self, SourceForward};
 use super::options::{downtime_from_rtt, next_downtime_limit, MigrationOptions, StorageMode, TunnelMode};
-use super::qemu::{self, compute, mirror, DiskInfo, EventBus, MirrorJob, NbdAddress, QemuFeatures, RamConfig};
+use super::qemu::{
+    self, compute, mirror, DiskInfo, EventBus, MirrorJob, NbdAddress, QemuFeatures, RamConfig,
+};
 use crate::convert::unix_nanos;
 use crate::dataplane::{self, relay, Secret, StreamKey};
 use crate::net::{NetOps, NetnsHandle, TunnelSpec};
@@ -109,10 +111,15 @@ pub async fn run(
     };
     for d in &mirror_disks {
         if !req.nbd_endpoints.contains_key(&d.drive_id) {
-            return Err(EngineError::Invalid(format!("destination offered no NBD endpoint for drive {}", d.drive_id)));
+            return Err(EngineError::Invalid(format!(
+                "destination offered no NBD endpoint for drive {}",
+                d.drive_id
+            )));
         }
     }
-    let tunnel = network::resolve_tunnel(node.as_ref(), options.tunnel_mode, &req.vm_addrs, req.source_node.is_ipv6()).await?;
+    let tunnel =
+        network::resolve_tunnel(node.as_ref(), options.tunnel_mode, &req.vm_addrs, req.source_node.is_ipv6())
+            .await?;
     if tunnel.is_none() {
         options.tunnel_mode = TunnelMode::Route;
     }
@@ -128,7 +135,15 @@ pub async fn run(
         (None, Some(name)) => Some(node.link(name).await?.id),
         _ => None,
     };
-    let forward = network::prepare_forward(&node, tunnel_spec, &req.vm_addrs, &req.dest_nodes, uplink.as_ref(), &cleanup).await?;
+    let forward = network::prepare_forward(
+        &node,
+        tunnel_spec,
+        &req.vm_addrs,
+        &req.dest_nodes,
+        uplink.as_ref(),
+        &cleanup,
+    )
+    .await?;
     check_cancel(&cancel)?;
 
     // Control stream first: its connect time is the RTT sample for --auto-downtime.
@@ -140,11 +155,15 @@ pub async fn run(
     // STORAGE
     let mut jobs: Vec<MirrorJob> = Vec::new();
     if !mirror_disks.is_empty() {
-        log.push(Event::new(Phase::Storage, format!("mirroring {} disk(s) to {}", mirror_disks.len(), req.dest_node)));
+        log.push(Event::new(
+            Phase::Storage,
+            format!("mirroring {} disk(s) to {}", mirror_disks.len(), req.dest_node),
+        ));
         for disk in &mirror_disks {
             let path = req.state_dir.join(format!("nbd-{}.sock", qemu::storage::qemu_id("", &disk.drive_id)));
             spawn_nbd_relay(&req, &disk.drive_id, &path, &cleanup)?;
-            let job = mirror::start_mirror(&qmp, disk, &NbdAddress::Unix(path.clone()), &disk.drive_id).await?;
+            let job =
+                mirror::start_mirror(&qmp, disk, &NbdAddress::Unix(path.clone()), &disk.drive_id).await?;
             let (q, b, j) = (qmp.clone(), bus.clone(), job.clone());
             cleanup.push(format!("abort mirror {}", job.drive_id), move || async move {
                 mirror::abort(&q, &b, &[j], Duration::from_secs(30)).await
@@ -176,7 +195,14 @@ pub async fn run(
     let mut status_sub = bus.subscribe();
     let times = Arc::new(Mutex::new(CutoverTimes::default()));
     let (stop_handled_tx, mut stop_handled) = tokio::sync::watch::channel(false);
-    let cutover_task = tokio::spawn(cutover(bus.subscribe(), node.clone(), forward.clone(), times.clone(), log.clone(), stop_handled_tx));
+    let cutover_task = tokio::spawn(cutover(
+        bus.subscribe(),
+        node.clone(),
+        forward.clone(),
+        times.clone(),
+        log.clone(),
+        stop_handled_tx,
+    ));
     let abort_cutover = cutover_task.abort_handle();
     cleanup.push("stop the cutover watcher", move || async move {
         abort_cutover.abort();
@@ -188,7 +214,10 @@ pub async fn run(
         cleanup.push("migrate_cancel", move || async move { compute::cancel(&q).await });
     }
     compute::start_outgoing(&qmp, &uri).await?;
-    log.push(Event::new(Phase::Ram, format!("RAM pre-copy to {} (downtime limit {:?})", req.dest_node, ram.downtime_limit)));
+    log.push(Event::new(
+        Phase::Ram,
+        format!("RAM pre-copy to {} (downtime limit {:?})", req.dest_node, ram.downtime_limit),
+    ));
 
     let deadline = tokio::time::Instant::now() + options.ram_timeout;
     let mut ticker = tokio::time::interval(PROGRESS_EVERY);
@@ -260,9 +289,15 @@ pub async fn run(
     cleanup.disarm();
     // The cutover watcher keeps running: it owns nothing more to undo, but a late RESUME must
     // still not happen (QEMU does not resume a completed source).
-    let mut e = Event::new(Phase::Forwarding, format!(
-        "VM runs on {}; forwarding until idle for {:?} (total {:?})",
-        req.dest_node, options.tunnel_idle_timeout, started.elapsed()));
+    let mut e = Event::new(
+        Phase::Forwarding,
+        format!(
+            "VM runs on {}; forwarding until idle for {:?} (total {:?})",
+            req.dest_node,
+            options.tunnel_idle_timeout,
+            started.elapsed()
+        ),
+    );
     e.cutover = Some(cut.clone());
     log.push(e);
 
@@ -294,8 +329,16 @@ async fn connect(req: &SourceRequest, stream: &str) -> Result<tokio::net::TcpStr
 
 /// Each NBD connection QEMU opens on the local socket is carried to the destination's export
 /// over its own authenticated stream.
-fn spawn_nbd_relay(req: &SourceRequest, drive: &str, path: &std::path::Path, cleanup: &Cleanup) -> Result<(), EngineError> {
-    let endpoint = *req.nbd_endpoints.get(drive).ok_or_else(|| EngineError::Invalid(format!("no NBD endpoint for {drive}")))?;
+fn spawn_nbd_relay(
+    req: &SourceRequest,
+    drive: &str,
+    path: &std::path::Path,
+    cleanup: &Cleanup,
+) -> Result<(), EngineError> {
+    let endpoint = *req
+        .nbd_endpoints
+        .get(drive)
+        .ok_or_else(|| EngineError::Invalid(format!("no NBD endpoint for {drive}")))?;
     let key = StreamKey::new(&req.migration_id, &format!("nbd:{drive}"))?;
     let listener = UnixListener::bind(path).map_err(EngineError::io(format!("bind {}", path.display())))?;
     let secret = req.secret.clone();
@@ -317,7 +360,13 @@ fn spawn_nbd_relay(req: &SourceRequest, drive: &str, path: &std::path::Path, cle
     let path = path.to_owned();
     cleanup.push(format!("stop NBD relay {drive}"), move || async move {
         task.abort();
-        std::fs::remove_file(&path).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })
+        std::fs::remove_file(&path).or_else(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })
     });
     Ok(())
 }
@@ -325,7 +374,12 @@ fn spawn_nbd_relay(req: &SourceRequest, drive: &str, path: &std::path::Path, cle
 /// Opens the RAM transport and returns the `migrate` URI. A single stream is handed to QEMU as
 /// an fd (no userspace copy); multifd opens several connections, which QEMU 7.2 cannot take as
 /// fds, so they go through a local unix socket and a relay each.
-async fn start_ram_stream(req: &SourceRequest, qmp: &QmpClient, ram: &RamConfig, cleanup: &Cleanup) -> Result<String, EngineError> {
+async fn start_ram_stream(
+    req: &SourceRequest,
+    qmp: &QmpClient,
+    ram: &RamConfig,
+    cleanup: &Cleanup,
+) -> Result<String, EngineError> {
     if ram.multifd_channels.is_none() {
         let tcp = connect(req, "ram").await?;
         let std = tcp.into_std().map_err(EngineError::io("detach the RAM stream"))?;
@@ -336,7 +390,8 @@ async fn start_ram_stream(req: &SourceRequest, qmp: &QmpClient, ram: &RamConfig,
     }
     let path = req.state_dir.join("ram.sock");
     let listener = UnixListener::bind(&path).map_err(EngineError::io(format!("bind {}", path.display())))?;
-    let (endpoint, secret, key) = (req.ram_endpoint, req.secret.clone(), StreamKey::new(&req.migration_id, "ram")?);
+    let (endpoint, secret, key) =
+        (req.ram_endpoint, req.secret.clone(), StreamKey::new(&req.migration_id, "ram")?);
     let task = tokio::spawn(async move {
         while let Ok((mut unix, _)) = listener.accept().await {
             let (key, secret) = (key.clone(), secret.clone());
@@ -379,15 +434,22 @@ async fn cutover(
                 match result {
                     Ok(acked) => {
                         t.route_swapped_unix_nanos = unix_nanos(acked);
-                        t.stop_to_route_swap_nanos = acked.duration_since(stop_at).map_or(0, |d| d.as_nanos() as u64);
-                        tracing::info!(reaction_us = t.stop_to_route_swap_nanos / 1000, "STOP: VM routes now forward to the destination");
+                        t.stop_to_route_swap_nanos =
+                            acked.duration_since(stop_at).map_or(0, |d| d.as_nanos() as u64);
+                        tracing::info!(
+                            reaction_us = t.stop_to_route_swap_nanos / 1000,
+                            "STOP: VM routes now forward to the destination"
+                        );
                     }
-                    Err(e) => tracing::error!(error = %e, "STOP: route swap failed; packets reach the paused source"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "STOP: route swap failed; packets reach the paused source")
+                    }
                 }
                 if let Ok(mut shared) = times.lock() {
                     *shared = t.clone();
                 }
-                let mut e = Event::new(Phase::Cutover, "source stopped; VM routes forward to the destination");
+                let mut e =
+                    Event::new(Phase::Cutover, "source stopped; VM routes forward to the destination");
                 e.cutover = Some(t);
                 log.push(e);
                 stop_handled.send_replace(true);
@@ -395,8 +457,12 @@ async fn cutover(
             "RESUME" if stopped => {
                 stopped = false;
                 match forward.restore(node.as_ref()).await {
-                    Ok(()) => tracing::warn!("source VM resumed after STOP: VM routes restored to the sandbox"),
-                    Err(e) => tracing::error!(error = %e, "source VM resumed but its routes could not be restored"),
+                    Ok(()) => {
+                        tracing::warn!("source VM resumed after STOP: VM routes restored to the sandbox")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "source VM resumed but its routes could not be restored")
+                    }
                 }
             }
             _ => {}

@@ -506,10 +506,7 @@ impl Error {
     /// qdisc); cleanup treats this as done.
     pub fn is_not_found(&self) -> bool {
         matches!(self, Self::LinkNotFound { .. })
-            || matches!(
-                self.errno(),
-                Some(libc::ENODEV | libc::ENOENT | libc::ESRCH | libc::EADDRNOTAVAIL)
-            )
+            || matches!(self.errno(), Some(libc::ENODEV | libc::ENOENT | libc::ESRCH | libc::EADDRNOTAVAIL))
     }
 
     /// The object already exists (`EEXIST`).
@@ -561,10 +558,7 @@ mod tests {
     use super::*;
 
     fn link() -> LinkId {
-        LinkId {
-            index: 4,
-            name: "tap0_kata".into(),
-        }
+        LinkId { index: 4, name: "tap0_kata".into() }
     }
 
     #[test]
@@ -593,10 +587,7 @@ mod tests {
         };
         assert_eq!(e.errno(), Some(libc::ENOENT));
         assert!(e.is_unsupported());
-        let validation = Error::InvalidIfName {
-            name: "a/b".into(),
-            reason: "contains '/'",
-        };
+        let validation = Error::InvalidIfName { name: "a/b".into(), reason: "contains '/'" };
         assert_eq!(validation.errno(), None);
         assert!(!validation.is_not_found());
     }

@@ -9,8 +9,7 @@ use std::path::Path;
 use futures::TryStreamExt;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage,
-    State,
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo as NlLinkInfo, LinkMessage, State,
 };
 use rtnetlink::packet_core::Nla;
 use rtnetlink::{AddressMessageBuilder, LinkUnspec, LinkVeth};
@@ -40,37 +39,20 @@ const TUN_TYPE_TAP: u8 = 2;
 /// Looks a link up by name.
 pub(crate) async fn get_link(ctx: &Ctx, name: &str) -> Result<LinkInfo> {
     validate_ifname(name)?;
-    let found = ctx
-        .nl
-        .link()
-        .get()
-        .match_name(name)
-        .execute()
-        .try_next()
-        .await
-        .map_err(nl_io);
-    let not_found = |source| Error::LinkNotFound {
-        name: name.to_owned(),
-        source,
-    };
+    let found = ctx.nl.link().get().match_name(name).execute().try_next().await.map_err(nl_io);
+    let not_found = |source| Error::LinkNotFound { name: name.to_owned(), source };
     match found {
         Ok(Some(msg)) => Ok(link_info(&msg)),
         Ok(None) => Err(not_found(io::Error::from_raw_os_error(libc::ENODEV))),
         Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Err(not_found(e)),
-        Err(source) => Err(Error::GetLink {
-            name: name.to_owned(),
-            source,
-        }),
+        Err(source) => Err(Error::GetLink { name: name.to_owned(), source }),
     }
 }
 
 /// Reads what callers need from an `RTM_NEWLINK` reply.
 pub(crate) fn link_info(msg: &LinkMessage) -> LinkInfo {
     let mut info = LinkInfo {
-        id: LinkId {
-            index: msg.header.index,
-            name: String::new(),
-        },
+        id: LinkId { index: msg.header.index, name: String::new() },
         mac: None,
         mtu: 0,
         txqueuelen: 0,
@@ -152,50 +134,29 @@ async fn change(ctx: &Ctx, msg: LinkMessage) -> io::Result<()> {
 pub(crate) async fn set_state(ctx: &Ctx, link: &LinkId, up: bool) -> Result<()> {
     let b = LinkUnspec::new_with_index(link.index);
     let msg = if up { b.up() } else { b.down() }.build();
-    change(ctx, msg).await.map_err(|source| Error::SetLinkState {
-        link: link.clone(),
-        up,
-        source,
-    })
+    change(ctx, msg).await.map_err(|source| Error::SetLinkState { link: link.clone(), up, source })
 }
 
 /// `ip link set DEV mtu N`.
 pub(crate) async fn set_mtu(ctx: &Ctx, link: &LinkId, mtu: u32) -> Result<()> {
     let msg = LinkUnspec::new_with_index(link.index).mtu(mtu).build();
-    change(ctx, msg).await.map_err(|source| Error::SetMtu {
-        link: link.clone(),
-        mtu,
-        source,
-    })
+    change(ctx, msg).await.map_err(|source| Error::SetMtu { link: link.clone(), mtu, source })
 }
 
 /// `ip link set DEV txqueuelen N`.
 pub(crate) async fn set_txqueuelen(ctx: &Ctx, link: &LinkId, len: u32) -> Result<()> {
     let msg = LinkUnspec::new_with_index(link.index).txqueuelen(len).build();
-    change(ctx, msg).await.map_err(|source| Error::SetTxQueueLen {
-        link: link.clone(),
-        len,
-        source,
-    })
+    change(ctx, msg).await.map_err(|source| Error::SetTxQueueLen { link: link.clone(), len, source })
 }
 
 /// `ip link set DEV address MAC`.
 pub(crate) async fn set_mac(ctx: &Ctx, link: &LinkId, mac: MacAddr) -> Result<()> {
-    let msg = LinkUnspec::new_with_index(link.index)
-        .address(mac.octets().to_vec())
-        .build();
-    change(ctx, msg).await.map_err(|source| Error::SetMac {
-        link: link.clone(),
-        mac,
-        source,
-    })
+    let msg = LinkUnspec::new_with_index(link.index).address(mac.octets().to_vec()).build();
+    change(ctx, msg).await.map_err(|source| Error::SetMac { link: link.clone(), mac, source })
 }
 
 fn open_ns(path: &Path) -> Result<File> {
-    File::open(path).map_err(|source| Error::OpenNetns {
-        path: path.to_owned(),
-        source,
-    })
+    File::open(path).map_err(|source| Error::OpenNetns { path: path.to_owned(), source })
 }
 
 /// `ip link add NAME type veth peer name PEER [netns NS]`; returns the local end.
@@ -206,21 +167,14 @@ pub(crate) async fn create_veth(ctx: &Ctx, spec: &VethSpec) -> Result<LinkId> {
     let peer_ns = spec.peer_netns.as_deref().map(open_ns).transpose()?;
     let mut builder = LinkVeth::new(&spec.name, &spec.peer);
     if let Some(ns) = &peer_ns {
-        let peer = LinkUnspec::new_with_name(&spec.peer)
-            .setns_by_fd(ns.as_raw_fd())
-            .build();
+        let peer = LinkUnspec::new_with_name(&spec.peer).setns_by_fd(ns.as_raw_fd()).build();
         builder = builder.set_info_data(InfoData::Veth(InfoVeth::Peer(peer)));
     }
-    ctx.nl
-        .link()
-        .add(builder.build())
-        .execute()
-        .await
-        .map_err(|e| Error::CreateVeth {
-            name: spec.name.clone(),
-            peer: spec.peer.clone(),
-            source: nl_io(e),
-        })?;
+    ctx.nl.link().add(builder.build()).execute().await.map_err(|e| Error::CreateVeth {
+        name: spec.name.clone(),
+        peer: spec.peer.clone(),
+        source: nl_io(e),
+    })?;
     drop(peer_ns);
     Ok(get_link(ctx, &spec.name).await?.id)
 }
@@ -232,25 +186,16 @@ pub(crate) async fn delete_link(ctx: &Ctx, link: &LinkId) -> Result<()> {
         .del(link.index)
         .execute()
         .await
-        .map_err(|e| Error::DeleteLink {
-            link: link.clone(),
-            source: nl_io(e),
-        })
+        .map_err(|e| Error::DeleteLink { link: link.clone(), source: nl_io(e) })
 }
 
 /// `ip link set DEV netns NS`.
 pub(crate) async fn move_link(ctx: &Ctx, link: &LinkId, netns: &Path) -> Result<()> {
     let ns = open_ns(netns)?;
-    let msg = LinkUnspec::new_with_index(link.index)
-        .setns_by_fd(ns.as_raw_fd())
-        .build();
+    let msg = LinkUnspec::new_with_index(link.index).setns_by_fd(ns.as_raw_fd()).build();
     let res = change(ctx, msg).await;
     drop(ns);
-    res.map_err(|source| Error::MoveLink {
-        link: link.clone(),
-        netns: netns.to_owned(),
-        source,
-    })
+    res.map_err(|source| Error::MoveLink { link: link.clone(), netns: netns.to_owned(), source })
 }
 
 /// Creates a persistent tap in this thread's namespace; returns its id.
@@ -267,11 +212,7 @@ pub(crate) async fn add_address(ctx: &Ctx, link: &LinkId, addr: IpPrefix) -> Res
         .add(link.index, addr.addr(), addr.prefix_len())
         .execute()
         .await
-        .map_err(|e| Error::AddAddress {
-            link: link.clone(),
-            addr,
-            source: nl_io(e),
-        })
+        .map_err(|e| Error::AddAddress { link: link.clone(), addr, source: nl_io(e) })
 }
 
 /// `ip addr del ADDR/LEN dev DEV`.
@@ -286,16 +227,11 @@ pub(crate) async fn delete_address(ctx: &Ctx, link: &LinkId, addr: IpPrefix) -> 
             .address(a, addr.prefix_len())
             .build(),
     };
-    ctx.nl
-        .address()
-        .del(msg)
-        .execute()
-        .await
-        .map_err(|e| Error::DeleteAddress {
-            link: link.clone(),
-            addr,
-            source: nl_io(e),
-        })
+    ctx.nl.address().del(msg).execute().await.map_err(|e| Error::DeleteAddress {
+        link: link.clone(),
+        addr,
+        source: nl_io(e),
+    })
 }
 
 /// Addresses on a link (both families).
@@ -308,15 +244,8 @@ pub(crate) async fn addresses(ctx: &Ctx, link: &LinkId) -> Result<Vec<IpPrefix>>
         .execute()
         .try_collect()
         .await
-        .map_err(|e| Error::GetAddresses {
-            link: link.clone(),
-            source: nl_io(e),
-        })?;
-    Ok(msgs
-        .iter()
-        .filter(|m| m.header.index == link.index)
-        .filter_map(address_of)
-        .collect())
+        .map_err(|e| Error::GetAddresses { link: link.clone(), source: nl_io(e) })?;
+    Ok(msgs.iter().filter(|m| m.header.index == link.index).filter_map(address_of).collect())
 }
 
 fn address_of(msg: &AddressMessage) -> Option<IpPrefix> {
@@ -351,13 +280,7 @@ mod tests {
         let d = tun_details(attrs.into_iter());
         assert_eq!(
             d,
-            TunDetails {
-                tap: true,
-                persistent: true,
-                multi_queue: true,
-                vnet_hdr: true,
-                queues: 2,
-            }
+            TunDetails { tap: true, persistent: true, multi_queue: true, vnet_hdr: true, queues: 2 }
         );
         let tun = tun_details(vec![(IFLA_TUN_TYPE, vec![1]), (IFLA_TUN_PERSIST, vec![0])].into_iter());
         assert!(!tun.tap && !tun.persistent);

@@ -48,17 +48,17 @@ pub use error::{Error, Result};
 pub use netns::{create_netns, create_netns_in, remove_netns, NetnsHandle};
 pub use ops::{NetOp, NetOps};
 pub use plug::{
-    plug_limit_bytes, plug_qopt, MAX_PLUG_LIMIT_BYTES, MIN_PLUG_LIMIT_BYTES, TCQ_PLUG_BUFFER,
-    TCQ_PLUG_LIMIT, TCQ_PLUG_RELEASE_INDEFINITE, TCQ_PLUG_RELEASE_ONE,
+    plug_limit_bytes, plug_qopt, MAX_PLUG_LIMIT_BYTES, MIN_PLUG_LIMIT_BYTES, TCQ_PLUG_BUFFER, TCQ_PLUG_LIMIT,
+    TCQ_PLUG_RELEASE_INDEFINITE, TCQ_PLUG_RELEASE_ONE,
 };
 pub use probe::probe;
 pub use recording::{fake_link, Recording};
 pub use types::{
-    Feature, IpPrefix, LinkId, LinkInfo, MacAddr, NeighbourInfo, NeighbourSpec, OperState,
-    ParseMacError, ParsePrefixError, PlugAction, QdiscInfo, QdiscParent, QdiscStats, RouteInfo,
-    RouteSpec, TapSpec, Timing, TunDetails, TunnelDetails, TunnelMode, TunnelSpec, VethSpec,
+    Feature, IpPrefix, LinkId, LinkInfo, MacAddr, NeighbourInfo, NeighbourSpec, OperState, ParseMacError,
+    ParsePrefixError, PlugAction, QdiscInfo, QdiscParent, QdiscStats, RouteInfo, RouteSpec, TapSpec, Timing,
+    TunDetails, TunnelDetails, TunnelMode, TunnelSpec, VethSpec,
 };
 pub use validate::{
-    validate_host_prefix, validate_ifname, validate_netns_path, validate_route, validate_tunnel,
-    NetnsRoots, MAX_IFNAME_LEN,
+    validate_host_prefix, validate_ifname, validate_netns_path, validate_route, validate_tunnel, NetnsRoots,
+    MAX_IFNAME_LEN,
 };

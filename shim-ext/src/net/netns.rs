@@ -115,10 +115,7 @@ impl NetnsHandle {
     }
 
     fn spawn(path: PathBuf) -> Result<Self> {
-        let ns = File::open(&path).map_err(|source| Error::OpenNetns {
-            path: path.clone(),
-            source,
-        })?;
+        let ns = File::open(&path).map_err(|source| Error::OpenNetns { path: path.clone(), source })?;
         let path = Arc::new(path);
         let (jobs_tx, jobs_rx) = mpsc::unbounded_channel::<Job>();
         let (ready_tx, ready_rx) = std_mpsc::sync_channel::<Result<()>>(1);
@@ -126,16 +123,9 @@ impl NetnsHandle {
         let thread = std::thread::Builder::new()
             .name("netns".into())
             .spawn(move || thread_main(ns, thread_path, jobs_rx, ready_tx))
-            .map_err(|source| Error::SpawnThread {
-                path: path.to_path_buf(),
-                source,
-            })?;
+            .map_err(|source| Error::SpawnThread { path: path.to_path_buf(), source })?;
         let thread_id = thread.thread().id();
-        let started = ready_rx.recv().unwrap_or_else(|_| {
-            Err(Error::ThreadGone {
-                path: path.to_path_buf(),
-            })
-        });
+        let started = ready_rx.recv().unwrap_or_else(|_| Err(Error::ThreadGone { path: path.to_path_buf() }));
         if let Err(e) = started {
             // The thread returns right after reporting; reap it.
             let _ = thread.join();
@@ -143,12 +133,7 @@ impl NetnsHandle {
         }
         debug!(netns = %path.display(), "network namespace thread started");
         Ok(Self {
-            inner: Arc::new(Inner {
-                path,
-                jobs: Some(jobs_tx),
-                thread: Mutex::new(Some(thread)),
-                thread_id,
-            }),
+            inner: Arc::new(Inner { path, jobs: Some(jobs_tx), thread: Mutex::new(Some(thread)), thread_id }),
         })
     }
 
@@ -167,15 +152,8 @@ impl NetnsHandle {
                 let _ = tx.send(job(ctx).await);
             })
         });
-        let gone = || Error::ThreadGone {
-            path: self.inner.path.to_path_buf(),
-        };
-        self.inner
-            .jobs
-            .as_ref()
-            .ok_or_else(gone)?
-            .send(boxed)
-            .map_err(|_| gone())?;
+        let gone = || Error::ThreadGone { path: self.inner.path.to_path_buf() };
+        self.inner.jobs.as_ref().ok_or_else(gone)?.send(boxed).map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
     }
 
@@ -204,32 +182,19 @@ fn thread_main(
         let _ = ready.send(Err(e));
     };
     if let Err(e) = setns(ns.as_fd(), CloneFlags::CLONE_NEWNET) {
-        return fail(Error::EnterNetns {
-            path: path.to_path_buf(),
-            source: errno_io(e),
-        });
+        return fail(Error::EnterNetns { path: path.to_path_buf(), source: errno_io(e) });
     }
     drop(ns);
     let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
-        Err(source) => {
-            return fail(Error::StartRuntime {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
+        Err(source) => return fail(Error::StartRuntime { path: path.to_path_buf(), source }),
     };
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async {
         // The socket takes the namespace of the thread that creates it: this one.
         let (conn, nl, _) = match rtnetlink::new_connection() {
             Ok(c) => c,
-            Err(source) => {
-                return fail(Error::NetlinkSocket {
-                    path: path.to_path_buf(),
-                    source,
-                })
-            }
+            Err(source) => return fail(Error::NetlinkSocket { path: path.to_path_buf(), source }),
         };
         tokio::task::spawn_local(conn);
         if ready.send(Ok(())).is_err() {
@@ -273,11 +238,7 @@ pub fn create_netns_in(path: &Path, roots: &NetnsRoots) -> Result<()> {
             reason: "a process's namespace cannot be created",
         });
     }
-    let err = |step, source| Error::CreateNetns {
-        path: path.to_owned(),
-        step,
-        source,
-    };
+    let err = |step, source| Error::CreateNetns { path: path.to_owned(), step, source };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| err("create the directory", e))?;
     }
@@ -325,23 +286,13 @@ pub fn remove_netns(path: &Path) -> Result<()> {
         // EINVAL: not a mount point (half-created); ENOENT: already gone.
         Ok(()) | Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => {}
         Err(e) => {
-            return Err(Error::RemoveNetns {
-                path: path.to_owned(),
-                step: "unmount",
-                source: errno_io(e),
-            })
+            return Err(Error::RemoveNetns { path: path.to_owned(), step: "unmount", source: errno_io(e) })
         }
     }
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(Error::RemoveNetns {
-                path: path.to_owned(),
-                step: "unlink",
-                source,
-            })
-        }
+        Err(source) => return Err(Error::RemoveNetns { path: path.to_owned(), step: "unlink", source }),
     }
     debug!(netns = %path.display(), "network namespace removed");
     Ok(())

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use super::error::Result;
 use super::netns::NetnsHandle;
 use super::types::{
-    Feature, IpPrefix, LinkId, LinkInfo, MacAddr, NeighbourInfo, NeighbourSpec, PlugAction,
-    QdiscInfo, QdiscParent, RouteInfo, RouteSpec, TapSpec, Timing, TunnelSpec, VethSpec,
+    Feature, IpPrefix, LinkId, LinkInfo, MacAddr, NeighbourInfo, NeighbourSpec, PlugAction, QdiscInfo,
+    QdiscParent, RouteInfo, RouteSpec, TapSpec, Timing, TunnelSpec, VethSpec,
 };
 use super::{links, probe, routes, tc, tunnel};
 
@@ -173,7 +173,11 @@ pub trait NetOps: Send + Sync {
     ///
     /// # Errors
     /// [`Error::GetQdisc`](super::Error::GetQdisc).
-    fn qdisc(&self, link: &LinkId, parent: QdiscParent) -> impl Future<Output = Result<Option<QdiscInfo>>> + Send;
+    fn qdisc(
+        &self,
+        link: &LinkId,
+        parent: QdiscParent,
+    ) -> impl Future<Output = Result<Option<QdiscInfo>>> + Send;
 
     /// Installs a root plug that buffers at once, holding up to `limit_bytes`
     /// (size it with [`plug_limit_bytes`](super::plug_limit_bytes)).
@@ -272,8 +276,7 @@ impl NetOps for NetnsHandle {
 
     async fn set_txqueuelen(&self, link: &LinkId, len: u32) -> Result<()> {
         let link = link.clone();
-        self.call(move |ctx| async move { links::set_txqueuelen(&ctx, &link, len).await })
-            .await
+        self.call(move |ctx| async move { links::set_txqueuelen(&ctx, &link, len).await }).await
     }
 
     async fn set_mac(&self, link: &LinkId, mac: MacAddr) -> Result<()> {
@@ -294,8 +297,7 @@ impl NetOps for NetnsHandle {
     async fn move_link(&self, link: &LinkId, netns: &Path) -> Result<()> {
         let link = link.clone();
         let netns = netns.to_owned();
-        self.call(move |ctx| async move { links::move_link(&ctx, &link, &netns).await })
-            .await
+        self.call(move |ctx| async move { links::move_link(&ctx, &link, &netns).await }).await
     }
 
     async fn create_tap(&self, spec: &TapSpec) -> Result<LinkId> {
@@ -305,14 +307,12 @@ impl NetOps for NetnsHandle {
 
     async fn add_address(&self, link: &LinkId, addr: IpPrefix) -> Result<()> {
         let link = link.clone();
-        self.call(move |ctx| async move { links::add_address(&ctx, &link, addr).await })
-            .await
+        self.call(move |ctx| async move { links::add_address(&ctx, &link, addr).await }).await
     }
 
     async fn delete_address(&self, link: &LinkId, addr: IpPrefix) -> Result<()> {
         let link = link.clone();
-        self.call(move |ctx| async move { links::delete_address(&ctx, &link, addr).await })
-            .await
+        self.call(move |ctx| async move { links::delete_address(&ctx, &link, addr).await }).await
     }
 
     async fn addresses(&self, link: &LinkId) -> Result<Vec<IpPrefix>> {
@@ -327,8 +327,7 @@ impl NetOps for NetnsHandle {
 
     async fn replace_route(&self, route: &RouteSpec) -> Result<Timing> {
         let route = route.clone();
-        self.call(move |ctx| async move { routes::replace_route(&ctx, &route).await })
-            .await
+        self.call(move |ctx| async move { routes::replace_route(&ctx, &route).await }).await
     }
 
     async fn delete_route(&self, route: &RouteSpec) -> Result<()> {
@@ -342,14 +341,12 @@ impl NetOps for NetnsHandle {
 
     async fn replace_neighbour(&self, neigh: &NeighbourSpec) -> Result<()> {
         let neigh = neigh.clone();
-        self.call(move |ctx| async move { routes::replace_neighbour(&ctx, &neigh).await })
-            .await
+        self.call(move |ctx| async move { routes::replace_neighbour(&ctx, &neigh).await }).await
     }
 
     async fn delete_neighbour(&self, dev: &LinkId, ip: IpAddr) -> Result<()> {
         let dev = dev.clone();
-        self.call(move |ctx| async move { routes::delete_neighbour(&ctx, &dev, ip).await })
-            .await
+        self.call(move |ctx| async move { routes::delete_neighbour(&ctx, &dev, ip).await }).await
     }
 
     async fn neighbours(&self, dev: &LinkId) -> Result<Vec<NeighbourInfo>> {
@@ -378,8 +375,7 @@ impl NetOps for NetnsHandle {
 
     async fn delete_qdisc(&self, link: &LinkId, parent: QdiscParent) -> Result<()> {
         let link = link.clone();
-        self.call(move |ctx| async move { tc::delete_qdisc(&ctx, &link, parent).await })
-            .await
+        self.call(move |ctx| async move { tc::delete_qdisc(&ctx, &link, parent).await }).await
     }
 
     async fn qdisc(&self, link: &LinkId, parent: QdiscParent) -> Result<Option<QdiscInfo>> {
@@ -389,20 +385,17 @@ impl NetOps for NetnsHandle {
 
     async fn install_plug(&self, link: &LinkId, limit_bytes: u32) -> Result<()> {
         let link = link.clone();
-        self.call(move |ctx| async move { tc::install_plug(&ctx, &link, limit_bytes).await })
-            .await
+        self.call(move |ctx| async move { tc::install_plug(&ctx, &link, limit_bytes).await }).await
     }
 
     async fn plug_action(&self, link: &LinkId, action: PlugAction) -> Result<()> {
         let link = link.clone();
-        self.call(move |ctx| async move { tc::plug_action(&ctx, &link, action).await })
-            .await
+        self.call(move |ctx| async move { tc::plug_action(&ctx, &link, action).await }).await
     }
 
     async fn set_plug_limit(&self, link: &LinkId, limit_bytes: u32) -> Result<()> {
         let link = link.clone();
-        self.call(move |ctx| async move { tc::set_plug_limit(&ctx, &link, limit_bytes).await })
-            .await
+        self.call(move |ctx| async move { tc::set_plug_limit(&ctx, &link, limit_bytes).await }).await
     }
 
     async fn probe(&self, what: Feature) -> Result<()> {

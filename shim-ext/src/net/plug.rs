@@ -78,17 +78,11 @@ pub fn plug_limit_bytes(
     worst_blackout: Duration,
     headroom: f64,
 ) -> u32 {
-    let headroom = if headroom.is_nan() || headroom < 1.0 {
-        1.0
-    } else {
-        headroom
-    };
+    let headroom = if headroom.is_nan() || headroom < 1.0 { 1.0 } else { headroom };
     // f64 keeps the product exact far beyond any real rate and saturates
     // instead of overflowing.
-    let bytes = packet_rate_pps as f64
-        * f64::from(avg_packet_bytes)
-        * worst_blackout.as_secs_f64()
-        * headroom;
+    let bytes =
+        packet_rate_pps as f64 * f64::from(avg_packet_bytes) * worst_blackout.as_secs_f64() * headroom;
     if bytes >= f64::from(MAX_PLUG_LIMIT_BYTES) {
         return MAX_PLUG_LIMIT_BYTES;
     }
@@ -105,10 +99,7 @@ pub(crate) fn plug_message(ifindex: i32, action: i32, limit: u32) -> TcMessage {
     msg.attributes.push(TcAttribute::Kind(PLUG_KIND.to_owned()));
     // Not `TcAttribute::Options`: that nests attributes, while sch_plug reads
     // the bare struct as the attribute's payload.
-    msg.attributes.push(TcAttribute::Other(DefaultNla::new(
-        TCA_OPTIONS,
-        plug_qopt(action, limit).to_vec(),
-    )));
+    msg.attributes.push(TcAttribute::Other(DefaultNla::new(TCA_OPTIONS, plug_qopt(action, limit).to_vec())));
     msg
 }
 

@@ -18,10 +18,8 @@ use super::types::{Feature, TunnelMode, TunnelSpec, VethSpec};
 
 /// Endpoints from the documentation ranges (RFC 5737, RFC 3849).
 const PROBE_V4: (Ipv4Addr, Ipv4Addr) = (Ipv4Addr::new(192, 0, 2, 1), Ipv4Addr::new(192, 0, 2, 2));
-const PROBE_V6: (Ipv6Addr, Ipv6Addr) = (
-    Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1),
-    Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2),
-);
+const PROBE_V6: (Ipv6Addr, Ipv6Addr) =
+    (Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1), Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2));
 
 /// Tries to create `what` in a scratch namespace.
 ///
@@ -38,17 +36,12 @@ pub async fn probe(what: Feature) -> Result<()> {
         })
         .map_err(|e| Error::ProbeSetup {
             what,
-            source: Box::new(Error::SpawnThread {
-                path: "(scratch namespace)".into(),
-                source: e,
-            }),
+            source: Box::new(Error::SpawnThread { path: "(scratch namespace)".into(), source: e }),
         })?;
     let res = rx.await.unwrap_or_else(|_| {
         Err(Error::ProbeSetup {
             what,
-            source: Box::new(Error::ThreadGone {
-                path: "(scratch namespace)".into(),
-            }),
+            source: Box::new(Error::ThreadGone { path: "(scratch namespace)".into() }),
         })
     });
     match &res {
@@ -60,50 +53,22 @@ pub async fn probe(what: Feature) -> Result<()> {
 }
 
 fn setup_err(what: Feature, e: Error) -> Error {
-    Error::ProbeSetup {
-        what,
-        source: Box::new(e),
-    }
+    Error::ProbeSetup { what, source: Box::new(e) }
 }
 
 fn probe_blocking(what: Feature) -> Result<()> {
     let scratch = || std::path::PathBuf::from("(scratch namespace)");
-    unshare(CloneFlags::CLONE_NEWNET).map_err(|e| {
-        setup_err(
-            what,
-            Error::EnterNetns {
-                path: scratch(),
-                source: errno_io(e),
-            },
-        )
-    })?;
+    unshare(CloneFlags::CLONE_NEWNET)
+        .map_err(|e| setup_err(what, Error::EnterNetns { path: scratch(), source: errno_io(e) }))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|source| {
-            setup_err(
-                what,
-                Error::StartRuntime {
-                    path: scratch(),
-                    source,
-                },
-            )
-        })?;
+        .map_err(|source| setup_err(what, Error::StartRuntime { path: scratch(), source }))?;
     rt.block_on(async {
-        let (conn, nl, _) = rtnetlink::new_connection().map_err(|source| {
-            setup_err(
-                what,
-                Error::NetlinkSocket {
-                    path: scratch(),
-                    source,
-                },
-            )
-        })?;
+        let (conn, nl, _) = rtnetlink::new_connection()
+            .map_err(|source| setup_err(what, Error::NetlinkSocket { path: scratch(), source }))?;
         tokio::spawn(conn);
-        let ctx = Ctx {
-            nl,
-            path: std::sync::Arc::new(scratch()),
-        };
+        let ctx = Ctx { nl, path: std::sync::Arc::new(scratch()) };
         match what {
             Feature::Plug => probe_plug(&ctx).await,
             Feature::Ipip => probe_tunnel(&ctx, TunnelMode::Ipip).await,
@@ -117,17 +82,9 @@ fn probe_blocking(what: Feature) -> Result<()> {
 async fn probe_plug(ctx: &Ctx) -> Result<()> {
     // veth is the device Kata's netns already relies on; the plug needs a
     // device with a real (non-noqueue-only) transmit path.
-    let spec = VethSpec {
-        name: "kprobe0".into(),
-        peer: "kprobe1".into(),
-        peer_netns: None,
-    };
-    let link = super::links::create_veth(ctx, &spec)
-        .await
-        .map_err(|e| setup_err(Feature::Plug, e))?;
-    set_state(ctx, &link, true)
-        .await
-        .map_err(|e| setup_err(Feature::Plug, e))?;
+    let spec = VethSpec { name: "kprobe0".into(), peer: "kprobe1".into(), peer_netns: None };
+    let link = super::links::create_veth(ctx, &spec).await.map_err(|e| setup_err(Feature::Plug, e))?;
+    set_state(ctx, &link, true).await.map_err(|e| setup_err(Feature::Plug, e))?;
     install_plug(ctx, &link, super::plug::MIN_PLUG_LIMIT_BYTES).await
 }
 
@@ -137,13 +94,7 @@ async fn probe_tunnel(ctx: &Ctx, mode: TunnelMode) -> Result<()> {
     } else {
         (IpAddr::V4(PROBE_V4.0), IpAddr::V4(PROBE_V4.1))
     };
-    let spec = TunnelSpec {
-        name: "kprobe-tnl".into(),
-        mode,
-        local,
-        remote,
-        ttl: 64,
-    };
+    let spec = TunnelSpec { name: "kprobe-tnl".into(), mode, local, remote, ttl: 64 };
     create_tunnel(ctx, &spec).await?;
     // Read back so a kernel that silently ignored the kind is not "present".
     get_link(ctx, &spec.name).await.map(|_| ())

@@ -18,9 +18,8 @@ use std::time::{Duration, SystemTime};
 use super::error::{Error, Result};
 use super::ops::{NetOp, NetOps};
 use super::types::{
-    Feature, IpPrefix, LinkId, LinkInfo, MacAddr, NeighbourInfo, NeighbourSpec, OperState,
-    PlugAction, QdiscInfo, QdiscParent, RouteInfo, RouteSpec, TapSpec, Timing, TunnelSpec,
-    VethSpec,
+    Feature, IpPrefix, LinkId, LinkInfo, MacAddr, NeighbourInfo, NeighbourSpec, OperState, PlugAction,
+    QdiscInfo, QdiscParent, RouteInfo, RouteSpec, TapSpec, Timing, TunnelSpec, VethSpec,
 };
 use super::validate::{validate_ifname, validate_route, validate_tunnel};
 
@@ -60,10 +59,7 @@ impl fmt::Debug for Recording {
 /// A plausible link for the fake's table.
 pub fn fake_link(index: u32, name: &str, kind: Option<&str>) -> LinkInfo {
     LinkInfo {
-        id: LinkId {
-            index,
-            name: name.to_owned(),
-        },
+        id: LinkId { index, name: name.to_owned() },
         mac: Some(MacAddr([0x02, 0, 0, 0, (index >> 8) as u8, index as u8])),
         mtu: 1500,
         txqueuelen: 1000,
@@ -140,12 +136,7 @@ impl Recording {
 
     /// The recorded operations that change state (see [`NetOp::is_read_only`]).
     pub fn mutations(&self) -> Vec<NetOp> {
-        self.lock()
-            .ops
-            .iter()
-            .filter(|op| !op.is_read_only())
-            .cloned()
-            .collect()
+        self.lock().ops.iter().filter(|op| !op.is_read_only()).cloned().collect()
     }
 
     /// Returns and forgets the record.
@@ -248,10 +239,7 @@ impl NetOps for Recording {
     }
 
     async fn move_link(&self, link: &LinkId, netns: &Path) -> Result<()> {
-        let mut st = self.record(NetOp::MoveLink {
-            link: link.clone(),
-            netns: netns.to_owned(),
-        })?;
+        let mut st = self.record(NetOp::MoveLink { link: link.clone(), netns: netns.to_owned() })?;
         st.links.remove(&link.name);
         Ok(())
     }
@@ -283,10 +271,7 @@ impl NetOps for Recording {
     async fn replace_route(&self, route: &RouteSpec) -> Result<Timing> {
         drop(self.record(NetOp::ReplaceRoute(route.clone()))?);
         validate_route(route)?;
-        Ok(Timing {
-            sent: SystemTime::now(),
-            elapsed: Duration::ZERO,
-        })
+        Ok(Timing { sent: SystemTime::now(), elapsed: Duration::ZERO })
     }
 
     async fn delete_route(&self, route: &RouteSpec) -> Result<()> {
@@ -333,11 +318,7 @@ impl NetOps for Recording {
     }
 
     async fn add_redirect_filter(&self, from: &LinkId, to: &LinkId) -> Result<()> {
-        self.record(NetOp::AddRedirectFilter {
-            from: from.clone(),
-            to: to.clone(),
-        })
-        .map(drop)
+        self.record(NetOp::AddRedirectFilter { from: from.clone(), to: to.clone() }).map(drop)
     }
 
     async fn delete_qdisc(&self, link: &LinkId, parent: QdiscParent) -> Result<()> {
@@ -350,10 +331,7 @@ impl NetOps for Recording {
     }
 
     async fn install_plug(&self, link: &LinkId, limit_bytes: u32) -> Result<()> {
-        let st = self.record(NetOp::InstallPlug {
-            link: link.clone(),
-            limit_bytes,
-        })?;
+        let st = self.record(NetOp::InstallPlug { link: link.clone(), limit_bytes })?;
         Self::require(&st, Feature::Plug)
     }
 
@@ -362,11 +340,7 @@ impl NetOps for Recording {
     }
 
     async fn set_plug_limit(&self, link: &LinkId, limit_bytes: u32) -> Result<()> {
-        self.record(NetOp::SetPlugLimit {
-            link: link.clone(),
-            limit_bytes,
-        })
-        .map(drop)
+        self.record(NetOp::SetPlugLimit { link: link.clone(), limit_bytes }).map(drop)
     }
 
     async fn probe(&self, what: Feature) -> Result<()> {
@@ -381,10 +355,7 @@ mod tests {
     use super::*;
 
     fn block_on<F: std::future::Future>(f: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap()
-            .block_on(f)
+        tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
     }
 
     /// A cutover-shaped sequence, to show what engine tests can assert.
@@ -399,8 +370,7 @@ mod tests {
                 ttl: 64,
             })
             .await?;
-        net.replace_route(&RouteSpec::via_onlink(IpPrefix::host(vm), peer, tnl.clone()))
-            .await?;
+        net.replace_route(&RouteSpec::via_onlink(IpPrefix::host(vm), peer, tnl.clone())).await?;
         net.replace_route(&RouteSpec::dev(IpPrefix::host(vm), tap)).await?;
         net.delete_link(&tnl).await
     }
@@ -411,14 +381,8 @@ mod tests {
         let vm: IpAddr = "10.0.0.5".parse().unwrap();
         let peer: IpAddr = "192.0.2.2".parse().unwrap();
         block_on(cutover(&rec, vm, peer)).unwrap();
-        let tap = LinkId {
-            index: 4,
-            name: "tap0_kata".into(),
-        };
-        let tnl = LinkId {
-            index: 100,
-            name: "kt-tnl0".into(),
-        };
+        let tap = LinkId { index: 4, name: "tap0_kata".into() };
+        let tnl = LinkId { index: 100, name: "kt-tnl0".into() };
         let ops = rec.mutations();
         assert_eq!(ops.len(), 4, "{ops:#?}");
         assert!(matches!(&ops[0], NetOp::CreateTunnel(s) if s.name == "kt-tnl0"));
@@ -435,7 +399,8 @@ mod tests {
         let rec = Recording::new()
             .with_link(fake_link(4, "tap0_kata", Some("tun")))
             .fail_when(|op| matches!(op, NetOp::ReplaceRoute(r) if r.gateway.is_some()));
-        let err = block_on(cutover(&rec, "10.0.0.5".parse().unwrap(), "192.0.2.2".parse().unwrap())).unwrap_err();
+        let err =
+            block_on(cutover(&rec, "10.0.0.5".parse().unwrap(), "192.0.2.2".parse().unwrap())).unwrap_err();
         assert!(matches!(err, Error::Injected { .. }), "{err}");
         assert!(err.to_string().contains("ReplaceRoute"), "{err}");
         let ops = rec.mutations();
@@ -446,10 +411,7 @@ mod tests {
     #[test]
     fn missing_features_are_unsupported() {
         let rec = Recording::new().without(Feature::Plug).without(Feature::Ipip);
-        let tap = LinkId {
-            index: 4,
-            name: "tap0_kata".into(),
-        };
+        let tap = LinkId { index: 4, name: "tap0_kata".into() };
         let e = block_on(rec.install_plug(&tap, 1 << 20)).unwrap_err();
         assert!(e.is_unsupported() && e.errno() == Some(libc::ENOENT), "{e}");
         assert!(block_on(rec.probe(Feature::Ipip)).unwrap_err().is_unsupported());
@@ -459,10 +421,7 @@ mod tests {
         assert_eq!(
             rec.mutations(),
             vec![
-                NetOp::InstallPlug {
-                    link: tap.clone(),
-                    limit_bytes: 1 << 20
-                },
+                NetOp::InstallPlug { link: tap.clone(), limit_bytes: 1 << 20 },
                 NetOp::SetTxQueueLen { link: tap, len: 10_000 },
             ]
         );
@@ -471,12 +430,9 @@ mod tests {
     #[test]
     fn link_table_follows_create_update_delete() {
         let rec = Recording::new();
-        let v = block_on(rec.create_veth(&VethSpec {
-            name: "v0".into(),
-            peer: "v1".into(),
-            peer_netns: None,
-        }))
-        .unwrap();
+        let v =
+            block_on(rec.create_veth(&VethSpec { name: "v0".into(), peer: "v1".into(), peer_netns: None }))
+                .unwrap();
         block_on(rec.set_mtu(&v, 1450)).unwrap();
         block_on(rec.set_link_up(&v, true)).unwrap();
         let info = block_on(rec.link("v0")).unwrap();

@@ -8,8 +8,7 @@ use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
 };
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol,
-    RouteScope, RouteType,
+    RouteAddress, RouteAttribute, RouteFlags, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
@@ -17,9 +16,7 @@ use rtnetlink::packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
 use super::error::{nl_io, Error, Result};
 use super::netns::Ctx;
 use super::nl;
-use super::types::{
-    IpPrefix, LinkId, MacAddr, NeighbourInfo, NeighbourSpec, RouteInfo, RouteSpec, Timing,
-};
+use super::types::{IpPrefix, LinkId, MacAddr, NeighbourInfo, NeighbourSpec, RouteInfo, RouteSpec, Timing};
 use super::validate::validate_route;
 
 fn family(ip: IpAddr) -> AddressFamily {
@@ -88,11 +85,7 @@ pub(crate) async fn add_route(ctx: &Ctx, route: &RouteSpec) -> Result<()> {
     let msg = route_message(route, RouteVerb::Set);
     nl::ack(&ctx.nl, RouteNetlinkMessage::NewRoute(msg), NLM_F_CREATE | NLM_F_EXCL)
         .await
-        .map_err(|source| Error::AddRoute {
-            dest: route.dest,
-            dev: route.dev.clone(),
-            source,
-        })
+        .map_err(|source| Error::AddRoute { dest: route.dest, dev: route.dev.clone(), source })
 }
 
 /// `ip route replace`: one `RTM_NEWROUTE` with `NLM_F_CREATE|NLM_F_REPLACE`,
@@ -104,11 +97,7 @@ pub(crate) async fn replace_route(ctx: &Ctx, route: &RouteSpec) -> Result<Timing
     let start = Instant::now();
     let res = nl::ack(&ctx.nl, msg, NLM_F_CREATE | NLM_F_REPLACE).await;
     let elapsed = start.elapsed();
-    res.map_err(|source| Error::ReplaceRoute {
-        dest: route.dest,
-        dev: route.dev.clone(),
-        source,
-    })?;
+    res.map_err(|source| Error::ReplaceRoute { dest: route.dest, dev: route.dev.clone(), source })?;
     Ok(Timing { sent, elapsed })
 }
 
@@ -116,13 +105,11 @@ pub(crate) async fn replace_route(ctx: &Ctx, route: &RouteSpec) -> Result<Timing
 pub(crate) async fn delete_route(ctx: &Ctx, route: &RouteSpec) -> Result<()> {
     validate_route(route)?;
     let msg = route_message(route, RouteVerb::Delete);
-    nl::ack(&ctx.nl, RouteNetlinkMessage::DelRoute(msg), 0)
-        .await
-        .map_err(|source| Error::DeleteRoute {
-            dest: route.dest,
-            dev: route.dev.clone(),
-            source,
-        })
+    nl::ack(&ctx.nl, RouteNetlinkMessage::DelRoute(msg), 0).await.map_err(|source| Error::DeleteRoute {
+        dest: route.dest,
+        dev: route.dev.clone(),
+        source,
+    })
 }
 
 /// Routes in the main table whose destination is exactly `dest`.
@@ -198,12 +185,7 @@ pub(crate) async fn replace_neighbour(ctx: &Ctx, n: &NeighbourSpec) -> Result<()
         .replace()
         .execute()
         .await
-        .map_err(|e| Error::ReplaceNeighbour {
-            dev: n.dev.clone(),
-            ip: n.ip,
-            mac: n.mac,
-            source: nl_io(e),
-        })
+        .map_err(|e| Error::ReplaceNeighbour { dev: n.dev.clone(), ip: n.ip, mac: n.mac, source: nl_io(e) })
 }
 
 /// `ip neigh del IP dev DEV`.
@@ -215,16 +197,11 @@ pub(crate) async fn delete_neighbour(ctx: &Ctx, dev: &LinkId, ip: IpAddr) -> Res
         IpAddr::V4(a) => NeighbourAddress::Inet(a),
         IpAddr::V6(a) => NeighbourAddress::Inet6(a),
     }));
-    ctx.nl
-        .neighbours()
-        .del(msg)
-        .execute()
-        .await
-        .map_err(|e| Error::DeleteNeighbour {
-            dev: dev.clone(),
-            ip,
-            source: nl_io(e),
-        })
+    ctx.nl.neighbours().del(msg).execute().await.map_err(|e| Error::DeleteNeighbour {
+        dev: dev.clone(),
+        ip,
+        source: nl_io(e),
+    })
 }
 
 /// Neighbour entries on `dev` (both families).
@@ -236,10 +213,7 @@ pub(crate) async fn neighbours(ctx: &Ctx, dev: &LinkId) -> Result<Vec<NeighbourI
         .execute()
         .try_collect()
         .await
-        .map_err(|e| Error::GetNeighbours {
-            dev: dev.clone(),
-            source: nl_io(e),
-        })?;
+        .map_err(|e| Error::GetNeighbours { dev: dev.clone(), source: nl_io(e) })?;
     Ok(msgs
         .iter()
         .filter(|m| m.header.ifindex == dev.index)
@@ -253,11 +227,7 @@ pub(crate) async fn neighbours(ctx: &Ctx, dev: &LinkId) -> Result<Vec<NeighbourI
                 NeighbourAttribute::LinkLayerAddress(l) => MacAddr::from_slice(l),
                 _ => None,
             });
-            Some(NeighbourInfo {
-                ip,
-                mac,
-                permanent: m.header.state == NeighbourState::Permanent,
-            })
+            Some(NeighbourInfo { ip, mac, permanent: m.header.state == NeighbourState::Permanent })
         })
         .collect())
 }
@@ -268,10 +238,7 @@ mod tests {
     use super::*;
 
     fn dev() -> LinkId {
-        LinkId {
-            index: 5,
-            name: "kt-tnl0".into(),
-        }
+        LinkId { index: 5, name: "kt-tnl0".into() }
     }
 
     #[test]

@@ -46,10 +46,7 @@ pub(crate) fn create_persistent_tap(spec: &TapSpec) -> Result<()> {
         .write(true)
         .custom_flags(libc::O_CLOEXEC)
         .open(TUN_DEVICE)
-        .map_err(|source| Error::OpenTun {
-            name: spec.name.clone(),
-            source,
-        })?;
+        .map_err(|source| Error::OpenTun { name: spec.name.clone(), source })?;
 
     // SAFETY: `ifreq` is a plain C struct (a char array and a union of
     // integers, sockaddrs and a pointer); all-zero bytes are a valid value
@@ -67,10 +64,7 @@ pub(crate) fn create_persistent_tap(spec: &TapSpec) -> Result<()> {
     // properly aligned, initialised, exclusively borrowed `ifreq`.
     let rc = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut req as *mut libc::ifreq) };
     if rc < 0 {
-        return Err(Error::TapSetIff {
-            name: spec.name.clone(),
-            source: io::Error::last_os_error(),
-        });
+        return Err(Error::TapSetIff { name: spec.name.clone(), source: io::Error::last_os_error() });
     }
 
     // SAFETY: TUNSETPERSIST takes its argument by value (an int flag cast to
@@ -78,10 +72,7 @@ pub(crate) fn create_persistent_tap(spec: &TapSpec) -> Result<()> {
     // successful TUNSETIFF above.
     let rc = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETPERSIST, 1 as libc::c_ulong) };
     if rc < 0 {
-        return Err(Error::TapPersist {
-            name: spec.name.clone(),
-            source: io::Error::last_os_error(),
-        });
+        return Err(Error::TapPersist { name: spec.name.clone(), source: io::Error::last_os_error() });
     }
     Ok(())
 }
@@ -95,11 +86,7 @@ mod tests {
     fn kata_flags_are_the_four_qemu_uses() {
         let f = tap_flags(&TapSpec::kata("tap0_kata")) as i32;
         assert_eq!(f, 0x0002 | 0x1000 | 0x4000 | 0x0100);
-        let plain = TapSpec {
-            name: "tap1".into(),
-            multi_queue: false,
-            vnet_hdr: false,
-        };
+        let plain = TapSpec { name: "tap1".into(), multi_queue: false, vnet_hdr: false };
         assert_eq!(tap_flags(&plain) as i32, 0x0002 | 0x1000);
     }
 

@@ -37,20 +37,13 @@ pub(crate) async fn add_ingress(ctx: &Ctx, link: &LinkId) -> Result<()> {
         .ingress()
         .execute()
         .await
-        .map_err(|e| Error::AddIngress {
-            link: link.clone(),
-            source: nl_io(e),
-        })
+        .map_err(|e| Error::AddIngress { link: link.clone(), source: nl_io(e) })
 }
 
 /// `tc filter add dev FROM parent ffff: protocol all u32 match u8 0 0
 /// action mirred egress redirect dev TO` — Kata's tcfilter, one direction.
 pub(crate) async fn add_redirect(ctx: &Ctx, from: &LinkId, to: &LinkId) -> Result<()> {
-    let err = |e| Error::AddRedirect {
-        from: from.clone(),
-        to: to.clone(),
-        source: nl_io(e),
-    };
+    let err = |e| Error::AddRedirect { from: from.clone(), to: to.clone(), source: nl_io(e) };
     let req = ctx
         .nl
         .traffic_filter(tc_index(from))
@@ -68,37 +61,20 @@ pub(crate) async fn delete_qdisc(ctx: &Ctx, link: &LinkId, parent: QdiscParent) 
     let mut msg = TcMessage::with_index(tc_index(link));
     msg.header.parent = parent_handle(parent);
     if parent == QdiscParent::Ingress {
-        msg.header.handle = TcHandle {
-            major: 0xffff,
-            minor: 0,
-        };
+        msg.header.handle = TcHandle { major: 0xffff, minor: 0 };
     }
     nl::ack(&ctx.nl, RouteNetlinkMessage::DelQueueDiscipline(msg), 0)
         .await
-        .map_err(|source| Error::DeleteQdisc {
-            link: link.clone(),
-            parent,
-            source,
-        })
+        .map_err(|source| Error::DeleteQdisc { link: link.clone(), parent, source })
 }
 
 /// The qdisc at `parent` of `link`, if one was configured (the kernel's
 /// default root qdisc has handle 0 and is reported too, e.g. `noqueue`).
-pub(crate) async fn get_qdisc(
-    ctx: &Ctx,
-    link: &LinkId,
-    parent: QdiscParent,
-) -> Result<Option<QdiscInfo>> {
-    let msgs = nl::dump(
-        &ctx.nl,
-        RouteNetlinkMessage::GetQueueDiscipline(TcMessage::with_index(tc_index(link))),
-    )
-    .await
-    .map_err(|source| Error::GetQdisc {
-        link: link.clone(),
-        parent,
-        source,
-    })?;
+pub(crate) async fn get_qdisc(ctx: &Ctx, link: &LinkId, parent: QdiscParent) -> Result<Option<QdiscInfo>> {
+    let msgs =
+        nl::dump(&ctx.nl, RouteNetlinkMessage::GetQueueDiscipline(TcMessage::with_index(tc_index(link))))
+            .await
+            .map_err(|source| Error::GetQdisc { link: link.clone(), parent, source })?;
     let want = parent_handle(parent);
     Ok(msgs.iter().find_map(|m| match m {
         RouteNetlinkMessage::NewQueueDiscipline(q)
@@ -145,19 +121,15 @@ pub(crate) fn qdisc_info(msg: &TcMessage) -> QdiscInfo {
             _ => {}
         }
     }
-    QdiscInfo {
-        kind,
-        stats: modern.or(legacy).unwrap_or_default(),
-    }
+    QdiscInfo { kind, stats: modern.or(legacy).unwrap_or_default() }
 }
 
 /// Maps a plug failure: an unknown qdisc kind means the kernel lacks sch_plug.
 fn plug_err(source: std::io::Error, other: impl FnOnce(std::io::Error) -> Error) -> Error {
     match source.raw_os_error() {
-        Some(errno) if is_unsupported_errno(Feature::Plug, errno) => Error::Unsupported {
-            what: Feature::Plug,
-            source,
-        },
+        Some(errno) if is_unsupported_errno(Feature::Plug, errno) => {
+            Error::Unsupported { what: Feature::Plug, source }
+        }
         _ => other(source),
     }
 }
@@ -165,19 +137,9 @@ fn plug_err(source: std::io::Error, other: impl FnOnce(std::io::Error) -> Error)
 /// `tc qdisc add dev DEV root plug limit N` — buffering from the first packet.
 pub(crate) async fn install_plug(ctx: &Ctx, link: &LinkId, limit_bytes: u32) -> Result<()> {
     let msg = plug_message(tc_index(link), TCQ_PLUG_BUFFER, limit_bytes);
-    nl::ack(
-        &ctx.nl,
-        RouteNetlinkMessage::NewQueueDiscipline(msg),
-        NLM_F_CREATE | NLM_F_EXCL,
+    nl::ack(&ctx.nl, RouteNetlinkMessage::NewQueueDiscipline(msg), NLM_F_CREATE | NLM_F_EXCL).await.map_err(
+        |source| plug_err(source, |source| Error::InstallPlug { link: link.clone(), limit_bytes, source }),
     )
-    .await
-    .map_err(|source| {
-        plug_err(source, |source| Error::InstallPlug {
-            link: link.clone(),
-            limit_bytes,
-            source,
-        })
-    })
 }
 
 /// `tc qdisc change dev DEV root plug {buffer|release_one|release_indefinite}`.
@@ -186,11 +148,7 @@ pub(crate) async fn plug_action(ctx: &Ctx, link: &LinkId, action: PlugAction) ->
     let msg = plug_message(tc_index(link), action_code(action), 0);
     nl::ack(&ctx.nl, RouteNetlinkMessage::NewQueueDiscipline(msg), 0)
         .await
-        .map_err(|source| Error::PlugAction {
-            link: link.clone(),
-            action,
-            source,
-        })
+        .map_err(|source| Error::PlugAction { link: link.clone(), action, source })
 }
 
 /// `tc qdisc change dev DEV root plug limit N`.
@@ -198,11 +156,7 @@ pub(crate) async fn set_plug_limit(ctx: &Ctx, link: &LinkId, limit_bytes: u32) -
     let msg = plug_message(tc_index(link), TCQ_PLUG_LIMIT, limit_bytes);
     nl::ack(&ctx.nl, RouteNetlinkMessage::NewQueueDiscipline(msg), 0)
         .await
-        .map_err(|source| Error::SetPlugLimit {
-            link: link.clone(),
-            limit_bytes,
-            source,
-        })
+        .map_err(|source| Error::SetPlugLimit { link: link.clone(), limit_bytes, source })
 }
 
 #[cfg(test)]
@@ -230,15 +184,7 @@ mod tests {
         ];
         let info = qdisc_info(&msg);
         assert_eq!(info.kind, "plug");
-        assert_eq!(
-            info.stats,
-            QdiscStats {
-                qlen: 7,
-                backlog_bytes: 7 * 1514,
-                drops: 2,
-                packets: 40
-            }
-        );
+        assert_eq!(info.stats, QdiscStats { qlen: 7, backlog_bytes: 7 * 1514, drops: 2, packets: 40 });
         msg.attributes.retain(|a| !matches!(a, TcAttribute::Stats2(_)));
         assert_eq!(qdisc_info(&msg).stats.qlen, 1);
     }

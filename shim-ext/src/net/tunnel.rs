@@ -22,18 +22,12 @@ use super::validate::validate_tunnel;
 /// [`validate_tunnel`](super::validate_tunnel); a mismatch here yields `None`.
 pub(crate) fn tunnel_message(spec: &TunnelSpec) -> Option<LinkMessage> {
     let msg = match (spec.mode, spec.local, spec.remote) {
-        (TunnelMode::Ipip, IpAddr::V4(l), IpAddr::V4(r)) => LinkIpIp::new(&spec.name)
-            .local(l)
-            .remote(r)
-            .ttl(spec.ttl)
-            .up()
-            .build(),
-        (TunnelMode::Gre, IpAddr::V4(l), IpAddr::V4(r)) => LinkGre::new(&spec.name)
-            .local(l)
-            .remote(r)
-            .ttl(spec.ttl)
-            .up()
-            .build(),
+        (TunnelMode::Ipip, IpAddr::V4(l), IpAddr::V4(r)) => {
+            LinkIpIp::new(&spec.name).local(l).remote(r).ttl(spec.ttl).up().build()
+        }
+        (TunnelMode::Gre, IpAddr::V4(l), IpAddr::V4(r)) => {
+            LinkGre::new(&spec.name).local(l).remote(r).ttl(spec.ttl).up().build()
+        }
         (TunnelMode::Ip6ip6, IpAddr::V6(l), IpAddr::V6(r)) => LinkIp6Tnl::new(&spec.name)
             .local(l)
             .remote(r)
@@ -43,12 +37,9 @@ pub(crate) fn tunnel_message(spec: &TunnelSpec) -> Option<LinkMessage> {
             .mode(IpProtocol::Ipv6)
             .up()
             .build(),
-        (TunnelMode::Ip6gre, IpAddr::V6(l), IpAddr::V6(r)) => LinkGre6::new(&spec.name)
-            .local(l)
-            .remote(r)
-            .ttl(spec.ttl)
-            .up()
-            .build(),
+        (TunnelMode::Ip6gre, IpAddr::V6(l), IpAddr::V6(r)) => {
+            LinkGre6::new(&spec.name).local(l).remote(r).ttl(spec.ttl).up().build()
+        }
         _ => return None,
     };
     Some(msg)
@@ -104,26 +95,19 @@ pub(crate) async fn create_tunnel(ctx: &Ctx, spec: &TunnelSpec) -> Result<()> {
         });
     };
     let what = spec.mode.feature();
-    ctx.nl
-        .link()
-        .add(msg)
-        .execute()
-        .await
-        .map_err(|e| {
-            let source = nl_io(e);
-            match source.raw_os_error() {
-                Some(errno) if is_unsupported_errno(what, errno) => {
-                    Error::Unsupported { what, source }
-                }
-                _ => Error::CreateTunnel {
-                    name: spec.name.clone(),
-                    mode: spec.mode,
-                    local: spec.local,
-                    remote: spec.remote,
-                    source,
-                },
-            }
-        })
+    ctx.nl.link().add(msg).execute().await.map_err(|e| {
+        let source = nl_io(e);
+        match source.raw_os_error() {
+            Some(errno) if is_unsupported_errno(what, errno) => Error::Unsupported { what, source },
+            _ => Error::CreateTunnel {
+                name: spec.name.clone(),
+                mode: spec.mode,
+                local: spec.local,
+                remote: spec.remote,
+                source,
+            },
+        }
+    })
 }
 
 #[cfg(test)]
@@ -179,18 +163,13 @@ mod tests {
         msg.emit(&mut buf);
         // struct ifinfomsg is 16 bytes; flags at offset 8.
         let flags = u32::from_ne_bytes(buf[8..12].try_into().unwrap());
-        let mut out = Decoded {
-            up: flags & IFF_UP != 0,
-            ..Default::default()
-        };
+        let mut out = Decoded { up: flags & IFF_UP != 0, ..Default::default() };
         for nla in NlasIterator::new(&buf[16..]) {
             let nla = nla.unwrap();
             match nla.kind() {
                 IFLA_IFNAME => {
-                    out.name = String::from_utf8(nla.value().to_vec())
-                        .unwrap()
-                        .trim_end_matches('\0')
-                        .to_owned()
+                    out.name =
+                        String::from_utf8(nla.value().to_vec()).unwrap().trim_end_matches('\0').to_owned()
                 }
                 IFLA_LINKINFO => {
                     for info in NlasIterator::new(nla.value()) {
@@ -289,10 +268,12 @@ mod tests {
             .attributes
             .iter()
             .find_map(|a| match a {
-                netlink_packet_route::link::LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
-                    netlink_packet_route::link::LinkInfo::Data(d) => Some(d.clone()),
-                    _ => None,
-                }),
+                netlink_packet_route::link::LinkAttribute::LinkInfo(infos) => {
+                    infos.iter().find_map(|i| match i {
+                        netlink_packet_route::link::LinkInfo::Data(d) => Some(d.clone()),
+                        _ => None,
+                    })
+                }
                 _ => None,
             })
             .unwrap();

@@ -91,10 +91,7 @@ impl IpPrefix {
 
     /// The host prefix of `addr`: /32 for IPv4, /128 for IPv6.
     pub fn host(addr: IpAddr) -> Self {
-        Self {
-            addr,
-            len: max_prefix_len(addr),
-        }
+        Self { addr, len: max_prefix_len(addr) }
     }
 
     /// The address part.
@@ -138,10 +135,7 @@ impl FromStr for IpPrefix {
 
     /// Parses `ADDR/LEN`; a bare address is its host prefix.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = |reason| ParsePrefixError {
-            text: s.to_owned(),
-            reason,
-        };
+        let err = |reason| ParsePrefixError { text: s.to_owned(), reason };
         let (addr, len) = match s.split_once('/') {
             Some((a, l)) => (a, Some(l)),
             None => (s, None),
@@ -267,11 +261,7 @@ pub struct TapSpec {
 impl TapSpec {
     /// The flags Kata's QEMU uses: `IFF_TAP|IFF_NO_PI|IFF_VNET_HDR|IFF_MULTI_QUEUE`.
     pub fn kata(name: impl Into<String>) -> Self {
-        Self {
-            name: name.into(),
-            multi_queue: true,
-            vnet_hdr: true,
-        }
+        Self { name: name.into(), multi_queue: true, vnet_hdr: true }
     }
 }
 
@@ -293,22 +283,12 @@ pub struct RouteSpec {
 impl RouteSpec {
     /// `dest dev DEV`.
     pub fn dev(dest: IpPrefix, dev: LinkId) -> Self {
-        Self {
-            dest,
-            gateway: None,
-            dev,
-            onlink: false,
-        }
+        Self { dest, gateway: None, dev, onlink: false }
     }
 
     /// `dest via GW dev DEV onlink`.
     pub fn via_onlink(dest: IpPrefix, gateway: IpAddr, dev: LinkId) -> Self {
-        Self {
-            dest,
-            gateway: Some(gateway),
-            dev,
-            onlink: true,
-        }
+        Self { dest, gateway: Some(gateway), dev, onlink: true }
     }
 }
 
@@ -493,13 +473,8 @@ pub enum Feature {
 
 impl Feature {
     /// Every feature, in probe order.
-    pub const ALL: [Feature; 5] = [
-        Feature::Plug,
-        Feature::Ipip,
-        Feature::Gre,
-        Feature::Ip6Tnl,
-        Feature::Ip6Gre,
-    ];
+    pub const ALL: [Feature; 5] =
+        [Feature::Plug, Feature::Ipip, Feature::Gre, Feature::Ip6Tnl, Feature::Ip6Gre];
 }
 
 impl fmt::Display for Feature {
@@ -543,7 +518,14 @@ mod tests {
         let mac: MacAddr = "02:00:0a:0B:00:ff".parse().unwrap();
         assert_eq!(mac.octets(), [2, 0, 0x0a, 0x0b, 0, 0xff]);
         assert_eq!(mac.to_string(), "02:00:0a:0b:00:ff");
-        for bad in ["", "02:00:0a:0b:00", "02:00:0a:0b:00:ff:01", "02:00:0a:0b:00:fff", "zz:00:00:00:00:00", "02::0a:0b:00:ff"] {
+        for bad in [
+            "",
+            "02:00:0a:0b:00",
+            "02:00:0a:0b:00:ff:01",
+            "02:00:0a:0b:00:fff",
+            "zz:00:00:00:00:00",
+            "02::0a:0b:00:ff",
+        ] {
             assert!(bad.parse::<MacAddr>().is_err(), "{bad:?} parsed");
         }
         assert_eq!(MacAddr::from_slice(&[1, 2, 3, 4]), None);

@@ -33,10 +33,7 @@ pub fn validate_ifname(name: &str) -> Result<()> {
         None
     };
     match reason {
-        Some(reason) => Err(Error::InvalidIfName {
-            name: name.to_owned(),
-            reason,
-        }),
+        Some(reason) => Err(Error::InvalidIfName { name: name.to_owned(), reason }),
         None => Ok(()),
     }
 }
@@ -67,22 +64,12 @@ impl Default for NetnsRoots {
 /// # Errors
 /// [`Error::InvalidNetnsPath`] naming the rule that failed.
 pub fn validate_netns_path(path: &Path, roots: &NetnsRoots) -> Result<()> {
-    let fail = |reason| {
-        Err(Error::InvalidNetnsPath {
-            path: path.to_owned(),
-            reason,
-        })
-    };
+    let fail = |reason| Err(Error::InvalidNetnsPath { path: path.to_owned(), reason });
     if !path.is_absolute() {
         return fail("not absolute");
     }
     // On the raw bytes: `Path::components` silently drops interior `.`.
-    if path
-        .as_os_str()
-        .as_bytes()
-        .split(|b| *b == b'/')
-        .any(|seg| seg == b"." || seg == b"..")
-    {
+    if path.as_os_str().as_bytes().split(|b| *b == b'/').any(|seg| seg == b"." || seg == b"..") {
         return fail("contains '.' or '..'");
     }
     for dir in &roots.dirs {
@@ -125,10 +112,7 @@ pub fn validate_host_prefix(prefix: IpPrefix) -> Result<()> {
     if prefix.is_host() {
         Ok(())
     } else {
-        Err(Error::InvalidRoute {
-            dest: prefix,
-            reason: "not a host prefix (/32 for IPv4, /128 for IPv6)",
-        })
+        Err(Error::InvalidRoute { dest: prefix, reason: "not a host prefix (/32 for IPv4, /128 for IPv6)" })
     }
 }
 
@@ -149,10 +133,7 @@ pub fn validate_route(route: &RouteSpec) -> Result<()> {
             });
         }
     } else if route.onlink {
-        return Err(Error::InvalidRoute {
-            dest: route.dest,
-            reason: "onlink needs a gateway",
-        });
+        return Err(Error::InvalidRoute { dest: route.dest, reason: "onlink needs a gateway" });
     }
     Ok(())
 }
@@ -164,13 +145,7 @@ pub fn validate_route(route: &RouteSpec) -> Result<()> {
 /// [`Error::InvalidTunnel`] naming the rule, or [`Error::InvalidIfName`].
 pub fn validate_tunnel(spec: &TunnelSpec) -> Result<()> {
     validate_ifname(&spec.name)?;
-    let fail = |reason| {
-        Err(Error::InvalidTunnel {
-            name: spec.name.clone(),
-            mode: spec.mode,
-            reason,
-        })
-    };
+    let fail = |reason| Err(Error::InvalidTunnel { name: spec.name.clone(), mode: spec.mode, reason });
     let want_v6 = spec.mode.outer_is_ipv6();
     for addr in [spec.local, spec.remote] {
         if addr.is_ipv6() != want_v6 {
@@ -256,10 +231,7 @@ mod tests {
 
     #[test]
     fn netns_path_custom_roots() {
-        let roots = NetnsRoots {
-            dirs: vec![PathBuf::from("/tmp/k-test")],
-            proc: None,
-        };
+        let roots = NetnsRoots { dirs: vec![PathBuf::from("/tmp/k-test")], proc: None };
         assert!(validate_netns_path(Path::new("/tmp/k-test/ns1"), &roots).is_ok());
         assert!(validate_netns_path(Path::new("/run/netns/ns1"), &roots).is_err());
         let e = validate_netns_path(Path::new("/proc/1/ns/net"), &roots).unwrap_err();
@@ -267,10 +239,7 @@ mod tests {
     }
 
     fn dev() -> LinkId {
-        LinkId {
-            index: 3,
-            name: "tnl0".into(),
-        }
+        LinkId { index: 3, name: "tnl0".into() }
     }
 
     #[test]
@@ -286,23 +255,8 @@ mod tests {
             (RouteSpec::via_onlink(p("10.0.0.5/32"), ip("fd00::2"), dev()), false),
             (RouteSpec::via_onlink(p("fd00::5/128"), ip("fe80::1"), dev()), true),
             (RouteSpec::via_onlink(p("fd00::5/128"), ip("10.0.0.1"), dev()), false),
-            (
-                RouteSpec {
-                    onlink: true,
-                    ..RouteSpec::dev(p("10.0.0.5/32"), dev())
-                },
-                false,
-            ),
-            (
-                RouteSpec::dev(
-                    p("10.0.0.5/32"),
-                    LinkId {
-                        index: 1,
-                        name: "bad/name".into(),
-                    },
-                ),
-                false,
-            ),
+            (RouteSpec { onlink: true, ..RouteSpec::dev(p("10.0.0.5/32"), dev()) }, false),
+            (RouteSpec::dev(p("10.0.0.5/32"), LinkId { index: 1, name: "bad/name".into() }), false),
         ];
         for (route, ok) in cases {
             assert_eq!(validate_route(&route).is_ok(), ok, "{route:?}");

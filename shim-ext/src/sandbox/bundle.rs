@@ -59,10 +59,8 @@ impl BundleInfo {
     /// [`Error::BundleConfig`] when the file is missing or not an OCI runtime spec.
     pub fn load(bundle_dir: &Path) -> Result<Self, Error> {
         let config_path = bundle_dir.join("config.json");
-        let spec = Spec::load(&config_path).map_err(|source| Error::BundleConfig {
-            path: config_path.clone(),
-            source,
-        })?;
+        let spec = Spec::load(&config_path)
+            .map_err(|source| Error::BundleConfig { path: config_path.clone(), source })?;
         Ok(Self::from_spec(config_path, &spec))
     }
 
@@ -70,19 +68,14 @@ impl BundleInfo {
     pub fn from_spec(config_path: PathBuf, spec: &Spec) -> Self {
         let annotations = spec.annotations().clone().unwrap_or_default();
         let get = |key: &str| annotations.get(key).filter(|v| !v.is_empty()).cloned();
-        let container_type = match get(ANNOTATION_CONTAINER_TYPE)
-            .or_else(|| get(ANNOTATION_CRIO_CONTAINER_TYPE))
-            .as_deref()
-        {
-            Some("sandbox") => ContainerType::Sandbox,
-            Some(_) => ContainerType::Container,
-            None => ContainerType::Unknown,
-        };
-        let netns_path = spec
-            .linux()
-            .as_ref()
-            .and_then(|linux| linux.namespaces().as_ref())
-            .and_then(|namespaces| {
+        let container_type =
+            match get(ANNOTATION_CONTAINER_TYPE).or_else(|| get(ANNOTATION_CRIO_CONTAINER_TYPE)).as_deref() {
+                Some("sandbox") => ContainerType::Sandbox,
+                Some(_) => ContainerType::Container,
+                None => ContainerType::Unknown,
+            };
+        let netns_path =
+            spec.linux().as_ref().and_then(|linux| linux.namespaces().as_ref()).and_then(|namespaces| {
                 namespaces
                     .iter()
                     .find(|ns| ns.typ() == LinuxNamespaceType::Network)

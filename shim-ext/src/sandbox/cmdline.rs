@@ -41,7 +41,8 @@ const FLAG_OPTIONS: &[&str] = &[
 
 /// Options refused on a command line that arrives from another node: they load code, read or
 /// write arbitrary configuration files, or run helpers.
-const REFUSED_OPTIONS: &[&str] = &["plugin", "readconfig", "writeconfig", "run-with", "add-fd", "chroot", "runas"];
+const REFUSED_OPTIONS: &[&str] =
+    &["plugin", "readconfig", "writeconfig", "run-with", "add-fd", "chroot", "runas"];
 
 /// One option of a QEMU command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -204,11 +205,14 @@ impl IncomingRewrite {
             .filter_map(|v| get_opt(&split_opts(v), "chardev").map(str::to_owned))
             .collect();
         let mut out = QemuCmdline { program: self.qemu_binary.display().to_string(), args: Vec::new() };
-        let mut push = |name: &str, value: Option<String>| out.args.push(QemuArg { name: name.into(), value });
+        let mut push =
+            |name: &str, value: Option<String>| out.args.push(QemuArg { name: name.into(), value });
         for arg in &source.args {
             let name = arg.name.as_str();
             if REFUSED_OPTIONS.contains(&name) {
-                return Err(Error::Cmdline(format!("option -{name} is not accepted from a migration source")));
+                return Err(Error::Cmdline(format!(
+                    "option -{name} is not accepted from a migration source"
+                )));
             }
             let value = arg.value.as_deref().unwrap_or_default();
             match name {
@@ -222,7 +226,9 @@ impl IncomingRewrite {
                     }
                 }
                 "netdev" => push("netdev", Some(self.rewrite_netdev(value)?)),
-                "device" => push("device", Some(self.remap(&drop_keys(value, &["vhostfd", "vhostfds", "fd", "fds"])))),
+                "device" => {
+                    push("device", Some(self.remap(&drop_keys(value, &["vhostfd", "vhostfds", "fd", "fds"]))))
+                }
                 "drive" => push("drive", Some(self.rewrite_drive(value))),
                 "blockdev" => push("blockdev", Some(self.rewrite_blockdev(value)?)),
                 _ => push(name, arg.value.as_deref().map(|v| self.remap(v))),
@@ -268,8 +274,19 @@ impl IncomingRewrite {
         match kind {
             "tap" => {
                 let queues = get_opt(&parts, "fds").map(|f| f.split(':').count()).unwrap_or(1);
-                let drop = ["fd", "fds", "vhostfd", "vhostfds", "ifname", "script", "downscript", "helper", "queues"];
-                let mut kept: Vec<String> = parts.iter().filter(|p| !drop.contains(&key_of(p))).cloned().collect();
+                let drop = [
+                    "fd",
+                    "fds",
+                    "vhostfd",
+                    "vhostfds",
+                    "ifname",
+                    "script",
+                    "downscript",
+                    "helper",
+                    "queues",
+                ];
+                let mut kept: Vec<String> =
+                    parts.iter().filter(|p| !drop.contains(&key_of(p))).cloned().collect();
                 kept.push(format!("ifname={}", self.tap_name));
                 kept.push("script=no".into());
                 kept.push("downscript=no".into());

@@ -5,32 +5,54 @@ fn kata_argv() -> Vec<String> {
     let vm = "/run/vc/vm/abc";
     [
         "/opt/kata/bin/qemu-system-x86_64",
-        "-name", "sandbox-abc,debug-threads=on",
-        "-uuid", "0e1f2a3b-4c5d-6e7f-8091-a2b3c4d5e6f7",
-        "-machine", "q35,accel=kvm",
-        "-cpu", "host,pmu=off",
-        "-qmp", "unix:fd=3,server=on,wait=off",
-        "-qmp", &format!("unix:path={vm}/extra-monitor.sock,server=on,wait=off"),
-        "-m", "2048M,slots=10,maxmem=12G",
-        "-device", "virtio-serial-pci,disable-modern=false,id=serial0",
-        "-device", "virtconsole,chardev=charconsole0,id=console0",
-        "-chardev", &format!("socket,id=charconsole0,path={vm}/console.sock,server=on,wait=off"),
-        "-device", "vhost-vsock-pci,disable-modern=false,vhostfd=4,id=vsock-1,guest-cid=1",
-        "-netdev", "tap,id=network-0,vhost=on,vhostfds=5:6,fds=7:8",
-        "-device", "driver=virtio-net-pci,netdev=network-0,mac=02:42:ac:11:00:02,disable-modern=false,mq=on,vectors=6",
-        "-drive", "id=drive-0,file=/var/lib/disks/data.img,aio=threads,format=raw,if=none,cache=none",
-        "-device", "virtio-blk-pci,drive=drive-0,id=virtio-disk0",
-        "-vga", "none",
+        "-name",
+        "sandbox-abc,debug-threads=on",
+        "-uuid",
+        "0e1f2a3b-4c5d-6e7f-8091-a2b3c4d5e6f7",
+        "-machine",
+        "q35,accel=kvm",
+        "-cpu",
+        "host,pmu=off",
+        "-qmp",
+        "unix:fd=3,server=on,wait=off",
+        "-qmp",
+        &format!("unix:path={vm}/extra-monitor.sock,server=on,wait=off"),
+        "-m",
+        "2048M,slots=10,maxmem=12G",
+        "-device",
+        "virtio-serial-pci,disable-modern=false,id=serial0",
+        "-device",
+        "virtconsole,chardev=charconsole0,id=console0",
+        "-chardev",
+        &format!("socket,id=charconsole0,path={vm}/console.sock,server=on,wait=off"),
+        "-device",
+        "vhost-vsock-pci,disable-modern=false,vhostfd=4,id=vsock-1,guest-cid=1",
+        "-netdev",
+        "tap,id=network-0,vhost=on,vhostfds=5:6,fds=7:8",
+        "-device",
+        "driver=virtio-net-pci,netdev=network-0,mac=02:42:ac:11:00:02,disable-modern=false,mq=on,vectors=6",
+        "-drive",
+        "id=drive-0,file=/var/lib/disks/data.img,aio=threads,format=raw,if=none,cache=none",
+        "-device",
+        "virtio-blk-pci,drive=drive-0,id=virtio-disk0",
+        "-vga",
+        "none",
         "-no-user-config",
         "-nodefaults",
         "-nographic",
         "--no-reboot",
-        "-object", "memory-backend-file,id=dimm1,size=2048M,mem-path=/dev/shm,share=on",
-        "-kernel", "/opt/kata/share/kata-containers/vmlinux.container",
-        "-append", "tsc=reliable console=hvc0 quiet",
-        "-pidfile", &format!("{vm}/pid"),
-        "-D", &format!("{vm}/qemu.log"),
-        "-smp", "1,cores=1,threads=1,sockets=12,maxcpus=12",
+        "-object",
+        "memory-backend-file,id=dimm1,size=2048M,mem-path=/dev/shm,share=on",
+        "-kernel",
+        "/opt/kata/share/kata-containers/vmlinux.container",
+        "-append",
+        "tsc=reliable console=hvc0 quiet",
+        "-pidfile",
+        &format!("{vm}/pid"),
+        "-D",
+        &format!("{vm}/qemu.log"),
+        "-smp",
+        "1,cores=1,threads=1,sockets=12,maxcpus=12",
         "-daemonize",
     ]
     .iter()
@@ -103,18 +125,28 @@ fn kata_cmdline_becomes_incoming() {
     assert!(!argv.iter().any(|a| a.contains("/run/vc/vm/abc")), "no source state path left: {argv:?}");
     assert!(!argv.iter().any(|a| a.contains("fds=") || a.contains("vhostfd")), "{argv:?}");
     // Everything else is carried over unchanged, in order.
-    assert_eq!(opts_of(argv, "object"), ["memory-backend-file,id=dimm1,size=2048M,mem-path=/dev/shm,share=on"]);
-    assert_eq!(opts_of(argv, "drive"), ["id=drive-0,file=/var/lib/disks/data.img,aio=threads,format=raw,if=none,cache=none"]);
+    assert_eq!(
+        opts_of(argv, "object"),
+        ["memory-backend-file,id=dimm1,size=2048M,mem-path=/dev/shm,share=on"]
+    );
+    assert_eq!(
+        opts_of(argv, "drive"),
+        ["id=drive-0,file=/var/lib/disks/data.img,aio=threads,format=raw,if=none,cache=none"]
+    );
 }
 
 #[test]
 fn local_storage_points_drives_at_new_images() {
     let mut argv = kata_argv();
     argv.extend(
-        ["-blockdev", "driver=raw,node-name=disk1,file.driver=file,file.filename=/src/one.img",
-         "-blockdev", r#"{"driver":"raw","node-name":"disk2","file":{"driver":"file","filename":"/src/two.img"}}"#]
-            .iter()
-            .map(|s| s.to_string()),
+        [
+            "-blockdev",
+            "driver=raw,node-name=disk1,file.driver=file,file.filename=/src/one.img",
+            "-blockdev",
+            r#"{"driver":"raw","node-name":"disk2","file":{"driver":"file","filename":"/src/two.img"}}"#,
+        ]
+        .iter()
+        .map(|s| s.to_string()),
     );
     let mut rw = rewrite();
     rw.disk_paths.insert("drive-0".into(), "/dst/data.img".into());
@@ -141,16 +173,28 @@ fn refused_and_unmigratable_options() {
     for (extra, want) in table {
         let mut argv = vec!["qemu".to_string()];
         argv.extend(extra.iter().map(|s| s.to_string()));
-        let err = rewrite().apply(&QemuCmdline::parse(&argv).expect("parse")).expect_err("refused").to_string();
+        let err =
+            rewrite().apply(&QemuCmdline::parse(&argv).expect("parse")).expect_err("refused").to_string();
         assert!(err.contains(want), "{extra:?}: {err}");
     }
 }
 
 #[test]
 fn monitors_and_their_chardevs_go() {
-    let argv: Vec<String> = ["qemu", "-chardev", "socket,id=mon0,fd=3", "-mon", "chardev=mon0,mode=control",
-        "-monitor", "stdio", "-chardev", "socket,id=con,fd=4"]
-        .iter().map(|s| s.to_string()).collect();
+    let argv: Vec<String> = [
+        "qemu",
+        "-chardev",
+        "socket,id=mon0,fd=3",
+        "-mon",
+        "chardev=mon0,mode=control",
+        "-monitor",
+        "stdio",
+        "-chardev",
+        "socket,id=con,fd=4",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
     let out = rewrite().apply(&QemuCmdline::parse(&argv).expect("parse")).expect("rewrite");
     assert!(!out.argv.iter().any(|a| a.contains("mon0") || a == "-monitor" || a == "-mon"), "{:?}", out.argv);
     assert_eq!(
@@ -170,7 +214,7 @@ fn option_splitting_honours_escaped_commas() {
 fn reads_proc_style_file() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("cmdline");
-    std::fs::write(&path, "qemu\0-m\0128\0-daemonize\0").expect("write");
+    std::fs::write(&path, ["qemu", "-m", "128", "-daemonize", ""].join("\0")).expect("write");
     let cmd = QemuCmdline::from_proc_file(&path).expect("parse");
     assert_eq!(cmd.values("m").collect::<Vec<_>>(), ["128"]);
     let err = QemuCmdline::from_proc_file(&dir.path().join("gone")).expect_err("missing").to_string();

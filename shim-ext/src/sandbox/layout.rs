@@ -83,16 +83,11 @@ impl NodeLayout {
     /// does not hold a positive integer.
     pub fn read_qemu_pid(&self, sandbox_id: &str) -> Result<u32, super::Error> {
         let path = self.qemu_pid_file(sandbox_id);
-        let text = std::fs::read_to_string(&path).map_err(|source| super::Error::Read {
-            path: path.clone(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(&path)
+            .map_err(|source| super::Error::Read { path: path.clone(), source })?;
         match text.trim().parse::<u32>() {
             Ok(pid) if pid > 0 => Ok(pid),
-            _ => Err(super::Error::BadPidFile {
-                path,
-                content: text.trim().chars().take(64).collect(),
-            }),
+            _ => Err(super::Error::BadPidFile { path, content: text.trim().chars().take(64).collect() }),
         }
     }
 }

@@ -21,10 +21,7 @@ pub use layout::NodeLayout;
 /// [`Error::InvalidSandboxId`] naming the offending id.
 pub fn validate_sandbox_id(id: &str) -> Result<(), Error> {
     let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-');
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && !id.starts_with(['.', '-'])
-        && id.chars().all(ok_char);
+    let ok = !id.is_empty() && id.len() <= 128 && !id.starts_with(['.', '-']) && id.chars().all(ok_char);
     if ok {
         Ok(())
     } else {
@@ -36,7 +33,9 @@ pub fn validate_sandbox_id(id: &str) -> Result<(), Error> {
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A sandbox id that cannot be used in a path.
-    #[error("invalid sandbox id {0:?}: expected 1-128 characters of [A-Za-z0-9_.-], not starting with '.' or '-'")]
+    #[error(
+        "invalid sandbox id {0:?}: expected 1-128 characters of [A-Za-z0-9_.-], not starting with '.' or '-'"
+    )]
     InvalidSandboxId(String),
     /// The bundle's `config.json` could not be read or parsed.
     #[error("cannot read OCI bundle config {path}")]

@@ -54,11 +54,7 @@ impl QemuPair {
             .expect("create destination image");
         let source = Node::start(&source_image, &[]).await?;
         let destination = Node::start(&destination_image, &["-incoming", "defer"]).await?;
-        Some(Self {
-            source,
-            destination,
-            dir,
-        })
+        Some(Self { source, destination, dir })
     }
 
     /// A path for a socket or file inside the pair's directory.
@@ -78,12 +74,7 @@ impl Node {
         let (qmp, events) = QmpClient::connect(qemu.qmp_path(), &QmpConfig::default())
             .await
             .unwrap_or_else(|error| panic!("QMP connect: {error:#}\n{}", qemu.log()));
-        Some(Self {
-            qemu,
-            qmp,
-            bus: EventBus::spawn(events),
-            image: image.to_owned(),
-        })
+        Some(Self { qemu, qmp, bus: EventBus::spawn(events), image: image.to_owned() })
     }
 
     /// Writes `len` bytes of `byte` at `offset` through the drive, as a guest write would arrive
@@ -123,8 +114,5 @@ pub fn pattern(len: usize) -> Vec<u8> {
 
 /// Offset of the first byte where `a` and `b` differ, or `None` if equal (length included).
 pub fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
-    a.iter()
-        .zip(b)
-        .position(|(x, y)| x != y)
-        .or_else(|| (a.len() != b.len()).then(|| a.len().min(b.len())))
+    a.iter().zip(b).position(|(x, y)| x != y).or_else(|| (a.len() != b.len()).then(|| a.len().min(b.len())))
 }

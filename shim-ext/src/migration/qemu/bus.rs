@@ -93,10 +93,7 @@ async fn pump(mut events: EventReceiver, shared: Arc<Shared>) {
         let event = Arc::new(event);
         // Sending on an unbounded channel never blocks, so holding the lock here is short; a
         // failed send means the subscription was dropped and is forgotten.
-        shared
-            .lock()
-            .subscribers
-            .retain(|subscriber| subscriber.send(Arc::clone(&event)).is_ok());
+        shared.lock().subscribers.retain(|subscriber| subscriber.send(Arc::clone(&event)).is_ok());
     }
     let mut state = shared.lock();
     state.ended = true;
@@ -215,10 +212,7 @@ mod tests {
         for (name, i) in [("STOP", 1), ("MIGRATION", 2), ("RESUME", 3)] {
             tx.send(event(name, i)).expect("send");
         }
-        let found = sub
-            .wait_for(|e| e.name == "MIGRATION", Duration::from_secs(5))
-            .await
-            .expect("found");
+        let found = sub.wait_for(|e| e.name == "MIGRATION", Duration::from_secs(5)).await.expect("found");
         assert_eq!(n(&found), 2);
         assert_eq!(sub.try_next().map(|e| n(&e)), Some(3), "later events stay queued");
         let started = StdInstant::now();

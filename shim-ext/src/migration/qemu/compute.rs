@@ -99,10 +99,7 @@ pub fn incoming_capabilities(
     features: &QemuFeatures,
     config: &RamConfig,
 ) -> Result<Vec<CapabilitySetting>, QemuError> {
-    settings(
-        features,
-        &[("events", true), ("multifd", config.multifd_channels.is_some())],
-    )
+    settings(features, &[("events", true), ("multifd", config.multifd_channels.is_some())])
 }
 
 fn settings(
@@ -131,10 +128,7 @@ pub fn outgoing_parameters(config: &RamConfig) -> Result<Value, QemuError> {
     validate(config)?;
     let mut parameters = Map::new();
     parameters.insert("downtime-limit".into(), json!(downtime_ms(config.downtime_limit)));
-    parameters.insert(
-        "max-bandwidth".into(),
-        json!(config.max_bandwidth.unwrap_or(UNCAPPED_BANDWIDTH)),
-    );
+    parameters.insert("max-bandwidth".into(), json!(config.max_bandwidth.unwrap_or(UNCAPPED_BANDWIDTH)));
     if let Some(channels) = config.multifd_channels {
         parameters.insert("multifd-channels".into(), json!(channels));
     }
@@ -148,9 +142,7 @@ pub fn outgoing_parameters(config: &RamConfig) -> Result<Value, QemuError> {
 /// [`QemuError::InvalidRamConfig`] for zero multifd channels.
 pub fn incoming_parameters(config: &RamConfig) -> Result<Option<Value>, QemuError> {
     validate(config)?;
-    Ok(config
-        .multifd_channels
-        .map(|channels| json!({ "multifd-channels": channels })))
+    Ok(config.multifd_channels.map(|channels| json!({ "multifd-channels": channels })))
 }
 
 fn validate(config: &RamConfig) -> Result<(), QemuError> {
@@ -212,24 +204,21 @@ pub async fn configure_incoming(
     }
 }
 
-async fn set_capabilities(
-    qmp: &QmpClient,
-    capabilities: &[CapabilitySetting],
-) -> Result<(), QemuError> {
+async fn set_capabilities(qmp: &QmpClient, capabilities: &[CapabilitySetting]) -> Result<(), QemuError> {
     let list: Vec<Value> = capabilities
         .iter()
         .map(|setting| json!({ "capability": setting.capability, "state": setting.state }))
         .collect();
-    qmp.execute("migrate-set-capabilities", Some(json!({ "capabilities": list })))
-        .await
-        .map_err(|source| QemuError::SetCapabilities {
+    qmp.execute("migrate-set-capabilities", Some(json!({ "capabilities": list }))).await.map_err(
+        |source| QemuError::SetCapabilities {
             capabilities: capabilities
                 .iter()
                 .map(|s| format!("{}={}", s.capability, if s.state { "on" } else { "off" }))
                 .collect::<Vec<_>>()
                 .join(", "),
             source,
-        })?;
+        },
+    )?;
     Ok(())
 }
 
@@ -237,10 +226,7 @@ async fn set_parameters(qmp: &QmpClient, parameters: Value) -> Result<(), QemuEr
     let shown = parameters.to_string();
     qmp.execute("migrate-set-parameters", Some(parameters))
         .await
-        .map_err(|source| QemuError::SetParameters {
-            parameters: shown,
-            source,
-        })?;
+        .map_err(|source| QemuError::SetParameters { parameters: shown, source })?;
     Ok(())
 }
 
@@ -253,10 +239,7 @@ async fn set_parameters(qmp: &QmpClient, parameters: Value) -> Result<(), QemuEr
 pub async fn start_outgoing(qmp: &QmpClient, uri: &str) -> Result<(), QemuError> {
     qmp.execute("migrate", Some(json!({ "uri": uri })))
         .await
-        .map_err(|source| QemuError::StartOutgoing {
-            uri: uri.to_owned(),
-            source,
-        })?;
+        .map_err(|source| QemuError::StartOutgoing { uri: uri.to_owned(), source })?;
     Ok(())
 }
 
@@ -268,10 +251,7 @@ pub async fn start_outgoing(qmp: &QmpClient, uri: &str) -> Result<(), QemuError>
 pub async fn start_incoming(qmp: &QmpClient, uri: &str) -> Result<(), QemuError> {
     qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))
         .await
-        .map_err(|source| QemuError::StartIncoming {
-            uri: uri.to_owned(),
-            source,
-        })?;
+        .map_err(|source| QemuError::StartIncoming { uri: uri.to_owned(), source })?;
     Ok(())
 }
 
@@ -283,16 +263,11 @@ pub async fn start_incoming(qmp: &QmpClient, uri: &str) -> Result<(), QemuError>
 /// [`QemuError::QueryMigrate`].
 pub async fn progress(qmp: &QmpClient) -> Result<(MigrationStatus, RamProgress), QemuError> {
     let info = query(qmp).await?;
-    Ok((
-        info.status.clone().unwrap_or(MigrationStatus::None),
-        ram_progress(&info),
-    ))
+    Ok((info.status.clone().unwrap_or(MigrationStatus::None), ram_progress(&info)))
 }
 
 async fn query(qmp: &QmpClient) -> Result<MigrationInfo, QemuError> {
-    qmp.query_migrate()
-        .await
-        .map_err(|source| QemuError::QueryMigrate { source })
+    qmp.query_migrate().await.map_err(|source| QemuError::QueryMigrate { source })
 }
 
 /// Maps `query-migrate` into the progress event's numbers; absent figures are 0.
@@ -305,9 +280,7 @@ pub fn ram_progress(info: &MigrationInfo) -> RamProgress {
         dirty_pages_rate: ram.dirty_pages_rate.unwrap_or(0),
         iteration: ram.dirty_sync_count.unwrap_or(0),
         // QEMU's `mbps` is megabits (10^6) per second; the cast saturates on nonsense.
-        throughput_bytes_per_second: ram
-            .mbps
-            .map_or(0, |mbps| (mbps * 1_000_000.0 / 8.0).max(0.0) as u64),
+        throughput_bytes_per_second: ram.mbps.map_or(0, |mbps| (mbps * 1_000_000.0 / 8.0).max(0.0) as u64),
         expected_downtime_ms: info
             .expected_downtime
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
@@ -335,9 +308,7 @@ pub async fn continue_after_switchover(qmp: &QmpClient) -> Result<(), QemuError>
 ///
 /// [`QemuError::Cancel`].
 pub async fn cancel(qmp: &QmpClient) -> Result<(), QemuError> {
-    qmp.execute("migrate_cancel", None)
-        .await
-        .map_err(|source| QemuError::Cancel { source })?;
+    qmp.execute("migrate_cancel", None).await.map_err(|source| QemuError::Cancel { source })?;
     Ok(())
 }
 
@@ -353,17 +324,11 @@ pub enum MigrationEnd {
 }
 
 fn status_of(event: &QmpEvent) -> Option<MigrationStatus> {
-    (event.name == "MIGRATION")
-        .then(|| event.data_str("status"))
-        .flatten()
-        .map(MigrationStatus::from)
+    (event.name == "MIGRATION").then(|| event.data_str("status")).flatten().map(MigrationStatus::from)
 }
 
 fn is_terminal(status: &MigrationStatus) -> bool {
-    matches!(
-        status,
-        MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled
-    )
+    matches!(status, MigrationStatus::Completed | MigrationStatus::Failed | MigrationStatus::Cancelled)
 }
 
 /// Waits for the `MIGRATION` event of the terminal status and reads the details. Subscribe
@@ -378,12 +343,31 @@ pub async fn wait_terminal(
     deadline: Duration,
 ) -> Result<MigrationEnd, QemuError> {
     let status = wait_matching(events, deadline, "the migration to end", is_terminal).await?;
-    let info = query(qmp).await?;
     Ok(match status {
-        MigrationStatus::Completed => MigrationEnd::Completed(info),
-        MigrationStatus::Failed => MigrationEnd::Failed(info.error_desc.unwrap_or_default()),
+        MigrationStatus::Completed => MigrationEnd::Completed(final_statistics(qmp).await?),
+        MigrationStatus::Failed => MigrationEnd::Failed(query(qmp).await?.error_desc.unwrap_or_default()),
         _ => MigrationEnd::Cancelled,
     })
+}
+
+/// How long [`final_statistics`] waits for QEMU to fill in the totals.
+const STATISTICS_GRACE: Duration = Duration::from_millis(200);
+
+/// `query-migrate` of a completed outgoing migration, with its totals.
+///
+/// QEMU (7.2 at least) emits `completed` before its migration thread computes `total-time` and
+/// `downtime`, so a query right after the event can report both as 0. No event marks the
+/// moment the totals are set, hence a short bounded re-query; the incoming side reports no
+/// totals at all and is returned at once.
+async fn final_statistics(qmp: &QmpClient) -> Result<MigrationInfo, QemuError> {
+    let until = Instant::now() + STATISTICS_GRACE;
+    loop {
+        let info = query(qmp).await?;
+        if info.total_time != Some(Duration::ZERO) || Instant::now() >= until {
+            return Ok(info);
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
 }
 
 /// Waits for the `MIGRATION` event with `status` (e.g. `pre-switchover`), failing early if the
@@ -400,10 +384,7 @@ pub async fn wait_status(
     deadline: Duration,
 ) -> Result<(), QemuError> {
     let what = format!("migration status '{status}'");
-    let reached = wait_matching(events, deadline, &what, |seen| {
-        *seen == status || is_terminal(seen)
-    })
-    .await?;
+    let reached = wait_matching(events, deadline, &what, |seen| *seen == status || is_terminal(seen)).await?;
     if reached == status {
         return Ok(());
     }
@@ -411,11 +392,7 @@ pub async fn wait_status(
         MigrationStatus::Failed => query(qmp).await.ok().and_then(|info| info.error_desc),
         _ => None,
     };
-    Err(QemuError::MigrationEnded {
-        waiting_for: status.to_string(),
-        status: reached.to_string(),
-        detail,
-    })
+    Err(QemuError::MigrationEnded { waiting_for: status.to_string(), status: reached.to_string(), detail })
 }
 
 async fn wait_matching(
@@ -427,13 +404,8 @@ async fn wait_matching(
     let until = Instant::now() + deadline;
     loop {
         let event: Arc<QmpEvent> = events.next_until(until, deadline).await.map_err(|error| match error {
-            WaitError::Timeout(_) => QemuError::MigrationTimeout {
-                waiting_for: what.to_owned(),
-                deadline,
-            },
-            WaitError::Ended => QemuError::EventsEnded {
-                waiting_for: what.to_owned(),
-            },
+            WaitError::Timeout(_) => QemuError::MigrationTimeout { waiting_for: what.to_owned(), deadline },
+            WaitError::Ended => QemuError::EventsEnded { waiting_for: what.to_owned() },
         })?;
         if let Some(status) = status_of(&event) {
             debug!(%status, "migration status");
@@ -481,7 +453,12 @@ mod tests {
         let out = outgoing_capabilities(&all, &config()).expect("offered");
         assert_eq!(
             names(&out),
-            [("events", true), ("auto-converge", false), ("multifd", false), ("pause-before-switchover", true)]
+            [
+                ("events", true),
+                ("auto-converge", false),
+                ("multifd", false),
+                ("pause-before-switchover", true)
+            ]
         );
         let multifd = RamConfig { multifd_channels: Some(4), ..config() };
         let incoming = incoming_capabilities(&all, &multifd).expect("offered");
@@ -509,10 +486,7 @@ mod tests {
     #[test]
     fn parameters_always_carry_an_explicit_bandwidth() {
         let uncapped = outgoing_parameters(&config()).expect("valid");
-        assert_eq!(
-            uncapped,
-            json!({"downtime-limit": 300, "max-bandwidth": 9_223_372_036_854_775_807_u64})
-        );
+        assert_eq!(uncapped, json!({"downtime-limit": 300, "max-bandwidth": 9_223_372_036_854_775_807_u64}));
         let capped = RamConfig {
             max_bandwidth: Some(1 << 30),
             multifd_channels: Some(4),

@@ -35,14 +35,9 @@ pub struct DiskInfo {
 ///
 /// [`QemuError::ListDisks`] or [`QemuError::UnexpectedReply`].
 pub async fn list_disks(qmp: &QmpClient) -> Result<Vec<DiskInfo>, QemuError> {
-    let reply = qmp
-        .execute("query-block", None)
-        .await
-        .map_err(|source| QemuError::ListDisks { source })?;
-    disks_from_query_block(reply).map_err(|source| QemuError::UnexpectedReply {
-        command: "query-block",
-        source,
-    })
+    let reply = qmp.execute("query-block", None).await.map_err(|source| QemuError::ListDisks { source })?;
+    disks_from_query_block(reply)
+        .map_err(|source| QemuError::UnexpectedReply { command: "query-block", source })
 }
 
 /// Decodes a `query-block` reply. Unknown members are ignored.
@@ -56,16 +51,8 @@ pub fn disks_from_query_block(reply: Value) -> Result<Vec<DiskInfo>, serde_json:
         .into_iter()
         .filter_map(|drive| {
             let inserted = drive.inserted?;
-            let drive_id = if drive.device.is_empty() {
-                inserted.node_name.clone()
-            } else {
-                drive.device
-            };
-            let format = inserted
-                .image
-                .format
-                .filter(|format| !format.is_empty())
-                .unwrap_or(inserted.drv);
+            let drive_id = if drive.device.is_empty() { inserted.node_name.clone() } else { drive.device };
+            let format = inserted.image.format.filter(|format| !format.is_empty()).unwrap_or(inserted.drv);
             Some(DiskInfo {
                 drive_id,
                 node_name: inserted.node_name,
@@ -89,19 +76,15 @@ pub fn pair_disks<'a>(
     source: &'a [DiskInfo],
     destination: &'a [DiskInfo],
 ) -> Result<Vec<(&'a DiskInfo, &'a DiskInfo)>, QemuError> {
-    let by_id: HashMap<&str, &DiskInfo> = destination
-        .iter()
-        .map(|disk| (disk.drive_id.as_str(), disk))
-        .collect();
+    let by_id: HashMap<&str, &DiskInfo> =
+        destination.iter().map(|disk| (disk.drive_id.as_str(), disk)).collect();
     source
         .iter()
         .filter(|disk| !disk.read_only)
         .map(|disk| {
             let target = by_id
                 .get(disk.drive_id.as_str())
-                .ok_or_else(|| QemuError::DriveMissing {
-                    drive: disk.drive_id.clone(),
-                })?;
+                .ok_or_else(|| QemuError::DriveMissing { drive: disk.drive_id.clone() })?;
             if target.virtual_size != disk.virtual_size {
                 return Err(QemuError::DriveSizeMismatch {
                     drive: disk.drive_id.clone(),

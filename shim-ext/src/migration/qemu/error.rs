@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::qmp::{QmpError, QemuVersion};
+use crate::qmp::{QemuVersion, QmpError};
 
 /// An error of a storage or compute QMP sequence.
 ///
@@ -163,7 +163,9 @@ pub enum QemuError {
     },
 
     /// Source and destination drive differ in size; a mirror cannot resize an NBD target.
-    #[error("drive {drive} is {source_size} bytes on the source but {destination_size} bytes on the destination")]
+    #[error(
+        "drive {drive} is {source_size} bytes on the source but {destination_size} bytes on the destination"
+    )]
     DriveSizeMismatch {
         /// The drive id.
         drive: String,
@@ -326,8 +328,5 @@ pub enum QemuError {
 }
 
 fn detail_suffix(detail: &Option<String>) -> String {
-    detail
-        .as_deref()
-        .map(|text| format!(": {text}"))
-        .unwrap_or_default()
+    detail.as_deref().map(|text| format!(": {text}")).unwrap_or_default()
 }

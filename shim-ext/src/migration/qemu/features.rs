@@ -32,12 +32,9 @@ impl QemuFeatures {
     ///
     /// [`QemuError::Discover`] if a query fails.
     pub async fn discover(qmp: &QmpClient) -> Result<Self, QemuError> {
-        let (version, commands, capabilities) = futures::try_join!(
-            qmp.query_version(),
-            qmp.query_commands(),
-            qmp.query_migrate_capabilities()
-        )
-        .map_err(|source| QemuError::Discover { source })?;
+        let (version, commands, capabilities) =
+            futures::try_join!(qmp.query_version(), qmp.query_commands(), qmp.query_migrate_capabilities())
+                .map_err(|source| QemuError::Discover { source })?;
         Ok(Self::from_parts(version, commands, &capabilities))
     }
 
@@ -91,10 +88,7 @@ impl QemuFeatures {
         if self.has_command(name) {
             Ok(())
         } else {
-            Err(QemuError::MissingCommand {
-                version: self.version.clone(),
-                command: name.to_owned(),
-            })
+            Err(QemuError::MissingCommand { version: self.version.clone(), command: name.to_owned() })
         }
     }
 
@@ -107,10 +101,7 @@ impl QemuFeatures {
         if self.has_capability(name) {
             Ok(())
         } else {
-            Err(QemuError::MissingCapability {
-                version: self.version.clone(),
-                capability: name.to_owned(),
-            })
+            Err(QemuError::MissingCapability { version: self.version.clone(), capability: name.to_owned() })
         }
     }
 }
@@ -121,12 +112,7 @@ mod tests {
     use crate::qmp::MigrationCapability;
 
     fn debian_7_2() -> QemuFeatures {
-        let version = QemuVersion {
-            major: 7,
-            minor: 2,
-            micro: 22,
-            package: String::new(),
-        };
+        let version = QemuVersion { major: 7, minor: 2, micro: 22, package: String::new() };
         let capabilities: Vec<MigrationCapabilityStatus> = ["events", "multifd", "future-thing"]
             .into_iter()
             .map(|name| MigrationCapabilityStatus {
@@ -165,9 +151,6 @@ mod tests {
             "QEMU 7.2.22 does not offer migration capability 'switchover-ack'"
         );
         let command = features.require_command("migrate-pause").expect_err("missing");
-        assert_eq!(
-            command.to_string(),
-            "QEMU 7.2.22 does not offer QMP command 'migrate-pause'"
-        );
+        assert_eq!(command.to_string(), "QEMU 7.2.22 does not offer QMP command 'migrate-pause'");
     }
 }

@@ -80,18 +80,10 @@ pub fn job_event(event: &QmpEvent) -> Option<(&str, JobEvent)> {
     let number = |member: &str| event.data.get(member).and_then(Value::as_u64).unwrap_or(0);
     let text = |member: &str| event.data_str(member).unwrap_or_default().to_owned();
     let what = match event.name.as_str() {
-        "BLOCK_JOB_READY" => JobEvent::Ready {
-            len: number("len"),
-            offset: number("offset"),
-        },
-        "BLOCK_JOB_COMPLETED" => JobEvent::Completed {
-            error: event.data_str("error").map(str::to_owned),
-        },
+        "BLOCK_JOB_READY" => JobEvent::Ready { len: number("len"), offset: number("offset") },
+        "BLOCK_JOB_COMPLETED" => JobEvent::Completed { error: event.data_str("error").map(str::to_owned) },
         "BLOCK_JOB_CANCELLED" => JobEvent::Cancelled,
-        "BLOCK_JOB_ERROR" => JobEvent::IoError {
-            operation: text("operation"),
-            action: text("action"),
-        },
+        "BLOCK_JOB_ERROR" => JobEvent::IoError { operation: text("operation"), action: text("action") },
         _ => return None,
     };
     Some((job, what))
@@ -123,10 +115,7 @@ pub async fn start_mirror(
     });
     qmp.execute("blockdev-add", Some(target))
         .await
-        .map_err(|source| QemuError::TargetAdd {
-            drive: job.drive_id.clone(),
-            source,
-        })?;
+        .map_err(|source| QemuError::TargetAdd { drive: job.drive_id.clone(), source })?;
     // The top node rather than the drive id: drives attached with -blockdev have no drive id.
     let mirror = json!({
         "job-id": job.job_id,
@@ -138,10 +127,7 @@ pub async fn start_mirror(
         if let Err(error) = delete_target(qmp, &job).await {
             warn!(drive = %job.drive_id, %error, "cannot remove the NBD target after a failed mirror start");
         }
-        return Err(QemuError::MirrorStart {
-            drive: job.drive_id,
-            source,
-        });
+        return Err(QemuError::MirrorStart { drive: job.drive_id, source });
     }
     debug!(drive = %job.drive_id, job = %job.job_id, "mirror started");
     Ok(job)
@@ -157,14 +143,10 @@ struct BlockJobInfo {
 }
 
 async fn query_jobs(qmp: &QmpClient) -> Result<Vec<BlockJobInfo>, QemuError> {
-    let reply = qmp
-        .execute("query-block-jobs", None)
-        .await
-        .map_err(|source| QemuError::MirrorProgress { source })?;
-    serde_json::from_value(reply).map_err(|source| QemuError::UnexpectedReply {
-        command: "query-block-jobs",
-        source,
-    })
+    let reply =
+        qmp.execute("query-block-jobs", None).await.map_err(|source| QemuError::MirrorProgress { source })?;
+    serde_json::from_value(reply)
+        .map_err(|source| QemuError::UnexpectedReply { command: "query-block-jobs", source })
 }
 
 /// Waits until every mirror is in sync (`BLOCK_JOB_READY`), calling `on_progress` with every
@@ -186,16 +168,10 @@ pub async fn wait_ready(
 ) -> Result<Vec<DriveProgress>, QemuError> {
     let mut progress: Vec<DriveProgress> = jobs
         .iter()
-        .map(|job| DriveProgress {
-            drive_id: job.drive_id.clone(),
-            ..DriveProgress::default()
-        })
+        .map(|job| DriveProgress { drive_id: job.drive_id.clone(), ..DriveProgress::default() })
         .collect();
-    let index: HashMap<&str, usize> = jobs
-        .iter()
-        .enumerate()
-        .map(|(i, job)| (job.job_id.as_str(), i))
-        .collect();
+    let index: HashMap<&str, usize> =
+        jobs.iter().enumerate().map(|(i, job)| (job.job_id.as_str(), i)).collect();
     let until = Instant::now() + deadline;
     let mut ticker = tokio::time::interval(PROGRESS_INTERVAL);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -235,16 +211,10 @@ pub async fn wait_ready(
 }
 
 fn not_ready(error: WaitError, progress: &[DriveProgress], deadline: Duration) -> QemuError {
-    let drives: Vec<&str> = progress
-        .iter()
-        .filter(|drive| !drive.ready)
-        .map(|drive| drive.drive_id.as_str())
-        .collect();
+    let drives: Vec<&str> =
+        progress.iter().filter(|drive| !drive.ready).map(|drive| drive.drive_id.as_str()).collect();
     match error {
-        WaitError::Timeout(_) => QemuError::MirrorNotReady {
-            drives: drives.join(", "),
-            deadline,
-        },
+        WaitError::Timeout(_) => QemuError::MirrorNotReady { drives: drives.join(", "), deadline },
         WaitError::Ended => QemuError::EventsEnded {
             waiting_for: format!("the mirror of {} to be in sync", drives.join(", ")),
         },
@@ -255,14 +225,8 @@ fn ended_error(job: &MirrorJob, what: JobEvent) -> QemuError {
     let drive = job.drive_id.clone();
     match what {
         JobEvent::Completed { error: Some(error) } => QemuError::MirrorFailed { drive, error },
-        JobEvent::Completed { error: None } => QemuError::MirrorEndedEarly {
-            drive,
-            how: "completed",
-        },
-        _ => QemuError::MirrorEndedEarly {
-            drive,
-            how: "cancelled",
-        },
+        JobEvent::Completed { error: None } => QemuError::MirrorEndedEarly { drive, how: "completed" },
+        _ => QemuError::MirrorEndedEarly { drive, how: "cancelled" },
     }
 }
 
@@ -283,10 +247,7 @@ async fn vanished(events: &mut Subscription, job: &MirrorJob) -> QemuError {
 }
 
 fn vanished_silently(job: &MirrorJob) -> QemuError {
-    QemuError::MirrorEndedEarly {
-        drive: job.drive_id.clone(),
-        how: "vanished without an event",
-    }
+    QemuError::MirrorEndedEarly { drive: job.drive_id.clone(), how: "vanished without an event" }
 }
 
 /// At the `pre-switchover` pause: soft-cancels every READY mirror, which copies what is still
@@ -309,29 +270,19 @@ pub async fn complete_consistent(
     // Subscribed before the first cancel, so no completion can slip past.
     let mut events = bus.subscribe();
     for job in jobs {
-        qmp.execute("block-job-cancel", Some(json!({ "device": job.job_id })))
-            .await
-            .map_err(|source| QemuError::MirrorCancel {
-                action: "complete",
-                drive: job.drive_id.clone(),
-                source,
-            })?;
+        qmp.execute("block-job-cancel", Some(json!({ "device": job.job_id }))).await.map_err(|source| {
+            QemuError::MirrorCancel { action: "complete", drive: job.drive_id.clone(), source }
+        })?;
     }
     let until = Instant::now() + deadline;
     let mut pending: Vec<&MirrorJob> = jobs.iter().collect();
     while let Some(first) = pending.first() {
-        let event = events
-            .next_until(until, deadline)
-            .await
-            .map_err(|error| match error {
-                WaitError::Timeout(_) => QemuError::MirrorNotEnded {
-                    drive: first.drive_id.clone(),
-                    deadline,
-                },
-                WaitError::Ended => QemuError::EventsEnded {
-                    waiting_for: format!("the mirror of drive {} to complete", first.drive_id),
-                },
-            })?;
+        let event = events.next_until(until, deadline).await.map_err(|error| match error {
+            WaitError::Timeout(_) => QemuError::MirrorNotEnded { drive: first.drive_id.clone(), deadline },
+            WaitError::Ended => QemuError::EventsEnded {
+                waiting_for: format!("the mirror of drive {} to complete", first.drive_id),
+            },
+        })?;
         let Some((id, what)) = job_event(&event) else { continue };
         let Some(position) = pending.iter().position(|job| job.job_id == id) else { continue };
         match what {
@@ -349,13 +300,9 @@ pub async fn complete_consistent(
 }
 
 async fn delete_target(qmp: &QmpClient, job: &MirrorJob) -> Result<(), QemuError> {
-    qmp.execute("blockdev-del", Some(json!({ "node-name": job.target_node })))
-        .await
-        .map_err(|source| QemuError::TargetDel {
-            drive: job.drive_id.clone(),
-            node: job.target_node.clone(),
-            source,
-        })?;
+    qmp.execute("blockdev-del", Some(json!({ "node-name": job.target_node }))).await.map_err(|source| {
+        QemuError::TargetDel { drive: job.drive_id.clone(), node: job.target_node.clone(), source }
+    })?;
     Ok(())
 }
 
@@ -411,10 +358,9 @@ pub async fn abort(
             }
             Err(error) => {
                 failures.record(match error {
-                    WaitError::Timeout(_) => QemuError::MirrorNotEnded {
-                        drive: first.drive_id.clone(),
-                        deadline,
-                    },
+                    WaitError::Timeout(_) => {
+                        QemuError::MirrorNotEnded { drive: first.drive_id.clone(), deadline }
+                    }
                     WaitError::Ended => QemuError::EventsEnded {
                         waiting_for: format!("the aborted mirror of drive {} to end", first.drive_id),
                     },
@@ -457,11 +403,8 @@ pub async fn node_names(qmp: &QmpClient) -> Result<HashSet<String>, QemuError> {
         .execute("query-named-block-nodes", Some(json!({ "flat": true })))
         .await
         .map_err(|source| QemuError::ListNodes { source })?;
-    let nodes: Vec<Node> =
-        serde_json::from_value(reply).map_err(|source| QemuError::UnexpectedReply {
-            command: "query-named-block-nodes",
-            source,
-        })?;
+    let nodes: Vec<Node> = serde_json::from_value(reply)
+        .map_err(|source| QemuError::UnexpectedReply { command: "query-named-block-nodes", source })?;
     Ok(nodes.into_iter().map(|node| node.node_name).collect())
 }
 
@@ -501,11 +444,17 @@ mod tests {
     fn block_job_events_are_read() {
         let table = [
             (
-                event("BLOCK_JOB_READY", json!({"device": "j", "len": 10, "offset": 10, "speed": 0, "type": "mirror"})),
+                event(
+                    "BLOCK_JOB_READY",
+                    json!({"device": "j", "len": 10, "offset": 10, "speed": 0, "type": "mirror"}),
+                ),
                 Some(("j", JobEvent::Ready { len: 10, offset: 10 })),
             ),
             (
-                event("BLOCK_JOB_COMPLETED", json!({"device": "j", "len": 10, "offset": 4, "error": "Input/output error"})),
+                event(
+                    "BLOCK_JOB_COMPLETED",
+                    json!({"device": "j", "len": 10, "offset": 4, "error": "Input/output error"}),
+                ),
                 Some(("j", JobEvent::Completed { error: Some("Input/output error".into()) })),
             ),
             (

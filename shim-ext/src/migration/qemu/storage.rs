@@ -7,6 +7,8 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -80,10 +82,8 @@ const MAX_QEMU_ID: usize = 31;
 /// in for a drive without id) is replaced by a stable 64-bit hash, so the same drive always
 /// gets the same name and a leftover from an earlier attempt can be found.
 pub fn qemu_id(prefix: &str, raw: &str) -> String {
-    let well_formed = !raw.is_empty()
-        && raw
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    let well_formed =
+        !raw.is_empty() && raw.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
     if well_formed && prefix.len() + raw.len() <= MAX_QEMU_ID {
         format!("{prefix}{raw}")
     } else {
@@ -112,12 +112,16 @@ pub struct NbdExport {
 }
 
 /// The NBD server and exports of one incoming migration, as [`export_disks`] created them.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// Clones share whether [`stop_exports`] already succeeded, so a clone registered as a cleanup
+/// step does nothing after the success path stopped the exports.
+#[derive(Debug, Clone)]
 pub struct NbdExports {
     address: NbdAddress,
     exports: Vec<NbdExport>,
     /// Created with `nbd-server-add` because this QEMU lacks `block-export-add` (before 5.2).
     legacy: bool,
+    stopped: Arc<AtomicBool>,
 }
 
 impl NbdExports {
@@ -133,10 +137,7 @@ impl NbdExports {
 
     /// The NBD export name of `drive_id`.
     pub fn export_name(&self, drive_id: &str) -> Option<&str> {
-        self.exports
-            .iter()
-            .find(|export| export.drive_id == drive_id)
-            .map(|export| export.name.as_str())
+        self.exports.iter().find(|export| export.drive_id == drive_id).map(|export| export.name.as_str())
     }
 }
 
@@ -153,14 +154,12 @@ pub async fn export_disks(
 ) -> Result<NbdExports, QemuError> {
     qmp.execute("nbd-server-start", Some(json!({ "addr": address.to_qapi_legacy() })))
         .await
-        .map_err(|source| QemuError::NbdServerStart {
-            address: address.to_string(),
-            source,
-        })?;
+        .map_err(|source| QemuError::NbdServerStart { address: address.to_string(), source })?;
     let mut exports = NbdExports {
         address: address.clone(),
         exports: Vec::with_capacity(disks.len()),
         legacy: false,
+        stopped: Arc::default(),
     };
     for disk in disks {
         match add_export(qmp, disk, &mut exports.legacy).await {
@@ -177,15 +176,8 @@ pub async fn export_disks(
     Ok(exports)
 }
 
-async fn add_export(
-    qmp: &QmpClient,
-    disk: &DiskInfo,
-    legacy: &mut bool,
-) -> Result<NbdExport, QemuError> {
-    let map_err = |source| QemuError::ExportAdd {
-        drive: disk.drive_id.clone(),
-        source,
-    };
+async fn add_export(qmp: &QmpClient, disk: &DiskInfo, legacy: &mut bool) -> Result<NbdExport, QemuError> {
+    let map_err = |source| QemuError::ExportAdd { drive: disk.drive_id.clone(), source };
     if !*legacy {
         let id = qemu_id("kmr-export-", &disk.drive_id);
         let arguments = json!({
@@ -216,9 +208,7 @@ async fn add_export(
         "name": disk.drive_id,
         "writable": true,
     });
-    qmp.execute("nbd-server-add", Some(arguments))
-        .await
-        .map_err(map_err)?;
+    qmp.execute("nbd-server-add", Some(arguments)).await.map_err(map_err)?;
     // A legacy export's id is its name.
     Ok(NbdExport {
         drive_id: disk.drive_id.clone(),
@@ -241,11 +231,7 @@ async fn remove_partial(qmp: &QmpClient, exports: &NbdExports) {
     }
 }
 
-async fn delete_export(
-    qmp: &QmpClient,
-    legacy: bool,
-    export: &NbdExport,
-) -> Result<(), QemuError> {
+async fn delete_export(qmp: &QmpClient, legacy: bool, export: &NbdExport) -> Result<(), QemuError> {
     // `hard`: the source may still be connected (e.g. on a failure path); its connection must
     // not keep the disk.
     let (command, arguments) = if legacy {
@@ -255,10 +241,7 @@ async fn delete_export(
     };
     qmp.execute(command, Some(arguments))
         .await
-        .map_err(|source| QemuError::ExportDel {
-            drive: export.drive_id.clone(),
-            source,
-        })?;
+        .map_err(|source| QemuError::ExportDel { drive: export.drive_id.clone(), source })?;
     Ok(())
 }
 
@@ -274,7 +257,8 @@ struct ExportInfo {
 /// guest device's write access when the migration completes.
 ///
 /// Waits for each export's `BLOCK_EXPORT_DELETED`, the point at which QEMU has released the
-/// disk. Exports that are already gone are skipped, so this also serves as cleanup.
+/// disk. Exports that are already gone are skipped, and a call after a successful one (on any
+/// clone) returns at once, so this also serves as cleanup.
 ///
 /// # Errors
 ///
@@ -286,6 +270,9 @@ pub async fn stop_exports(
     exports: &NbdExports,
     deadline: Duration,
 ) -> Result<(), QemuError> {
+    if exports.stopped.load(Ordering::Acquire) {
+        return Ok(());
+    }
     let mut events = bus.subscribe();
     if exports.legacy {
         // QEMU before 5.2 has neither `query-block-exports` nor `BLOCK_EXPORT_DELETED`; its
@@ -298,11 +285,8 @@ pub async fn stop_exports(
             .execute("query-block-exports", None)
             .await
             .map_err(|source| QemuError::ListExports { source })?;
-        let listed: Vec<ExportInfo> =
-            serde_json::from_value(reply).map_err(|source| QemuError::UnexpectedReply {
-                command: "query-block-exports",
-                source,
-            })?;
+        let listed: Vec<ExportInfo> = serde_json::from_value(reply)
+            .map_err(|source| QemuError::UnexpectedReply { command: "query-block-exports", source })?;
         let mut pending: Vec<&NbdExport> = Vec::new();
         for export in &exports.exports {
             let Some(info) = listed.iter().find(|info| info.id == export.id) else {
@@ -315,18 +299,14 @@ pub async fn stop_exports(
         }
         let until = Instant::now() + deadline;
         while let Some(first) = pending.first() {
-            let event = events
-                .next_until(until, deadline)
-                .await
-                .map_err(|error| match error {
-                    WaitError::Timeout(_) => QemuError::ExportNotReleased {
-                        drive: first.drive_id.clone(),
-                        deadline,
-                    },
-                    WaitError::Ended => QemuError::EventsEnded {
-                        waiting_for: format!("the release of drive {}'s NBD export", first.drive_id),
-                    },
-                })?;
+            let event = events.next_until(until, deadline).await.map_err(|error| match error {
+                WaitError::Timeout(_) => {
+                    QemuError::ExportNotReleased { drive: first.drive_id.clone(), deadline }
+                }
+                WaitError::Ended => QemuError::EventsEnded {
+                    waiting_for: format!("the release of drive {}'s NBD export", first.drive_id),
+                },
+            })?;
             if event.name == "BLOCK_EXPORT_DELETED" {
                 if let Some(id) = event.data_str("id") {
                     pending.retain(|export| export.id != id);
@@ -334,9 +314,8 @@ pub async fn stop_exports(
             }
         }
     }
-    qmp.execute("nbd-server-stop", None)
-        .await
-        .map_err(|source| QemuError::NbdServerStop { source })?;
+    qmp.execute("nbd-server-stop", None).await.map_err(|source| QemuError::NbdServerStop { source })?;
+    exports.stopped.store(true, Ordering::Release);
     Ok(())
 }
 
@@ -363,10 +342,7 @@ mod tests {
     fn addresses_in_both_qapi_shapes() {
         let unix = NbdAddress::from(Path::new("/run/x/nbd.sock"));
         assert_eq!(unix.to_qapi(), json!({"type": "unix", "path": "/run/x/nbd.sock"}));
-        assert_eq!(
-            unix.to_qapi_legacy(),
-            json!({"type": "unix", "data": {"path": "/run/x/nbd.sock"}})
-        );
+        assert_eq!(unix.to_qapi_legacy(), json!({"type": "unix", "data": {"path": "/run/x/nbd.sock"}}));
         assert_eq!(unix.to_string(), "unix:/run/x/nbd.sock");
         let fd = NbdAddress::Fd("nbd0".into());
         assert_eq!(fd.to_qapi(), json!({"type": "fd", "str": "nbd0"}));

@@ -1,0 +1,676 @@
+//! One migration driven from the client: the two agents are told what to do, in order, and
+//! watched until the VM runs on the destination, or until both sides have undone their work.
+//!
+//! ```text
+//! kubectl migrate        destination agent                 source agent
+//!   │ ListSandboxes, Inspect ───────────────────────────────────▶│
+//!   │ PrepareIncoming ───────▶│ (id, secret, argv, options)      │
+//!   │ StartMigration ───────────────────────────────────────────▶│ (same id, secret, options)
+//!   │ Watch ─────────────────▶│              Watch ──────────────▶│
+//!   │◀══ events, merged ══════╪══════════════════════════════════╡
+//!   │ on a FAILED/CANCELLED side, on Ctrl-C or --timeout: Cancel the side(s) still running,
+//!   │ then wait (bounded by the cancel grace) for their terminal events
+//! ```
+//!
+//! The decisions — when it is over, whom to cancel, how it ended — live in [`Tracker`], a plain
+//! state machine fed with events, so they are tested without agents. [`run`] only does the I/O.
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use katamaran::client::{new_migration_id, phase};
+use katamaran::convert::options_to_proto;
+use katamaran::dataplane::Secret;
+use katamaran::migration::options::MigrationOptions;
+use katamaran_protos::protobuf::MessageField;
+use katamaran_protos::v1 as pb;
+use tokio::sync::watch;
+
+use crate::output::Progress;
+use crate::resolve::Resolved;
+use crate::transport::{self, Agent, Events};
+
+/// A failure that ends the run before the migration is under way.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No randomness for the migration id or the secret.
+    #[error("cannot generate the migration id or secret")]
+    Random(#[source] katamaran::dataplane::Error),
+    /// The destination refused or failed `PrepareIncoming`.
+    #[error("preparing the destination failed")]
+    Prepare(#[source] transport::Error),
+    /// The source refused or failed `StartMigration`; the destination was cancelled.
+    #[error("starting the migration on the source failed (the destination was cancelled)")]
+    Start(#[source] transport::Error),
+    /// A `Watch` could not be opened; both sides were cancelled.
+    #[error("watching the migration failed (both sides were cancelled)")]
+    Watch(#[source] transport::Error),
+}
+
+impl Error {
+    /// Whether an agent refused the request as given (exit code 2).
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            Error::Prepare(e) | Error::Start(e) => e.is_refusal(),
+            Error::Random(_) | Error::Watch(_) => false,
+        }
+    }
+}
+
+/// Which node an event or a call concerns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The node the VM leaves.
+    Source,
+    /// The node the VM arrives on.
+    Destination,
+}
+
+impl Side {
+    /// "source" or "destination".
+    pub fn name(self) -> &'static str {
+        match self {
+            Side::Source => "source",
+            Side::Destination => "destination",
+        }
+    }
+
+    fn other(self) -> Side {
+        match self {
+            Side::Source => Side::Destination,
+            Side::Destination => Side::Source,
+        }
+    }
+}
+
+/// What the user asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Ctrl-C.
+    Interrupted,
+    /// `--timeout` passed.
+    TimedOut(Duration),
+}
+
+/// How a migration ended, from the user's point of view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The VM runs on the destination.
+    Succeeded,
+    /// A side failed, was cancelled by someone else, stopped answering, or `--timeout` passed.
+    Failed {
+        /// The side that failed first, if one did.
+        side: Option<Side>,
+        /// `ErrorKind` name (e.g. "QEMU") or a client-side cause ("TIMEOUT", "LOST").
+        kind: String,
+        /// The full message.
+        message: String,
+    },
+    /// Ctrl-C cancelled it.
+    Cancelled,
+}
+
+/// What [`Tracker`] asks [`run`] to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send `Cancel` to `side`.
+    Cancel {
+        /// Side to cancel.
+        side: Side,
+        /// Reason recorded in its CANCELLED event.
+        reason: String,
+    },
+}
+
+#[derive(Debug, Default, Clone)]
+struct SideState {
+    events: Vec<pb::MigrationEvent>,
+    /// Latest known phase (unknown enum values keep the previous one).
+    phase: Option<pb::Phase>,
+    ended: bool,
+    cancel_sent: bool,
+}
+
+impl SideState {
+    fn terminal(&self) -> Option<&pb::MigrationEvent> {
+        self.events.last().filter(|e| phase(e).is_terminal())
+    }
+}
+
+/// The decisions of a running migration: fed with events and stops, it says whom to cancel,
+/// when the run is over, and how it ended.
+#[derive(Debug, Clone)]
+pub struct Tracker {
+    source: SideState,
+    destination: SideState,
+    wait_forwarding: bool,
+    stop: Option<Stop>,
+    first_failure: Option<(Side, String, String)>,
+    notes: Vec<String>,
+}
+
+fn error_kind_name(e: &pb::MigrationEvent) -> String {
+    match e.result.error_kind.enum_value() {
+        Ok(k) => format!("{k:?}").trim_start_matches("ERROR_KIND_").to_owned(),
+        Err(v) => format!("error kind {v}"),
+    }
+}
+
+fn event_message(e: &pb::MigrationEvent) -> String {
+    if e.result.error_message.is_empty() {
+        e.message.clone()
+    } else {
+        e.result.error_message.clone()
+    }
+}
+
+impl Tracker {
+    /// A tracker for a migration just started. With `wait_forwarding`, success also waits for
+    /// the source to finish forwarding stragglers (its own COMPLETED).
+    pub fn new(wait_forwarding: bool) -> Self {
+        Self {
+            source: SideState::default(),
+            destination: SideState::default(),
+            wait_forwarding,
+            stop: None,
+            first_failure: None,
+            notes: Vec::new(),
+        }
+    }
+
+    fn side(&mut self, side: Side) -> &mut SideState {
+        match side {
+            Side::Source => &mut self.source,
+            Side::Destination => &mut self.destination,
+        }
+    }
+
+    fn side_ref(&self, side: Side) -> &SideState {
+        match side {
+            Side::Source => &self.source,
+            Side::Destination => &self.destination,
+        }
+    }
+
+    /// The events received from `side`, in order.
+    pub fn events(&self, side: Side) -> &[pb::MigrationEvent] {
+        &self.side_ref(side).events
+    }
+
+    /// Remarks for the user gathered along the way (refused cancels, lost agents).
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    /// Adds a remark for the user.
+    pub fn note(&mut self, note: String) {
+        self.notes.push(note);
+    }
+
+    /// Whether `side` may still send events.
+    pub fn is_open(&self, side: Side) -> bool {
+        !self.side_ref(side).ended
+    }
+
+    /// Whether a stop (Ctrl-C, timeout) was requested.
+    pub fn stop(&self) -> Option<Stop> {
+        self.stop
+    }
+
+    fn cancel_other(&mut self, failed: Side, reason: String) -> Vec<Action> {
+        let other = failed.other();
+        let state = self.side(other);
+        if state.ended || state.cancel_sent {
+            return Vec::new();
+        }
+        state.cancel_sent = true;
+        vec![Action::Cancel { side: other, reason }]
+    }
+
+    /// An event from `side`.
+    pub fn on_event(&mut self, side: Side, event: pb::MigrationEvent) -> Vec<Action> {
+        let state = self.side(side);
+        if state.ended {
+            return Vec::new();
+        }
+        // A watcher that re-reads the latest event must not count it twice.
+        if event.sequence != 0 && state.events.last().is_some_and(|l| l.sequence >= event.sequence) {
+            return Vec::new();
+        }
+        let p = event.phase.enum_value().ok();
+        if p.is_some() {
+            state.phase = p;
+        }
+        let terminal = p.is_some_and(pb::Phase::is_terminal);
+        state.ended = terminal;
+        state.events.push(event);
+        if !terminal || p == Some(pb::Phase::PHASE_COMPLETED) {
+            return Vec::new();
+        }
+        let Some(last) = self.side_ref(side).events.last() else { return Vec::new() };
+        let (kind, message) = (error_kind_name(last), event_message(last));
+        let what = if p == Some(pb::Phase::PHASE_CANCELLED) { "was cancelled" } else { "failed" };
+        let reason = format!("the {} {what}: {message}", side.name());
+        if self.first_failure.is_none() && !self.side_ref(side).cancel_sent {
+            let kind = if p == Some(pb::Phase::PHASE_CANCELLED) { "CANCELLED".to_owned() } else { kind };
+            self.first_failure = Some((side, kind, message));
+        }
+        self.cancel_other(side, reason)
+    }
+
+    /// `side`'s event stream ended or broke; `why` is empty for a clean end.
+    pub fn on_stream_end(&mut self, side: Side, why: Option<String>) -> Vec<Action> {
+        let state = self.side(side);
+        if state.ended {
+            return Vec::new();
+        }
+        state.ended = true;
+        let message = match why {
+            Some(w) => format!("lost the {} agent before the migration ended: {w}", side.name()),
+            None => format!("the {} agent stopped reporting before the migration ended", side.name()),
+        };
+        if self.first_failure.is_none() && !self.side_ref(side).cancel_sent {
+            self.first_failure = Some((side, "LOST".into(), message.clone()));
+        } else {
+            self.notes.push(message.clone());
+        }
+        self.cancel_other(side, message)
+    }
+
+    /// Ctrl-C or `--timeout`: cancel every side still running.
+    pub fn on_stop(&mut self, stop: Stop) -> Vec<Action> {
+        if self.stop.is_some() {
+            return Vec::new();
+        }
+        self.stop = Some(stop);
+        if self.succeeded() {
+            return Vec::new();
+        }
+        let reason = match stop {
+            Stop::Interrupted => "cancelled by the user (Ctrl-C in kubectl migrate)".to_owned(),
+            Stop::TimedOut(t) => format!("kubectl migrate --timeout {t:?} passed"),
+        };
+        let mut actions = Vec::new();
+        for side in [Side::Source, Side::Destination] {
+            let state = self.side(side);
+            if !state.ended && !state.cancel_sent {
+                state.cancel_sent = true;
+                actions.push(Action::Cancel { side, reason: reason.clone() });
+            }
+        }
+        actions
+    }
+
+    /// The answer to a `Cancel` sent to `side`.
+    pub fn on_cancel_answer(&mut self, side: Side, answer: Result<pb::CancelResponse, String>) {
+        match answer {
+            Ok(r) if r.cancelled => {}
+            Ok(r) => match r.phase.enum_value() {
+                Ok(p) if p.is_terminal() => {}
+                Ok(p) => self.notes.push(format!(
+                    "the {} is past its point of no return ({}); the migration runs to its end",
+                    side.name(),
+                    phase_name(p)
+                )),
+                Err(v) => self.notes.push(format!("the {} did not cancel (phase {v})", side.name())),
+            },
+            Err(e) => {
+                self.notes.push(format!("cancelling the {} failed: {e}", side.name()));
+            }
+        }
+    }
+
+    fn phase_of(&self, side: Side) -> Option<pb::Phase> {
+        self.side_ref(side).phase
+    }
+
+    /// The VM runs on the destination and the source forwards (or has finished forwarding).
+    pub fn succeeded(&self) -> bool {
+        let dest_done = self.phase_of(Side::Destination) == Some(pb::Phase::PHASE_COMPLETED);
+        let source_ok = match self.phase_of(Side::Source) {
+            Some(pb::Phase::PHASE_COMPLETED) => true,
+            Some(pb::Phase::PHASE_FORWARDING) => !self.wait_forwarding,
+            _ => false,
+        };
+        dest_done && source_ok
+    }
+
+    /// Whether nothing more is worth waiting for.
+    pub fn done(&self) -> bool {
+        self.succeeded() || (self.source.ended && self.destination.ended)
+    }
+
+    /// How it ended (or stands, when the cancel grace ran out).
+    pub fn outcome(&self) -> Outcome {
+        if self.succeeded() {
+            return Outcome::Succeeded;
+        }
+        if let Some((side, kind, message)) = &self.first_failure {
+            return Outcome::Failed { side: Some(*side), kind: kind.clone(), message: message.clone() };
+        }
+        match self.stop {
+            Some(Stop::Interrupted) => Outcome::Cancelled,
+            Some(Stop::TimedOut(t)) => Outcome::Failed {
+                side: None,
+                kind: "TIMEOUT".into(),
+                message: format!("the migration did not finish within --timeout {t:?}"),
+            },
+            None => {
+                // Both ended without a failure event on either: e.g. the source COMPLETED but
+                // the destination's stream closed after its last event.
+                let which = [Side::Destination, Side::Source]
+                    .into_iter()
+                    .find(|s| self.side_ref(*s).terminal().is_none())
+                    .unwrap_or(Side::Destination);
+                Outcome::Failed {
+                    side: Some(which),
+                    kind: "LOST".into(),
+                    message: format!("the {} never reported the end of the migration", which.name()),
+                }
+            }
+        }
+    }
+
+    /// Called when the cancel grace ran out with sides still running.
+    pub fn on_grace_expired(&mut self, grace: Duration) {
+        for side in [Side::Source, Side::Destination] {
+            if !self.side_ref(side).ended {
+                self.notes.push(format!(
+                    "the {} did not confirm the end within {grace:?}; check it with katactl on its node",
+                    side.name()
+                ));
+            }
+        }
+    }
+}
+
+/// Lower-case phase name for tables and lines.
+pub fn phase_name(p: pb::Phase) -> &'static str {
+    match p {
+        pb::Phase::PHASE_UNSPECIFIED => "unspecified",
+        pb::Phase::PHASE_PREPARING => "preparing",
+        pb::Phase::PHASE_STORAGE => "storage",
+        pb::Phase::PHASE_RAM => "ram",
+        pb::Phase::PHASE_CUTOVER => "cutover",
+        pb::Phase::PHASE_FORWARDING => "forwarding",
+        pb::Phase::PHASE_COMPLETED => "completed",
+        pb::Phase::PHASE_FAILED => "failed",
+        pb::Phase::PHASE_CANCELLED => "cancelled",
+    }
+}
+
+/// Knobs of one run.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Cancel both sides if the migration has not ended by then.
+    pub timeout: Option<Duration>,
+    /// Wait for the source's forwarding to end too.
+    pub wait_forwarding: bool,
+    /// After a cancel, how long to wait for the sides' terminal events.
+    pub cancel_grace: Duration,
+}
+
+/// Default bound on the wait for terminal events after a cancel: the agents undo QEMU, NBD
+/// exports, routes and the plug, which takes seconds, not minutes.
+pub const DEFAULT_CANCEL_GRACE: Duration = Duration::from_secs(60);
+
+/// What was migrated and how, checked before anything is touched.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// Pod, nodes, agents.
+    pub resolved: Resolved,
+    /// Validated options.
+    pub options: MigrationOptions,
+    /// The source sandbox as `Inspect` returned it.
+    pub sandbox: pb::Sandbox,
+}
+
+/// The record of a run, for the final table or JSON.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Migration id.
+    pub migration_id: String,
+    /// Incoming sandbox on the destination, once prepared.
+    pub destination_sandbox_id: Option<String>,
+    /// Source node address sent to the destination.
+    pub source_address: String,
+    /// Destination node address sent to the source.
+    pub destination_address: Option<String>,
+    /// The decisions and events.
+    pub tracker: Tracker,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// From `PrepareIncoming` to the end.
+    pub elapsed: Duration,
+}
+
+/// Resolves when Ctrl-C was pressed (the flag turns true).
+async fn interrupted(rx: &mut watch::Receiver<bool>) {
+    if rx.wait_for(|v| *v).await.is_err() {
+        // The signal task is gone: no interrupt can come any more.
+        std::future::pending::<()>().await;
+    }
+}
+
+async fn at(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn agent<'a>(side: Side, source: &'a Agent, destination: &'a Agent) -> &'a Agent {
+    match side {
+        Side::Source => source,
+        Side::Destination => destination,
+    }
+}
+
+async fn apply(
+    actions: Vec<Action>,
+    id: &str,
+    source: &Agent,
+    destination: &Agent,
+    tracker: &mut Tracker,
+    progress: &mut dyn Progress,
+) {
+    for Action::Cancel { side, .. } in &actions {
+        progress.note(&format!(
+            "cancelling the {} ({})",
+            side.name(),
+            agent(*side, source, destination).node()
+        ));
+    }
+    // Both sides at once: a slow or dead agent must not delay the other's rollback.
+    let calls = actions.into_iter().map(|Action::Cancel { side, reason }| async move {
+        let answer = agent(side, source, destination).cancel(id, &reason).await.map_err(|e| e.to_string());
+        (side, answer)
+    });
+    for (side, answer) in futures::future::join_all(calls).await {
+        tracker.on_cancel_answer(side, answer);
+    }
+}
+
+/// Best-effort cancel before the watch loop: the side may not know the id yet.
+async fn cancel_quietly(side: Side, agent: &Agent, id: &str, reason: &str) -> Option<String> {
+    match agent.cancel(id, reason).await {
+        Ok(_) => None,
+        Err(e) if e.code() == Some(katamaran_protos::ttrpc::Code::NOT_FOUND) => None,
+        Err(e) => Some(format!("cancelling the {} failed: {e}", side.name())),
+    }
+}
+
+/// How the wait for `PrepareIncoming` ended.
+enum Prepared {
+    Answered(Result<pb::PrepareIncomingResponse, transport::Error>),
+    Stopped(Stop),
+}
+
+/// Runs the migration of `plan` between the two agents, reporting to `progress`, until the VM
+/// runs on the destination or both sides have ended.
+///
+/// # Errors
+/// [`Error`] when the migration could not be started; everything that happens once it runs is
+/// in the [`Report`].
+pub async fn run(
+    plan: &Plan,
+    source: &Agent,
+    destination: &Agent,
+    settings: &Settings,
+    mut interrupt: watch::Receiver<bool>,
+    progress: &mut dyn Progress,
+) -> Result<Report, Error> {
+    let migration_id = new_migration_id().map_err(Error::Random)?;
+    let secret = Secret::generate().map_err(Error::Random)?;
+    let options = options_to_proto(&plan.options);
+    let started = Instant::now();
+    let deadline = settings.timeout.map(|t| started + t);
+    // The agent knows which of its node's addresses carries migration traffic; the Kubernetes
+    // InternalIP is the fallback for agents that do not say.
+    let source_address = if plan.sandbox.node_address.parse::<IpAddr>().is_ok() {
+        plan.sandbox.node_address.clone()
+    } else {
+        plan.resolved.source.address.to_string()
+    };
+    let mut report = Report {
+        migration_id: migration_id.clone(),
+        destination_sandbox_id: None,
+        source_address: source_address.clone(),
+        destination_address: None,
+        tracker: Tracker::new(settings.wait_forwarding),
+        outcome: Outcome::Succeeded,
+        elapsed: Duration::ZERO,
+    };
+    progress.note(&format!(
+        "migration {migration_id}: {} from {} to {}",
+        plan.resolved.pod.key(),
+        plan.resolved.source.node,
+        plan.resolved.destination.node
+    ));
+
+    let mut prep = pb::PrepareIncomingRequest::new();
+    prep.migration_id = migration_id.clone();
+    prep.secret = secret.expose().to_vec();
+    prep.source_sandbox = MessageField::some(plan.sandbox.clone());
+    prep.source_qemu_argv = plan.sandbox.qemu_argv.clone();
+    prep.options = MessageField::some(options.clone());
+    prep.source_node_address = source_address;
+    let prepared = tokio::select! {
+        r = destination.prepare_incoming(&prep) => Prepared::Answered(r),
+        () = interrupted(&mut interrupt) => Prepared::Stopped(Stop::Interrupted),
+        () = at(deadline) => Prepared::Stopped(Stop::TimedOut(settings.timeout.unwrap_or_default())),
+    };
+    let prepared = match prepared {
+        Prepared::Answered(Ok(p)) => p,
+        Prepared::Answered(Err(e)) => return Err(Error::Prepare(e)),
+        Prepared::Stopped(stop) => {
+            // PrepareIncoming may have got far on the node; Cancel undoes whatever it created.
+            let reason = "kubectl migrate stopped before the migration started";
+            if let Some(note) = cancel_quietly(Side::Destination, destination, &migration_id, reason).await {
+                report.tracker.note(note);
+            }
+            report.tracker.on_stop(stop);
+            report.outcome = report.tracker.outcome();
+            report.elapsed = started.elapsed();
+            return Ok(report);
+        }
+    };
+    report.destination_sandbox_id = Some(prepared.destination_sandbox_id.clone());
+    let destination_address = if prepared.destination_node_address.parse::<IpAddr>().is_ok() {
+        prepared.destination_node_address.clone()
+    } else {
+        plan.resolved.destination.address.to_string()
+    };
+    report.destination_address = Some(destination_address.clone());
+    progress.note(&format!(
+        "destination prepared: incoming sandbox {} at {destination_address}",
+        prepared.destination_sandbox_id
+    ));
+
+    let mut start = pb::StartMigrationRequest::new();
+    start.sandbox_id = plan.sandbox.id.clone();
+    start.migration_id = migration_id.clone();
+    start.secret = secret.expose().to_vec();
+    start.destination_node_address = destination_address;
+    start.endpoints = prepared.endpoints.clone();
+    start.options = MessageField::some(options);
+    if let Err(e) = source.start_migration(&start).await {
+        let reason = format!("the source refused to start: {e}");
+        if let Some(note) = cancel_quietly(Side::Destination, destination, &migration_id, &reason).await {
+            tracing::warn!(%note);
+        }
+        return Err(Error::Start(e));
+    }
+
+    let (mut src_events, mut dst_events) = match futures::future::try_join(
+        source.watch(&migration_id),
+        destination.watch(&migration_id),
+    )
+    .await
+    {
+        Ok(pair) => pair,
+        Err(e) => {
+            let reason = format!("kubectl migrate cannot watch the migration: {e}");
+            for (side, a) in [(Side::Source, source), (Side::Destination, destination)] {
+                if let Some(note) = cancel_quietly(side, a, &migration_id, &reason).await {
+                    tracing::warn!(%note);
+                }
+            }
+            return Err(Error::Watch(e));
+        }
+    };
+
+    let mut tracker = Tracker::new(settings.wait_forwarding);
+    let mut grace: Option<Instant> = None;
+    while !tracker.done() {
+        let actions = tokio::select! {
+            r = next(&mut src_events), if tracker.is_open(Side::Source) => feed(&mut tracker, Side::Source, r, progress),
+            r = next(&mut dst_events), if tracker.is_open(Side::Destination) => feed(&mut tracker, Side::Destination, r, progress),
+            () = interrupted(&mut interrupt), if tracker.stop().is_none() => {
+                progress.note("interrupted: cancelling both sides (Ctrl-C again to quit without waiting)");
+                tracker.on_stop(Stop::Interrupted)
+            }
+            () = at(deadline), if tracker.stop().is_none() => {
+                let t = settings.timeout.unwrap_or_default();
+                progress.note(&format!("--timeout {t:?} passed: cancelling both sides"));
+                tracker.on_stop(Stop::TimedOut(t))
+            }
+            () = at(grace) => {
+                tracker.on_grace_expired(settings.cancel_grace);
+                break;
+            }
+        };
+        if !actions.is_empty() {
+            grace.get_or_insert_with(|| Instant::now() + settings.cancel_grace);
+            apply(actions, &migration_id, source, destination, &mut tracker, progress).await;
+        }
+    }
+    report.outcome = tracker.outcome();
+    report.tracker = tracker;
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+async fn next(events: &mut Events) -> Result<Option<pb::MigrationEvent>, transport::Error> {
+    events.next().await
+}
+
+fn feed(
+    tracker: &mut Tracker,
+    side: Side,
+    r: Result<Option<pb::MigrationEvent>, transport::Error>,
+    progress: &mut dyn Progress,
+) -> Vec<Action> {
+    match r {
+        Ok(Some(event)) => {
+            progress.event(side, &event);
+            tracker.on_event(side, event)
+        }
+        Ok(None) => tracker.on_stream_end(side, None),
+        Err(e) => tracker.on_stream_end(side, Some(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+#[path = "orchestrate_tests.rs"]
+mod tests;

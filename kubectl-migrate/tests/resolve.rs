@@ -1,0 +1,167 @@
+//! The plugin binary against the fake API server: what it refuses (exit code 2, one clear line),
+//! how it reads kubectl's flags, and what `--dry-run` shows without changing anything.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use support::{Cluster, Options};
+
+#[tokio::test]
+async fn every_refusal_exits_2_with_a_one_line_reason() {
+    let c = Cluster::start(Options::default()).await;
+    let table: &[(&[&str], &str)] = &[
+        (&["pod", "nope", "--to", "node-b"], "error: pod shop/nope not found"),
+        (&["pod", "web-0", "--to", "node-z"], "error: node \"node-z\" not found"),
+        (&["pod", "web-0", "--to", "node-a"], "error: pod shop/web-0 already runs on node node-a; choose another destination"),
+        (&["pod", "web-0", "--to", "node-notready"], "error: node node-notready is NotReady (KubeletNotReady: container runtime is down)"),
+        (&["pod", "web-0", "--to", "node-cordoned"], "error: node node-cordoned is cordoned (spec.unschedulable)"),
+        (
+            &["pod", "web-0", "--to", "node-noagent"],
+            "error: no katamaran agent on node node-noagent: no agent pod runs there \
+             (label app.kubernetes.io/name=katamaran-agent in namespace katamaran-system)",
+        ),
+        (&["pod", "web-0", "--to", "node-v6"], "error: node node-v6 has no IPv4 InternalIP, needed for the pod's address 10.244.1.7"),
+        (
+            &["pod", "plain", "--to", "node-b"],
+            "error: pod shop/plain uses no runtime class (the node's default runtime, not Kata); \
+             only pods of runtime class \"kata-katamaran\" can be migrated",
+        ),
+        (
+            &["pod", "other-kata", "--to", "node-b"],
+            "error: pod shop/other-kata uses runtime class \"kata-qemu\"; only pods of runtime class \"kata-katamaran\"",
+        ),
+        (&["pod", "pending", "--to", "node-b"], "error: pod shop/pending is Pending, not Running"),
+        (
+            &["pod", "orphan", "--to", "node-b"],
+            "error: the katamaran agent on node node-a knows no Kata sandbox of pod shop/orphan (1 sandboxes listed)",
+        ),
+        (&["pod", "web-0", "--to", "node-b", "--downtime", "60s"], "error: invalid downtime: 60s is outside 1ms..=10s"),
+        (&["pod", "web-0", "--to", "node-b", "--tunnel-mode", "ip6ip6"], "error: invalid tunnel-mode: ip6ip6 cannot carry the VM address 10.244.1.7"),
+        (&["pod", "web-0"], "the following required arguments were not provided"),
+        (&["pod", "web-0", "--to", "node-b", "--downtime", "soon"], "invalid value 'soon' for '--downtime <DURATION>'"),
+    ];
+    for (args, want) in table {
+        let run = c.run(args).await;
+        assert_eq!(run.code, Some(2), "{args:?}: {run:?}");
+        assert!(run.stderr.contains(want), "{args:?}: want {want:?} in stderr:\n{}", run.stderr);
+        assert!(run.stdout.is_empty(), "{args:?}: nothing on stdout, got {:?}", run.stdout);
+        if want.starts_with("error:") {
+            assert_eq!(run.stderr.lines().count(), 1, "{args:?}: one line: {:?}", run.stderr);
+        }
+    }
+    // None of them got as far as asking an agent to change anything.
+    assert!(c.calls().iter().all(|c| c.ends_with(":ListSandboxes")), "{:?}", c.calls());
+}
+
+#[tokio::test]
+async fn a_user_without_portforward_rights_is_refused_with_the_api_message() {
+    let c = Cluster::start(Options { forbid_portforward: true, ..Options::default() }).await;
+    let run = c.run(&["pod", "web-0", "--to", "node-b"]).await;
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(
+        run.stderr.contains("cannot port-forward to katamaran agent katamaran-system/agent-"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("cannot create resource \\\"pods/portforward\\\"")
+            || run.stderr.contains("pods/portforward"),
+        "{}",
+        run.stderr
+    );
+    assert!(c.calls().is_empty());
+}
+
+#[tokio::test]
+async fn an_agent_that_does_not_listen_fails_with_the_port_forward_error() {
+    let c = Cluster::start(Options::default()).await;
+    let run = c.run(&["pod", "web-0", "--to", "node-down"]).await;
+    // The upgrade succeeds, then the API server reports "connection refused" on the port's
+    // error channel and closes; the first RPC to that agent (PrepareIncoming) carries it.
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(
+        run.stderr.contains("PrepareIncoming on the katamaran agent of node node-down failed"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("connection refused"), "{}", run.stderr);
+}
+
+#[tokio::test]
+async fn dry_run_prints_the_plan_and_changes_nothing() {
+    let c = Cluster::start(Options::default()).await;
+    let run = c
+        .run(&["pod", "web-0", "--to", "node-b", "--dry-run", "--downtime", "100ms", "--shared-storage"])
+        .await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    for want in [
+        "Dry run: nothing was changed.",
+        "pod:           shop/web-0 (uid uid-web-0)",
+        "runtime class: kata-katamaran",
+        "pod IPs:       10.244.1.7",
+        "sandbox:       3f2a9c (QEMU 7.2.0, running; drive-0)",
+        "source:        node-a 192.0.2.1 via agent agent-a",
+        "destination:   node-b 192.0.2.2 via agent agent-b",
+        "downtime 100ms",
+        "tunnel auto → ipip",
+        "disks shared",
+    ] {
+        assert!(run.stdout.contains(want), "missing {want:?} in\n{}", run.stdout);
+    }
+    assert_eq!(c.calls(), ["node-a:ListSandboxes"], "only a read on the source agent");
+    assert!(c.api.requests().iter().all(|r| r.starts_with("GET ")), "{:?}", c.api.requests());
+}
+
+#[tokio::test]
+async fn dry_run_json_is_one_document() {
+    let c = Cluster::start(Options::default()).await;
+    let run = c.run(&["pod", "web-0", "--to", "node-b", "--dry-run", "-o", "json"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let doc: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(doc["dryRun"], true);
+    assert_eq!(doc["pod"]["name"], "web-0");
+    assert_eq!(doc["sandbox"]["id"], "3f2a9c");
+    assert_eq!(doc["source"]["address"], "192.0.2.1");
+    assert_eq!(doc["destination"]["agentPod"], "agent-b");
+    assert_eq!(doc["options"]["downtimeLimitMs"], 25);
+}
+
+#[tokio::test]
+async fn dry_run_reports_an_unreachable_source_agent_without_failing() {
+    let c = Cluster::start(Options { forbid_portforward: true, ..Options::default() }).await;
+    let run = c.run(&["pod", "web-0", "--to", "node-b", "--dry-run"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(
+        run.stdout.contains(
+            "sandbox:       unknown (cannot port-forward to katamaran agent katamaran-system/agent-a"
+        ),
+        "{}",
+        run.stdout
+    );
+}
+
+#[tokio::test]
+async fn kubectl_flags_choose_the_kubeconfig_context_and_namespace() {
+    let c = Cluster::start(Options::default()).await;
+    let dry = ["pod", "web-0", "--to", "node-b", "--dry-run"];
+    // The context's namespace (shop) is the default...
+    assert_eq!(c.run(&dry).await.code, Some(0));
+    // ... -n overrides it ...
+    let run = c.run(&[&dry[..], &["-n", "default"]].concat()).await;
+    assert!(run.stderr.contains("pod default/web-0 not found"), "{run:?}");
+    // ... --context picks another context and its namespace ...
+    let run = c.run(&[&dry[..], &["--context", "other"]].concat()).await;
+    assert!(run.stderr.contains("pod default/web-0 not found"), "{run:?}");
+    let run = c.run(&[&dry[..], &["--context", "other", "--namespace", "shop"]].concat()).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    // ... and --kubeconfig beats $KUBECONFIG.
+    let path = c.kubeconfig.to_str().unwrap();
+    let mut cmd = c.command(&[&dry[..], &["--kubeconfig", path]].concat());
+    cmd.env("KUBECONFIG", "/nonexistent/kubeconfig");
+    let run = support::wait(cmd.spawn().unwrap()).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let run = c.run(&[&dry[..], &["--kubeconfig", "/nonexistent/kubeconfig"]].concat()).await;
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(run.stderr.contains("cannot read kubeconfig /nonexistent/kubeconfig"), "{}", run.stderr);
+}
