@@ -45,7 +45,10 @@ agents=()
 cleanup() {
     local rc=$?
     for p in "${agents[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${agents[@]}"; do wait "$p" 2>/dev/null || true; done
+    for p in "${agents[@]}"; do
+        for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$p" 2>/dev/null || true
+    done
     if ((keep == 0)); then hack/lab.sh down >/dev/null 2>&1 || hack/lab.sh down || true; fi
     ((rc == 0)) || echo "demo: failed (exit $rc); logs in $work" >&2
     exit "$rc"

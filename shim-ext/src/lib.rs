@@ -11,6 +11,7 @@
 //! | [`node`] | one node's engine: sandboxes, migrations of either role, request validation |
 //! | [`service`] | the ttrpc `Migration` service over a node, and root-only socket serving |
 //! | [`sandbox`] | discovery: OCI bundle, Kata run dir, command-line capture and rewrite |
+//! | [`shim`] | `containerd-shim-katamaran-v2`: delegate to Kata's shim, start and stop the per-sandbox extension |
 
 pub mod cli;
 pub mod client;
@@ -23,3 +24,4 @@ pub mod pidfd;
 pub mod qmp;
 pub mod sandbox;
 pub mod service;
+pub mod shim;

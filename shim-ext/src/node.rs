@@ -352,6 +352,7 @@ impl Node {
             dest_node,
             dest_nodes,
             qemu_pid: sandbox.qemu_pid,
+            tap_name: self.cfg.tap_name.clone(),
             ram_endpoint,
             nbd_endpoints,
             secret,

@@ -92,7 +92,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    let result = rt.block_on(run(cli));
+    // Background work (a forward waiting for its source QEMU, the supervision of incoming VMs,
+    // which keep running without us) must not hold the exit.
+    rt.shutdown_timeout(std::time::Duration::from_millis(500));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("katamaran-agent: {e:#}");

@@ -13,6 +13,9 @@ pub const STREAM: &str = "ctl";
 pub const STORAGE_DONE: &str = "storage-done";
 /// Destination → source: done.
 pub const OK: &str = "ok";
+/// Destination → source: the VM runs here and the plug is released; packets the source
+/// recovers from its tap can go now.
+pub const RESUMED: &str = "resumed";
 /// The longest line accepted.
 const MAX_LINE: u64 = 1024;
 
@@ -20,6 +23,9 @@ const MAX_LINE: u64 = 1024;
 #[derive(Debug)]
 pub struct Ctl {
     reader: BufReader<TcpStream>,
+    /// Bytes of a line not yet complete; kept across calls so that [`Ctl::recv`] is
+    /// cancellation safe in a `select!`.
+    pending: String,
 }
 
 /// Control-stream failures.
@@ -39,7 +45,7 @@ pub enum CtlError {
 impl Ctl {
     /// Wraps an authenticated stream.
     pub fn new(stream: TcpStream) -> Self {
-        Self { reader: BufReader::new(stream) }
+        Self { reader: BufReader::new(stream), pending: String::new() }
     }
 
     /// Sends one line.
@@ -53,21 +59,27 @@ impl Ctl {
         Ok(())
     }
 
-    /// Receives one line (without the newline).
+    /// Receives one line (without the newline). Cancellation safe: a partly read line is kept
+    /// for the next call.
     ///
     /// # Errors
     /// [`CtlError::Closed`] at EOF, [`CtlError::TooLong`], [`CtlError::Io`].
     pub async fn recv(&mut self) -> Result<String, CtlError> {
-        let mut line = String::new();
-        let n = (&mut self.reader).take(MAX_LINE + 1).read_line(&mut line).await?;
-        if n == 0 {
-            return Err(CtlError::Closed);
+        loop {
+            if let Some(i) = self.pending.find('\n') {
+                let line = self.pending[..i].to_owned();
+                self.pending.drain(..=i);
+                return Ok(line);
+            }
+            let room = (MAX_LINE + 1).saturating_sub(self.pending.len() as u64);
+            if room == 0 {
+                return Err(CtlError::TooLong);
+            }
+            let n = (&mut self.reader).take(room).read_line(&mut self.pending).await?;
+            if n == 0 {
+                return Err(CtlError::Closed);
+            }
         }
-        if !line.ends_with('\n') {
-            return Err(if n as u64 > MAX_LINE { CtlError::TooLong } else { CtlError::Closed });
-        }
-        line.pop();
-        Ok(line)
     }
 }
 

@@ -126,6 +126,8 @@ pub struct Incoming {
     sandbox_ns: Arc<NetnsHandle>,
     net: IncomingNet,
     exited: watch::Receiver<Option<String>>,
+    /// Tells the control stream the VM runs here (the source then re-sends what it recovered).
+    resumed_tx: watch::Sender<bool>,
     started: Instant,
     tasks: Vec<tokio::task::AbortHandle>,
 }
@@ -309,6 +311,7 @@ pub async fn prepare(
     let names: Vec<&str> = streams.iter().map(String::as_str).collect();
     let expected = env.listener.expect(&req.migration_id, req.secret.clone(), &names)?;
     let mut tasks = Vec::new();
+    let (resumed_tx, resumed_rx) = watch::channel(false);
     let data_addr = SocketAddr::new(env.node_address, env.listener.local_addr().port());
     tasks.push(
         tokio::spawn(serve_streams(
@@ -319,6 +322,7 @@ pub async fn prepare(
             state_dir.clone(),
             ram.multifd_channels.is_some(),
             local_disks.iter().map(|d| d.drive_id.clone()).collect(),
+            resumed_rx,
         ))
         .abort_handle(),
     );
@@ -341,6 +345,7 @@ pub async fn prepare(
         sandbox_ns,
         net,
         exited,
+        resumed_tx,
         started,
         tasks,
     })
@@ -432,6 +437,7 @@ async fn serve_streams(
     state_dir: PathBuf,
     multifd: bool,
     drives: Vec<String>,
+    mut resumed: watch::Receiver<bool>,
 ) {
     for drive in drives {
         let key = format!("nbd:{drive}");
@@ -460,7 +466,21 @@ async fn serve_streams(
             let Some(mut rx) = rx else { return };
             let Some(stream) = rx.recv().await else { return };
             let mut c = Ctl::new(stream);
-            while let Ok(line) = c.recv().await {
+            let mut told = false;
+            loop {
+                let line = tokio::select! {
+                    line = c.recv() => match line {
+                        Ok(l) => l,
+                        Err(_) => return,
+                    },
+                    r = async { resumed.wait_for(|r| *r).await.map(|_| ()) }, if !told => {
+                        told = true;
+                        if r.is_ok() && c.send(ctl::RESUMED).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                };
                 if line == ctl::STORAGE_DONE {
                     let reply = match &nbd {
                         Some(e) => {
@@ -534,6 +554,7 @@ pub async fn receive(
                     "RESUME" if !resumed => {
                         resumed = true;
                         let released = network::release_plug(inc.sandbox_ns.as_ref(), &inc.net).await?;
+                        inc.resumed_tx.send_replace(true);
                         let resume_at = ev.qemu_timestamp.unwrap_or(ev.received_at);
                         times.resume_unix_nanos = unix_nanos(resume_at);
                         times.plug_released_unix_nanos = unix_nanos(released);

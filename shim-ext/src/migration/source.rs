@@ -61,6 +61,8 @@ pub struct SourceRequest {
     pub dest_nodes: Vec<IpAddr>,
     /// The source QEMU's pid: forwarding ends at the latest when it exits.
     pub qemu_pid: u32,
+    /// The sandbox's tap: packets left in its queues at STOP are recovered after completion.
+    pub tap_name: String,
     /// Destination RAM/ctl listener.
     pub ram_endpoint: SocketAddr,
     /// Destination NBD listener per drive id.
@@ -281,6 +283,13 @@ pub async fn run(
     if tokio::time::timeout(Duration::from_secs(5), stop_handled.wait_for(|h| *h)).await.is_err() {
         tracing::warn!("no STOP seen before completion");
     }
+    // Packets that reached the source between STOP and the route swap wait in its tap; re-send
+    // them once the destination says its VM runs (before that, a paused QEMU would drop them).
+    match tokio::time::timeout(Duration::from_secs(10), ctl.recv()).await {
+        Ok(Ok(line)) if line == ctl::RESUMED => {}
+        other => tracing::warn!(?other, "destination did not confirm RESUME on the control stream"),
+    }
+    let recovered = recover_tap_queue(&node, req.qemu_pid, &req.tap_name).await;
     let mut cut = times.lock().map(|t| t.clone()).unwrap_or_default();
     cut.downtime_ms = info.downtime.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
     if let Ok(mut t) = times.lock() {
@@ -292,7 +301,7 @@ pub async fn run(
     let mut e = Event::new(
         Phase::Forwarding,
         format!(
-            "VM runs on {}; forwarding until idle for {:?} (total {:?})",
+            "VM runs on {}; {recovered} packet(s) recovered from the source tap; forwarding until idle for {:?} (total {:?})",
             req.dest_node,
             options.tunnel_idle_timeout,
             started.elapsed()
@@ -427,7 +436,9 @@ async fn cutover(
         match ev.name.as_str() {
             "STOP" if !stopped => {
                 stopped = true;
+                let seen = std::time::Instant::now();
                 let result = forward.swap(node.as_ref()).await;
+                let swap_took = seen.elapsed();
                 let stop_at = ev.qemu_timestamp.unwrap_or(ev.received_at);
                 let mut t = times.lock().map(|t| t.clone()).unwrap_or_default();
                 t.stop_unix_nanos = unix_nanos(stop_at);
@@ -438,6 +449,9 @@ async fn cutover(
                             acked.duration_since(stop_at).map_or(0, |d| d.as_nanos() as u64);
                         tracing::info!(
                             reaction_us = t.stop_to_route_swap_nanos / 1000,
+                            delivery_us = ev.delivery_latency().map_or(0, |d| d.as_micros()),
+                            queued_us = ev.received_instant.elapsed().saturating_sub(swap_took).as_micros(),
+                            swap_us = swap_took.as_micros(),
                             "STOP: VM routes now forward to the destination"
                         );
                     }
@@ -466,6 +480,42 @@ async fn cutover(
                 }
             }
             _ => {}
+        }
+    }
+}
+
+/// Re-sends what the stopped source VM left unread in its tap (see [`crate::net::tapdrain`]):
+/// packets that arrived between STOP and the route swap. Returns how many were re-sent.
+async fn recover_tap_queue(node: &Arc<NetnsHandle>, qemu_pid: u32, tap: &str) -> usize {
+    if qemu_pid == 0 {
+        return 0;
+    }
+    let tap = tap.to_owned();
+    let result = node
+        .run(move || {
+            let drained = crate::net::tapdrain::drain_process_tap(qemu_pid, &tap)?;
+            let sent = crate::net::tapdrain::reinject(&drained.packets)?;
+            Ok::<_, std::io::Error>((drained, sent))
+        })
+        .await;
+    match result {
+        Ok(Ok((d, sent))) => {
+            tracing::info!(
+                queues = d.queues,
+                packets = d.packets.len(),
+                other = d.other_frames,
+                sent,
+                "source tap drained"
+            );
+            sent
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "cannot drain the source tap; packets queued at STOP are lost");
+            0
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot drain the source tap");
+            0
         }
     }
 }

@@ -39,6 +39,7 @@ mod probe;
 mod recording;
 mod routes;
 mod tap;
+pub mod tapdrain;
 mod tc;
 mod tunnel;
 mod types;
