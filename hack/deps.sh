@@ -8,7 +8,7 @@ APT_PACKAGES=(
   qemu-utils        # qemu-img for disk images
   busybox-static    # the guest initramfs userland
   cpio kmod xz-utils zstd # packing the initramfs, reading kernel modules
-  iproute2 iputils-ping socat jq # lab plumbing and the naive baseline
+  iproute2 iputils-ping socat jq wget python3 # lab plumbing, its QMP helper and the baseline
   containerd        # the real containerd the shim wrapper is tested with
   ca-certificates
 )

@@ -139,25 +139,51 @@ pub fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, ServeError> 
     Ok(listener)
 }
 
-/// Serves `service` on `listener` until `shutdown` resolves.
+/// Where the service listens.
+#[derive(Debug)]
+pub enum Endpoint {
+    /// A root-only unix socket ([`bind_socket`]).
+    Unix(tokio::net::UnixListener),
+    /// TCP, for the node agent inside its (non-host-network) pod: bound to 127.0.0.1 there, it is
+    /// reachable only through the API server's `pods/portforward`, which RBAC guards.
+    Tcp(tokio::net::TcpListener),
+}
+
+/// Serves `service` on every endpoint until `shutdown` resolves.
 ///
 /// # Errors
 /// [`ServeError::Ttrpc`].
 pub async fn serve(
     service: MigrationService,
-    listener: tokio::net::UnixListener,
+    endpoints: Vec<Endpoint>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServeError> {
-    let mut server = ttrpc::r#async::Server::new()
-        .add_listener(ttrpc::r#async::transport::Listener::from(listener))
-        .register_service(pb::create_migration(Arc::new(service)));
-    server.start().await?;
+    let service = Arc::new(service);
+    let mut servers = Vec::new();
+    // A ttrpc server runs one listener; one server per endpoint shares the service.
+    for ep in endpoints {
+        let listener = match ep {
+            Endpoint::Unix(l) => ttrpc::r#async::transport::Listener::from(l),
+            Endpoint::Tcp(l) => ttrpc::r#async::transport::Listener::from(l),
+        };
+        let mut server = ttrpc::r#async::Server::new()
+            .add_listener(listener)
+            .register_service(pb::create_migration(service.clone()));
+        server.start().await?;
+        servers.push(server);
+    }
     shutdown.await;
+    for server in &mut servers {
+        stop(server).await;
+    }
+    Ok(())
+}
+
+async fn stop(server: &mut ttrpc::r#async::Server) {
     // A watch of a migration that is still forwarding never ends by itself: stop listening and
     // give open connections a moment, but do not wait on them.
     server.stop_listen().await;
     if tokio::time::timeout(std::time::Duration::from_secs(2), server.shutdown()).await.is_err() {
         tracing::debug!("connections still open at shutdown");
     }
-    Ok(())
 }

@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use katamaran::node::{Node, NodeConfig};
 use katamaran::sandbox::NodeLayout;
-use katamaran::service::{bind_socket, serve, MigrationService};
+use katamaran::service::{bind_socket, serve, Endpoint, MigrationService};
 
 const AFTER_HELP: &str = "\
 Examples:
@@ -65,6 +65,10 @@ struct Common {
     /// Socket path (default: the layout's agent or sandbox socket).
     #[arg(long)]
     socket: Option<PathBuf>,
+    /// Also serve on this TCP address — only for the node agent in its own pod network
+    /// namespace (127.0.0.1:10555), where the API server's port-forward is the only way in.
+    #[arg(long, value_name = "ADDR")]
+    listen_tcp: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -131,7 +135,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         None => layout.agent_socket(),
     });
     let node = Arc::new(Node::new(cfg).context("start the engine")?);
-    let listener = bind_socket(&socket)?;
+    let mut endpoints = vec![Endpoint::Unix(bind_socket(&socket)?)];
+    if let Some(addr) = common.listen_tcp {
+        if !addr.ip().is_loopback() {
+            return Err(UsageError(format!(
+                "--listen-tcp {addr}: only a loopback address is allowed (the control path is unauthenticated TCP; port-forward reaches loopback)"
+            ))
+            .into());
+        }
+        let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind {addr}"))?;
+        tracing::info!(%addr, "serving on TCP for port-forward");
+        endpoints.push(Endpoint::Tcp(l));
+    }
     tracing::info!(socket = %socket.display(), sandbox = ?only, "serving katamaran.v1.Migration");
     let shutdown = async {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -143,7 +158,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => {}
         }
     };
-    let result = serve(MigrationService::new(node), listener, shutdown).await;
+    let result = serve(MigrationService::new(node), endpoints, shutdown).await;
     let _ = std::fs::remove_file(&socket);
     tracing::info!("stopped");
     Ok(result?)
