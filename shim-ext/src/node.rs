@@ -384,7 +384,7 @@ impl Node {
                         .await
                 }
                 .await;
-                finish(&rec, result.map(|t| (t.downtime_ms, 0)), &cleanup, started).await;
+                finish(&rec, result.as_ref().map(|t| (t.downtime_ms, 0)), &cleanup, started).await;
                 if let Ok(mut l) = live.lock() {
                     l.remove(&sandbox_id);
                 }
@@ -483,9 +483,8 @@ impl Node {
         let incoming = match dest::prepare(&dreq, &env, &rec.log, &cleanup).instrument(span.clone()).await {
             Ok(i) => i,
             Err(e) => {
-                let msg = chain(&e);
-                finish(&rec, Err(e), &cleanup, started).await;
-                return Err(EngineError::Precondition(msg));
+                finish(&rec, Err(&e), &cleanup, started).await;
+                return Err(e);
             }
         };
         let mut resp = pb::PrepareIncomingResponse::new();
@@ -515,7 +514,8 @@ impl Node {
             async move {
                 let result = dest::receive(incoming, log, cancel, timeout).await;
                 let ok = result.is_ok();
-                finish(&rec, result.map(|(t, drops)| (t.downtime_ms, drops)), &cleanup, started).await;
+                finish(&rec, result.as_ref().map(|(t, drops)| (t.downtime_ms, *drops)), &cleanup, started)
+                    .await;
                 if !ok {
                     if let Ok(mut m) = incoming_map.lock() {
                         m.remove(&sandbox_id);
@@ -579,7 +579,7 @@ impl Node {
 /// a node with nothing left behind.
 async fn finish(
     rec: &Record,
-    result: Result<(u64, u64), EngineError>,
+    result: Result<(u64, u64), &EngineError>,
     cleanup: &Cleanup,
     started: std::time::Instant,
 ) {
@@ -593,7 +593,7 @@ async fn finish(
         Err(err) => {
             let report = cleanup.unwind().await;
             let cancelled = matches!(err, EngineError::Cancelled(_));
-            let mut msg = chain(&err);
+            let mut msg = chain(err);
             if !report.is_clean() {
                 let failed: Vec<String> = report
                     .steps

@@ -163,7 +163,11 @@ pub async fn run(
         ));
         for disk in &mirror_disks {
             let path = req.state_dir.join(format!("nbd-{}.sock", qemu::storage::qemu_id("", &disk.drive_id)));
-            spawn_nbd_relay(&req, &disk.drive_id, &path, &cleanup)?;
+            let endpoint = *req
+                .nbd_endpoints
+                .get(&disk.drive_id)
+                .ok_or_else(|| EngineError::Invalid(format!("no NBD endpoint for {}", disk.drive_id)))?;
+            spawn_stream_relay(&req, endpoint, &format!("nbd:{}", disk.drive_id), &path, &cleanup)?;
             let job =
                 mirror::start_mirror(&qmp, disk, &NbdAddress::Unix(path.clone()), &disk.drive_id).await?;
             let (q, b, j) = (qmp.clone(), bus.clone(), job.clone());
@@ -336,19 +340,16 @@ async fn connect(req: &SourceRequest, stream: &str) -> Result<tokio::net::TcpStr
     Ok(dataplane::listener::connect(req.ram_endpoint, &req.secret, &key, CONNECT_TIMEOUT).await?)
 }
 
-/// Each NBD connection QEMU opens on the local socket is carried to the destination's export
-/// over its own authenticated stream.
-fn spawn_nbd_relay(
+/// Each connection QEMU opens on the local socket `path` is carried to the destination over its
+/// own authenticated stream `stream`; the relay stops (and the socket goes) on cleanup.
+fn spawn_stream_relay(
     req: &SourceRequest,
-    drive: &str,
+    endpoint: SocketAddr,
+    stream: &str,
     path: &std::path::Path,
     cleanup: &Cleanup,
 ) -> Result<(), EngineError> {
-    let endpoint = *req
-        .nbd_endpoints
-        .get(drive)
-        .ok_or_else(|| EngineError::Invalid(format!("no NBD endpoint for {drive}")))?;
-    let key = StreamKey::new(&req.migration_id, &format!("nbd:{drive}"))?;
+    let key = StreamKey::new(&req.migration_id, stream)?;
     let listener = UnixListener::bind(path).map_err(EngineError::io(format!("bind {}", path.display())))?;
     let secret = req.secret.clone();
     let task = tokio::spawn(async move {
@@ -358,16 +359,16 @@ fn spawn_nbd_relay(
                 match dataplane::listener::connect(endpoint, &secret, &key, CONNECT_TIMEOUT).await {
                     Ok(mut tcp) => {
                         if let Err(e) = relay::relay(&mut unix, &mut tcp).await {
-                            tracing::debug!(error = %e, %key, "NBD relay ended");
+                            tracing::debug!(error = %e, %key, "relay ended");
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, %key, "NBD stream refused"),
+                    Err(e) => tracing::warn!(error = %e, %key, "stream refused"),
                 }
             });
         }
     });
     let path = path.to_owned();
-    cleanup.push(format!("stop NBD relay {drive}"), move || async move {
+    cleanup.push(format!("stop relay {stream}"), move || async move {
         task.abort();
         std::fs::remove_file(&path).or_else(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
@@ -398,26 +399,7 @@ async fn start_ram_stream(
         return Ok(format!("fd:{name}"));
     }
     let path = req.state_dir.join("ram.sock");
-    let listener = UnixListener::bind(&path).map_err(EngineError::io(format!("bind {}", path.display())))?;
-    let (endpoint, secret, key) =
-        (req.ram_endpoint, req.secret.clone(), StreamKey::new(&req.migration_id, "ram")?);
-    let task = tokio::spawn(async move {
-        while let Ok((mut unix, _)) = listener.accept().await {
-            let (key, secret) = (key.clone(), secret.clone());
-            tokio::spawn(async move {
-                match dataplane::listener::connect(endpoint, &secret, &key, CONNECT_TIMEOUT).await {
-                    Ok(mut tcp) => {
-                        let _ = relay::relay(&mut unix, &mut tcp).await;
-                    }
-                    Err(e) => tracing::warn!(error = %e, "RAM stream refused"),
-                }
-            });
-        }
-    });
-    cleanup.push("stop RAM relay", move || async move {
-        task.abort();
-        Ok::<(), String>(())
-    });
+    spawn_stream_relay(req, req.ram_endpoint, "ram", &path, cleanup)?;
     Ok(format!("unix:{}", path.display()))
 }
 
