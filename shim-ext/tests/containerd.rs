@@ -157,8 +157,23 @@ fn mode_of(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
 }
 
+/// Whether this process may start an extension (it enters network namespaces: root only), and
+/// the agent can follow a shim.
+fn root_or_skip() -> bool {
+    // SAFETY: geteuid(2) has no arguments and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        println!("skipped: not root (the extension enters network namespaces)");
+    }
+    ctrd::require_exit_with_pid();
+    root
+}
+
 /// The extension serves the sandbox and ends with the shim it was told to follow.
 fn extension_follows_the_shim(mode: &str) {
+    if !root_or_skip() {
+        return;
+    }
     let b = Bench::new(SANDBOX);
     let r = b.start(mode);
     assert!(r.status.success(), "start: {}", r.out());
@@ -230,7 +245,14 @@ fn workload_and_unannotated_containers_get_no_extension() {
         assert!(!b.root.join("run/katamaran").exists(), "{annotations}: nothing of ours was created");
         assert!(pids_with(&["--root", &b.root.to_string_lossy()]).is_empty(), "{annotations}: no extension");
     }
-    // `ctr run` without annotations gets one when asked.
+}
+
+#[test]
+fn unannotated_containers_get_an_extension_when_asked() {
+    if !root_or_skip() {
+        return;
+    }
+    // `ctr run` without annotations, KATAMARAN_EXTENSION=unannotated.
     let b = Bench::new("{}");
     let mut cmd = b.wrapper("runc", &["-id", ID, "start"]);
     cmd.env("KATAMARAN_EXTENSION", "unannotated");
@@ -249,9 +271,12 @@ fn a_failing_delegate_is_handed_back_unchanged() {
     assert!(pids_with(&["--root", &b.root.to_string_lossy()]).is_empty());
 }
 
+/// Builds the wrapper command of one refusal case, breaking the bench as the case needs.
+type Breaker<'a> = &'a dyn Fn(&Bench) -> Command;
+
 #[test]
 fn refusals_are_clear_quick_and_start_nothing() {
-    let cases: [(&str, &dyn Fn(&Bench) -> Command, &str); 5] = [
+    let cases: [(&str, Breaker<'_>, &str); 5] = [
         (
             "missing delegate",
             &|b| {
@@ -316,6 +341,9 @@ fn refusals_are_clear_quick_and_start_nothing() {
 
 #[test]
 fn delete_hands_back_the_response_and_stops_the_extension() {
+    if !root_or_skip() {
+        return;
+    }
     let b = Bench::new(SANDBOX);
     assert!(b.start("runc").status.success());
     let ext = b.extension();
@@ -372,6 +400,7 @@ fn run_sandbox(c: &Containerd, id: &str) -> Ran {
 #[test]
 fn containerd_privileged_sandbox_gets_an_extension_for_its_lifetime() {
     let Some(c) = containerd_or_skip() else { return };
+    ctrd::require_exit_with_pid();
     let id = "kt-sandbox";
     let r = run_sandbox(&c, id);
     assert!(r.status.success(), "ctr run: {}{}\n{}", r.out(), r.err(), c.log());
@@ -408,6 +437,7 @@ fn containerd_privileged_sandbox_gets_an_extension_for_its_lifetime() {
 #[test]
 fn containerd_privileged_killing_the_extension_leaves_the_container_alone() {
     let Some(c) = containerd_or_skip() else { return };
+    ctrd::require_exit_with_pid();
     let id = "kt-robust";
     let r = run_sandbox(&c, id);
     assert!(r.status.success(), "ctr run: {}{}\n{}", r.out(), r.err(), c.log());

@@ -403,3 +403,17 @@ fn installer_refuses_a_node_without_kata() {
     assert!(!node.host.join("etc/containerd/conf.d").exists(), "containerd untouched");
     assert!(!node.host_log().contains("systemctl"), "no restart");
 }
+
+#[test]
+fn installer_creates_a_missing_containerd_config_and_takes_its_line_back() {
+    let node = FakeNode::new(true);
+    std::fs::remove_file(node.host.join("etc/containerd/config.toml")).unwrap();
+    let run = node.install("install");
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let parsed: toml::Table = toml::from_str(&node.read("etc/containerd/config.toml")).unwrap();
+    assert_eq!(parsed["version"].as_integer(), Some(2));
+    assert_eq!(parsed["imports"].as_array().unwrap().len(), 1);
+    assert!(node.install("uninstall").status.success());
+    let left: toml::Table = toml::from_str(&node.read("etc/containerd/config.toml")).unwrap();
+    assert!(!left.contains_key("imports"), "{left:?}");
+}

@@ -4,9 +4,14 @@
 //! WebSocket clients: subprotocol `v4.channel.k8s.io`, each port a data channel (0) and an error
 //! channel (1), each channel opened by a frame holding the port number (little endian), then
 //! data frames prefixed with their channel byte.
+//!
+//! Behind a port-forward is an [`AgentBackend`]: an in-process fake agent, a real agent's unix
+//! socket (the lab's `katamaran-agent node`, whose TCP listener sits in a node namespace the host
+//! cannot reach), or nothing (kubelet's "connection refused" on the error channel).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use futures::{SinkExt, StreamExt};
@@ -19,8 +24,8 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
+use tokio::net::{TcpListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
@@ -31,16 +36,25 @@ use tokio_tungstenite::WebSocketStream;
 /// port-forward).
 const PORTFORWARD_PROTOCOL: &str = "v4.channel.k8s.io";
 
-/// Where port-forward streams for one agent pod go: a fake agent's listener, or nothing (the
-/// API server then reports a refused connection on the error channel, as kubelet does).
-pub type AgentSink = Option<mpsc::UnboundedSender<DuplexStream>>;
+/// Where port-forward streams for one agent pod go.
+#[derive(Debug, Clone)]
+pub enum AgentBackend {
+    /// An in-process fake agent: each stream is handed to its listener.
+    InProcess(mpsc::UnboundedSender<DuplexStream>),
+    /// A real agent serving its unix socket at this path: each stream is a new connection, as
+    /// kubelet opens a new connection to the pod's port for each forwarded stream.
+    Unix(PathBuf),
+    /// Nothing listens in the pod: the API server reports a refused connection on the error
+    /// channel, as kubelet does.
+    Refused,
+}
 
 #[derive(Default)]
 pub struct State {
     pub pods: Vec<Pod>,
     pub nodes: Vec<Node>,
-    /// Agent pod name → its listener.
-    pub agents: HashMap<String, AgentSink>,
+    /// Agent pod name → what its port-forward leads to (a pod without an entry: refused).
+    pub agents: HashMap<String, AgentBackend>,
     /// Answer 403 to port-forward requests (a user without `create pods/portforward`).
     pub forbid_portforward: bool,
     /// `METHOD path?query` of every request.
@@ -158,10 +172,15 @@ impl FakeApiServer {
     /// A kubeconfig pointing at this server: context `fake` (namespace `shop`, the current one)
     /// and context `other` (namespace `default`).
     pub fn kubeconfig(&self) -> String {
+        self.kubeconfig_with_namespace("shop")
+    }
+
+    /// [`Self::kubeconfig`] with `namespace` as the current context's namespace.
+    pub fn kubeconfig_with_namespace(&self, namespace: &str) -> String {
         format!(
             "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
              clusters:\n- name: fake\n  cluster:\n    server: http://{addr}\n\
-             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: tester\n    namespace: shop\n\
+             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: tester\n    namespace: {namespace}\n\
              - name: other\n  context:\n    cluster: fake\n    user: tester\n    namespace: default\n\
              users:\n- name: tester\n  user: {{}}\n",
             addr = self.addr
@@ -239,16 +258,21 @@ fn handle(state: Arc<Mutex<State>>, mut req: Request<Incoming>) -> Response<Full
             let Some(port) = query_param(&query, "ports").and_then(|p| p.parse::<u16>().ok()) else {
                 return status(400, "BadRequest", "exactly one numeric port is served by this fake".into());
             };
-            let sink = st.agents.get(*name).cloned().flatten();
+            let backend = st.agents.get(*name).cloned().unwrap_or(AgentBackend::Refused);
             let pod = (*name).to_owned();
             drop(st);
-            upgrade(&mut req, port, sink, pod)
+            upgrade(&mut req, port, backend, pod)
         }
         _ => status(404, "NotFound", format!("the server could not find the requested resource ({path})")),
     }
 }
 
-fn upgrade(req: &mut Request<Incoming>, port: u16, sink: AgentSink, pod: String) -> Response<Full<Bytes>> {
+fn upgrade(
+    req: &mut Request<Incoming>,
+    port: u16,
+    backend: AgentBackend,
+    pod: String,
+) -> Response<Full<Bytes>> {
     let headers = req.headers();
     let is_ws = headers
         .get(UPGRADE)
@@ -269,7 +293,7 @@ fn upgrade(req: &mut Request<Incoming>, port: u16, sink: AgentSink, pod: String)
     tokio::spawn(async move {
         let Ok(upgraded) = on_upgrade.await else { return };
         let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
-        forward(ws, port, sink, pod).await;
+        forward(ws, port, backend, pod).await;
     });
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
@@ -281,9 +305,9 @@ fn upgrade(req: &mut Request<Incoming>, port: u16, sink: AgentSink, pod: String)
         .unwrap()
 }
 
-async fn forward<S>(ws: WebSocketStream<S>, port: u16, sink: AgentSink, pod: String)
+async fn forward<S>(ws: WebSocketStream<S>, port: u16, backend: AgentBackend, pod: String)
 where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     let (mut tx, mut rx) = ws.split();
     let [lo, hi] = port.to_le_bytes();
@@ -292,19 +316,39 @@ where
             return;
         }
     }
-    let Some(sink) = sink else {
-        let msg = format!("error forwarding port {port} to pod {pod}, uid : failed to connect to localhost:{port}: connection refused");
-        let mut frame = vec![1u8];
-        frame.extend_from_slice(msg.as_bytes());
-        let _ = tx.send(Message::binary(frame)).await;
-        let _ = tx.send(Message::Close(None)).await;
-        return;
+    let refused = match backend {
+        AgentBackend::InProcess(sink) => {
+            let (near, far) = tokio::io::duplex(1 << 20);
+            if sink.send(far).is_err() {
+                return;
+            }
+            relay(&mut tx, &mut rx, near).await;
+            return;
+        }
+        AgentBackend::Unix(path) => match UnixStream::connect(&path).await {
+            Ok(stream) => {
+                relay(&mut tx, &mut rx, stream).await;
+                return;
+            }
+            Err(e) => format!("failed to connect to {}: {e}", path.display()),
+        },
+        AgentBackend::Refused => format!("failed to connect to localhost:{port}: connection refused"),
     };
-    let (near, far) = tokio::io::duplex(1 << 20);
-    if sink.send(far).is_err() {
-        return;
-    }
-    let (mut read, mut write) = tokio::io::split(near);
+    let msg = format!("error forwarding port {port} to pod {pod}, uid : {refused}");
+    let mut frame = vec![1u8];
+    frame.extend_from_slice(msg.as_bytes());
+    let _ = tx.send(Message::binary(frame)).await;
+    let _ = tx.send(Message::Close(None)).await;
+}
+
+/// Copies channel 0 of the WebSocket to `pod` and `pod`'s bytes back as channel-0 frames.
+async fn relay<T, R, P>(tx: &mut T, rx: &mut R, pod: P)
+where
+    T: futures::Sink<Message> + Unpin,
+    R: futures::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
+    P: AsyncRead + AsyncWrite,
+{
+    let (mut read, mut write) = tokio::io::split(pod);
     let to_pod = async {
         while let Some(Ok(msg)) = rx.next().await {
             match msg {

@@ -27,7 +27,7 @@ use katamaran_protos::v1::*;
 use serde_json::json;
 
 use agent::{CallLog, FakeAgent, Script};
-use apiserver::{FakeApiServer, State};
+use apiserver::{AgentBackend, FakeApiServer, State};
 
 pub const CLASS: &str = "kata-katamaran";
 pub const AGENT_NS: &str = "katamaran-system";
@@ -241,10 +241,10 @@ impl Cluster {
             ("agent-v6", FakeAgent::new("node-v6", "fd00:1::6", log.clone(), vec![], stuck_in_ram())),
         ] {
             let (tx, server) = agent.serve().await;
-            agents.insert(pod.to_owned(), Some(tx));
+            agents.insert(pod.to_owned(), AgentBackend::InProcess(tx));
             servers.push(server);
         }
-        agents.insert("agent-down".to_owned(), None);
+        agents.insert("agent-down".to_owned(), AgentBackend::Refused);
         let state = State {
             nodes: vec![
                 node("node-a", &["192.0.2.1"], true, false),

@@ -362,6 +362,7 @@ fn print_summary(json: bool, s: &client::Summary) -> anyhow::Result<()> {
             "total_ms": s.elapsed.as_millis() as u64,
             "downtime_ms": src.map(|c| c.downtime_ms).unwrap_or_default(),
             "stop_to_route_swap_us": src.map(|c| c.route_swap_latency_nanos as f64 / 1e3),
+            "route_swap_lead_us": src.map(|c| c.stop_unix_nanos.saturating_sub(c.route_swapped_unix_nanos) as f64 / 1e3),
             "resume_to_plug_release_us": dst.map(|c| c.plug_release_latency_nanos as f64 / 1e3),
             "phases_ms": s.phase_durations(Side::Source).iter().map(|(p, d)| (phase_name(*p), d.as_millis() as u64)).collect::<std::collections::BTreeMap<_, _>>(),
         });
@@ -375,7 +376,12 @@ fn print_summary(json: bool, s: &client::Summary) -> anyhow::Result<()> {
     }
     if let Some(c) = src {
         println!("  {:<28} {:>9} ms", "QEMU downtime", c.downtime_ms);
-        println!("  {:<28} {:>9.1} µs", "STOP -> route swapped", c.route_swap_latency_nanos as f64 / 1e3);
+        if c.route_swapped_unix_nanos > 0 && c.route_swapped_unix_nanos <= c.stop_unix_nanos {
+            let lead = (c.stop_unix_nanos - c.route_swapped_unix_nanos) as f64 / 1e3;
+            println!("  {:<28} {:>9.1} µs", "route swapped before STOP by", lead);
+        } else {
+            println!("  {:<28} {:>9.1} µs", "STOP -> route swapped", c.route_swap_latency_nanos as f64 / 1e3);
+        }
     }
     if let Some(c) = dst {
         println!("  {:<28} {:>9.1} µs", "RESUME -> plug released", c.plug_release_latency_nanos as f64 / 1e3);

@@ -39,6 +39,10 @@ enum Mode {
         /// The sandbox id.
         #[arg(long)]
         id: String,
+        /// End when this process exits: the sandbox's long-running shim (given by
+        /// containerd-shim-katamaran-v2).
+        #[arg(long, value_name = "PID")]
+        exit_with_pid: Option<u32>,
         #[command(flatten)]
         common: Common,
     },
@@ -110,11 +114,11 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let (common, only) = match cli.mode {
-        Mode::Node(c) => (c, None),
-        Mode::Sandbox { id, common } => {
+    let (common, only, exit_with_pid) = match cli.mode {
+        Mode::Node(c) => (c, None, None),
+        Mode::Sandbox { id, exit_with_pid, common } => {
             katamaran::sandbox::validate_sandbox_id(&id)?;
-            (common, Some(id))
+            (common, Some(id), exit_with_pid)
         }
     };
     let layout = NodeLayout::under(&common.root);
@@ -134,6 +138,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Some(id) => layout.sandbox_socket(id),
         None => layout.agent_socket(),
     });
+    let _pid_file = only.as_deref().map(|id| katamaran::shim::agent::PidFileGuard::new(&layout, id));
     let node = Arc::new(Node::new(cfg).context("start the engine")?);
     let mut endpoints = vec![Endpoint::Unix(bind_socket(&socket)?)];
     if let Some(addr) = common.listen_tcp {
@@ -149,13 +154,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     tracing::info!(socket = %socket.display(), sandbox = ?only, "serving katamaran.v1.Migration");
     let shutdown = async {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return std::future::pending().await,
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending().await,
+            }
         };
         tokio::select! {
-            _ = term.recv() => {}
+            () = term => {}
             _ = tokio::signal::ctrl_c() => {}
+            () = katamaran::shim::agent::until_exit_of(exit_with_pid) => {
+                tracing::info!(pid = ?exit_with_pid, "the sandbox's shim exited");
+            }
         }
     };
     let result = serve(MigrationService::new(node), endpoints, shutdown).await;

@@ -316,13 +316,15 @@ pub async fn prepare(
     tasks.push(
         tokio::spawn(serve_streams(
             expected,
-            qmp.clone(),
-            bus.clone(),
-            nbd.clone(),
-            state_dir.clone(),
-            ram.multifd_channels.is_some(),
-            local_disks.iter().map(|d| d.drive_id.clone()).collect(),
-            resumed_rx,
+            Streams {
+                qmp: qmp.clone(),
+                bus: bus.clone(),
+                nbd: nbd.clone(),
+                state_dir: state_dir.clone(),
+                multifd: ram.multifd_channels.is_some(),
+                drives: local_disks.iter().map(|d| d.drive_id.clone()).collect(),
+                resumed: resumed_rx,
+            },
         ))
         .abort_handle(),
     );
@@ -429,16 +431,19 @@ async fn wait_for_qmp(
 }
 
 /// Serves the authenticated streams of one migration.
-async fn serve_streams(
-    mut expected: Expected,
+/// What the stream acceptors of one incoming migration work with.
+struct Streams {
     qmp: QmpClient,
     bus: EventBus,
     nbd: Option<NbdExports>,
     state_dir: PathBuf,
     multifd: bool,
     drives: Vec<String>,
-    mut resumed: watch::Receiver<bool>,
-) {
+    resumed: watch::Receiver<bool>,
+}
+
+async fn serve_streams(mut expected: Expected, streams: Streams) {
+    let Streams { qmp, bus, nbd, state_dir, multifd, drives, mut resumed } = streams;
     for drive in drives {
         let key = format!("nbd:{drive}");
         let sock = state_dir.join("nbd.sock");
@@ -571,11 +576,18 @@ pub async fn receive(
                     }
                     "MIGRATION" => match ev.data_str("status").map(MigrationStatus::from) {
                         Some(MigrationStatus::Completed) => {
-                            if !resumed {
-                                // Completion arrives just before RESUME; keep waiting for it.
-                                continue;
+                            if resumed {
+                                break;
                             }
-                            break;
+                            // QEMU starts the VM itself when the source was running at the end;
+                            // katamaran stops the source first (controlled switchover), so the
+                            // VM arrives paused and is started here. RESUME follows either way.
+                            match inc.qmp.query_status().await {
+                                Ok(st) if !st.running => inc.qmp.cont().await?,
+                                Ok(_) => {}
+                                Err(e) => return Err(e.into()),
+                            }
+                            continue;
                         }
                         Some(MigrationStatus::Failed) => {
                             return Err(EngineError::Precondition("incoming migration failed in QEMU".into()));

@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -37,8 +38,13 @@ use crate::dataplane::{self, relay, Secret, StreamKey};
 use crate::net::{NetOps, NetnsHandle, TunnelSpec};
 use crate::qmp::{MigrationStatus, QmpClient};
 
-/// How often RAM progress is reported.
-const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+/// How often RAM progress is polled (for the switchover decision) ...
+const POLL_EVERY: Duration = Duration::from_millis(25);
+/// ... and how often a poll is reported as an event.
+const REPORT_EVERY_POLLS: u32 = 20;
+/// After the route swap and before QEMU may stop the VM: packets already routed into the sandbox
+/// (in the veth and the tap) reach the still-running VM.
+const SWITCHOVER_SETTLE: Duration = Duration::from_millis(2);
 /// Deadline of a data-stream connect + handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the forward's traffic counter is read.
@@ -198,10 +204,17 @@ pub async fn run(
         ram.downtime_limit = downtime_from_rtt(ram.downtime_limit, rtt);
     }
     compute::configure(&qmp, &features, &ram).await?;
+    // Controlled switchover: QEMU may stop the VM on its own only when nothing is left to send
+    // (limit 0); katamaran decides the moment, swaps the route first, then gives QEMU the real
+    // limit. A packet that reaches a stopped source is read by QEMU once and parked inside it,
+    // out of reach; swapping before STOP means no packet reaches a stopped source.
+    set_downtime_limit(&qmp, Duration::ZERO).await?;
     let mut status_sub = bus.subscribe();
     let times = Arc::new(Mutex::new(CutoverTimes::default()));
     let (stop_handled_tx, mut stop_handled) = tokio::sync::watch::channel(false);
+    let pre_swapped = Arc::new(AtomicBool::new(false));
     let cutover_task = tokio::spawn(cutover(
+        pre_swapped.clone(),
         bus.subscribe(),
         node.clone(),
         forward.clone(),
@@ -226,7 +239,8 @@ pub async fn run(
     ));
 
     let deadline = tokio::time::Instant::now() + options.ram_timeout;
-    let mut ticker = tokio::time::interval(PROGRESS_EVERY);
+    let mut ticker = tokio::time::interval(POLL_EVERY);
+    let mut polls: u32 = 0;
     let mut remaining_history: Vec<u64> = Vec::new();
     let mut last_iteration = 0;
     let mut downtime_limit = ram.downtime_limit;
@@ -256,19 +270,50 @@ pub async fn run(
                 }
             }
             _ = ticker.tick() => {
-                let (_, p) = compute::progress(&qmp).await?;
+                let (status, p) = compute::progress(&qmp).await?;
+                polls = polls.wrapping_add(1);
+                let limit_ms = u64::try_from(downtime_limit.as_millis()).unwrap_or(u64::MAX);
+                if !pre_swapped.load(Ordering::SeqCst)
+                    && status == MigrationStatus::Active
+                    && p.iteration >= 1
+                    && p.expected_downtime_ms <= limit_ms
+                {
+                    // Converged: forward first, then stop the VM ourselves. Raising QEMU's
+                    // limit instead left the VM running (and its traffic at the destination's
+                    // plug) for up to 400 ms until QEMU's next threshold update.
+                    let lead = Instant::now();
+                    set_downtime_limit(&qmp, downtime_limit).await?;
+                    let acked = forward.swap(node.as_ref()).await?;
+                    pre_swapped.store(true, Ordering::SeqCst);
+                    if let Ok(mut t) = times.lock() {
+                        t.route_swapped_unix_nanos = unix_nanos(acked);
+                    }
+                    {
+                        let q = qmp.clone();
+                        cleanup.push("resume the source VM", move || async move { q.cont().await });
+                        let (n, f) = (node.clone(), forward.clone());
+                        cleanup.push("restore the VM routes", move || async move { f.restore(n.as_ref()).await });
+                    }
+                    tokio::time::sleep(SWITCHOVER_SETTLE).await;
+                    qmp.stop().await?;
+                    tracing::info!(
+                        expected_downtime_ms = p.expected_downtime_ms,
+                        remaining = p.remaining_bytes,
+                        swap_to_stop_us = lead.elapsed().as_micros(),
+                        "switchover: VM routes forward to the destination, source VM stopped"
+                    );
+                    continue;
+                }
                 if options.auto_downtime && p.iteration > last_iteration {
                     last_iteration = p.iteration;
                     remaining_history.push(p.remaining_bytes);
                     if let Some(next) = next_downtime_limit(downtime_limit, &remaining_history) {
                         tracing::warn!(from = ?downtime_limit, to = ?next, "RAM does not converge: raising the downtime limit");
                         downtime_limit = next;
-                        let ms = u64::try_from(next.as_millis()).unwrap_or(u64::MAX);
-                        qmp.execute("migrate-set-parameters", Some(serde_json::json!({"downtime-limit": ms}))).await?;
                         remaining_history.clear();
                     }
                 }
-                if log.phase() == Phase::Ram {
+                if log.phase() == Phase::Ram && polls % REPORT_EVERY_POLLS == 1 {
                     let mut e = Event::new(Phase::Ram, "pre-copy");
                     e.ram = Some(p);
                     log.push(e);
@@ -406,6 +451,7 @@ async fn start_ram_stream(
 /// Reacts to STOP with the route swap and to a later RESUME (QEMU restarted the source after a
 /// failure) with the routes put back. Runs until aborted.
 async fn cutover(
+    pre_swapped: Arc<AtomicBool>,
     mut sub: qemu::Subscription,
     node: Arc<NetnsHandle>,
     forward: SourceForward,
@@ -419,9 +465,26 @@ async fn cutover(
             "STOP" if !stopped => {
                 stopped = true;
                 let seen = std::time::Instant::now();
+                let stop_at = ev.qemu_timestamp.unwrap_or(ev.received_at);
+                if pre_swapped.load(Ordering::SeqCst) {
+                    let mut t = times.lock().map(|t| t.clone()).unwrap_or_default();
+                    t.stop_unix_nanos = unix_nanos(stop_at);
+                    tracing::info!(
+                        lead_us = t.stop_unix_nanos.saturating_sub(t.route_swapped_unix_nanos) / 1000,
+                        "STOP: the VM routes already forward to the destination"
+                    );
+                    if let Ok(mut shared) = times.lock() {
+                        *shared = t.clone();
+                    }
+                    let mut e =
+                        Event::new(Phase::Cutover, "source stopped; VM routes were swapped before the stop");
+                    e.cutover = Some(t);
+                    log.push(e);
+                    stop_handled.send_replace(true);
+                    continue;
+                }
                 let result = forward.swap(node.as_ref()).await;
                 let swap_took = seen.elapsed();
-                let stop_at = ev.qemu_timestamp.unwrap_or(ev.received_at);
                 let mut t = times.lock().map(|t| t.clone()).unwrap_or_default();
                 t.stop_unix_nanos = unix_nanos(stop_at);
                 match result {
@@ -500,6 +563,12 @@ async fn recover_tap_queue(node: &Arc<NetnsHandle>, qemu_pid: u32, tap: &str) ->
             0
         }
     }
+}
+
+async fn set_downtime_limit(qmp: &QmpClient, limit: Duration) -> Result<(), EngineError> {
+    let ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+    qmp.execute("migrate-set-parameters", Some(serde_json::json!({ "downtime-limit": ms }))).await?;
+    Ok(())
 }
 
 /// Waits until the forward carried nothing for `idle`. Tunnel traffic is read from the tunnel

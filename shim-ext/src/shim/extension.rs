@@ -102,7 +102,8 @@ pub fn launch(
 ) -> Result<u32, Error> {
     let dup = || log.try_clone().map_err(|source| Error::Prepare { path: paths.log_file.clone(), source });
     let mut cmd = Command::new(agent);
-    cmd.args(args).stdin(Stdio::null()).stdout(dup()?).stderr(dup()?).current_dir("/");
+    // Its output is a file: no terminal colour codes in it.
+    cmd.args(args).stdin(Stdio::null()).stdout(dup()?).stderr(dup()?).current_dir("/").env("NO_COLOR", "1");
     if let (Some(filter), None) = (log_filter, std::env::var_os(super::config::ENV_LOG)) {
         cmd.env(super::config::ENV_LOG, filter);
     }

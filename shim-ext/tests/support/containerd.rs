@@ -97,7 +97,8 @@ fn feed(child: &mut Child, stdin: &[u8]) {
 /// Runs `cmd` with `stdin`, stdout and stderr on ONE pipe — how containerd runs a shim's `start`
 /// (`CombinedOutput`) — and fails the test if it or its output outlives `timeout`.
 pub fn run_combined(cmd: &mut Command, stdin: &[u8], timeout: Duration) -> Ran {
-    let (r, w) = nix::unistd::pipe().unwrap();
+    // Close-on-exec, as Go's pipes are: only the child's stdout and stderr may hold the write end.
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).unwrap();
     let w2 = w.try_clone().unwrap();
     let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::from(w)).stderr(Stdio::from(w2)).spawn().unwrap();
     cmd.stdout(Stdio::null()).stderr(Stdio::null()); // drops our copies of the write end
@@ -166,6 +167,17 @@ pub fn kill(pid: u32) {
         // SAFETY: kill(2) with a pid and a signal number; no memory is shared.
         unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
     }
+}
+
+/// Fails the test, naming the integration step, when the agent cannot follow a shim: the wrapper
+/// starts it with `--exit-with-pid` (see `katamaran::shim::agent`).
+pub fn require_exit_with_pid() {
+    let help = Command::new(AGENT).args(["sandbox", "--help"]).output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&help.stdout).contains("--exit-with-pid"),
+        "katamaran-agent sandbox has no --exit-with-pid: wire katamaran::shim::agent::{{until_exit_of, \
+         PidFileGuard}} into bin/katamaran-agent.rs"
+    );
 }
 
 /// Why the containerd tests cannot run here, if they cannot.

@@ -5,6 +5,7 @@
 //! the lab's `Drop` tear everything down even when an assertion fails. Tests that need root,
 //! QEMU or the guest image print `skipped: <why>` and return (see [`artifacts`]).
 
+pub mod agents;
 pub mod artifacts;
 mod error;
 mod lab;

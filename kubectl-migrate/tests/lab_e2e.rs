@@ -1,0 +1,341 @@
+//! `kubectl migrate` end to end in the two-node lab: the real plugin binary, a fake Kubernetes
+//! API server whose port-forwards lead to the REAL node agents (`katamaran-agent node` in each
+//! node's namespace, through their unix sockets), and a real QEMU (TCG) guest in a Kata-shaped
+//! sandbox moved from node-a to node-b while the probe sends 1000 UDP datagrams per second at it
+//! from the lab's client namespace.
+//!
+//! ```text
+//!  kubectl-migrate ──HTTP/WebSocket──▶ fake API server (127.0.0.1)
+//!                                        │ pods/agent-a/portforward      │ pods/agent-b/portforward
+//!                                        ▼                               ▼
+//!                    <root>/node-a/run/katamaran/agent.sock   <root>/node-b/run/katamaran/agent.sock
+//!                    katamaran-agent node (netns node-a)  ═══▶ katamaran-agent node (netns node-b)
+//!                    sandbox web-0: QEMU, the guest            incoming sandbox: QEMU -incoming
+//! ```
+//!
+//! The API server is the only fake: it serves the objects a cluster would hold for this lab (the
+//! pod with the identity the lab's OCI bundle carries, both nodes, one agent pod per node) and
+//! relays each port-forward stream to the agent's socket, as kubelet relays it to the agent pod's
+//! loopback port. Everything from there on is the engine a cluster would run.
+//!
+//! Needs root, QEMU and the guest image; without them the test prints `skipped: <why>`.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use katamaran_e2e::agents::{self, Agent};
+use katamaran_e2e::{artifacts, netns, Disks, Lab, LabConfig, Node, ProbeReport, Skip, VmOptions};
+use serde_json::{json, Value};
+
+use support::apiserver::{AgentBackend, FakeApiServer, State};
+
+/// The pod's name, which is also the lab's sandbox id.
+const POD: &str = "web-0";
+const POD_V4: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
+/// The probe's rate: a slow reaction at the cutover shows up as lost packets at this rate.
+const RATE: u32 = 1000;
+/// Probe packets that must reach the VM on node-a before the move, and node-b after it.
+const BEFORE: u64 = 500;
+const AFTER: u64 = 1000;
+const TRAFFIC_WAIT: Duration = Duration::from_secs(40);
+/// Bound on the plugin's run: a 128 MiB TCG guest moves in seconds; a loaded CI machine is slower.
+const PLUGIN_DEADLINE: Duration = Duration::from_secs(180);
+
+/// Prints the skip line and returns `None` when a prerequisite is missing.
+fn check<T>(r: Result<T, Skip>) -> Option<T> {
+    r.map_err(|skip| println!("{skip}")).ok()
+}
+
+/// The pod identity the lab wrote into the sandbox's OCI bundle (the CRI annotations the engine
+/// reports through ListSandboxes): name, namespace, uid.
+fn cri_identity(config_json: &std::path::Path) -> (String, String, String) {
+    let raw = std::fs::read(config_json).expect("the sandbox's config.json");
+    let spec: Value = serde_json::from_slice(&raw).expect("config.json is JSON");
+    let get = |key: &str| {
+        spec["annotations"][key]
+            .as_str()
+            .unwrap_or_else(|| panic!("config.json lacks annotation {key}"))
+            .to_owned()
+    };
+    (
+        get("io.kubernetes.cri.sandbox-name"),
+        get("io.kubernetes.cri.sandbox-namespace"),
+        get("io.kubernetes.cri.sandbox-uid"),
+    )
+}
+
+/// The pod object a cluster would hold for the lab's sandbox.
+fn web_pod(name: &str, namespace: &str, uid: &str, ip: Ipv4Addr) -> Pod {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "uid": uid},
+        "spec": {
+            "nodeName": "node-a",
+            "runtimeClassName": support::CLASS,
+            "containers": [{"name": "web", "image": "katamaran-guest"}]
+        },
+        "status": {"phase": "Running", "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}]}
+    }))
+    .unwrap()
+}
+
+/// `GET /` of the guest from the client namespace, as JSON.
+fn page(lab: &Lab) -> Value {
+    let addr = SocketAddr::new(IpAddr::V4(POD_V4), 80);
+    let body = netns::http_get(&lab.netns("client"), addr, Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("HTTP GET http://{addr}/ from the client: {e}"));
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("the page is not JSON ({e}): {body}"))
+}
+
+/// QEMU's run state on node-a, through the lab's own QMP socket (not the one the engine uses).
+fn source_qemu_status(lab: &Lab) -> String {
+    let out = lab.run(&["qmp", "node-a", POD, "query-status"]).expect("query-status on node-a");
+    let status: Value = serde_json::from_slice(&out.stdout).expect("query-status prints JSON");
+    status["status"].as_str().unwrap_or_default().to_owned()
+}
+
+/// How the plugin ended.
+struct PluginRun {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+    elapsed: Duration,
+}
+
+/// Runs the plugin binary to its end (killed at `PLUGIN_DEADLINE`).
+fn run_plugin(rt: &tokio::runtime::Runtime, args: &[&str], home: &std::path::Path) -> PluginRun {
+    let started = Instant::now();
+    let out = rt.block_on(async {
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kubectl-migrate"))
+            .args(args)
+            .env("HOME", home)
+            .env_remove("KUBECONFIG")
+            .env_remove("KATAMARAN_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("the plugin starts");
+        tokio::time::timeout(PLUGIN_DEADLINE, child.wait_with_output()).await
+    });
+    let out = out
+        .unwrap_or_else(|_| panic!("kubectl-migrate did not exit within {PLUGIN_DEADLINE:?}"))
+        .expect("kubectl-migrate's output");
+    PluginRun {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        elapsed: started.elapsed(),
+    }
+}
+
+/// The numbers of the run as a table: the plugin's result document and the probe's report.
+/// `probe_lead` is how long before the plugin the probe was started, to place lost packets on the
+/// plugin's timeline (roughly: the probe's own start-up is not subtracted).
+fn result_table(doc: &Value, probe: &ProbeReport, wall: Duration, probe_lead: Duration) -> String {
+    let mut t = String::new();
+    let mut row = |k: &str, v: String| t.push_str(&format!("  {k:<24}{v}\n"));
+    let phases = |side: &str| -> String {
+        doc["phases"][side]
+            .as_array()
+            .map(|ps| {
+                ps.iter()
+                    .map(|p| match p["durationMs"].as_f64() {
+                        Some(ms) => format!("{} {ms:.0} ms", p["phase"].as_str().unwrap_or("?")),
+                        None => format!("{} running", p["phase"].as_str().unwrap_or("?")),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
+    };
+    let ns_as_us = |v: &Value| v.as_u64().map_or("-".to_owned(), |ns| format!("{:.0} µs", ns as f64 / 1e3));
+    row("migration", doc["migrationId"].as_str().unwrap_or_default().to_owned());
+    row("result", doc["result"].as_str().unwrap_or_default().to_owned());
+    row("source phases", phases("source"));
+    row("destination phases", phases("destination"));
+    row(
+        "QEMU downtime",
+        doc["downtimeMs"].as_u64().map_or("not reported".to_owned(), |ms| format!("{ms} ms")),
+    );
+    row("STOP → route swap", ns_as_us(&doc["stopToRouteSwapNs"]));
+    row("RESUME → plug release", ns_as_us(&doc["resumeToPlugReleaseNs"]));
+    row("plug drops", format!("{} packets", doc["plugDroppedPackets"]));
+    row("plugin total", format!("{} ms (wall {:.0} ms)", doc["totalMs"], wall.as_secs_f64() * 1e3));
+    row(
+        "probe",
+        format!(
+            "{} sent, {} received, {} lost, {} duplicated, {} reordered, longest gap {:.1} ms at {RATE} pps",
+            probe.sent, probe.received, probe.lost, probe.duplicated, probe.reordered, probe.longest_gap_ms
+        ),
+    );
+    let lead_ms = probe_lead.as_secs_f64() * 1e3;
+    for run in &probe.loss_timeline {
+        row(
+            "lost run",
+            format!(
+                "seq {}..={} at ~{:.0} ms after the plugin started",
+                run.first_seq,
+                run.last_seq,
+                run.start_ms - lead_ms
+            ),
+        );
+    }
+    t
+}
+
+#[test]
+fn lab_kubectl_migrate_moves_the_pod_vm_to_node_b_under_probe_and_loses_nothing() {
+    let Some(()) = check(artifacts::require_vm_lab()) else { return };
+    let Some(_) = check(artifacts::ensure_guest_image().expect("hack/guest/build.sh failed")) else { return };
+
+    // The lab: web-0 on node-a with its VM (one shared disk), an agent on each node.
+    let (mut lab, up) = Lab::up(LabConfig::unique()).expect("lab up");
+    lab.probe_path().expect("the probe builds");
+    let paths = lab.sandbox(Node::A, POD, POD_V4, None).expect("sandbox web-0 on node-a");
+    let boot = lab
+        .vm(Node::A, POD, &VmOptions { disks: Disks::Shared(1), ..VmOptions::default() })
+        .expect("the guest boots to KATAMARAN-GUEST-READY");
+    let bins = agents::engine_bins().expect("the engine's release binaries");
+    let agents = [
+        Agent::start(&lab, Node::A, &bins.agent).expect("the node-a agent serves its socket"),
+        Agent::start(&lab, Node::B, &bins.agent).expect("the node-b agent serves its socket"),
+    ];
+
+    // The cluster as the API server describes it.
+    let (name, namespace, uid) = cri_identity(&paths.config_json);
+    assert_eq!(name, POD, "the lab names the pod after the sandbox");
+    let socket = |node: Node| agents::engine_dir(&lab, node).join("agent.sock");
+    let state = State {
+        pods: vec![
+            web_pod(&name, &namespace, &uid, paths.ip),
+            support::agent_pod("katamaran-agent-a1b2c", "node-a"),
+            support::agent_pod("katamaran-agent-d3e4f", "node-b"),
+        ],
+        nodes: vec![
+            support::node("node-a", &[&Node::A.addr_v4().to_string()], true, false),
+            support::node("node-b", &[&Node::B.addr_v4().to_string()], true, false),
+        ],
+        agents: HashMap::from([
+            ("katamaran-agent-a1b2c".to_owned(), AgentBackend::Unix(socket(Node::A))),
+            ("katamaran-agent-d3e4f".to_owned(), AgentBackend::Unix(socket(Node::B))),
+        ]),
+        ..State::default()
+    };
+    // Workers of their own: the API server relays while this thread waits on the lab.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime for the fake API server");
+    let api = rt.block_on(FakeApiServer::start(state));
+    let home = tempfile::tempdir().expect("a home for the plugin");
+    let kubeconfig = home.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig_with_namespace(&namespace)).expect("kubeconfig");
+
+    // Traffic flows to the VM on node-a.
+    let boot_id = page(&lab)["boot_id"].as_str().expect("the page has a boot_id").to_owned();
+    let probe_started = Instant::now();
+    let probe = lab.spawn_probe(SocketAddr::new(IpAddr::V4(POD_V4), 7), RATE).expect("the probe starts");
+    let source_ns = format!("sb-node-a-{POD}");
+    agents::wait_for_rx(&lab, &source_ns, "eth0", BEFORE, TRAFFIC_WAIT)
+        .expect("the probe's packets reach the VM on node-a");
+
+    let probe_lead = probe_started.elapsed();
+    let run = run_plugin(
+        &rt,
+        &[
+            "pod",
+            POD,
+            "--to",
+            "node-b",
+            "--shared-storage",
+            "-o",
+            "json",
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+        ],
+        home.path(),
+    );
+    // The probe runs on until a second of traffic has reached node-b through the forward.
+    let moved = agents::wait_for_rx(&lab, "node-b", "eth0", AFTER, TRAFFIC_WAIT);
+    let report = probe.stop(Duration::from_secs(10)).expect("the probe's report");
+    assert_eq!(
+        run.code,
+        Some(0),
+        "kubectl-migrate exits 0\nstdout:\n{}\nstderr:\n{}",
+        run.stdout,
+        run.stderr
+    );
+    let doc: Value = serde_json::from_str(&run.stdout)
+        .unwrap_or_else(|e| panic!("stdout is one JSON document ({e}):\n{}", run.stdout));
+    eprintln!(
+        "measured [kubectl migrate, shared storage]: lab up {:.2} s, boot {:.1} s\n{}",
+        up.as_secs_f64(),
+        boot.as_secs_f64(),
+        result_table(&doc, &report, run.elapsed, probe_lead)
+    );
+    moved.expect("the probe's traffic reaches node-b after the move");
+
+    // The document says the VM moved from node-a to node-b, through the agent pods.
+    assert_eq!(doc["result"], "succeeded", "{doc:#}");
+    assert!(doc["error"].is_null(), "{doc:#}");
+    assert_eq!(doc["pod"]["uid"], uid.as_str());
+    assert_eq!(doc["sandboxId"], POD);
+    assert_eq!(doc["source"]["node"], "node-a");
+    assert_eq!(doc["source"]["agentPod"], "katamaran-agent-a1b2c");
+    assert_eq!(doc["destination"]["node"], "node-b");
+    assert_eq!(doc["destination"]["agentPod"], "katamaran-agent-d3e4f");
+    assert_eq!(doc["destination"]["address"], Node::B.addr_v4().to_string());
+    assert_eq!(doc["options"]["sharedStorage"], true);
+    assert!(
+        doc["stopToRouteSwapNs"].as_u64().is_some_and(|ns| ns > 0),
+        "the source's STOP → route swap is measured: {doc:#}"
+    );
+    assert!(
+        doc["resumeToPlugReleaseNs"].as_u64().is_some_and(|ns| ns > 0),
+        "the destination's RESUME → release is measured: {doc:#}"
+    );
+    assert_eq!(doc["plugDroppedPackets"], 0, "the destination held every packet: {doc:#}");
+
+    // The only path to the nodes was the API server: one port-forward to each agent pod.
+    let requests = api.requests();
+    for agent in ["katamaran-agent-a1b2c", "katamaran-agent-d3e4f"] {
+        let path = format!("GET /api/v1/namespaces/katamaran-system/pods/{agent}/portforward?");
+        let forwards: Vec<&String> =
+            requests.iter().filter(|r| r.starts_with(&path) && r.contains("ports=10555")).collect();
+        assert_eq!(forwards.len(), 1, "one port-forward to {agent} on port 10555: {requests:#?}");
+    }
+
+    // Nothing lost while the VM moved; the same VM answers, now from node-b.
+    assert!(report.sent >= 1500, "the probe ran through the move: {report:?}");
+    assert_eq!(
+        (report.lost, report.duplicated),
+        (0, 0),
+        "nothing lost or duplicated; lost runs {:?} (ms after the probe's start)",
+        report.loss_timeline
+    );
+    let after = page(&lab);
+    assert_eq!(after["instance"], POD, "{after}");
+    assert_eq!(after["boot_id"], boot_id.as_str(), "the same VM answers, not a rebooted one: {after}");
+    assert!(
+        agents::incoming_qemu_pid(&lab, Node::B, POD).is_some(),
+        "the VM's QEMU runs on node-b (the engine's incoming sandbox)"
+    );
+    assert_eq!(source_qemu_status(&lab), "postmigrate", "the source QEMU stays paused after the move");
+
+    // Teardown: the API server, the agents, then the lab, which must leave nothing behind.
+    drop(api);
+    drop(rt);
+    drop(agents);
+    lab.down().expect("lab down");
+    assert_eq!(lab.leftovers(), Vec::<String>::new(), "down leaves nothing behind");
+}

@@ -1,0 +1,194 @@
+//! One katamaran migration in a fresh lab: guest on node-a, agents on both nodes, the probe
+//! from the client, `client::drive` from this process, numbers from its `Summary`.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use katamaran::client::{self, Plan, Side, Summary};
+use katamaran::migration::options::{MigrationOptions, StorageMode};
+use katamaran::qmp::{MigrationInfo, QmpClient, QmpConfig};
+use katamaran_e2e::{Lab, LabConfig, Node, ProbeReport};
+use katamaran_protos::v1 as pb;
+use tokio::runtime::Runtime;
+
+use crate::agents::Agent;
+use crate::cases::{Case, Storage};
+use crate::guest::{self, ID, PROBE_TARGET};
+use crate::report::{m, Mark, Run};
+use crate::RunConfig;
+
+/// Runs one katamaran migration of `case`; a failure is recorded in the returned run.
+pub fn run(rt: &Runtime, cfg: &RunConfig, case: &Case, n: u32) -> Run {
+    let mut run = Run::new(n, guest::load_1m());
+    match measure(rt, cfg, case, &mut run) {
+        Ok(()) => {}
+        Err(e) => {
+            run.ok = false;
+            run.error = Some(format!("{e:#}"));
+        }
+    }
+    run
+}
+
+fn measure(rt: &Runtime, cfg: &RunConfig, case: &Case, run: &mut Run) -> anyhow::Result<()> {
+    let (mut lab, _) = Lab::up(LabConfig::unique())?;
+    let paths = guest::start(&lab, case, &cfg.guest)?;
+    let agent_bin = cfg.bin_dir.join("katamaran-agent");
+    let agents = rt.block_on(async {
+        let a = Agent::start(&lab, Node::A, &agent_bin).await?;
+        let b = Agent::start(&lab, Node::B, &agent_bin).await?;
+        anyhow::Ok((a, b))
+    })?;
+    let probe = lab.spawn_probe(PROBE_TARGET, case.rate_pps)?;
+    // A stretch of steady traffic before the move (a measurement window, not a wait: the probe
+    // counts only after its first echo came back).
+    std::thread::sleep(cfg.before);
+
+    let plan = Plan {
+        sandbox_id: ID.to_owned(),
+        migration_id: client::new_migration_id()?,
+        options: MigrationOptions {
+            storage: match case.storage {
+                Storage::Shared => StorageMode::Shared,
+                Storage::Local => StorageMode::Local,
+            },
+            ..MigrationOptions::default()
+        },
+        source_address: None,
+        rpc_timeout: Duration::from_secs(30),
+    };
+    let (src_ep, dst_ep) = (agents.0.endpoint.clone(), agents.1.endpoint.clone());
+    let drive_started = SystemTime::now();
+    let driven = rt.block_on(async {
+        let src = client::connect(&src_ep).await?;
+        let dst = client::connect(&dst_ep).await?;
+        let summary = client::drive(&src, &dst, &plan, |_, _| {}, tokio::time::sleep(cfg.timeout)).await?;
+        anyhow::Ok(summary)
+    });
+    std::thread::sleep(cfg.after);
+    let report = probe.stop(Duration::from_secs(15)).context("the probe did not report")?;
+    record_probe(run, &report);
+
+    let summary = match driven {
+        Ok(s) => s,
+        Err(e) => {
+            return Err(e.context(format!(
+                "katamaran could not drive the migration\nagent node-a:\n{}\nagent node-b:\n{}",
+                agents.0.log_tail(8),
+                agents.1.log_tail(8)
+            )))
+        }
+    };
+    record_summary(run, &summary, drive_started);
+    run.ok = summary.succeeded() && !summary.cancelled_by_caller;
+    if !run.ok {
+        run.error =
+            Some(summary.failure().unwrap_or_else(|| format!("did not finish within {:?}", cfg.timeout)));
+    } else {
+        // QEMU's own figures for the whole migration, from the monitor Kata's shim would hold
+        // (katamaran's agent has the other one); the source stays paused, so they stay there.
+        let info = rt.block_on(source_migration_info(&paths.qmp))?;
+        record_qemu(run, &info);
+    }
+    drop(agents);
+    lab.down()?;
+    Ok(())
+}
+
+/// The probe's counts.
+pub fn record_probe(run: &mut Run, r: &ProbeReport) {
+    run.set(m::SENT, Some(r.sent as f64));
+    run.set(m::LOST, Some(r.lost as f64));
+    run.set(m::DUPLICATED, Some(r.duplicated as f64));
+    run.set(m::REORDERED, Some(r.reordered as f64));
+    run.set(m::GAP_MS, Some(r.longest_gap_ms));
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// MB/s (10^6 bytes) of `bytes` over `d`.
+pub fn mb_per_s(bytes: u64, d: Duration) -> Option<f64> {
+    (d > Duration::ZERO && bytes > 0).then(|| bytes as f64 / 1e6 / d.as_secs_f64())
+}
+
+fn nonzero(v: u64) -> Option<f64> {
+    (v > 0).then_some(v as f64)
+}
+
+/// `query-migrate` on a source QEMU after its migration.
+///
+/// # Errors
+/// When its monitor does not answer.
+pub async fn source_migration_info(qmp: &Path) -> anyhow::Result<MigrationInfo> {
+    let (client, _events) = QmpClient::connect(qmp, &QmpConfig::default()).await?;
+    Ok(client.query_migrate().await?)
+}
+
+/// QEMU's total time, RAM bytes and downtime; RAM throughput over the RAM phase.
+pub fn record_qemu(run: &mut Run, info: &MigrationInfo) {
+    run.set(m::QEMU_TOTAL_MS, info.total_time.map(ms));
+    let bytes = info.ram.as_ref().and_then(|r| r.transferred).unwrap_or(0);
+    run.set(m::RAM_MIB, nonzero(bytes).map(|b| b / f64::from(1u32 << 20)));
+    if let Some(ram_ms) = run.metrics.get(m::RAM_MS).copied() {
+        run.set(m::RAM_MB_S, mb_per_s(bytes, Duration::from_secs_f64(ram_ms / 1e3)));
+    }
+    if !run.metrics.contains_key(m::DOWNTIME_MS) {
+        run.set(m::DOWNTIME_MS, info.downtime.map(ms));
+    }
+}
+
+fn record_summary(run: &mut Run, s: &Summary, started: SystemTime) {
+    run.set(m::TOTAL_MS, Some(ms(s.elapsed)));
+    let start_ns = started.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()) as f64;
+    for (side, e) in &s.events {
+        run.timeline.push(Mark {
+            side: match side {
+                Side::Source => "source",
+                Side::Destination => "destination",
+            },
+            phase: format!("{:?}", client::phase(e)).trim_start_matches("PHASE_").to_lowercase(),
+            message: e.message.clone(),
+            at_ms: (e.timestamp_unix_nanos as f64 - start_ns) / 1e6,
+        });
+    }
+    let source_starts = run.timeline.iter().find(|k| k.side == "source").map(|k| k.at_ms);
+    run.set(m::DST_PREPARE_MS, source_starts);
+    let phases = s.phase_durations(Side::Source);
+    let phase = |p: pb::Phase| phases.iter().find(|(q, _)| *q == p).map(|(_, d)| *d);
+    run.set(m::PREPARE_MS, phase(pb::Phase::PHASE_PREPARING).map(ms));
+    let source_events = || s.events.iter().filter(|(side, _)| *side == Side::Source).map(|(_, e)| e);
+    if let Some(storage) = phase(pb::Phase::PHASE_STORAGE) {
+        let bytes = source_events()
+            .filter_map(|e| e.storage.as_ref())
+            .map(|st| st.drives.iter().map(|d| d.total_bytes).sum::<u64>())
+            .max()
+            .unwrap_or(0);
+        run.set(m::STORAGE_MS, Some(ms(storage)));
+        run.set(m::STORAGE_MB_S, mb_per_s(bytes, storage));
+    }
+    let ram_bytes =
+        source_events().filter_map(|e| e.ram.as_ref()).map(|r| r.transferred_bytes).max().unwrap_or(0);
+    if let Some(ram) = phase(pb::Phase::PHASE_RAM) {
+        run.set(m::RAM_MS, Some(ms(ram)));
+        run.set(m::RAM_MB_S, mb_per_s(ram_bytes, ram));
+    }
+    run.set(m::RAM_MIB, nonzero(ram_bytes).map(|b| b / f64::from(1u32 << 20)));
+    let src = s.cutover(Side::Source);
+    let dst = s.cutover(Side::Destination);
+    let downtime = src
+        .map(|c| c.downtime_ms)
+        .filter(|d| *d > 0)
+        .or_else(|| s.terminal(Side::Destination).and_then(|e| e.result.as_ref()).map(|r| r.downtime_ms));
+    run.set(m::DOWNTIME_MS, downtime.map(|d| d as f64));
+    run.set(m::STOP_TO_SWAP_US, src.and_then(|c| nonzero(c.route_swap_latency_nanos)).map(|n| n / 1e3));
+    run.set(
+        m::RESUME_TO_RELEASE_US,
+        dst.and_then(|c| nonzero(c.plug_release_latency_nanos)).map(|n| n / 1e3),
+    );
+    let dropped =
+        s.terminal(Side::Destination).and_then(|e| e.result.as_ref()).map(|r| r.plug_dropped_packets);
+    run.set(m::PLUG_DROPPED, dropped.map(|d| d as f64));
+}

@@ -1,0 +1,190 @@
+//! The data plane's cost: the same bytes from node-a to node-b as a direct TCP stream, through
+//! one `relay` (unix socket → relay → authenticated TCP, read directly on node-b), and the way
+//! an NBD stream travels — unix socket → relay → authenticated TCP → relay → unix socket — on a
+//! multi-thread runtime like the agent's.
+//!
+//! Sockets are created on threads that entered the node's namespace and keep it; the data
+//! moves on whatever thread runs them.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use katamaran::dataplane::listener::connect;
+use katamaran::dataplane::relay::{relay, Relayed};
+use katamaran::dataplane::{DataListener, Secret, StreamKey};
+use katamaran_e2e::netns::in_netns;
+use katamaran_e2e::{Lab, Node};
+use tokio::runtime::Runtime;
+
+use crate::report::RelayResult;
+
+/// The writer's and the reader's buffer: large, as QEMU's own writes are.
+const CHUNK: usize = 1 << 20;
+const STEP: Duration = Duration::from_secs(20);
+
+/// Measures `runs` samples of each path, alternating, `bytes` per sample.
+///
+/// # Errors
+/// When a stream cannot be set up or carries the wrong byte count.
+pub fn measure(lab: &Lab, rt: &Runtime, bytes: u64, runs: u32) -> anyhow::Result<RelayResult> {
+    let mut out = RelayResult {
+        bytes,
+        path: "node-a → node-b over the lab's veths and bridge".into(),
+        ..RelayResult::default()
+    };
+    for i in 0..runs {
+        out.direct_mb_s.push(direct(lab, bytes)?);
+        out.one_relay_mb_s.push(relayed(lab, rt, bytes, 2 * i, false)?);
+        out.relay_mb_s.push(relayed(lab, rt, bytes, 2 * i + 1, true)?);
+    }
+    Ok(out)
+}
+
+fn mb_s(bytes: u64, d: Duration) -> f64 {
+    bytes as f64 / 1e6 / d.as_secs_f64().max(1e-9)
+}
+
+/// Reads to EOF; returns the byte count and when EOF came.
+fn drain(mut r: impl Read) -> std::io::Result<(u64, Instant)> {
+    let mut buf = vec![0u8; CHUNK];
+    let mut n = 0u64;
+    loop {
+        match r.read(&mut buf)? {
+            0 => return Ok((n, Instant::now())),
+            k => n += k as u64,
+        }
+    }
+}
+
+/// Writes `bytes` and closes the write side; returns when the writing started.
+fn fill(mut w: impl Write, bytes: u64) -> std::io::Result<Instant> {
+    let buf: Vec<u8> = (0..CHUNK).map(|i| (i % 251) as u8).collect();
+    let start = Instant::now();
+    let mut left = bytes;
+    while left > 0 {
+        let k = left.min(CHUNK as u64) as usize;
+        w.write_all(&buf[..k])?;
+        left -= k as u64;
+    }
+    w.flush()?;
+    Ok(start)
+}
+
+fn join_reader(h: JoinHandle<std::io::Result<(u64, Instant)>>) -> anyhow::Result<(u64, Instant)> {
+    match h.join() {
+        Ok(r) => Ok(r.context("the reader failed")?),
+        Err(_) => bail!("the reader thread panicked"),
+    }
+}
+
+fn direct(lab: &Lab, bytes: u64) -> anyhow::Result<f64> {
+    let addr: SocketAddr = (Node::B.addr_v4(), 0).into();
+    let listener = in_netns(&lab.netns(Node::B.name()), move || Ok(TcpListener::bind(addr)))??;
+    let target = listener.local_addr()?;
+    let reader = std::thread::spawn(move || {
+        let (conn, _) = listener.accept()?;
+        drain(conn)
+    });
+    let conn = in_netns(&lab.netns(Node::A.name()), move || Ok(TcpStream::connect(target)))??;
+    let start = fill(&conn, bytes).context("direct stream: write")?;
+    conn.shutdown(Shutdown::Write)?;
+    let (got, end) = join_reader(reader)?;
+    if got != bytes {
+        bail!("direct stream carried {got} of {bytes} bytes");
+    }
+    Ok(mb_s(bytes, end.duration_since(start)))
+}
+
+/// The stream through the source side's relay, and with `both` also through the destination's.
+fn relayed(lab: &Lab, rt: &Runtime, bytes: u64, sample: u32, both: bool) -> anyhow::Result<f64> {
+    let dir = lab.scratch_path("relay");
+    std::fs::create_dir_all(&dir)?;
+    let (src_sock, dst_sock) = (dir.join("src.sock"), dir.join("dst.sock"));
+    let migration = format!("bench-relay-{sample}");
+    let secret = Secret::generate()?;
+    let key = StreamKey::new(&migration, "nbd:drive-0")?;
+
+    // Destination: the node's data listener, bound inside node-b.
+    let h = rt.handle().clone();
+    let bind: SocketAddr = (Node::B.addr_v4(), 0).into();
+    let listener = in_netns(&lab.netns(Node::B.name()), move || Ok(h.block_on(DataListener::bind(bind))))??;
+    let mut expected = listener.expect(&migration, secret.clone(), &["nbd:drive-0"])?;
+    // Source: the authenticated connection is made from node-a before the clock starts (the
+    // listener queues it for `accept`).
+    let h = rt.handle().clone();
+    let addr = listener.local_addr();
+    let tcp =
+        in_netns(&lab.netns(Node::A.name()), move || Ok(h.block_on(connect(addr, &secret, &key, STEP))))??;
+    // The reader plays the destination QEMU's NBD server: behind a relay and a unix socket, or
+    // reading the authenticated TCP stream itself.
+    let (reader, dst_relay) = if both {
+        let reader_listener = UnixListener::bind(&dst_sock)?;
+        let reader = std::thread::spawn(move || {
+            let (conn, _) = reader_listener.accept()?;
+            drain(conn)
+        });
+        let dst_sock = dst_sock.clone();
+        let task = rt.spawn(async move {
+            let mut tcp = expected.accept("nbd:drive-0", STEP).await?;
+            let mut unix = tokio::net::UnixStream::connect(&dst_sock).await?;
+            anyhow::Ok(relay(&mut tcp, &mut unix).await?)
+        });
+        (reader, Some(task))
+    } else {
+        let tcp = rt.block_on(expected.accept("nbd:drive-0", STEP))?.into_std()?;
+        tcp.set_nonblocking(false)?;
+        (std::thread::spawn(move || drain(tcp)), None)
+    };
+
+    let src_listener = {
+        let _guard = rt.enter();
+        tokio::net::UnixListener::bind(&src_sock)?
+    };
+    let src_relay = rt.spawn(async move {
+        let mut tcp = tcp;
+        let (mut unix, _) = src_listener.accept().await?;
+        anyhow::Ok(relay(&mut unix, &mut tcp).await?)
+    });
+
+    // The writer plays the source QEMU's NBD client.
+    let conn = UnixStream::connect(&src_sock)?;
+    let start = fill(&conn, bytes).context("relayed stream: write")?;
+    conn.shutdown(Shutdown::Write)?;
+    let (got, end) = join_reader(reader)?;
+    drop(conn);
+    let counts = |r: Result<anyhow::Result<Relayed>, tokio::task::JoinError>, side: &str| match r {
+        Ok(Ok(c)) => Ok(c),
+        Ok(Err(e)) => Err(e.context(format!("{side} relay"))),
+        Err(e) => Err(anyhow::Error::new(e).context(format!("{side} relay task"))),
+    };
+    let (a, b) = rt.block_on(async {
+        let a = tokio::time::timeout(STEP, src_relay).await.context("source relay did not end")?;
+        let b = match dst_relay {
+            Some(t) => Some(tokio::time::timeout(STEP, t).await.context("destination relay did not end")?),
+            None => None,
+        };
+        anyhow::Ok((a, b))
+    })?;
+    let a = counts(a, "source")?;
+    let b = b.map(|b| counts(b, "destination")).transpose()?;
+    drop(listener);
+    remove_dir(&dir);
+    if got != bytes || a.a_to_b != bytes || b.is_some_and(|b| b.a_to_b != bytes) {
+        bail!(
+            "relayed stream carried {got} of {bytes} bytes (relays: {} and {:?})",
+            a.a_to_b,
+            b.map(|b| b.a_to_b)
+        );
+    }
+    Ok(mb_s(bytes, end.duration_since(start)))
+}
+
+fn remove_dir(dir: &Path) {
+    // Best effort: the directory lives under the lab root, which `down` removes anyway.
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -1,0 +1,581 @@
+//! What a benchmark measured, its summaries, the targets it is held against, and the tables
+//! and JSON it prints. Pure: no I/O except what the caller does with the strings.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::cases::Case;
+use crate::stats::{percentile, spread, Spread};
+use crate::table::{num_cell, spread_cell, Table};
+
+/// Metric names, units in the name. Shared by both drivers so the tables line up.
+pub mod m {
+    /// Start of the migration to its end (katamaran: both sides done; bare: route switched).
+    pub const TOTAL_MS: &str = "total_ms";
+    /// katamaran's PREPARING phase on the source (QEMU features, forward pre-created).
+    pub const PREPARE_MS: &str = "prepare_ms";
+    /// katamaran: the client's start → the source's first event: Inspect, PrepareIncoming (the
+    /// incoming sandbox, its QEMU, exports and listeners) and StartMigration.
+    pub const DST_PREPARE_MS: &str = "until_source_starts_ms";
+    /// QEMU's own `total-time` of the outgoing migration.
+    pub const QEMU_TOTAL_MS: &str = "qemu_total_ms";
+    /// Bare QEMU: `lab.sh vm --incoming` (not inside `total_ms`).
+    pub const DST_START_MS: &str = "dst_start_ms";
+    /// Storage mirror until every job is ready.
+    pub const STORAGE_MS: &str = "storage_ms";
+    /// Mirrored bytes over `storage_ms`.
+    pub const STORAGE_MB_S: &str = "storage_mb_s";
+    /// RAM pre-copy phase.
+    pub const RAM_MS: &str = "ram_ms";
+    /// RAM bytes sent, MiB.
+    pub const RAM_MIB: &str = "ram_mib";
+    /// RAM bytes over `ram_ms`.
+    pub const RAM_MB_S: &str = "ram_mb_s";
+    /// QEMU's own downtime figure.
+    pub const DOWNTIME_MS: &str = "downtime_ms";
+    /// QEMU's STOP → the source node's route points at the destination (katamaran).
+    pub const STOP_TO_SWAP_US: &str = "stop_to_route_swap_us";
+    /// QEMU's RESUME → the destination's held packets released (katamaran).
+    pub const RESUME_TO_RELEASE_US: &str = "resume_to_plug_release_us";
+    /// Packets the destination's hold dropped (katamaran).
+    pub const PLUG_DROPPED: &str = "plug_dropped";
+    /// Source STOP → destination RESUME (QEMU timestamps; bare).
+    pub const STOP_TO_RESUME_MS: &str = "stop_to_resume_ms";
+    /// Destination RESUME → router route switched (bare).
+    pub const RESUME_TO_ROUTE_MS: &str = "resume_to_route_ms";
+    /// Source STOP → router route switched (bare): every packet sent in it is lost.
+    pub const BLACKOUT_MS: &str = "blackout_ms";
+    /// Probe: datagrams sent.
+    pub const SENT: &str = "sent";
+    /// Probe: datagrams never answered.
+    pub const LOST: &str = "lost";
+    /// Probe: extra answers.
+    pub const DUPLICATED: &str = "duplicated";
+    /// Probe: answers overtaken by a later one.
+    pub const REORDERED: &str = "reordered";
+    /// Probe: longest time without answers while packets were outstanding.
+    pub const GAP_MS: &str = "longest_gap_ms";
+}
+
+/// One event of a katamaran migration, relative to the start of the drive.
+#[derive(Debug, Clone, Serialize)]
+pub struct Mark {
+    /// `source` or `destination`.
+    pub side: &'static str,
+    /// The phase, lower case.
+    pub phase: String,
+    /// The event's message.
+    pub message: String,
+    /// Milliseconds after the client started.
+    pub at_ms: f64,
+}
+
+/// One run of one driver on one case.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    /// 1-based run number.
+    pub run: u32,
+    /// The machine's 1-minute load average when the run started.
+    pub load_1m: f64,
+    /// Whether the migration succeeded.
+    pub ok: bool,
+    /// Why not, when it did not.
+    pub error: Option<String>,
+    /// What was measured (failed runs keep what they got, but summaries skip them).
+    pub metrics: BTreeMap<&'static str, f64>,
+    /// katamaran's events, for seeing where the time went.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub timeline: Vec<Mark>,
+}
+
+impl Run {
+    /// A run that has not measured anything yet.
+    pub fn new(run: u32, load_1m: f64) -> Self {
+        Self { run, load_1m, ok: false, error: None, metrics: BTreeMap::new(), timeline: Vec::new() }
+    }
+
+    /// Records a metric when it was measured.
+    pub fn set(&mut self, key: &'static str, value: Option<f64>) {
+        if let Some(v) = value.filter(|v| v.is_finite()) {
+            self.metrics.insert(key, v);
+        }
+    }
+}
+
+/// Median and spread of every metric over the successful runs.
+pub fn summarise(runs: &[Run]) -> BTreeMap<&'static str, Spread> {
+    let mut values: BTreeMap<&'static str, Vec<f64>> = BTreeMap::new();
+    for r in runs.iter().filter(|r| r.ok) {
+        for (k, v) in &r.metrics {
+            values.entry(k).or_default().push(*v);
+        }
+    }
+    values.into_iter().filter_map(|(k, v)| spread(&v).map(|s| (k, s))).collect()
+}
+
+/// Both drivers' runs of one case.
+#[derive(Debug, Clone, Serialize)]
+pub struct CaseResult {
+    /// The case's name.
+    pub name: String,
+    /// The case.
+    pub case: Case,
+    /// katamaran's runs.
+    pub katamaran: Vec<Run>,
+    /// Bare QEMU's runs.
+    pub bare: Vec<Run>,
+}
+
+impl CaseResult {
+    /// An empty result for `case`.
+    pub fn new(case: Case) -> Self {
+        Self { name: case.to_string(), case, katamaran: Vec::new(), bare: Vec::new() }
+    }
+}
+
+/// Relay against a direct stream, MB/s per sample.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RelayResult {
+    /// Bytes per sample.
+    pub bytes: u64,
+    /// Where the streams ran.
+    pub path: String,
+    /// Direct TCP, MB/s.
+    pub direct_mb_s: Vec<f64>,
+    /// Unix socket → one relay → authenticated TCP, read directly at the other end, MB/s.
+    pub one_relay_mb_s: Vec<f64>,
+    /// The NBD path: unix → relay → authenticated TCP → relay → unix, MB/s.
+    pub relay_mb_s: Vec<f64>,
+}
+
+/// Route replace latency, µs per sample.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RouteResult {
+    /// In-process netlink, measured by the caller (what the cutover waits for).
+    pub netlink_us: Vec<f64>,
+    /// In-process netlink, request to ack on the namespace thread.
+    pub netlink_on_thread_us: Vec<f64>,
+    /// One `ip route replace` process per change.
+    pub spawn_us: Vec<f64>,
+}
+
+/// A target from the brief and whether this run met it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Target {
+    /// The target.
+    pub target: &'static str,
+    /// A case name, or what else it applies to.
+    pub scope: String,
+    /// What was measured.
+    pub measured: String,
+    /// Met, missed, or not measurable (`None`).
+    pub met: Option<bool>,
+}
+
+/// katamaran total ≤ this × bare QEMU total.
+pub const TOTAL_RATIO_TARGET: f64 = 1.10;
+/// STOP → route swap and RESUME → plug release, median.
+pub const REACTION_TARGET_US: f64 = 1000.0;
+/// Relay ≥ this × direct.
+pub const RELAY_RATIO_TARGET: f64 = 0.9;
+
+fn median(s: &BTreeMap<&'static str, Spread>, key: &str) -> Option<f64> {
+    s.get(key).map(|s| s.median)
+}
+
+/// Holds the results against the brief's targets.
+pub fn evaluate(cases: &[CaseResult], relay: Option<&RelayResult>) -> Vec<Target> {
+    let mut out = Vec::new();
+    for c in cases {
+        let ks = summarise(&c.katamaran);
+        let bs = summarise(&c.bare);
+        let failed = c.katamaran.iter().filter(|r| !r.ok).count();
+        let lost: Vec<f64> = c.katamaran.iter().filter_map(|r| r.metrics.get(m::LOST).copied()).collect();
+        let max_lost = lost.iter().copied().fold(None, |a: Option<f64>, v| Some(a.map_or(v, |a| a.max(v))));
+        out.push(Target {
+            target: "0 lost packets in every katamaran run",
+            scope: c.name.clone(),
+            measured: match (max_lost, failed) {
+                (None, _) => format!("no probe report ({failed} failed)"),
+                (Some(l), 0) => format!("max {l:.0} lost over {} runs", lost.len()),
+                (Some(l), f) => format!("max {l:.0} lost; {f} run(s) failed"),
+            },
+            met: max_lost.map(|l| l == 0.0 && failed == 0),
+        });
+        let (end_to_end, dst_running) = total_ratios(&ks, &bs);
+        let with_bare = if c.bare.is_empty() {
+            Vec::new()
+        } else {
+            vec![(end_to_end, "included"), (dst_running, "excluded")]
+        };
+        for (comparison, how) in with_bare {
+            out.push(Target {
+                target: "katamaran total <= 1.10x bare QEMU total",
+                scope: c.name.clone(),
+                measured: comparison.map_or_else(
+                    || "not measured".into(),
+                    |c| {
+                        format!(
+                            "{:.0} / {:.0} ms = {:.2}x (destination start {how})",
+                            c.katamaran_ms, c.bare_ms, c.ratio
+                        )
+                    },
+                ),
+                met: comparison.map(|c| c.ratio <= TOTAL_RATIO_TARGET),
+            });
+        }
+        for (key, what) in [
+            (m::STOP_TO_SWAP_US, "STOP -> route swap <= 1 ms median"),
+            (m::RESUME_TO_RELEASE_US, "RESUME -> plug release <= 1 ms median"),
+        ] {
+            let v = median(&ks, key);
+            out.push(Target {
+                target: what,
+                scope: c.name.clone(),
+                measured: num_cell(v, 0) + " µs",
+                met: v.map(|v| v <= REACTION_TARGET_US),
+            });
+        }
+    }
+    if let Some(r) = relay {
+        for (scope, samples) in
+            [("one relay", &r.one_relay_mb_s), ("relay at both ends (NBD path)", &r.relay_mb_s)]
+        {
+            let ratio = relay_ratio(&r.direct_mb_s, samples);
+            out.push(Target {
+                target: "relay >= 0.9x direct",
+                scope: scope.into(),
+                measured: ratio.map_or_else(|| "not measured".into(), |x| format!("{x:.2}x")),
+                met: ratio.map(|x| x >= RELAY_RATIO_TARGET),
+            });
+        }
+    }
+    out
+}
+
+/// katamaran's and bare QEMU's totals (medians) and their ratio.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Comparison {
+    /// katamaran, ms.
+    pub katamaran_ms: f64,
+    /// Bare QEMU, ms.
+    pub bare_ms: f64,
+    /// katamaran / bare.
+    pub ratio: f64,
+}
+
+/// katamaran against bare QEMU, two ways: end to end (katamaran's total against bare QEMU's
+/// total plus starting its destination), and with the destination already running
+/// (katamaran's total less the time until its source starts, against bare QEMU's total).
+pub fn total_ratios(
+    k: &BTreeMap<&'static str, Spread>,
+    b: &BTreeMap<&'static str, Spread>,
+) -> (Option<Comparison>, Option<Comparison>) {
+    let ratio = |k: f64, b: f64| (b > 0.0).then(|| Comparison { katamaran_ms: k, bare_ms: b, ratio: k / b });
+    let kt = median(k, m::TOTAL_MS);
+    let bt = median(b, m::TOTAL_MS);
+    let end_to_end = kt.zip(bt.zip(median(b, m::DST_START_MS))).and_then(|(k, (b, s))| ratio(k, b + s));
+    let dst_running = kt.zip(median(k, m::DST_PREPARE_MS)).zip(bt).and_then(|((k, p), b)| ratio(k - p, b));
+    (end_to_end, dst_running)
+}
+
+/// Median relayed throughput over median direct throughput.
+pub fn relay_ratio(direct: &[f64], relayed: &[f64]) -> Option<f64> {
+    let d = spread(direct)?.median;
+    let x = spread(relayed)?.median;
+    (d > 0.0).then(|| x / d)
+}
+
+fn ok_cell(runs: &[Run]) -> String {
+    format!("{}/{}", runs.iter().filter(|r| r.ok).count(), runs.len())
+}
+
+fn load_cell(runs: &[Run]) -> String {
+    spread_cell(spread(&runs.iter().map(|r| r.load_1m).collect::<Vec<_>>()), 1)
+}
+
+/// The tables of the migration cases.
+pub fn case_tables(cases: &[CaseResult]) -> Vec<Table> {
+    let mut time = Table::new(
+        "katamaran — time and throughput (median (min–max) over successful runs)",
+        &[
+            "case",
+            "ok",
+            "total ms",
+            "until source starts ms",
+            "storage ms",
+            "storage MB/s",
+            "RAM ms",
+            "RAM MB/s",
+            "QEMU total ms",
+            "downtime ms",
+            "load 1m",
+        ],
+    );
+    let mut cut = Table::new(
+        "katamaran — cutover reaction and what the probe saw",
+        &["case", "STOP→swap µs", "RESUME→release µs", "lost", "dup", "reord", "gap ms", "plug drops"],
+    );
+    let mut bare = Table::new(
+        "bare QEMU — plain QMP, route switched after RESUME (no cutover)",
+        &[
+            "case",
+            "ok",
+            "dst start ms",
+            "total ms",
+            "storage ms",
+            "storage MB/s",
+            "RAM ms",
+            "RAM MB/s",
+            "QEMU total ms",
+            "downtime ms",
+            "blackout ms",
+            "lost",
+            "gap ms",
+            "load 1m",
+        ],
+    );
+    let mut cmp = Table::new(
+        "side by side (medians)",
+        &[
+            "case",
+            "katamaran ms",
+            "bare+dst start ms",
+            "ratio",
+            "katamaran-until source ms",
+            "bare ms",
+            "ratio",
+            "lost k/b",
+            "gap ms k/b",
+        ],
+    );
+    for c in cases {
+        let k = summarise(&c.katamaran);
+        let b = summarise(&c.bare);
+        let g = |s: &BTreeMap<&'static str, Spread>, key: &str, d: usize| spread_cell(s.get(key).copied(), d);
+        time.row(vec![
+            c.name.clone(),
+            ok_cell(&c.katamaran),
+            g(&k, m::TOTAL_MS, 0),
+            g(&k, m::DST_PREPARE_MS, 0),
+            g(&k, m::STORAGE_MS, 0),
+            g(&k, m::STORAGE_MB_S, 0),
+            g(&k, m::RAM_MS, 0),
+            g(&k, m::RAM_MB_S, 0),
+            g(&k, m::QEMU_TOTAL_MS, 0),
+            g(&k, m::DOWNTIME_MS, 0),
+            load_cell(&c.katamaran),
+        ]);
+        cut.row(vec![
+            c.name.clone(),
+            g(&k, m::STOP_TO_SWAP_US, 0),
+            g(&k, m::RESUME_TO_RELEASE_US, 0),
+            g(&k, m::LOST, 0),
+            g(&k, m::DUPLICATED, 0),
+            g(&k, m::REORDERED, 0),
+            g(&k, m::GAP_MS, 0),
+            g(&k, m::PLUG_DROPPED, 0),
+        ]);
+        bare.row(vec![
+            c.name.clone(),
+            ok_cell(&c.bare),
+            g(&b, m::DST_START_MS, 0),
+            g(&b, m::TOTAL_MS, 0),
+            g(&b, m::STORAGE_MS, 0),
+            g(&b, m::STORAGE_MB_S, 0),
+            g(&b, m::RAM_MS, 0),
+            g(&b, m::RAM_MB_S, 0),
+            g(&b, m::QEMU_TOTAL_MS, 0),
+            g(&b, m::DOWNTIME_MS, 0),
+            g(&b, m::BLACKOUT_MS, 0),
+            g(&b, m::LOST, 0),
+            g(&b, m::GAP_MS, 0),
+            load_cell(&c.bare),
+        ]);
+        let (end_to_end, dst_running) = total_ratios(&k, &b);
+        let cells = |x: Option<Comparison>| {
+            [
+                num_cell(x.map(|x| x.katamaran_ms), 0),
+                num_cell(x.map(|x| x.bare_ms), 0),
+                num_cell(x.map(|x| x.ratio), 2),
+            ]
+        };
+        let [k1, b1, r1] = cells(end_to_end);
+        let [k2, b2, r2] = cells(dst_running);
+        cmp.row(vec![
+            c.name.clone(),
+            k1,
+            b1,
+            r1,
+            k2,
+            b2,
+            r2,
+            format!("{}/{}", num_cell(median(&k, m::LOST), 0), num_cell(median(&b, m::LOST), 0)),
+            format!("{}/{}", num_cell(median(&k, m::GAP_MS), 0), num_cell(median(&b, m::GAP_MS), 0)),
+        ]);
+    }
+    if cases.iter().all(|c| c.bare.is_empty()) {
+        return vec![time, cut];
+    }
+    vec![time, cut, bare, cmp]
+}
+
+/// The relay table.
+pub fn relay_table(r: &RelayResult) -> Table {
+    let mut t = Table::new(
+        format!("data plane: {} MiB per sample, {}", r.bytes >> 20, r.path),
+        &["stream", "MB/s", "ratio"],
+    );
+    t.row(vec!["direct TCP".into(), spread_cell(spread(&r.direct_mb_s), 0), "1.00".into()]);
+    t.row(vec![
+        "unix → relay → TCP (authenticated)".into(),
+        spread_cell(spread(&r.one_relay_mb_s), 0),
+        num_cell(relay_ratio(&r.direct_mb_s, &r.one_relay_mb_s), 2),
+    ]);
+    t.row(vec![
+        "unix → relay → TCP (authenticated) → relay → unix".into(),
+        spread_cell(spread(&r.relay_mb_s), 0),
+        num_cell(relay_ratio(&r.direct_mb_s, &r.relay_mb_s), 2),
+    ]);
+    t
+}
+
+/// The route-swap table.
+pub fn route_table(r: &RouteResult) -> Table {
+    let mut t =
+        Table::new("route swap: one /32 replaced", &["method", "n", "median µs", "p99 µs", "vs netlink"]);
+    let base = percentile(&r.netlink_us, 0.5);
+    for (name, v) in [
+        ("netlink in-process (caller's view)", &r.netlink_us),
+        ("netlink in-process (namespace thread)", &r.netlink_on_thread_us),
+        ("spawned `ip route replace`", &r.spawn_us),
+    ] {
+        let med = percentile(v, 0.5);
+        t.row(vec![
+            name.into(),
+            v.len().to_string(),
+            num_cell(med, 1),
+            num_cell(percentile(v, 0.99), 1),
+            num_cell(med.zip(base).map(|(a, b)| a / b), 1) + "x",
+        ]);
+    }
+    t
+}
+
+/// The targets table.
+pub fn target_table(targets: &[Target]) -> Table {
+    let mut t = Table::new("targets", &["target", "scope", "measured", "met"]);
+    for x in targets {
+        let met = match x.met {
+            Some(true) => "yes",
+            Some(false) => "NO",
+            None => "n/a",
+        };
+        t.row(vec![x.target.into(), x.scope.clone(), x.measured.clone(), met.into()]);
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cases::defaults;
+
+    fn run(n: u32, ok: bool, metrics: &[(&'static str, f64)]) -> Run {
+        let mut r = Run::new(n, 1.0);
+        r.ok = ok;
+        for (k, v) in metrics {
+            r.set(k, Some(*v));
+        }
+        r
+    }
+
+    #[test]
+    fn summaries_skip_failed_runs_and_missing_metrics() {
+        let runs = vec![
+            run(1, true, &[(m::TOTAL_MS, 700.0), (m::LOST, 0.0)]),
+            run(2, false, &[(m::TOTAL_MS, 9000.0), (m::LOST, 40.0)]),
+            run(3, true, &[(m::TOTAL_MS, 800.0)]),
+        ];
+        let s = summarise(&runs);
+        assert_eq!(s[m::TOTAL_MS], Spread { median: 750.0, min: 700.0, max: 800.0, n: 2 });
+        assert_eq!(s[m::LOST].n, 1);
+        let mut r = Run::new(4, 0.0);
+        r.set(m::RAM_MB_S, None);
+        r.set(m::RAM_MB_S, Some(f64::NAN));
+        assert!(r.metrics.is_empty());
+    }
+
+    #[test]
+    fn targets_are_met_or_missed_per_case() {
+        let mut c = CaseResult::new(defaults()[0]);
+        c.katamaran = vec![
+            run(
+                1,
+                true,
+                &[
+                    (m::TOTAL_MS, 1000.0),
+                    (m::LOST, 0.0),
+                    (m::STOP_TO_SWAP_US, 150.0),
+                    (m::DST_PREPARE_MS, 0.0),
+                ],
+            ),
+            run(
+                2,
+                true,
+                &[
+                    (m::TOTAL_MS, 1300.0),
+                    (m::LOST, 2.0),
+                    (m::STOP_TO_SWAP_US, 2500.0),
+                    (m::DST_PREPARE_MS, 0.0),
+                ],
+            ),
+        ];
+        c.bare = vec![run(1, true, &[(m::TOTAL_MS, 1000.0), (m::LOST, 150.0), (m::DST_START_MS, 100.0)])];
+        let relay = RelayResult {
+            direct_mb_s: vec![1000.0],
+            one_relay_mb_s: vec![950.0],
+            relay_mb_s: vec![500.0],
+            ..Default::default()
+        };
+        let t = evaluate(&[c], Some(&relay));
+        let find = |prefix: &str| t.iter().find(|x| x.target.starts_with(prefix)).expect(prefix);
+        assert_eq!(find("0 lost").met, Some(false));
+        assert_eq!(find("0 lost").measured, "max 2 lost over 2 runs");
+        let totals: Vec<&Target> = t.iter().filter(|x| x.target.starts_with("katamaran total")).collect();
+        assert_eq!(totals.len(), 2);
+        assert_eq!(
+            (totals[0].met, totals[0].measured.as_str()),
+            (Some(true), "1150 / 1100 ms = 1.05x (destination start included)")
+        );
+        assert_eq!(
+            (totals[1].met, totals[1].measured.as_str()),
+            (Some(false), "1150 / 1000 ms = 1.15x (destination start excluded)")
+        );
+        assert_eq!(find("STOP").met, Some(false), "median of 150 and 2500 µs");
+        assert_eq!(find("RESUME").met, None, "not measured");
+        let relays: Vec<Option<bool>> =
+            t.iter().filter(|x| x.target.starts_with("relay")).map(|x| x.met).collect();
+        assert_eq!(relays, vec![Some(true), Some(false)], "one relay 0.95x, both ends 0.5x");
+    }
+
+    #[test]
+    fn tables_have_a_row_per_case() {
+        let mut c = CaseResult::new(defaults()[1]);
+        c.katamaran = vec![run(1, true, &[(m::TOTAL_MS, 900.0), (m::LOST, 0.0)])];
+        c.bare = vec![run(1, false, &[])];
+        for t in case_tables(&[c]) {
+            let text = t.render();
+            assert!(text.contains("512m-idle-shared-1000"), "{text}");
+            assert!(t.rows_match_headers(), "a header per cell:\n{text}");
+        }
+        let route = RouteResult {
+            netlink_us: vec![10.0; 10],
+            netlink_on_thread_us: vec![8.0; 10],
+            spawn_us: vec![2000.0; 10],
+        };
+        let text = route_table(&route).render();
+        assert!(text.contains("200.0x"), "{text}");
+    }
+}
