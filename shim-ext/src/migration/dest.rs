@@ -128,6 +128,8 @@ pub struct Incoming {
     exited: watch::Receiver<Option<String>>,
     /// Tells the control stream the VM runs here (the source then re-sends what it recovered).
     resumed_tx: watch::Sender<bool>,
+    /// Set once the control stream passed that on.
+    told_rx: watch::Receiver<bool>,
     started: Instant,
     tasks: Vec<tokio::task::AbortHandle>,
 }
@@ -312,6 +314,7 @@ pub async fn prepare(
     let expected = env.listener.expect(&req.migration_id, req.secret.clone(), &names)?;
     let mut tasks = Vec::new();
     let (resumed_tx, resumed_rx) = watch::channel(false);
+    let (told_tx, told_rx) = watch::channel(false);
     let data_addr = SocketAddr::new(env.node_address, env.listener.local_addr().port());
     tasks.push(
         tokio::spawn(serve_streams(
@@ -324,6 +327,7 @@ pub async fn prepare(
                 multifd: ram.multifd_channels.is_some(),
                 drives: local_disks.iter().map(|d| d.drive_id.clone()).collect(),
                 resumed: resumed_rx,
+                told: told_tx,
             },
         ))
         .abort_handle(),
@@ -348,6 +352,7 @@ pub async fn prepare(
         net,
         exited,
         resumed_tx,
+        told_rx,
         started,
         tasks,
     })
@@ -440,16 +445,31 @@ struct Streams {
     multifd: bool,
     drives: Vec<String>,
     resumed: watch::Receiver<bool>,
+    /// Set once the source was told the VM resumed.
+    told: watch::Sender<bool>,
+}
+
+/// Aborts the tasks it holds when dropped: the acceptors die with `serve_streams`, so nothing
+/// keeps the incoming QEMU's single-client QMP connection once the migration ended.
+struct AbortOnDrop(Vec<tokio::task::AbortHandle>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
 }
 
 async fn serve_streams(mut expected: Expected, streams: Streams) {
-    let Streams { qmp, bus, nbd, state_dir, multifd, drives, mut resumed } = streams;
+    let Streams { qmp, bus, nbd, state_dir, multifd, drives, mut resumed, told } = streams;
+    let mut children = AbortOnDrop(Vec::new());
     for drive in drives {
         let key = format!("nbd:{drive}");
         let sock = state_dir.join("nbd.sock");
         // One acceptor per drive; each connection relays to QEMU's NBD server.
         let Some(mut rx) = expected.take_stream(&key) else { continue };
-        tokio::spawn(async move {
+        let acceptor = tokio::spawn(async move {
             while let Some(mut tcp) = rx.recv().await {
                 let sock = sock.clone();
                 tokio::spawn(async move {
@@ -462,6 +482,7 @@ async fn serve_streams(mut expected: Expected, streams: Streams) {
                 });
             }
         });
+        children.0.push(acceptor.abort_handle());
     }
     // Control stream.
     let ctl_task = {
@@ -471,6 +492,7 @@ async fn serve_streams(mut expected: Expected, streams: Streams) {
             let Some(mut rx) = rx else { return };
             let Some(stream) = rx.recv().await else { return };
             let mut c = Ctl::new(stream);
+            let told_tx = told;
             let mut told = false;
             loop {
                 let line = tokio::select! {
@@ -483,6 +505,7 @@ async fn serve_streams(mut expected: Expected, streams: Streams) {
                         if r.is_ok() && c.send(ctl::RESUMED).await.is_err() {
                             return;
                         }
+                        told_tx.send_replace(true);
                         continue;
                     }
                 };
@@ -532,7 +555,7 @@ async fn serve_streams(mut expected: Expected, streams: Streams) {
             tracing::error!(error = %e, "cannot start the incoming RAM stream");
         }
     }
-    let _ = ctl_task.await;
+    children.0.push(ctl_task.abort_handle());
     // Stay registered (late NBD reconnects) until the migration ends and aborts this task.
     std::future::pending::<()>().await;
     drop(expected);
@@ -613,6 +636,8 @@ pub async fn receive(
         }
     }
     let drops = network::plug_drops(inc.sandbox_ns.as_ref(), &inc.net).await.unwrap_or(0);
+    // Let the control stream tell the source before its task (and its QMP handle) goes.
+    let _ = tokio::time::timeout(Duration::from_secs(2), inc.told_rx.wait_for(|t| *t)).await;
     for t in &inc.tasks {
         t.abort();
     }

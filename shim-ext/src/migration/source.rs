@@ -176,6 +176,14 @@ pub async fn run(
             spawn_stream_relay(&req, endpoint, &format!("nbd:{}", disk.drive_id), &path, &cleanup)?;
             let job =
                 mirror::start_mirror(&qmp, disk, &NbdAddress::Unix(path.clone()), &disk.drive_id).await?;
+            if let Some(speed) = options.max_bandwidth {
+                // --bandwidth caps the storage streams too.
+                qmp.execute(
+                    "block-job-set-speed",
+                    Some(serde_json::json!({ "device": job.job_id, "speed": speed })),
+                )
+                .await?;
+            }
             let (q, b, j) = (qmp.clone(), bus.clone(), job.clone());
             cleanup.push(format!("abort mirror {}", job.drive_id), move || async move {
                 mirror::abort(&q, &b, &[j], Duration::from_secs(30)).await
@@ -275,8 +283,7 @@ pub async fn run(
                 let limit_ms = u64::try_from(downtime_limit.as_millis()).unwrap_or(u64::MAX);
                 if !pre_swapped.load(Ordering::SeqCst)
                     && status == MigrationStatus::Active
-                    && p.iteration >= 1
-                    && p.expected_downtime_ms <= limit_ms
+                    && converged(&p, limit_ms)
                 {
                     // Converged: forward first, then stop the VM ourselves. Raising QEMU's
                     // limit instead left the VM running (and its traffic at the destination's
@@ -565,6 +572,18 @@ async fn recover_tap_queue(node: &Arc<NetnsHandle>, qemu_pid: u32, tap: &str) ->
     }
 }
 
+/// Whether the rest of RAM fits the downtime limit at the measured rate: only after a full pass
+/// and its dirty sync (QEMU counts the first pass as iteration 1 while it is still running) and
+/// with a measured rate; QEMU's own estimate is useless here, its limit being 0 until the
+/// switchover.
+fn converged(p: &super::events::RamProgress, limit_ms: u64) -> bool {
+    if p.iteration < 2 || p.throughput_bytes_per_second == 0 {
+        return false;
+    }
+    let remaining_ms = u128::from(p.remaining_bytes) * 1000 / u128::from(p.throughput_bytes_per_second);
+    remaining_ms <= u128::from(limit_ms)
+}
+
 async fn set_downtime_limit(qmp: &QmpClient, limit: Duration) -> Result<(), EngineError> {
     let ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
     qmp.execute("migrate-set-parameters", Some(serde_json::json!({ "downtime-limit": ms }))).await?;
@@ -611,6 +630,21 @@ fn parse_tx_packets(text: &str, link: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn convergence_needs_a_full_pass_and_a_rate() {
+        use super::super::events::RamProgress;
+        let p = |iteration, remaining_bytes, throughput_bytes_per_second| RamProgress {
+            iteration,
+            remaining_bytes,
+            throughput_bytes_per_second,
+            ..RamProgress::default()
+        };
+        assert!(!converged(&p(1, 0, 100_000_000), 25), "first pass still running");
+        assert!(!converged(&p(2, 1_000, 0), 25), "no rate measured yet");
+        assert!(converged(&p(2, 2_000_000, 100_000_000), 25), "20 ms left at 100 MB/s");
+        assert!(!converged(&p(5, 3_000_000, 100_000_000), 25), "30 ms left");
+    }
 
     #[test]
     fn tx_counter_parses_proc_net_dev() {

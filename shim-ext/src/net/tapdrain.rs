@@ -120,13 +120,57 @@ pub fn drain_process_tap(pid: u32, tap: &str) -> io::Result<Drained> {
             if n == 0 {
                 break;
             }
-            match ip_payload(buf.get(hdr..n).unwrap_or_default()) {
+            let (vnet, frame) = buf[..n].split_at(hdr.min(n));
+            let mut frame = frame.to_vec();
+            if !complete_checksum(vnet, &mut frame) {
+                out.other_frames += 1;
+                continue;
+            }
+            match ip_payload(&frame) {
                 Some(p) => out.packets.push(p.to_vec()),
                 None => out.other_frames += 1,
             }
         }
     }
     Ok(out)
+}
+
+/// `struct virtio_net_hdr` flag: the checksum from `csum_start` on is left to the receiver.
+const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
+
+/// Finishes what the tap left to its reader (`include/uapi/linux/virtio_net.h`): with
+/// `NEEDS_CSUM`, the L4 checksum field holds only the pseudo-header sum, and the ones'-complement
+/// sum from `csum_start` to the end must be folded into it. Returns `false` for frames that
+/// cannot be sent as they are (segmentation offload, bad offsets).
+pub fn complete_checksum(vnet: &[u8], frame: &mut [u8]) -> bool {
+    let [flags, gso_type, ..] = *vnet else { return true };
+    if gso_type != 0 {
+        return false;
+    }
+    if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM == 0 {
+        return true;
+    }
+    let (Some(start), Some(offset)) = (
+        vnet.get(6..8).map(|b| usize::from(u16::from_le_bytes([b[0], b[1]]))),
+        vnet.get(8..10).map(|b| usize::from(u16::from_le_bytes([b[0], b[1]]))),
+    ) else {
+        return false;
+    };
+    let field = start + offset;
+    if field + 2 > frame.len() || start > frame.len() {
+        return false;
+    }
+    let mut sum: u32 = 0;
+    for chunk in frame[start..].chunks(2) {
+        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
+        sum += u32::from(word);
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let csum = !(sum as u16);
+    frame[field..field + 2].copy_from_slice(&csum.to_be_bytes());
+    true
 }
 
 /// The IP packet inside an Ethernet frame (one VLAN tag allowed), or `None` for other frames.
@@ -267,6 +311,50 @@ mod tests {
         assert_eq!(ip_payload(&frame(0x0800, &[0x60; 20])), None, "version must match the ethertype");
         assert_eq!(ip_payload(&[0u8; 5]), None, "runt frame");
         assert_eq!(ip_destination(&[0x45, 0, 0]), None);
+    }
+
+    #[test]
+    fn partial_checksums_are_completed() {
+        // An IPv4/UDP frame whose UDP checksum field holds the pseudo-header sum only.
+        let src = [10, 200, 0, 2];
+        let dst = [10, 244, 1, 10];
+        let payload = b"seq-0001";
+        let udp_len = 8 + payload.len() as u16;
+        let mut udp = vec![0x9c, 0x40, 0x00, 0x07];
+        udp.extend_from_slice(&udp_len.to_be_bytes());
+        udp.extend_from_slice(&[0, 0]);
+        udp.extend_from_slice(payload);
+        let fold = |mut s: u32| {
+            while s > 0xffff {
+                s = (s & 0xffff) + (s >> 16);
+            }
+            s as u16
+        };
+        let words = |b: &[u8]| {
+            b.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum::<u32>()
+        };
+        let pseudo = words(&src) + words(&dst) + 17 + u32::from(udp_len);
+        let expected = !fold(pseudo + words(&udp));
+        udp[6..8].copy_from_slice(&fold(pseudo).to_be_bytes());
+        let mut ip = vec![0x45, 0, 0, 0, 0, 0, 0, 0, 64, 17, 0, 0];
+        ip.extend_from_slice(&src);
+        ip.extend_from_slice(&dst);
+        let mut frame = frame(0x0800, &ip);
+        let start = frame.len();
+        frame.extend_from_slice(&udp);
+        let mut vnet = [0u8; 10];
+        vnet[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+        vnet[6..8].copy_from_slice(&(start as u16).to_le_bytes());
+        vnet[8..10].copy_from_slice(&6u16.to_le_bytes());
+        assert!(complete_checksum(&vnet, &mut frame));
+        assert_eq!(u16::from_be_bytes([frame[start + 6], frame[start + 7]]), expected);
+        let mut gso = vnet;
+        gso[1] = 1;
+        assert!(!complete_checksum(&gso, &mut frame), "segmentation offload is not re-sent");
+        assert!(complete_checksum(&[0u8; 10], &mut frame), "a full checksum stays");
+        let mut bad = vnet;
+        bad[6..8].copy_from_slice(&9999u16.to_le_bytes());
+        assert!(!complete_checksum(&bad, &mut frame));
     }
 
     #[test]
