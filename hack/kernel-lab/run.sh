@@ -13,7 +13,8 @@ usage: hack/kernel-lab/run.sh [--out DIR] [--log FILE] [--deadline SECONDS] [--o
   --deadline SECONDS   kill the VM after this long (default: 420)
   --only CHECKS        comma-separated checks to run (default: all; see
                        `katamaran-kernel-lab --list`): features, plug, tunnel-ipip, tunnel-gre,
-                       tunnel-ip6ip6, tunnel-ip6gre, cutover, netns-suite
+                       tunnel-ip6ip6, tunnel-ip6gre, cutover, cutover-controlled,
+                       netns-suite
   --check-timeout D    deadline of each check inside the VM, e.g. 180s (the runner's default)
   --memory MB          guest memory (default: 512)
   --smp N              guest CPUs (default: 2)
@@ -66,9 +67,11 @@ APPEND="console=ttyS0 quiet panic=-1"
 
 # /dev/kvm exists on the lab machines but hangs: TCG only. The VM needs no NIC (the checks build
 # their own namespaces). -no-reboot turns a kernel panic (panic=-1 reboots) into QEMU exiting.
-# timeout kills QEMU at the deadline (and SIGKILLs it 10 s later if it lingers).
+# timeout kills QEMU at the deadline (and SIGKILLs it 10 s later if it lingers); --foreground
+# keeps QEMU in this script's process group, so whoever stops the group (Ctrl-C, a test
+# runner's timeout) stops QEMU with it.
 set +e
-timeout --kill-after=10 "$DEADLINE" \
+timeout --foreground --kill-after=10 "$DEADLINE" \
   qemu-system-x86_64 -accel tcg -m "$MEMORY" -smp "$SMP" \
     -kernel "$OUT/vmlinuz" -initrd "$OUT/initramfs.img" -append "$APPEND" \
     -nographic -no-reboot -nic none </dev/null 2>&1 | tee "$LOG"

@@ -18,7 +18,7 @@ use anyhow::{bail, Context};
 use katamaran::migration::qemu::list_disks;
 use katamaran::qmp::{EventReceiver, QmpClient, QmpConfig, QmpEvent};
 use katamaran_e2e::netns::in_netns;
-use katamaran_e2e::{Lab, LabConfig, Node};
+use katamaran_e2e::{Lab, Node};
 use serde_json::{json, Value};
 use tokio::runtime::Runtime;
 
@@ -75,7 +75,7 @@ fn sockets(lab: &Lab, case: &Case) -> anyhow::Result<Sockets> {
 }
 
 fn measure(rt: &Runtime, cfg: &RunConfig, case: &Case, run: &mut Run) -> anyhow::Result<()> {
-    let (mut lab, _) = Lab::up(LabConfig::unique())?;
+    let mut lab = guest::lab_up()?;
     let src_paths = guest::start(&lab, case, &cfg.guest)?;
     lab.sandbox(Node::B, ID, IP, Some(IP6))?;
     let started = Instant::now();
@@ -113,7 +113,7 @@ fn measure(rt: &Runtime, cfg: &RunConfig, case: &Case, run: &mut Run) -> anyhow:
         run.set(m::STORAGE_MB_S, mb_per_s(bytes, d));
     }
     run.set(m::RAM_MS, Some(t.ram.as_secs_f64() * 1e3));
-    run.set(m::RAM_MB_S, mb_per_s(t.ram_bytes, t.ram));
+    run.set(m::RAM_MB_S, t.qemu_total.and_then(|q| mb_per_s(t.ram_bytes, q)));
     run.set(m::RAM_MIB, Some(t.ram_bytes as f64 / f64::from(1u32 << 20)));
     run.set(m::QEMU_TOTAL_MS, t.qemu_total.map(|d| d.as_secs_f64() * 1e3));
     run.set(m::DOWNTIME_MS, t.downtime.map(|d| d.as_secs_f64() * 1e3));

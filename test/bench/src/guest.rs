@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use katamaran_e2e::{Disks, Lab, Node, SandboxPaths, VmOptions};
+use katamaran_e2e::{Disks, Lab, LabConfig, Node, SandboxPaths, VmOptions};
 
 use crate::cases::{dirty_working_set_mib, Case, Storage, Workload};
 
@@ -62,6 +62,21 @@ pub fn vm_options(case: &Case, incoming: bool) -> VmOptions {
         incoming,
         ..VmOptions::default()
     }
+}
+
+/// A fresh lab of its own. Labs take turns (the lab lock): a test suite running at the same
+/// time delays the run, which is logged, not measured.
+///
+/// # Errors
+/// When the lab cannot be brought up.
+pub fn lab_up() -> anyhow::Result<Lab> {
+    let asked = Instant::now();
+    let (lab, up) = Lab::up(LabConfig::unique())?;
+    let waited = asked.elapsed().saturating_sub(up);
+    if waited > Duration::from_secs(1) {
+        tracing::info!("waited {:.1} s for the lab lock (another lab was running)", waited.as_secs_f64());
+    }
+    Ok(lab)
 }
 
 /// Creates the sandbox on node-a and boots the guest; with the dirty workload, also waits until

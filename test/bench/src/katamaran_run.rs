@@ -8,7 +8,7 @@ use anyhow::Context;
 use katamaran::client::{self, Plan, Side, Summary};
 use katamaran::migration::options::{MigrationOptions, StorageMode};
 use katamaran::qmp::{MigrationInfo, QmpClient, QmpConfig};
-use katamaran_e2e::{Lab, LabConfig, Node, ProbeReport};
+use katamaran_e2e::{Node, ProbeReport};
 use katamaran_protos::v1 as pb;
 use tokio::runtime::Runtime;
 
@@ -32,7 +32,7 @@ pub fn run(rt: &Runtime, cfg: &RunConfig, case: &Case, n: u32) -> Run {
 }
 
 fn measure(rt: &Runtime, cfg: &RunConfig, case: &Case, run: &mut Run) -> anyhow::Result<()> {
-    let (mut lab, _) = Lab::up(LabConfig::unique())?;
+    let mut lab = guest::lab_up()?;
     let paths = guest::start(&lab, case, &cfg.guest)?;
     let agent_bin = cfg.bin_dir.join("katamaran-agent");
     let agents = rt.block_on(async {
@@ -127,14 +127,13 @@ pub async fn source_migration_info(qmp: &Path) -> anyhow::Result<MigrationInfo> 
     Ok(client.query_migrate().await?)
 }
 
-/// QEMU's total time, RAM bytes and downtime; RAM throughput over the RAM phase.
+/// QEMU's total time, RAM bytes and downtime; RAM throughput over QEMU's total time (the same
+/// definition for both drivers, whatever phases katamaran reports).
 pub fn record_qemu(run: &mut Run, info: &MigrationInfo) {
     run.set(m::QEMU_TOTAL_MS, info.total_time.map(ms));
     let bytes = info.ram.as_ref().and_then(|r| r.transferred).unwrap_or(0);
     run.set(m::RAM_MIB, nonzero(bytes).map(|b| b / f64::from(1u32 << 20)));
-    if let Some(ram_ms) = run.metrics.get(m::RAM_MS).copied() {
-        run.set(m::RAM_MB_S, mb_per_s(bytes, Duration::from_secs_f64(ram_ms / 1e3)));
-    }
+    run.set(m::RAM_MB_S, info.total_time.and_then(|t| mb_per_s(bytes, t)));
     if !run.metrics.contains_key(m::DOWNTIME_MS) {
         run.set(m::DOWNTIME_MS, info.downtime.map(ms));
     }
@@ -171,10 +170,7 @@ fn record_summary(run: &mut Run, s: &Summary, started: SystemTime) {
     }
     let ram_bytes =
         source_events().filter_map(|e| e.ram.as_ref()).map(|r| r.transferred_bytes).max().unwrap_or(0);
-    if let Some(ram) = phase(pb::Phase::PHASE_RAM) {
-        run.set(m::RAM_MS, Some(ms(ram)));
-        run.set(m::RAM_MB_S, mb_per_s(ram_bytes, ram));
-    }
+    run.set(m::RAM_MS, phase(pb::Phase::PHASE_RAM).map(ms));
     run.set(m::RAM_MIB, nonzero(ram_bytes).map(|b| b / f64::from(1u32 << 20)));
     let src = s.cutover(Side::Source);
     let dst = s.cutover(Side::Destination);
@@ -183,7 +179,14 @@ fn record_summary(run: &mut Run, s: &Summary, started: SystemTime) {
         .filter(|d| *d > 0)
         .or_else(|| s.terminal(Side::Destination).and_then(|e| e.result.as_ref()).map(|r| r.downtime_ms));
     run.set(m::DOWNTIME_MS, downtime.map(|d| d as f64));
-    run.set(m::STOP_TO_SWAP_US, src.and_then(|c| nonzero(c.route_swap_latency_nanos)).map(|n| n / 1e3));
+    // From the instants rather than the reported latency: katamaran may swap the route before
+    // the VM stops (then the latency field is 0 and the difference negative).
+    let instant = |v: u64| (v > 0).then_some(i128::from(v));
+    let stop = src.and_then(|c| instant(c.stop_unix_nanos));
+    let swapped = src.and_then(|c| instant(c.route_swapped_unix_nanos));
+    let resumed = dst.and_then(|c| instant(c.resume_unix_nanos));
+    run.set(m::STOP_TO_SWAP_US, stop.zip(swapped).map(|(st, sw)| (sw - st) as f64 / 1e3));
+    run.set(m::STOP_TO_RESUME_MS, stop.zip(resumed).map(|(st, re)| (re - st) as f64 / 1e6));
     run.set(
         m::RESUME_TO_RELEASE_US,
         dst.and_then(|c| nonzero(c.plug_release_latency_nanos)).map(|n| n / 1e3),

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use katamaran::cli::parse_duration;
-use katamaran_e2e::{artifacts, Lab, LabConfig};
+use katamaran_e2e::artifacts;
 use serde::Serialize;
 use tracing::{info, warn};
 
@@ -210,7 +210,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     let (mut relay_result, mut route_result) = (None, None);
     if !cli.no_micro {
         info!("relay and route-swap measurements");
-        let (mut lab, _) = Lab::up(LabConfig::unique())?;
+        let mut lab = guest::lab_up()?;
         let r = routes::measure(&lab, &rt, cli.netlink_iterations, cli.spawn_iterations)?;
         println!("{}", report::route_table(&r).render());
         route_result = Some(r);

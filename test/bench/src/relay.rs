@@ -19,6 +19,8 @@ use katamaran::dataplane::relay::{relay, Relayed};
 use katamaran::dataplane::{DataListener, Secret, StreamKey};
 use katamaran_e2e::netns::in_netns;
 use katamaran_e2e::{Lab, Node};
+use nix::sys::socket::setsockopt;
+use nix::sys::socket::sockopt::SndBuf;
 use tokio::runtime::Runtime;
 
 use crate::report::RelayResult;
@@ -37,12 +39,51 @@ pub fn measure(lab: &Lab, rt: &Runtime, bytes: u64, runs: u32) -> anyhow::Result
         path: "node-a → node-b over the lab's veths and bridge".into(),
         ..RelayResult::default()
     };
+    let per_gib = |cpu: Duration| cpu.as_secs_f64() / (bytes as f64 / f64::from(1u32 << 30));
     for i in 0..runs {
-        out.direct_mb_s.push(direct(lab, bytes)?);
-        out.one_relay_mb_s.push(relayed(lab, rt, bytes, 2 * i, false)?);
-        out.relay_mb_s.push(relayed(lab, rt, bytes, 2 * i + 1, true)?);
+        let (rate, cpu) = with_cpu(|| direct(lab, bytes))?;
+        out.direct_mb_s.push(rate);
+        out.direct_cpu_s_per_gib.push(per_gib(cpu));
+        let (rate, cpu) = with_cpu(|| relayed(lab, rt, bytes, 4 * i, false, None))?;
+        out.one_relay_mb_s.push(rate);
+        out.one_relay_cpu_s_per_gib.push(per_gib(cpu));
+        let (rate, cpu) = with_cpu(|| relayed(lab, rt, bytes, 4 * i + 1, true, None))?;
+        out.relay_mb_s.push(rate);
+        out.relay_cpu_s_per_gib.push(per_gib(cpu));
+        let big = Some(WHAT_IF_SNDBUF);
+        out.one_relay_big_buf_mb_s.push(relayed(lab, rt, bytes, 4 * i + 2, false, big)?);
+        out.relay_big_buf_mb_s.push(relayed(lab, rt, bytes, 4 * i + 3, true, big)?);
     }
     Ok(out)
+}
+
+/// The what-if rows: this `SO_SNDBUF` on every unix socket a writer sends into (the writer
+/// standing in for QEMU, and the destination relay). The default (`net.core.wmem_default`,
+/// 208 KiB) makes each hop a ping-pong of small batches; 4 MiB is `net.core.wmem_max` here.
+const WHAT_IF_SNDBUF: usize = 4 << 20;
+
+/// `/proc` reports process times in USER_HZ, which is 100 on every Linux architecture that
+/// exposes it to user space.
+const USER_HZ: f64 = 100.0;
+
+/// User + system CPU time of this process so far (every thread, including finished ones).
+fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let rest = stat.rsplit_once(") ")?.1;
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(Duration::from_secs_f64((utime + stime) as f64 / USER_HZ))
+}
+
+/// Runs `f` and returns its result with the CPU time the process spent meanwhile (the
+/// benchmark's only busy threads are the stream's writer, reader and relays).
+fn with_cpu<T>(f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<(T, Duration)> {
+    let before = process_cpu().context("cannot read /proc/self/stat")?;
+    let value = f()?;
+    let after = process_cpu().context("cannot read /proc/self/stat")?;
+    Ok((value, after.saturating_sub(before)))
 }
 
 fn mb_s(bytes: u64, d: Duration) -> f64 {
@@ -100,8 +141,16 @@ fn direct(lab: &Lab, bytes: u64) -> anyhow::Result<f64> {
     Ok(mb_s(bytes, end.duration_since(start)))
 }
 
-/// The stream through the source side's relay, and with `both` also through the destination's.
-fn relayed(lab: &Lab, rt: &Runtime, bytes: u64, sample: u32, both: bool) -> anyhow::Result<f64> {
+/// The stream through the source side's relay, and with `both` also through the destination's;
+/// `sndbuf` sets the send buffer of the unix sockets that are written into.
+fn relayed(
+    lab: &Lab,
+    rt: &Runtime,
+    bytes: u64,
+    sample: u32,
+    both: bool,
+    sndbuf: Option<usize>,
+) -> anyhow::Result<f64> {
     let dir = lab.scratch_path("relay");
     std::fs::create_dir_all(&dir)?;
     let (src_sock, dst_sock) = (dir.join("src.sock"), dir.join("dst.sock"));
@@ -132,6 +181,9 @@ fn relayed(lab: &Lab, rt: &Runtime, bytes: u64, sample: u32, both: bool) -> anyh
         let task = rt.spawn(async move {
             let mut tcp = expected.accept("nbd:drive-0", STEP).await?;
             let mut unix = tokio::net::UnixStream::connect(&dst_sock).await?;
+            if let Some(size) = sndbuf {
+                setsockopt(&unix, SndBuf, &size)?;
+            }
             anyhow::Ok(relay(&mut tcp, &mut unix).await?)
         });
         (reader, Some(task))
@@ -153,6 +205,9 @@ fn relayed(lab: &Lab, rt: &Runtime, bytes: u64, sample: u32, both: bool) -> anyh
 
     // The writer plays the source QEMU's NBD client.
     let conn = UnixStream::connect(&src_sock)?;
+    if let Some(size) = sndbuf {
+        setsockopt(&conn, SndBuf, &size)?;
+    }
     let start = fill(&conn, bytes).context("relayed stream: write")?;
     conn.shutdown(Shutdown::Write)?;
     let (got, end) = join_reader(reader)?;

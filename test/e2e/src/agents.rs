@@ -610,16 +610,47 @@ impl Engine {
     }
 }
 
+/// When the source node's VM route moved to the destination, relative to QEMU's STOP: after it
+/// (the engine reacted to the event) or before it (the engine swapped, then stopped the VM).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteSwap {
+    /// Swapped this long before QEMU's STOP.
+    BeforeStop(Duration),
+    /// Swapped this long after QEMU's STOP.
+    AfterStop(Duration),
+}
+
+impl RouteSwap {
+    /// The distance to STOP, whichever side.
+    pub fn offset(self) -> Duration {
+        match self {
+            RouteSwap::BeforeStop(d) | RouteSwap::AfterStop(d) => d,
+        }
+    }
+}
+
+impl fmt::Display for RouteSwap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RouteSwap::BeforeStop(d) => write!(f, "route swap {:.0} µs before STOP", d.as_secs_f64() * 1e6),
+            RouteSwap::AfterStop(d) => write!(f, "STOP→route swap {:.0} µs", d.as_secs_f64() * 1e6),
+        }
+    }
+}
+
 /// The numbers of a successful cutover, from the driver's summary.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CutoverNumbers {
-    /// QEMU's downtime as the source reports it.
+    /// QEMU's downtime as the source reports it (from QEMU's own final stop; a VM stopped
+    /// earlier by the engine was paused longer — see `stop_to_resume`).
     pub downtime: Duration,
-    /// QEMU's STOP on the source to the VM route pointing at the destination.
-    pub stop_to_route_swap: Duration,
+    /// When the source's VM route moved, relative to QEMU's STOP (QEMU timestamps and the
+    /// kernel's acknowledgement).
+    pub route_swap: RouteSwap,
     /// QEMU's RESUME on the destination to the held packets released.
     pub resume_to_plug_release: Duration,
-    /// STOP on the source to RESUME on the destination (both QEMU timestamps).
+    /// STOP on the source to RESUME on the destination (both QEMU timestamps): how long the VM
+    /// was paused.
     pub stop_to_resume: Duration,
     /// The whole drive.
     pub total: Duration,
@@ -644,11 +675,17 @@ impl CutoverNumbers {
         if let Some((what, _)) = instants.iter().find(|(_, t)| *t == 0) {
             return Err(format!("the cutover times lack the {what} instant: {src:?} / {dst:?}"));
         }
+        let (stop, swapped) = (src.stop_unix_nanos, src.route_swapped_unix_nanos);
+        let route_swap = if swapped < stop {
+            RouteSwap::BeforeStop(Duration::from_nanos(stop - swapped))
+        } else {
+            RouteSwap::AfterStop(Duration::from_nanos(swapped - stop))
+        };
         Ok(Self {
             downtime: Duration::from_millis(src.downtime_ms),
-            stop_to_route_swap: Duration::from_nanos(src.route_swap_latency_nanos),
+            route_swap,
             resume_to_plug_release: Duration::from_nanos(dst.plug_release_latency_nanos),
-            stop_to_resume: Duration::from_nanos(dst.resume_unix_nanos.saturating_sub(src.stop_unix_nanos)),
+            stop_to_resume: Duration::from_nanos(dst.resume_unix_nanos.saturating_sub(stop)),
             total: summary.elapsed,
             phases: summary.phase_durations(Side::Source),
         })
@@ -660,12 +697,12 @@ impl fmt::Display for CutoverNumbers {
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         write!(
             f,
-            "total {:.0} ms, QEMU downtime {} ms, STOP→RESUME {:.1} ms, STOP→route swap {:.0} µs, \
-             RESUME→plug release {:.0} µs; phases",
+            "total {:.0} ms, QEMU downtime {} ms, STOP→RESUME {:.1} ms, {}, RESUME→plug release {:.0} µs; \
+             phases",
             ms(self.total),
             self.downtime.as_millis(),
             ms(self.stop_to_resume),
-            self.stop_to_route_swap.as_secs_f64() * 1e6,
+            self.route_swap,
             self.resume_to_plug_release.as_secs_f64() * 1e6,
         )?;
         for (p, d) in &self.phases {
@@ -674,4 +711,37 @@ impl fmt::Display for CutoverNumbers {
         }
         Ok(())
     }
+}
+
+/// One line per event, for messages: side, phase, message, and the RAM or storage figures.
+pub fn timeline(summary: &Summary) -> String {
+    let start = summary.events.first().map_or(0, |(_, e)| e.timestamp_unix_nanos);
+    let mut out = String::new();
+    for (side, e) in &summary.events {
+        let at = e.timestamp_unix_nanos.saturating_sub(start) as f64 / 1e6;
+        let who = if *side == Side::Source { "src" } else { "dst" };
+        let name = format!("{:?}", phase(e));
+        out.push_str(&format!("  {at:8.1} ms {who} {:<9} {}", name.trim_start_matches("PHASE_"), e.message));
+        if let Some(r) = e.ram.as_ref() {
+            out.push_str(&format!(
+                " [ram sent {} MiB, left {} MiB, iteration {}, expected downtime {} ms]",
+                r.transferred_bytes >> 20,
+                r.remaining_bytes >> 20,
+                r.iteration,
+                r.expected_downtime_ms
+            ));
+        }
+        if let Some(s) = e.storage.as_ref() {
+            for d in &s.drives {
+                out.push_str(&format!(
+                    " [{} {}/{} MiB]",
+                    d.drive_id,
+                    d.done_bytes >> 20,
+                    d.total_bytes >> 20
+                ));
+            }
+        }
+        out.push('\n');
+    }
+    out
 }

@@ -47,9 +47,22 @@ struct World {
     engine: Engine,
     lab: Lab,
     id: &'static str,
-    /// Failed claims that do not stop the test: every claim is checked in each run, and
-    /// [`World::finish`] fails the test listing them all.
-    findings: RefCell<Vec<String>>,
+    findings: Findings,
+}
+
+/// Failed claims that do not stop a test: every claim is checked in each run, and
+/// [`World::finish`] fails the test listing them all (or, when a hard assertion fails first,
+/// they are printed as the test unwinds).
+#[derive(Default)]
+struct Findings(RefCell<Vec<String>>);
+
+impl Drop for Findings {
+    fn drop(&mut self) {
+        let found = self.0.get_mut();
+        if std::thread::panicking() && !found.is_empty() {
+            eprintln!("claims that had failed before:\n- {}", found.join("\n- "));
+        }
+    }
 }
 
 impl World {
@@ -66,7 +79,7 @@ impl World {
             .expect("the guest boots to KATAMARAN-GUEST-READY");
         eprintln!("{}", String::from_utf8_lossy(&out.stdout).trim());
         let engine = Engine::start(&lab).expect("both node agents serve their sockets");
-        Some(Self { engine, lab, id, findings: RefCell::default() })
+        Some(Self { engine, lab, id, findings: Findings::default() })
     }
 
     /// The source sandbox's namespace (lab name without the prefix).
@@ -100,7 +113,7 @@ impl World {
     /// Records a failed claim when `ok` is false.
     fn claim(&self, ok: bool, what: impl FnOnce() -> String) {
         if !ok {
-            self.findings.borrow_mut().push(what());
+            self.findings.0.borrow_mut().push(what());
         }
     }
 
@@ -120,7 +133,7 @@ impl World {
     /// Fails the test if a claim failed, then stops the agents, tears the lab down and checks
     /// that nothing of it remains.
     fn finish(self) {
-        let findings = self.findings.take();
+        let findings = self.findings.0.take();
         assert!(findings.is_empty(), "{} claim(s) failed:\n- {}", findings.len(), findings.join("\n- "));
         let Self { engine, mut lab, .. } = self;
         drop(engine);
@@ -150,15 +163,35 @@ fn end_message(s: &Summary, side: Side) -> String {
         .unwrap_or_default()
 }
 
-/// A successful migration's numbers; asserts the reaction latencies are there (issue item 8).
-fn cutover(m: &Migration) -> CutoverNumbers {
+/// The longest pause a live migration of the lab's 128 MiB guest may impose (STOP on the source
+/// to RESUME on the destination); QEMU plans for 25 ms, TCG on a busy machine adds some.
+const MAX_PAUSE: Duration = Duration::from_secs(1);
+
+/// A successful migration's numbers. Claims the reaction latencies are measured (STOP→route
+/// swap or the swap's lead before STOP, RESUME→plug release) and the VM paused only briefly.
+fn cutover(w: &World, m: &Migration) -> CutoverNumbers {
     let s = &m.summary;
-    assert!(s.succeeded(), "the migration succeeds: {:?}\nevents: {:#?}", s.failure(), s.events);
-    let n = CutoverNumbers::of(s).unwrap_or_else(|e| panic!("{e}"));
-    assert!(n.stop_to_route_swap > Duration::ZERO, "STOP→route swap is measured: {n}");
-    assert!(n.resume_to_plug_release > Duration::ZERO, "RESUME→plug release is measured: {n}");
-    assert!(n.stop_to_resume > Duration::ZERO, "RESUME follows STOP: {n}");
+    assert!(s.succeeded(), "the migration succeeds: {:?}\n{}", s.failure(), agents::timeline(s));
+    let n = CutoverNumbers::of(s).unwrap_or_else(|e| panic!("{e}\n{}", agents::timeline(s)));
+    w.claim(n.route_swap.offset() > Duration::ZERO, || format!("the route swap is timed against STOP: {n}"));
+    w.claim(n.resume_to_plug_release > Duration::ZERO, || format!("RESUME→plug release is measured: {n}"));
+    w.claim(n.stop_to_resume > Duration::ZERO && n.stop_to_resume <= MAX_PAUSE, || {
+        format!("a live migration pauses the VM for at most {MAX_PAUSE:?}: {n}\n{}", agents::timeline(s))
+    });
     n
+}
+
+/// The event at which a trigger fired, or a failure that shows why it never did.
+fn fired<'m>(m: &'m Migration, what: &str) -> &'m pb::MigrationEvent {
+    match &m.triggered_at {
+        Some((_, ev)) => ev,
+        None => panic!(
+            "the migration never reached the point to act ({what}); it ended {:?} after {:?}:\n{}",
+            m.summary.failure(),
+            m.summary.elapsed,
+            agents::timeline(&m.summary)
+        ),
+    }
 }
 
 /// What a user checks after a move: the guest answers on node-b (UDP echo, HTTP), it is the
@@ -189,7 +222,7 @@ fn lab_migrate_shared_storage_under_probe_loses_nothing_and_node_b_lists_the_vm(
         .engine
         .migrate(Node::A, w.id, options(StorageMode::Shared), None, MIGRATION_DEADLINE)
         .expect("the migration runs");
-    let n = cutover(&m);
+    let n = cutover(&w, &m);
     agents::wait_for_rx(&w.lab, "node-b", "eth0", AFTER, TRAFFIC_WAIT).expect("traffic reaches node-b");
     let r = probe.stop(Duration::from_secs(10)).expect("probe report");
     eprintln!(
@@ -227,7 +260,7 @@ fn lab_migrate_local_storage_two_disks_keeps_every_write() {
         .engine
         .migrate(Node::A, w.id, options(StorageMode::Local), None, MIGRATION_DEADLINE)
         .expect("the migration runs");
-    let n = cutover(&m);
+    let n = cutover(&w, &m);
     assert!(
         n.phases.iter().any(|(p, _)| *p == pb::Phase::PHASE_STORAGE),
         "local disks are mirrored first: {n}"
@@ -241,8 +274,14 @@ fn lab_migrate_local_storage_two_disks_keeps_every_write() {
     w.expect_no_loss(&r, 1500, &format!("cutover: {n}"));
     assert_moved(&w, &boot_id);
 
-    // Stop the destination VM (its writers with it), then read both sides' logs on the host.
-    let pid = agents::incoming_qemu_pid(&w.lab, Node::B, w.id).expect("the incoming QEMU runs");
+    // Stop the destination VM (its writers with it), then read both sides' logs on the host. Its
+    // pid comes from node-b's Inspect; the engine's pidfile is the fallback while that fails.
+    let pidfile = agents::incoming_qemu_pid(&w.lab, Node::B, w.id).expect("the incoming QEMU runs");
+    let inspected = w.engine.inspect(Node::B, w.id).map(|s| s.qemu_pid).map_err(|e| e.to_string());
+    w.claim(matches!(inspected, Ok(p) if p == pidfile), || {
+        format!("Inspect on node-b names the incoming QEMU (pid {pidfile}): {inspected:?}")
+    });
+    let pid = inspected.ok().filter(|p| *p != 0).unwrap_or(pidfile);
     agents::signal(pid, Signal::SIGTERM).expect("SIGTERM the destination QEMU");
     agents::wait_for_exit(pid, Duration::from_secs(15)).expect("the destination QEMU exits");
     let disks_dir = agents::incoming_dir(&w.lab, Node::B, w.id).join("disks");
@@ -276,7 +315,7 @@ fn lab_migrate_router_converging_later_loses_nothing_and_the_vm_outlives_the_age
         .engine
         .migrate(Node::A, w.id, options(StorageMode::Shared), None, MIGRATION_DEADLINE)
         .expect("the migration runs");
-    let n = cutover(&m);
+    let n = cutover(&w, &m);
     agents::wait_for_rx(&w.lab, "node-b", "eth0", AFTER, TRAFFIC_WAIT).expect("node-a forwards to node-b");
 
     // The cluster network learns the move late: the router now sends straight to node-b. (What
@@ -375,7 +414,7 @@ fn lab_migrate_cancel_during_storage_leaves_nothing_behind() {
         )
         .expect("the migration runs");
     let s = &m.summary;
-    let (_, at) = m.triggered_at.as_ref().expect("cancelled while the mirror was copying");
+    let at = fired(&m, "a mirror progress event");
     let copied: Vec<String> = at
         .storage
         .drives
@@ -413,7 +452,7 @@ fn lab_migrate_cancel_during_ram_precopy_leaves_nothing_behind_and_a_retry_succe
         .migrate(Node::A, w.id, slow, Some(Trigger::cancel_when(in_precopy)), MIGRATION_DEADLINE)
         .expect("the migration runs");
     let s = &m.summary;
-    let (_, at) = m.triggered_at.as_ref().expect("cancelled during RAM pre-copy");
+    let at = fired(&m, "a RAM pre-copy progress event");
     let ram = at.ram.as_ref().map(|r| (r.transferred_bytes >> 20, r.total_bytes >> 20)).unwrap_or_default();
     eprintln!("measured [cancel in RAM]: cancelled at {}/{} MiB of RAM after {:?}", ram.0, ram.1, s.elapsed);
     assert!(!s.succeeded() && s.cancelled_by_caller);
@@ -432,7 +471,7 @@ fn lab_migrate_cancel_during_ram_precopy_leaves_nothing_behind_and_a_retry_succe
         .engine
         .migrate(Node::A, w.id, options(StorageMode::Shared), None, MIGRATION_DEADLINE)
         .expect("the retry runs");
-    let n = cutover(&m);
+    let n = cutover(&w, &m);
     agents::wait_for_rx(&w.lab, "node-b", "eth0", AFTER, TRAFFIC_WAIT).expect("traffic reaches node-b");
     let r = probe.stop(Duration::from_secs(10)).expect("probe report");
     eprintln!(
@@ -470,7 +509,7 @@ fn lab_migrate_destination_qemu_killed_in_precopy_fails_cleanly_on_both_sides() 
         .migrate(Node::A, w.id, slow, Some(Trigger::run_when(in_precopy, kill_dest)), MIGRATION_DEADLINE)
         .expect("the migration runs");
     let s = &m.summary;
-    assert!(m.triggered_at.is_some(), "RAM pre-copy was under way");
+    fired(&m, "a RAM pre-copy progress event");
     let pid = killed.get().expect("the destination QEMU was found and killed");
     eprintln!("measured [dest QEMU killed]: failure {:?} after {:?}", s.failure(), s.elapsed);
     assert!(!s.succeeded() && !s.cancelled_by_caller);
@@ -622,11 +661,13 @@ fn lab_migrate_ipv6_probe_through_katactl_json_loses_nothing() {
     assert!(events.iter().any(|e| e["phase"] == "PHASE_COMPLETED"), "the destination completed: {events:?}");
     assert_eq!(summary["succeeded"], true, "{summary}");
     let us = |k: &str| summary[k].as_f64().unwrap_or_else(|| panic!("{k} in {summary}"));
-    let (swap, release) = (us("stop_to_route_swap_us"), us("resume_to_plug_release_us"));
-    assert!(swap > 0.0 && release > 0.0, "reaction latencies are reported: {summary}");
+    // The route moves at STOP (reaction) or just before it (the engine stops the VM itself).
+    let (swap, lead, release) =
+        (us("stop_to_route_swap_us"), us("route_swap_lead_us"), us("resume_to_plug_release_us"));
+    assert!((swap > 0.0 || lead > 0.0) && release > 0.0, "reaction latencies are reported: {summary}");
     assert!(summary["phases_ms"]["ram"].is_u64() && summary["total_ms"].as_u64() > Some(0), "{summary}");
     eprintln!(
-        "measured [ipv6, katactl]: total {} ms, downtime {} ms, STOP→route swap {swap:.0} µs, \
+        "measured [ipv6, katactl]: total {} ms, downtime {} ms, STOP→route swap {swap:.0} µs, swap lead {lead:.0} µs, \
          RESUME→plug release {release:.0} µs, phases {}; probe sent {} lost {} longest gap {:.1} ms",
         summary["total_ms"], summary["downtime_ms"], summary["phases_ms"], r.sent, r.lost, r.longest_gap_ms
     );

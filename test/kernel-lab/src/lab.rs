@@ -40,8 +40,21 @@ pub fn roots() -> NetnsRoots {
 pub struct Node {
     /// Role in the topology, for messages (`node-a`, `client`, …).
     pub name: String,
-    path: PathBuf,
-    handle: Option<NetnsHandle>,
+    // Fields drop in order: the thread (which pins the namespace) ends before the name goes.
+    handle: NetnsHandle,
+    ns: NsFile,
+}
+
+/// The namespace's file under `/run/netns`; unmounted and removed on drop.
+#[derive(Debug)]
+struct NsFile(PathBuf);
+
+impl Drop for NsFile {
+    fn drop(&mut self) {
+        if let Err(e) = remove_netns(&self.0) {
+            warn!(netns = %self.0.display(), error = %e, "failed to remove a lab namespace");
+        }
+    }
 }
 
 impl Node {
@@ -57,10 +70,10 @@ impl Node {
         let path = PathBuf::from(format!("{NETNS_DIR}/klab-{}-{n}-{name}", std::process::id()));
         create_netns_in(&path, &roots()).step(format!("create the {name} network namespace"))?;
         // From here on the guard removes the namespace, whatever fails next.
-        let mut node = Self { name: name.to_owned(), path, handle: None };
+        let ns = NsFile(path);
         let handle =
-            NetnsHandle::open_in(&node.path, &roots()).step(format!("open the {name} network namespace"))?;
-        node.handle = Some(handle);
+            NetnsHandle::open_in(&ns.0, &roots()).step(format!("open the {name} network namespace"))?;
+        let node = Self { name: name.to_owned(), handle, ns };
         for (key, value) in [
             ("net/ipv6/conf/all/accept_dad", "0"),
             ("net/ipv6/conf/default/accept_dad", "0"),
@@ -97,13 +110,12 @@ impl Node {
 
     /// The namespace file.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.ns.0
     }
 
     /// The namespace thread's handle: every [`NetOps`] operation.
     pub fn net(&self) -> &NetnsHandle {
-        // Set in `new` before the node is handed out; taken only in `drop`.
-        self.handle.as_ref().unwrap_or_else(|| unreachable!("a node always has its handle until dropped"))
+        &self.handle
     }
 
     /// Writes `/proc/sys/<key>` as seen from inside the namespace (the `net/` sysctls are per
@@ -185,7 +197,7 @@ impl Node {
         T: Send + 'static,
         F: FnOnce() -> Result<T> + Send + 'static,
     {
-        let path = self.path.clone();
+        let path = self.ns.0.clone();
         let name = self.name.clone();
         std::thread::Builder::new()
             .name(thread.to_owned())
@@ -197,16 +209,6 @@ impl Node {
                 f()
             })
             .step(format!("start the {thread} thread"))
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        // The thread pins the namespace: end it before removing the name.
-        self.handle.take();
-        if let Err(e) = remove_netns(&self.path) {
-            warn!(netns = %self.path.display(), error = %e, "failed to remove a lab namespace");
-        }
     }
 }
 

@@ -85,6 +85,18 @@ impl Plan {
     }
 }
 
+/// Wires a VM namespace to its node: the VM's address on `vm0`, its gateway answered by a
+/// permanent neighbour entry, a route back to the client, and the node's permanent entry for
+/// the VM (the design's fix for ARP into a paused tap). Returns the node's end.
+async fn vm_link(plan: &Plan, node: &Node, node_end: &str, vm: &Node) -> Result<LinkId> {
+    let w = wire(node, node_end, vm, "vm0").await?;
+    vm.address(&w.b, plan.vm_prefix()).await?;
+    vm.neighbour(&w.b, plan.vm_gateway, w.a_mac).await?;
+    vm.route(&RouteSpec::via_onlink(host(plan.client), plan.vm_gateway, w.b.clone())).await?;
+    node.neighbour(&w.a, plan.vm, w.b_mac).await?;
+    Ok(w.a)
+}
+
 /// The built topology; every namespace is removed when it is dropped.
 #[derive(Debug)]
 pub struct Topo {
@@ -145,18 +157,8 @@ impl Topo {
         node_b.route(&RouteSpec::via_onlink(host(plan.client), plan.node_a, ab.b.clone())).await?;
 
         // node-a ══ vm-a and node-b ══ vm-b: the same VM address on both sides.
-        let mut vm_links = Vec::with_capacity(2);
-        for (node, vm, node_end) in [(&node_a, &vm_a, "a-vm"), (&node_b, &vm_b, "b-vm")] {
-            let w = wire(node, node_end, vm, "vm0").await?;
-            vm.address(&w.b, plan.vm_prefix()).await?;
-            vm.neighbour(&w.b, plan.vm_gateway, w.a_mac).await?;
-            vm.route(&RouteSpec::via_onlink(host(plan.client), plan.vm_gateway, w.b.clone())).await?;
-            // The node's permanent entry for the VM (the design's fix for ARP into a paused tap).
-            node.neighbour(&w.a, plan.vm, w.b_mac).await?;
-            vm_links.push(w.a);
-        }
-        let b_vm = vm_links.pop().unwrap_or_else(|| unreachable!("two links were pushed"));
-        let a_vm = vm_links.pop().unwrap_or_else(|| unreachable!("two links were pushed"));
+        let a_vm = vm_link(&plan, &node_a, "a-vm", &vm_a).await?;
+        let b_vm = vm_link(&plan, &node_b, "b-vm", &vm_b).await?;
         node_a.route(&RouteSpec::dev(plan.vm_prefix(), a_vm.clone())).await?;
         node_b.route(&RouteSpec::dev(plan.vm_prefix(), b_vm.clone())).await?;
 

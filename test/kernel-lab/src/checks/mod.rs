@@ -25,15 +25,17 @@ pub enum Check {
     Plug,
     /// One tunnel mode carries the VM's traffic after a single route replace.
     Tunnel(TunnelMode),
-    /// The engine's STOP → route swap, RESUME → plug release sequence under a 1000 pps probe.
+    /// STOP → route swap, RESUME → plug release, under a 1000 pps probe.
     Cutover,
+    /// The controlled switchover: route swap → STOP, RESUME → plug release; nothing lost.
+    CutoverControlled,
     /// shim-ext's privileged netns test suite, run as a binary.
     NetnsSuite,
 }
 
 impl Check {
     /// Every check, in run order.
-    pub const ALL: [Check; 8] = [
+    pub const ALL: [Check; 9] = [
         Check::Features,
         Check::Plug,
         Check::Tunnel(TunnelMode::Ipip),
@@ -41,6 +43,7 @@ impl Check {
         Check::Tunnel(TunnelMode::Ip6ip6),
         Check::Tunnel(TunnelMode::Ip6gre),
         Check::Cutover,
+        Check::CutoverControlled,
         Check::NetnsSuite,
     ];
 
@@ -53,7 +56,7 @@ impl Check {
             Check::Tunnel(TunnelMode::Gre) => &[Feature::Gre],
             Check::Tunnel(TunnelMode::Ip6ip6) => &[Feature::Ip6Tnl],
             Check::Tunnel(TunnelMode::Ip6gre) => &[Feature::Ip6Gre],
-            Check::Cutover => &[Feature::Plug, Feature::Ipip],
+            Check::Cutover | Check::CutoverControlled => &[Feature::Plug, Feature::Ipip],
         }
     }
 }
@@ -65,6 +68,7 @@ impl fmt::Display for Check {
             Check::Plug => f.write_str("plug"),
             Check::Tunnel(mode) => write!(f, "tunnel-{mode}"),
             Check::Cutover => f.write_str("cutover"),
+            Check::CutoverControlled => f.write_str("cutover-controlled"),
             Check::NetnsSuite => f.write_str("netns-suite"),
         }
     }
@@ -72,7 +76,7 @@ impl fmt::Display for Check {
 
 /// The name is not one of [`Check::ALL`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown check {0:?} (known: features, plug, tunnel-ipip, tunnel-gre, tunnel-ip6ip6, tunnel-ip6gre, cutover, netns-suite)")]
+#[error("unknown check {0:?} (known: features, plug, tunnel-ipip, tunnel-gre, tunnel-ip6ip6, tunnel-ip6gre, cutover, cutover-controlled, netns-suite)")]
 pub struct UnknownCheck(String);
 
 impl FromStr for Check {
@@ -142,7 +146,11 @@ async fn dispatch(check: Check, opts: &Options, m: &mut Metrics) -> Result<(), C
         Check::Features => features::run(m).await,
         Check::Plug => plug::run(m).await,
         Check::Tunnel(mode) => tunnel::run(mode, m).await,
-        Check::Cutover => cutover::run(&cutover::Config::default(), m).await,
+        Check::Cutover => cutover::run(&cutover::Config::new(cutover::Sequence::StopThenSwap), m).await,
+        Check::CutoverControlled => {
+            let settle = cutover::ENGINE_SETTLE;
+            cutover::run(&cutover::Config::new(cutover::Sequence::SwapThenStop { settle }), m).await
+        }
         Check::NetnsSuite => suite::run(opts.suite.as_deref(), opts.check_timeout, m).await,
     }
 }
@@ -165,6 +173,7 @@ mod tests {
                 "tunnel-ip6ip6",
                 "tunnel-ip6gre",
                 "cutover",
+                "cutover-controlled",
                 "netns-suite"
             ]
         );
