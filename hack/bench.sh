@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 args=()
 for a in "$@"; do
     case $a in
-        --quick) args+=(--runs 1 --cases 128m-idle-shared-1000 --relay-mib 256 --netlink-iterations 200 --spawn-iterations 50) ;;
+        --quick) args+=(--runs 1 --cases 128m-idle-shared-1000 --relay-mib 256 --relay-runs 3 --netlink-iterations 200 --spawn-iterations 50) ;;
         -h | --help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; args+=(--help) ;;
         *) args+=("$a") ;;
     esac

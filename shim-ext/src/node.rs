@@ -480,7 +480,10 @@ impl Node {
         let cleanup = Cleanup::default();
         let started = std::time::Instant::now();
         let span = tracing::info_span!("migration", id = %req.migration_id, role = "destination");
-        let incoming = match dest::prepare(&dreq, &env, &rec.log, &cleanup).instrument(span.clone()).await {
+        let incoming = match dest::prepare(&dreq, &env, &rec.log, &cleanup, &rec.cancel)
+            .instrument(span.clone())
+            .await
+        {
             Ok(i) => i,
             Err(e) => {
                 finish(&rec, Err(&e), &cleanup, started).await;

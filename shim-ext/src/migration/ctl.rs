@@ -13,6 +13,8 @@ pub const STREAM: &str = "ctl";
 pub const STORAGE_DONE: &str = "storage-done";
 /// Destination → source: done.
 pub const OK: &str = "ok";
+/// Source → destination: the caller cancelled; followed by the reason.
+pub const CANCEL: &str = "cancel";
 /// Destination → source: the VM runs here and the plug is released; packets the source
 /// recovers from its tap can go now.
 pub const RESUMED: &str = "resumed";

@@ -147,6 +147,7 @@ pub async fn prepare(
     env: &DestEnv,
     log: &EventLog,
     cleanup: &Cleanup,
+    cancel: &CancelToken,
 ) -> Result<Incoming, EngineError> {
     let started = Instant::now();
     log.push(Event::new(Phase::Preparing, format!("creating incoming sandbox {}", req.sandbox_id)));
@@ -328,6 +329,7 @@ pub async fn prepare(
                 drives: local_disks.iter().map(|d| d.drive_id.clone()).collect(),
                 resumed: resumed_rx,
                 told: told_tx,
+                cancel: cancel.clone(),
             },
         ))
         .abort_handle(),
@@ -447,6 +449,8 @@ struct Streams {
     resumed: watch::Receiver<bool>,
     /// Set once the source was told the VM resumed.
     told: watch::Sender<bool>,
+    /// The migration's cancel signal: the source announces a cancel on the control stream.
+    cancel: CancelToken,
 }
 
 /// Aborts the tasks it holds when dropped: the acceptors die with `serve_streams`, so nothing
@@ -462,7 +466,7 @@ impl Drop for AbortOnDrop {
 }
 
 async fn serve_streams(mut expected: Expected, streams: Streams) {
-    let Streams { qmp, bus, nbd, state_dir, multifd, drives, mut resumed, told } = streams;
+    let Streams { qmp, bus, nbd, state_dir, multifd, drives, mut resumed, told, cancel } = streams;
     let mut children = AbortOnDrop(Vec::new());
     for drive in drives {
         let key = format!("nbd:{drive}");
@@ -509,6 +513,10 @@ async fn serve_streams(mut expected: Expected, streams: Streams) {
                         continue;
                     }
                 };
+                if let Some(reason) = line.strip_prefix(ctl::CANCEL) {
+                    cancel.cancel(format!("the source cancelled:{reason}"));
+                    continue;
+                }
                 if line == ctl::STORAGE_DONE {
                     let reply = match &nbd {
                         Some(e) => {
@@ -613,6 +621,11 @@ pub async fn receive(
                             continue;
                         }
                         Some(MigrationStatus::Failed) => {
+                            // A cancel on the source breaks the stream; its announcement on the
+                            // control stream may still be on its way.
+                            if let Ok(reason) = tokio::time::timeout(Duration::from_millis(500), cancel.cancelled()).await {
+                                return Err(EngineError::Cancelled(reason));
+                            }
                             return Err(EngineError::Precondition("incoming migration failed in QEMU".into()));
                         }
                         Some(MigrationStatus::Active) if log.phase() < Phase::Ram => {

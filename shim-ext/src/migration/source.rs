@@ -198,7 +198,10 @@ pub async fn run(
                 e.storage = Some(p.to_vec());
                 log2.push(e);
             }) => r?,
-            reason = cancel.cancelled() => return Err(EngineError::Cancelled(reason)),
+            reason = cancel.cancelled() => {
+                let _ = ctl.send(&format!("{} {reason}", ctl::CANCEL)).await;
+                return Err(EngineError::Cancelled(reason));
+            }
         };
         let mut e = Event::new(Phase::Storage, "every mirror is in sync");
         e.storage = Some(ready);
@@ -301,6 +304,7 @@ pub async fn run(
                         let (n, f) = (node.clone(), forward.clone());
                         cleanup.push("restore the VM routes", move || async move { f.restore(n.as_ref()).await });
                     }
+                    log.push(Event::new(Phase::Cutover, "switchover: VM routes forward to the destination"));
                     tokio::time::sleep(SWITCHOVER_SETTLE).await;
                     qmp.stop().await?;
                     tracing::info!(
@@ -326,7 +330,10 @@ pub async fn run(
                     log.push(e);
                 }
             }
-            reason = cancel.cancelled(), if log.phase() < Phase::Cutover => {
+            reason = cancel.cancelled(), if log.phase() < Phase::Cutover && !pre_swapped.load(Ordering::SeqCst) => {
+                // Tell the destination first: its QEMU will see the stream break and must report
+                // a cancel, not a failure.
+                let _ = ctl.send(&format!("{} {reason}", ctl::CANCEL)).await;
                 return Err(EngineError::Cancelled(reason));
             }
             () = tokio::time::sleep_until(deadline) => {
@@ -572,16 +579,20 @@ async fn recover_tap_queue(node: &Arc<NetnsHandle>, qemu_pid: u32, tap: &str) ->
     }
 }
 
-/// Whether the rest of RAM fits the downtime limit at the measured rate: only after a full pass
-/// and its dirty sync (QEMU counts the first pass as iteration 1 while it is still running) and
-/// with a measured rate; QEMU's own estimate is useless here, its limit being 0 until the
-/// switchover.
+/// How close to the end of what is left the switchover happens even if that exceeds the
+/// downtime limit: QEMU completes by itself once nothing is dirty (an idle guest at the end of
+/// its first pass), so the switchover must come before that, within two polls.
+const SWITCHOVER_HORIZON: Duration = Duration::from_millis(50);
+
+/// Whether to switch over now: the rest of RAM, at the measured rate, fits the downtime limit
+/// or the two-poll horizon. Needs a measured rate; QEMU's own estimate is useless here, its
+/// limit being 0 until the switchover.
 fn converged(p: &super::events::RamProgress, limit_ms: u64) -> bool {
-    if p.iteration < 2 || p.throughput_bytes_per_second == 0 {
+    if p.iteration < 1 || p.throughput_bytes_per_second == 0 {
         return false;
     }
     let remaining_ms = u128::from(p.remaining_bytes) * 1000 / u128::from(p.throughput_bytes_per_second);
-    remaining_ms <= u128::from(limit_ms)
+    remaining_ms <= u128::from(limit_ms.max(SWITCHOVER_HORIZON.as_millis() as u64))
 }
 
 async fn set_downtime_limit(qmp: &QmpClient, limit: Duration) -> Result<(), EngineError> {
@@ -640,10 +651,13 @@ mod tests {
             throughput_bytes_per_second,
             ..RamProgress::default()
         };
-        assert!(!converged(&p(1, 0, 100_000_000), 25), "first pass still running");
+        assert!(!converged(&p(0, 0, 100_000_000), 25), "not started");
+        assert!(!converged(&p(1, 133_000_000, 100_000_000), 25), "most of the first pass left");
         assert!(!converged(&p(2, 1_000, 0), 25), "no rate measured yet");
+        assert!(converged(&p(1, 4_000_000, 100_000_000), 25), "40 ms left: inside the horizon");
         assert!(converged(&p(2, 2_000_000, 100_000_000), 25), "20 ms left at 100 MB/s");
-        assert!(!converged(&p(5, 3_000_000, 100_000_000), 25), "30 ms left");
+        assert!(!converged(&p(5, 6_000_000, 100_000_000), 25), "60 ms left");
+        assert!(converged(&p(5, 6_000_000, 100_000_000), 100), "a larger limit");
     }
 
     #[test]

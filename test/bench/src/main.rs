@@ -74,6 +74,9 @@ struct Cli {
     /// Bytes per relay/direct sample, MiB.
     #[arg(long, default_value_t = 1024)]
     relay_mib: u64,
+    /// Samples of each relay/direct stream (they are short, and noisy on a shared machine).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    relay_runs: u32,
     /// Samples of the route swap through netlink.
     #[arg(long, default_value_t = 1000)]
     netlink_iterations: usize,
@@ -111,6 +114,7 @@ pub struct RunConfig {
 
 #[derive(Debug, Serialize)]
 struct Machine {
+    commit: String,
     cpus: usize,
     kernel: String,
     qemu: String,
@@ -214,7 +218,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         let r = routes::measure(&lab, &rt, cli.netlink_iterations, cli.spawn_iterations)?;
         println!("{}", report::route_table(&r).render());
         route_result = Some(r);
-        let r = relay::measure(&lab, &rt, cli.relay_mib << 20, cli.runs)?;
+        let r = relay::measure(&lab, &rt, cli.relay_mib << 20, cli.relay_runs)?;
         println!("{}", report::relay_table(&r).render());
         relay_result = Some(r);
         lab.down()?;
@@ -246,7 +250,9 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     }
     let targets = report::evaluate(&results, relay_result.as_ref());
     println!("{}", report::target_table(&targets).render());
+    let root = artifacts::workspace_root();
     let machine = Machine {
+        commit: first_line("git", &["-C", &root.to_string_lossy(), "describe", "--always", "--dirty"]),
         cpus: std::thread::available_parallelism().map_or(0, usize::from),
         kernel: first_line("uname", &["-r"]),
         qemu: first_line("qemu-system-x86_64", &["--version"]),
@@ -255,10 +261,11 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         wall_s: started.elapsed().as_secs_f64(),
     };
     println!(
-        "machine: {} CPUs, kernel {}, {}; load 1m {:.2} → {:.2}; {:.0} s",
+        "machine: {} CPUs, kernel {}, {}; katamaran {}; load 1m {:.2} → {:.2}; {:.0} s",
         machine.cpus,
         machine.kernel,
         machine.qemu,
+        machine.commit,
         machine.load_1m_before,
         machine.load_1m_after,
         machine.wall_s
