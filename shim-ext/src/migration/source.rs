@@ -584,11 +584,22 @@ async fn recover_tap_queue(node: &Arc<NetnsHandle>, qemu_pid: u32, tap: &str) ->
 /// its first pass), so the switchover must come before that, within two polls.
 const SWITCHOVER_HORIZON: Duration = Duration::from_millis(50);
 
-/// Whether to switch over now: the rest of RAM, at the measured rate, fits the downtime limit
-/// or the two-poll horizon. Needs a measured rate; QEMU's own estimate is useless here, its
-/// limit being 0 until the switchover.
+/// Bytes left at which the switchover happens whatever the rate says: with its limit at 0 QEMU
+/// ends the first pass by completing on its own (it never syncs the dirty bitmap below a zero
+/// threshold), and zero pages go by faster than the measured rate predicts.
+const SWITCHOVER_BYTES: u64 = 64 << 20;
+
+/// Whether to switch over now: the rest of RAM fits the downtime limit or the two-poll horizon
+/// at the measured rate, or is down to a quarter of the guest's RAM (at most
+/// [`SWITCHOVER_BYTES`]). QEMU's own estimate is useless here, its limit being 0 until then.
 fn converged(p: &super::events::RamProgress, limit_ms: u64) -> bool {
-    if p.iteration < 1 || p.throughput_bytes_per_second == 0 {
+    if p.iteration < 1 {
+        return false;
+    }
+    if p.total_bytes > 0 && p.remaining_bytes <= (p.total_bytes / 4).min(SWITCHOVER_BYTES) {
+        return true;
+    }
+    if p.throughput_bytes_per_second == 0 {
         return false;
     }
     let remaining_ms = u128::from(p.remaining_bytes) * 1000 / u128::from(p.throughput_bytes_per_second);
@@ -649,15 +660,25 @@ mod tests {
             iteration,
             remaining_bytes,
             throughput_bytes_per_second,
+            total_bytes: 1 << 30,
             ..RamProgress::default()
         };
         assert!(!converged(&p(0, 0, 100_000_000), 25), "not started");
         assert!(!converged(&p(1, 133_000_000, 100_000_000), 25), "most of the first pass left");
-        assert!(!converged(&p(2, 1_000, 0), 25), "no rate measured yet");
+        assert!(!converged(&p(2, 300 << 20, 0), 25), "no rate measured yet, far from the end");
         assert!(converged(&p(1, 4_000_000, 100_000_000), 25), "40 ms left: inside the horizon");
         assert!(converged(&p(2, 2_000_000, 100_000_000), 25), "20 ms left at 100 MB/s");
-        assert!(!converged(&p(5, 6_000_000, 100_000_000), 25), "60 ms left");
-        assert!(converged(&p(5, 6_000_000, 100_000_000), 100), "a larger limit");
+        assert!(!converged(&p(5, 100 << 20, 1_000_000_000), 25), "105 ms left, above the byte cap");
+        assert!(converged(&p(5, 100 << 20, 1_000_000_000), 200), "a larger limit");
+        assert!(converged(&p(1, 60 << 20, 0), 25), "near the end of the pass, rate or not");
+        assert!(!converged(&p(1, 300 << 20, 0), 25), "a quarter of 1 GiB is above the cap");
+        let small = RamProgress {
+            iteration: 1,
+            remaining_bytes: 30 << 20,
+            total_bytes: 128 << 20,
+            ..RamProgress::default()
+        };
+        assert!(converged(&small, 25), "a quarter of a 128 MiB guest");
     }
 
     #[test]
