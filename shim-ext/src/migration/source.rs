@@ -498,6 +498,8 @@ async fn cutover(
                     continue;
                 }
                 let result = forward.swap(node.as_ref()).await;
+                // The poll loop must not swap (and re-time) a second time.
+                pre_swapped.store(true, Ordering::SeqCst);
                 let swap_took = seen.elapsed();
                 let mut t = times.lock().map(|t| t.clone()).unwrap_or_default();
                 t.stop_unix_nanos = unix_nanos(stop_at);

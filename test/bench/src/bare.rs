@@ -23,7 +23,7 @@ use serde_json::{json, Value};
 use tokio::runtime::Runtime;
 
 use crate::cases::{Case, Storage};
-use crate::guest::{self, ID, IP, IP6, PROBE_TARGET};
+use crate::guest::{self, ID, IP, IP6, NODE_B_V6, PROBE_TARGET};
 use crate::katamaran_run::{mb_per_s, record_probe};
 use crate::report::{m, Run};
 use crate::RunConfig;
@@ -87,7 +87,7 @@ fn measure(rt: &Runtime, cfg: &RunConfig, case: &Case, run: &mut Run) -> anyhow:
     std::fs::write(
         &batch,
         format!(
-            "route replace {IP}/32 via {} proto static\nroute replace {IP6}/128 via fd00:201::12 proto static\n",
+            "route replace {IP}/32 via {} proto static\nroute replace {IP6}/128 via {NODE_B_V6} proto static\n",
             Node::B.addr_v4()
         ),
     )?;

@@ -24,6 +24,8 @@ pub const ID: &str = "bench0";
 pub const IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
 /// The pod's IPv6 address (dual stack, as the lab's demo).
 pub const IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 0x10);
+/// node-b's IPv6 address on the cluster network (`docs/LAB.md`).
+pub const NODE_B_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x201, 0, 0, 0, 0, 0, 0x12);
 /// The probe's target: the guest's UDP echo.
 pub const PROBE_TARGET: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(IP), 7);
 /// What `dirty-mem` prints when it starts (`hack/guest/README.md`).

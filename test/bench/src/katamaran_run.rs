@@ -21,12 +21,9 @@ use crate::RunConfig;
 /// Runs one katamaran migration of `case`; a failure is recorded in the returned run.
 pub fn run(rt: &Runtime, cfg: &RunConfig, case: &Case, n: u32) -> Run {
     let mut run = Run::new(n, guest::load_1m());
-    match measure(rt, cfg, case, &mut run) {
-        Ok(()) => {}
-        Err(e) => {
-            run.ok = false;
-            run.error = Some(format!("{e:#}"));
-        }
+    if let Err(e) = measure(rt, cfg, case, &mut run) {
+        run.ok = false;
+        run.error = Some(format!("{e:#}"));
     }
     run
 }

@@ -19,8 +19,6 @@ use katamaran::dataplane::relay::{relay, Relayed};
 use katamaran::dataplane::{DataListener, Secret, StreamKey};
 use katamaran_e2e::netns::in_netns;
 use katamaran_e2e::{Lab, Node};
-use nix::sys::socket::setsockopt;
-use nix::sys::socket::sockopt::SndBuf;
 use tokio::runtime::Runtime;
 
 use crate::report::RelayResult;
@@ -44,23 +42,15 @@ pub fn measure(lab: &Lab, rt: &Runtime, bytes: u64, runs: u32) -> anyhow::Result
         let (rate, cpu) = with_cpu(|| direct(lab, bytes))?;
         out.direct_mb_s.push(rate);
         out.direct_cpu_s_per_gib.push(per_gib(cpu));
-        let (rate, cpu) = with_cpu(|| relayed(lab, rt, bytes, 4 * i, false, None))?;
+        let (rate, cpu) = with_cpu(|| relayed(lab, rt, bytes, 2 * i, false))?;
         out.one_relay_mb_s.push(rate);
         out.one_relay_cpu_s_per_gib.push(per_gib(cpu));
-        let (rate, cpu) = with_cpu(|| relayed(lab, rt, bytes, 4 * i + 1, true, None))?;
+        let (rate, cpu) = with_cpu(|| relayed(lab, rt, bytes, 2 * i + 1, true))?;
         out.relay_mb_s.push(rate);
         out.relay_cpu_s_per_gib.push(per_gib(cpu));
-        let big = Some(WHAT_IF_SNDBUF);
-        out.one_relay_big_buf_mb_s.push(relayed(lab, rt, bytes, 4 * i + 2, false, big)?);
-        out.relay_big_buf_mb_s.push(relayed(lab, rt, bytes, 4 * i + 3, true, big)?);
     }
     Ok(out)
 }
-
-/// The what-if rows: this `SO_SNDBUF` on every unix socket a writer sends into (the writer
-/// standing in for QEMU, and the destination relay). The default (`net.core.wmem_default`,
-/// 208 KiB) makes each hop a ping-pong of small batches; 4 MiB is `net.core.wmem_max` here.
-const WHAT_IF_SNDBUF: usize = 4 << 20;
 
 /// `/proc` reports process times in USER_HZ, which is 100 on every Linux architecture that
 /// exposes it to user space.
@@ -68,8 +58,13 @@ const USER_HZ: f64 = 100.0;
 
 /// User + system CPU time of this process so far (every thread, including finished ones).
 fn process_cpu() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    stat_cpu(&std::fs::read_to_string("/proc/self/stat").ok()?)
+}
+
+/// utime + stime from a `/proc/PID/stat` line.
+fn stat_cpu(stat: &str) -> Option<Duration> {
+    // Fields after the parenthesised command name (which may hold spaces and parentheses):
+    // state is field 3, utime 14, stime 15.
     let rest = stat.rsplit_once(") ")?.1;
     let mut fields = rest.split_whitespace().skip(11);
     let utime: u64 = fields.next()?.parse().ok()?;
@@ -141,16 +136,8 @@ fn direct(lab: &Lab, bytes: u64) -> anyhow::Result<f64> {
     Ok(mb_s(bytes, end.duration_since(start)))
 }
 
-/// The stream through the source side's relay, and with `both` also through the destination's;
-/// `sndbuf` sets the send buffer of the unix sockets that are written into.
-fn relayed(
-    lab: &Lab,
-    rt: &Runtime,
-    bytes: u64,
-    sample: u32,
-    both: bool,
-    sndbuf: Option<usize>,
-) -> anyhow::Result<f64> {
+/// The stream through the source side's relay, and with `both` also through the destination's.
+fn relayed(lab: &Lab, rt: &Runtime, bytes: u64, sample: u32, both: bool) -> anyhow::Result<f64> {
     let dir = lab.scratch_path("relay");
     std::fs::create_dir_all(&dir)?;
     let (src_sock, dst_sock) = (dir.join("src.sock"), dir.join("dst.sock"));
@@ -181,9 +168,6 @@ fn relayed(
         let task = rt.spawn(async move {
             let mut tcp = expected.accept("nbd:drive-0", STEP).await?;
             let mut unix = tokio::net::UnixStream::connect(&dst_sock).await?;
-            if let Some(size) = sndbuf {
-                setsockopt(&unix, SndBuf, &size)?;
-            }
             anyhow::Ok(relay(&mut tcp, &mut unix).await?)
         });
         (reader, Some(task))
@@ -205,9 +189,6 @@ fn relayed(
 
     // The writer plays the source QEMU's NBD client.
     let conn = UnixStream::connect(&src_sock)?;
-    if let Some(size) = sndbuf {
-        setsockopt(&conn, SndBuf, &size)?;
-    }
     let start = fill(&conn, bytes).context("relayed stream: write")?;
     conn.shutdown(Shutdown::Write)?;
     let (got, end) = join_reader(reader)?;
@@ -242,4 +223,18 @@ fn relayed(
 fn remove_dir(dir: &Path) {
     // Best effort: the directory lives under the lab root, which `down` removes anyway.
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_from_a_stat_line() {
+        let line = "4242 (katamaran (x) bench) S 1 4242 4242 0 -1 4194560 900 0 0 0 250 37 0 0 20 0 9 0 \
+                    123 456 789";
+        assert_eq!(stat_cpu(line), Some(Duration::from_millis(2870)));
+        assert_eq!(stat_cpu("4242 (x) S 1 2"), None, "truncated");
+        assert_eq!(stat_cpu("garbage"), None);
+    }
 }

@@ -150,10 +150,6 @@ pub struct RelayResult {
     pub one_relay_mb_s: Vec<f64>,
     /// The NBD path: unix → relay → authenticated TCP → relay → unix, MB/s.
     pub relay_mb_s: Vec<f64>,
-    /// What if: one relay, 4 MiB send buffers on the unix sockets, MB/s.
-    pub one_relay_big_buf_mb_s: Vec<f64>,
-    /// What if: both relays, 4 MiB send buffers on the unix sockets, MB/s.
-    pub relay_big_buf_mb_s: Vec<f64>,
     /// CPU seconds per GiB moved (writer, reader and relays together), direct.
     pub direct_cpu_s_per_gib: Vec<f64>,
     /// The same through one relay.
@@ -480,17 +476,6 @@ pub fn relay_table(r: &RelayResult) -> Table {
             spread_cell(spread(rate), 0),
             num_cell(relay_ratio(&r.direct_mb_s, rate), 2),
             spread_cell(spread(cpu), 2),
-        ]);
-    }
-    for (name, rate) in [
-        ("what if: one relay, 4 MiB SO_SNDBUF on unix sockets", &r.one_relay_big_buf_mb_s),
-        ("what if: both relays, 4 MiB SO_SNDBUF on unix sockets", &r.relay_big_buf_mb_s),
-    ] {
-        t.row(vec![
-            name.into(),
-            spread_cell(spread(rate), 0),
-            num_cell(relay_ratio(&r.direct_mb_s, rate), 2),
-            "-".into(),
         ]);
     }
     t
