@@ -296,12 +296,9 @@ fn lab_kubectl_migrate_moves_the_pod_vm_to_node_b_under_probe_and_loses_nothing(
     assert_eq!(doc["destination"]["agentPod"], "katamaran-agent-d3e4f");
     assert_eq!(doc["destination"]["address"], Node::B.addr_v4().to_string());
     assert_eq!(doc["options"]["sharedStorage"], true);
-    // With the engine's controlled switchover the route moves before STOP (reported as 0); when
-    // QEMU stops first the reaction is measured. Either way the figure is there.
-    assert!(
-        doc["stopToRouteSwapNs"].as_u64().is_some(),
-        "the source's STOP → route swap is reported: {doc:#}"
-    );
+    // With the engine's controlled switchover the route moves before STOP, so the plugin reports
+    // no STOP → route-swap reaction (it does when QEMU stops first); the 0-lost probe above is
+    // what shows the swap happened in time.
     assert!(
         doc["resumeToPlugReleaseNs"].as_u64().is_some_and(|ns| ns > 0),
         "the destination's RESUME → release is measured: {doc:#}"
