@@ -285,7 +285,7 @@ pub async fn drive(
 
     // Watch the destination before starting, so nothing it reports is missed.
     let (tx, mut rx) = mpsc::unbounded_channel();
-    spawn_watch(dest, Side::Destination, &plan.migration_id, plan.rpc_timeout, tx.clone()).await;
+    spawn_watch(dest, Side::Destination, &plan.migration_id, tx.clone()).await;
 
     let mut start = pb::StartMigrationRequest::new();
     start.sandbox_id = plan.sandbox_id.clone();
@@ -298,7 +298,7 @@ pub async fn drive(
         cancel_side(dest, &plan.migration_id, "source refused to start", plan.rpc_timeout).await;
         return Err(rpc("StartMigration", Side::Source)(e));
     }
-    spawn_watch(source, Side::Source, &plan.migration_id, plan.rpc_timeout, tx).await;
+    spawn_watch(source, Side::Source, &plan.migration_id, tx).await;
 
     let mut events = Vec::new();
     let mut done = [false, false];
@@ -351,7 +351,7 @@ pub async fn drive(
 
 type EventTx = mpsc::UnboundedSender<(Side, Option<pb::MigrationEvent>)>;
 
-async fn spawn_watch(client: &pb::MigrationClient, side: Side, id: &str, _timeout: Duration, tx: EventTx) {
+async fn spawn_watch(client: &pb::MigrationClient, side: Side, id: &str, tx: EventTx) {
     let mut req = pb::WatchRequest::new();
     req.migration_id = id.to_owned();
     // The watch lives as long as the migration: no deadline on the stream itself.
