@@ -217,8 +217,13 @@ impl Tracker {
         self.stop
     }
 
+    /// Cancels go to the source only: it owns the VM until the commit point and tells the
+    /// destination; a failed source has already aborted its destination.
     fn cancel_other(&mut self, failed: Side, reason: String) -> Vec<Action> {
         let other = failed.other();
+        if other != Side::Source {
+            return Vec::new();
+        }
         let state = self.side(other);
         if state.ended || state.cancel_sent {
             return Vec::new();
@@ -251,7 +256,13 @@ impl Tracker {
         let (kind, message) = (error_kind_name(last), event_message(last));
         let what = if p == Some(pb::Phase::PHASE_CANCELLED) { "was cancelled" } else { "failed" };
         let reason = format!("the {} {what}: {message}", side.name());
-        if self.first_failure.is_none() && !self.side_ref(side).cancel_sent {
+        // A side that ends cancelled after we asked the source to cancel followed that request
+        // (the source tells its destination); anything else ending is the cause.
+        let asked = self.side_ref(Side::Source).cancel_sent;
+        if self.first_failure.is_none()
+            && !(asked && p == Some(pb::Phase::PHASE_CANCELLED))
+            && !self.side_ref(side).cancel_sent
+        {
             let kind = if p == Some(pb::Phase::PHASE_CANCELLED) { "CANCELLED".to_owned() } else { kind };
             self.first_failure = Some((side, kind, message));
         }
@@ -290,15 +301,13 @@ impl Tracker {
             Stop::Interrupted => "cancelled by the user (Ctrl-C in kubectl migrate)".to_owned(),
             Stop::TimedOut(t) => format!("kubectl migrate --timeout {t:?} passed"),
         };
-        let mut actions = Vec::new();
-        for side in [Side::Source, Side::Destination] {
-            let state = self.side(side);
-            if !state.ended && !state.cancel_sent {
-                state.cancel_sent = true;
-                actions.push(Action::Cancel { side, reason: reason.clone() });
-            }
+        // Through the owner: the source decides and tells the destination.
+        let state = self.side(Side::Source);
+        if state.ended || state.cancel_sent {
+            return Vec::new();
         }
-        actions
+        state.cancel_sent = true;
+        vec![Action::Cancel { side: Side::Source, reason }]
     }
 
     /// The answer to a `Cancel` sent to `side`.
@@ -314,6 +323,9 @@ impl Tracker {
                 )),
                 Err(v) => self.notes.push(format!("the {} did not cancel (phase {v})", side.name())),
             },
+            Err(e) if e.contains("FAILED_PRECONDITION") => self.notes.push(format!(
+                "the cancel was refused: the migration is past its commit point and the VM belongs to the destination ({e})"
+            )),
             Err(e) => {
                 self.notes.push(format!("cancelling the {} failed: {e}", side.name()));
             }

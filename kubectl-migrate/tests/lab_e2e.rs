@@ -50,7 +50,7 @@ const PLUGIN_DEADLINE: Duration = Duration::from_secs(180);
 
 /// Prints the skip line and returns `None` when a prerequisite is missing.
 fn check<T>(r: Result<T, Skip>) -> Option<T> {
-    r.map_err(|skip| println!("{skip}")).ok()
+    r.map_err(|skip| skip.report()).ok()
 }
 
 /// The pod identity the lab wrote into the sandbox's OCI bundle (the CRI annotations the engine
@@ -299,11 +299,21 @@ fn lab_kubectl_migrate_moves_the_pod_vm_to_node_b_under_probe_and_loses_nothing(
     // With the engine's controlled switchover the route moves before STOP, so the plugin reports
     // no STOP → route-swap reaction (it does when QEMU stops first); the 0-lost probe above is
     // what shows the swap happened in time.
-    assert!(
-        doc["resumeToPlugReleaseNs"].as_u64().is_some_and(|ns| ns > 0),
-        "the destination's RESUME → release is measured: {doc:#}"
-    );
-    assert_eq!(doc["plugDroppedPackets"], 0, "the destination held every packet: {doc:#}");
+    // Without sch_plug there is no plug: the engine reports the instant it handled RESUME and 0
+    // drops, numbers that cannot be wrong, so they are claimed only where a plug exists.
+    if artifacts::kernel_has_plug() {
+        assert!(
+            doc["resumeToPlugReleaseNs"].as_u64().is_some_and(|ns| ns > 0),
+            "the destination's RESUME → release is measured: {doc:#}"
+        );
+        assert_eq!(doc["plugDroppedPackets"], 0, "the destination held every packet: {doc:#}");
+    } else {
+        katamaran_test_skip::skip(
+            katamaran_test_skip::Tier::KernelModule,
+            "kernel lacks sch_plug: RESUME→plug release and plug drops not claimed (no plug existed; \
+             the kernel lab VM measures the plug)",
+        );
+    }
 
     // The only path to the nodes was the API server: one port-forward to each agent pod.
     let requests = api.requests();

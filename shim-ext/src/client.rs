@@ -158,6 +158,8 @@ pub struct Summary {
     pub elapsed: Duration,
     /// Whether the caller's cancel fired.
     pub cancelled_by_caller: bool,
+    /// The source's refusal of the caller's cancel (the migration was past its commit point).
+    pub cancel_refused: Option<String>,
 }
 
 /// Whether a side's part is over for a client: its terminal event, or for the source
@@ -232,9 +234,9 @@ fn rpc(rpc: &'static str, side: Side) -> impl FnOnce(ttrpc::Error) -> ClientErro
 }
 
 /// Drives one migration: Inspect the source, PrepareIncoming on the destination, StartMigration
-/// on the source, then Watch both until each reaches a terminal event. When one side fails the
-/// other is cancelled; when `cancel` resolves both are cancelled and their terminal events
-/// awaited (bounded by `drain_timeout`). `on_event` sees every event as it arrives.
+/// on the source, then Watch both until each reaches a terminal event. A cancel goes to the
+/// source only: it owns the VM until the commit point and tells the destination (past the
+/// commit it refuses, and the migration completes). `on_event` sees every event as it arrives.
 ///
 /// # Errors
 /// [`ClientError`] when a step before the watch fails (after undoing what was prepared);
@@ -303,15 +305,15 @@ pub async fn drive(
     let mut events = Vec::new();
     let mut done = [false, false];
     let mut cancelled_by_caller = false;
-    let mut cancelled_peer = false;
+    let mut cancel_refused = None;
     tokio::pin!(cancel);
     while !(done[0] && done[1]) {
         let next = tokio::select! {
             ev = rx.recv() => ev,
             () = &mut cancel, if !cancelled_by_caller => {
                 cancelled_by_caller = true;
-                for c in [source, dest] {
-                    cancel_side(c, &plan.migration_id, "cancelled by the user", plan.rpc_timeout).await;
+                if let Err(e) = cancel_source(source, &plan.migration_id, "cancelled by the user", plan.rpc_timeout).await {
+                    cancel_refused = Some(e);
                 }
                 continue;
             }
@@ -320,15 +322,8 @@ pub async fn drive(
         match ev {
             Some(ev) => {
                 on_event(side, &ev);
-                let p = phase(&ev);
-                if is_end(side, p) {
+                if is_end(side, phase(&ev)) {
                     done[side as usize] = true;
-                    if !is_success(p) && !cancelled_peer {
-                        cancelled_peer = true;
-                        let other = if side == Side::Source { dest } else { source };
-                        cancel_side(other, &plan.migration_id, "the other side failed", plan.rpc_timeout)
-                            .await;
-                    }
                 }
                 events.push((side, ev));
             }
@@ -346,7 +341,34 @@ pub async fn drive(
         events,
         elapsed: started.elapsed(),
         cancelled_by_caller,
+        cancel_refused,
     })
+}
+
+/// Asks the source (the owner until the commit point) to cancel. `Err` carries the refusal:
+/// past the commit the VM belongs to the destination and the migration completes.
+///
+/// # Errors
+/// The source's answer when it refused (FAILED_PRECONDITION past the commit).
+pub async fn cancel_source(
+    source: &pb::MigrationClient,
+    id: &str,
+    reason: &str,
+    timeout: Duration,
+) -> Result<(), String> {
+    let mut req = pb::CancelRequest::new();
+    req.migration_id = id.to_owned();
+    req.reason = reason.to_owned();
+    match source.cancel(ctx(timeout), &req).await {
+        Ok(_) => Ok(()),
+        Err(e @ ttrpc::Error::RpcStatus(_)) if matches!(&e, ttrpc::Error::RpcStatus(s) if s.code() == ttrpc::Code::FAILED_PRECONDITION) => {
+            Err(rpc_text(&e))
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "cancel not delivered");
+            Ok(())
+        }
+    }
 }
 
 type EventTx = mpsc::UnboundedSender<(Side, Option<pb::MigrationEvent>)>;
@@ -456,6 +478,7 @@ mod tests {
             ],
             elapsed: Duration::ZERO,
             cancelled_by_caller: false,
+            cancel_refused: None,
         };
         let d = s.phase_durations(Side::Source);
         assert_eq!(

@@ -8,7 +8,9 @@
 //! | [`net`] | netlink (links, routes, tunnels, qdiscs) and netns threads — the only syscall room |
 //! | [`client`] | reaching an endpoint; driving a migration between two endpoints |
 //! | [`cli`], [`convert`] | flags shared by the clients; engine ↔ wire type mapping |
+//! | [`host`] | the node's network namespace and VM cgroups as a pod-deployed agent reaches them |
 //! | [`node`] | one node's engine: sandboxes, migrations of either role, request validation |
+//! | [`recovery`] | what a restarted agent does with its predecessor's unfinished migrations |
 //! | [`service`] | the ttrpc `Migration` service over a node, and root-only socket serving |
 //! | [`sandbox`] | discovery: OCI bundle, Kata run dir, command-line capture and rewrite |
 //! | [`shim`] | `containerd-shim-katamaran-v2`: delegate to Kata's shim, start and stop the per-sandbox extension |
@@ -17,11 +19,13 @@ pub mod cli;
 pub mod client;
 pub mod convert;
 pub mod dataplane;
+pub mod host;
 pub mod migration;
 pub mod net;
 pub mod node;
 pub mod pidfd;
 pub mod qmp;
+pub mod recovery;
 pub mod sandbox;
 pub mod service;
 pub mod shim;

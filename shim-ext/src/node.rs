@@ -17,13 +17,16 @@ use tracing::Instrument;
 
 use crate::convert::{event_to_proto, options_from_proto, phase_to_proto, role_to_proto, unix_nanos};
 use crate::dataplane::{DataListener, Secret};
-use crate::migration::cancel::CancelToken;
+use crate::migration::cancel::CommitGate;
 use crate::migration::cleanup::Cleanup;
-use crate::migration::dest::{self, DestEnv, DestRequest, SourceDisk};
+use crate::migration::ctl::Heartbeat;
+use crate::migration::dest::{self, DestControl, DestEnv, DestRequest, SourceDisk};
 use crate::migration::error::{chain, EngineError};
 use crate::migration::events::{Event, EventLog, Outcome, Phase, Role, Watcher};
+use crate::migration::journal::{self, Entry, Journal, SourceRecord, Standing};
+use crate::migration::protocol::{DestState, SourceState};
 use crate::migration::qemu::{self, EventBus};
-use crate::migration::source::{self, QemuConn, SourceRequest};
+use crate::migration::source::{self, QemuConn, SourceEnv, SourceRequest};
 use crate::net::{validate_ifname, MacAddr, NetOps, NetnsHandle, NetnsRoots};
 use crate::qmp::{QmpClient, QmpConfig, RunState};
 use crate::sandbox::{self, BundleInfo, NodeLayout, QemuCmdline};
@@ -54,6 +57,10 @@ pub struct NodeConfig {
     pub gateway_mac: Option<MacAddr>,
     /// IPv6 gateway of guests (calico-style: `fe80::1`).
     pub gateway6: Option<std::net::Ipv6Addr>,
+    /// The node's network namespace when the process runs in another one (a pod that is not
+    /// hostNetwork): `/proc/1/ns/net` with hostPID. Node work — tunnels, routes, neighbours, the
+    /// data listener, incoming sandboxes — happens there. `None`: the process's own.
+    pub host_netns: Option<PathBuf>,
 }
 
 impl NodeConfig {
@@ -71,6 +78,7 @@ impl NodeConfig {
             only_sandbox: None,
             gateway_mac: "ee:ee:ee:ee:ee:ee".parse().ok(),
             gateway6: "fe80::1".parse().ok(),
+            host_netns: None,
         }
     }
 }
@@ -82,7 +90,11 @@ struct Record {
     peer: IpAddr,
     started: SystemTime,
     log: EventLog,
-    cancel: CancelToken,
+    /// Orders cancels against the commit (the source's; a destination's cancel before its
+    /// receive started fires it too).
+    gate: CommitGate,
+    /// The running destination, once it receives.
+    dest: Mutex<Option<DestControl>>,
 }
 
 /// Where a sandbox received on this node lives: QMP socket, netns, QEMU pid.
@@ -99,6 +111,10 @@ pub struct Node {
     incoming: Arc<Mutex<BTreeMap<String, IncomingSandbox>>>,
     /// QMP connections held by running source migrations (the socket serves one client).
     live: Arc<Mutex<BTreeMap<String, QmpClient>>>,
+    /// The migrations' durable records.
+    journal: Arc<Journal>,
+    /// Heartbeats of the control streams.
+    heartbeat: Heartbeat,
 }
 
 fn invalid(msg: impl Into<String>) -> EngineError {
@@ -106,19 +122,136 @@ fn invalid(msg: impl Into<String>) -> EngineError {
 }
 
 impl Node {
-    /// Starts a node engine in the calling process's network namespace.
+    /// Starts a node engine working in the network namespace `cfg.host_netns` (checked to be
+    /// one), or the calling process's.
     ///
     /// # Errors
-    /// When the namespace thread cannot start.
+    /// When `host_netns` is not a network namespace or the namespace thread cannot start.
     pub fn new(cfg: NodeConfig) -> Result<Self, EngineError> {
+        // A sandbox extension keeps its journals apart: the node agent's recovery must never
+        // touch a migration that a live extension drives.
+        let dir = match &cfg.only_sandbox {
+            Some(id) => cfg.layout.journal_dir().join("sandboxes").join(id),
+            None => cfg.layout.journal_dir(),
+        };
+        let journal = Arc::new(Journal::open(&dir)?);
+        let node_ns = match &cfg.host_netns {
+            Some(path) => {
+                crate::host::netns::check_net_namespace(path).map_err(|e| EngineError::Io {
+                    context: "the host network namespace is unusable".into(),
+                    source: std::io::Error::other(e),
+                })?;
+                NetnsHandle::open_in(path, &NetnsRoots::default())?
+            }
+            None => NetnsHandle::current()?,
+        };
         Ok(Self {
+            journal,
+            heartbeat: Heartbeat::default(),
             cfg,
-            node_ns: Arc::new(NetnsHandle::current()?),
+            node_ns: Arc::new(node_ns),
             listener: OnceCell::new(),
             migrations: Mutex::default(),
             incoming: Arc::default(),
             live: Arc::default(),
         })
+    }
+
+    /// Finishes or rolls back what a previous agent left unfinished (see [`crate::recovery`])
+    /// and lists every journaled migration. Call once, before serving.
+    pub async fn recover(&self) {
+        for r in crate::recovery::recover(&self.journal, &self.node_ns, self.heartbeat).await {
+            let rec = &r.record;
+            let (role, phase) = match rec.standing {
+                Standing::Source(s) => (
+                    Role::Source,
+                    match s {
+                        SourceState::Finished => Phase::Completed,
+                        SourceState::RolledBack => Phase::Failed,
+                        SourceState::HandedOver | SourceState::Confirmed => Phase::Forwarding,
+                        _ => Phase::Failed,
+                    },
+                ),
+                Standing::Destination(d) => (
+                    Role::Destination,
+                    match d {
+                        DestState::Running | DestState::Committed => Phase::Completed,
+                        DestState::RolledBack => Phase::Failed,
+                        _ => Phase::Cutover,
+                    },
+                ),
+            };
+            let mut e = Event::new(phase, r.outcome.clone());
+            if phase == Phase::Failed {
+                e.outcome = Some(Outcome {
+                    error: Some((EngineError::RolledBackAfterRestart.kind(), r.outcome.clone())),
+                    total_ms: 0,
+                    downtime_ms: 0,
+                    plug_dropped_packets: 0,
+                });
+            }
+            let record = Arc::new(Record {
+                sandbox_id: rec.sandbox_id.clone(),
+                role,
+                peer: rec.peer,
+                started: SystemTime::UNIX_EPOCH + std::time::Duration::from_nanos(rec.started_unix_nanos),
+                log: EventLog::default(),
+                gate: CommitGate::default(),
+                dest: Mutex::new(None),
+            });
+            if rec.standing.owner() == crate::migration::protocol::Owner::Destination {
+                let _ = record.gate.commit(|| Ok::<(), ()>(()));
+            }
+            record.log.push(e);
+            if let (Some(d), Standing::Destination(DestState::Running | DestState::Committed)) =
+                (&rec.destination, rec.standing)
+            {
+                if let Ok(mut inc) = self.incoming.lock() {
+                    inc.insert(
+                        rec.sandbox_id.clone(),
+                        (d.state_dir.join("qmp.sock"), d.netns.clone(), d.qemu_pid),
+                    );
+                }
+            }
+            if let Ok(mut m) = self.migrations.lock() {
+                m.insert(rec.migration_id.clone(), record.clone());
+            }
+            if rec.standing == Standing::Destination(DestState::Voted) {
+                // In doubt: the source re-delivers its decision; wait for it on the listener.
+                match self.data_listener().await {
+                    Ok(listener) => {
+                        let (rec, journal, node, hb) =
+                            (rec.clone(), self.journal.clone(), self.node_ns.clone(), self.heartbeat);
+                        let incoming = self.incoming.clone();
+                        tokio::spawn(async move {
+                            let outcome =
+                                crate::recovery::await_decision(rec.clone(), &listener, &journal, &node, hb)
+                                    .await;
+                            if let Err(e) = &outcome {
+                                tracing::error!(error = %chain(e), "in doubt: waiting for the decision failed");
+                            }
+                            let (phase, msg) = match &outcome {
+                                Ok(m) if m.contains("resumed") => (Phase::Completed, m.clone()),
+                                Ok(m) => (Phase::Cancelled, m.clone()),
+                                Err(e) => (Phase::Failed, chain(e)),
+                            };
+                            if phase == Phase::Completed {
+                                if let (Some(d), Ok(mut inc)) = (&rec.destination, incoming.lock()) {
+                                    inc.insert(
+                                        rec.sandbox_id.clone(),
+                                        (d.state_dir.join("qmp.sock"), d.netns.clone(), d.qemu_pid),
+                                    );
+                                }
+                            }
+                            record.log.push(Event::new(phase, msg));
+                        });
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %chain(&e), "in doubt but the data listener cannot start")
+                    }
+                }
+            }
+        }
     }
 
     /// The configuration.
@@ -234,6 +367,10 @@ impl Node {
     /// QMP socket, netns, QEMU pid and bundle of a sandbox.
     fn locate(&self, id: &str) -> Result<(PathBuf, PathBuf, u32, Option<BundleInfo>), EngineError> {
         if let Some((qmp, netns, pid)) = self.incoming.lock().ok().and_then(|m| m.get(id).cloned()) {
+            // The VM's own view of its namespace outlives a bind mount that this process cannot
+            // see (an agent restarted in a private mount namespace, as the lab runs it).
+            let via_qemu = PathBuf::from(format!("/proc/{pid}/ns/net"));
+            let netns = if pid > 0 && via_qemu.exists() { via_qemu } else { netns };
             return Ok((qmp, netns, pid, None));
         }
         let layout = &self.cfg.layout;
@@ -259,13 +396,33 @@ impl Node {
         out
     }
 
-    async fn data_listener(&self) -> Result<Arc<DataListener>, EngineError> {
+    /// The node's network namespace: the one all node work happens in.
+    pub fn node_netns(&self) -> &NetnsHandle {
+        &self.node_ns
+    }
+
+    /// The data listener on the first node address, bound in the node's network namespace on
+    /// first use.
+    ///
+    /// # Errors
+    /// No node address configured, or the address cannot be bound there.
+    pub async fn data_listener(&self) -> Result<Arc<DataListener>, EngineError> {
         let addr = SocketAddr::new(self.node_address()?, self.cfg.data_port);
         self.listener
-            .get_or_try_init(|| async { DataListener::bind(addr).await.map(Arc::new) })
+            .get_or_try_init(|| async {
+                // Created on the node namespace's thread: the socket stays in that namespace
+                // even though the agent's runtime serves it.
+                let std_listener =
+                    crate::host::netns::bind_tcp_in(&self.node_ns, addr).await.map_err(|e| {
+                        EngineError::Io {
+                            context: format!("bind the data listener on {addr}"),
+                            source: std::io::Error::other(e),
+                        }
+                    })?;
+                Ok(Arc::new(DataListener::from_std(std_listener)?))
+            })
             .await
             .cloned()
-            .map_err(EngineError::from)
     }
 
     fn register(
@@ -280,7 +437,12 @@ impl Node {
         if m.contains_key(id) {
             return Err(EngineError::Precondition(format!("migration {id} already exists on this node")));
         }
-        if let Some(busy) = m.values().find(|r| r.sandbox_id == sandbox_id && !r.log.phase().is_terminal()) {
+        // A migration that handed the VM over (forwarding) no longer holds it: the VM may move on
+        // or come back while the forward still carries stragglers.
+        if let Some(busy) = m.values().find(|r| {
+            let p = r.log.phase();
+            r.sandbox_id == sandbox_id && !p.is_terminal() && p < Phase::Forwarding
+        }) {
             return Err(EngineError::Precondition(format!(
                 "sandbox {sandbox_id} is already migrating ({:?})",
                 busy.role
@@ -292,7 +454,8 @@ impl Node {
             peer,
             started: SystemTime::now(),
             log: EventLog::default(),
-            cancel: CancelToken::default(),
+            gate: CommitGate::default(),
+            dest: Mutex::new(None),
         });
         m.insert(id.to_owned(), rec.clone());
         Ok(rec)
@@ -360,35 +523,92 @@ impl Node {
             state_dir: state_dir.clone(),
             node_interface: self.cfg.node_interface.clone(),
         };
-        let node = self.node_ns.clone();
+        let entry = Entry::new(
+            self.journal.clone(),
+            new_record(
+                &req.migration_id,
+                &req.sandbox_id,
+                Standing::Source(SourceState::Preparing),
+                dest_node,
+                &req.secret,
+            ),
+        );
+        entry.record(Standing::Source(SourceState::Preparing), |r| {
+            r.source = Some(SourceRecord {
+                qmp_socket: qmp_socket.clone(),
+                qemu_pid: sandbox.qemu_pid,
+                state_dir: state_dir.clone(),
+                ctl_endpoint: Some(ram_endpoint),
+                ..SourceRecord::default()
+            });
+        })?;
+        let env = SourceEnv {
+            node: self.node_ns.clone(),
+            log: rec.log.clone(),
+            cleanup: Cleanup::default(),
+            gate: rec.gate.clone(),
+            journal: entry.clone(),
+            heartbeat: self.heartbeat,
+        };
         let live = self.live.clone();
         let sandbox_id = req.sandbox_id.clone();
+        let (incoming, journal, sandbox_id2) =
+            (self.incoming.clone(), self.journal.clone(), req.sandbox_id.clone());
         let span = tracing::info_span!("migration", id = %req.migration_id, role = "source");
+        let idle = request.options.tunnel_idle_timeout;
         tokio::spawn(
             async move {
-                let cleanup = Cleanup::default();
                 let started = std::time::Instant::now();
-                let result = async {
-                    std::fs::create_dir_all(&state_dir)
-                        .map_err(EngineError::io(format!("create {}", state_dir.display())))?;
-                    let sd = state_dir.clone();
-                    cleanup.push("remove migration state dir", move || async move {
-                        std::fs::remove_dir_all(&sd)
-                    });
-                    let (qmp, events) = QmpClient::connect(&qmp_socket, &QmpConfig::default()).await?;
-                    if let Ok(mut l) = live.lock() {
-                        l.insert(sandbox_id.clone(), qmp.clone());
+                let cleanup = env.cleanup.clone();
+                let (node, gate) = (env.node.clone(), env.gate.clone());
+                // The migration runs in its own task: a panic there still ends here, in
+                // cleanup and a terminal event.
+                let live2 = live.clone();
+                let task = tokio::spawn(
+                    async move {
+                        std::fs::create_dir_all(&state_dir)
+                            .map_err(EngineError::io(format!("create {}", state_dir.display())))?;
+                        let sd = state_dir.clone();
+                        env.cleanup.push("remove migration state dir", move || async move {
+                            std::fs::remove_dir_all(&sd)
+                        });
+                        let (qmp, events) = QmpClient::connect(&qmp_socket, &QmpConfig::default()).await?;
+                        if let Ok(mut l) = live2.lock() {
+                            l.insert(sandbox_id.clone(), qmp.clone());
+                        }
+                        let conn = QemuConn { qmp, bus: EventBus::spawn(events) };
+                        let result = source::run(request, conn, env).await;
+                        if let Ok(mut l) = live2.lock() {
+                            l.remove(&sandbox_id);
+                        }
+                        result
                     }
-                    let conn = QemuConn { qmp, bus: EventBus::spawn(events) };
-                    source::run(request, conn, node, rec.log.clone(), cleanup.clone(), rec.cancel.clone())
-                        .await
+                    .in_current_span(),
+                );
+                let result = task.await.unwrap_or_else(|e| Err(EngineError::Panicked(panic_text(e))));
+                match result {
+                    Ok(handover) => {
+                        // An incoming sandbox that handed its VM on is a husk (no pod refers to
+                        // it): destroyed once the VM runs elsewhere, so that the sandbox can come
+                        // back to this node later.
+                        let husk = incoming.lock().ok().and_then(|mut m| m.remove(&sandbox_id2));
+                        if husk.is_some() && handover.confirmed {
+                            retire_incoming(&journal, &sandbox_id2, &node).await;
+                        }
+                        source::forward_until_released(node, handover.forward, idle).await;
+                        let _ = entry.record(Standing::Source(SourceState::Finished), |_| {});
+                        finish(&rec, Ok((handover.times.downtime_ms, 0)), &cleanup, started).await;
+                    }
+                    Err(e) if gate.is_committed() => {
+                        // Past the commit nothing is undone: the VM belongs to the destination.
+                        tracing::error!(error = %chain(&e), "failure after the commit; the source stays paused");
+                        finish(&rec, Err(&e), &Cleanup::default(), started).await;
+                    }
+                    Err(e) => {
+                        finish(&rec, Err(&e), &cleanup, started).await;
+                        let _ = entry.record(Standing::Source(SourceState::RolledBack), |r| r.message = chain(&e));
+                    }
                 }
-                .await;
-                finish(&rec, result.as_ref().map(|t| (t.downtime_ms, 0)), &cleanup, started).await;
-                if let Ok(mut l) = live.lock() {
-                    l.remove(&sandbox_id);
-                }
-                let _ = std::fs::remove_dir_all(&state_dir);
             }
             .instrument(span),
         );
@@ -439,6 +659,8 @@ impl Node {
         if !source_state_dir.is_absolute() {
             return Err(invalid(format!("source QMP socket {:?} is not absolute", src.qmp_socket)));
         }
+        // The allowlist before anything exists on this node (the rewrite checks it again).
+        crate::sandbox::allowlist::check_source(&argv, std::slice::from_ref(&source_state_dir))?;
         let disks = src
             .disks
             .iter()
@@ -480,12 +702,31 @@ impl Node {
         let cleanup = Cleanup::default();
         let started = std::time::Instant::now();
         let span = tracing::info_span!("migration", id = %req.migration_id, role = "destination");
-        let incoming = match dest::prepare(&dreq, &env, &rec.log, &cleanup, &rec.cancel)
-            .instrument(span.clone())
-            .await
-        {
+        let entry = Entry::new(
+            self.journal.clone(),
+            new_record(
+                &req.migration_id,
+                &src.id,
+                Standing::Destination(DestState::Preparing),
+                source_node,
+                &req.secret,
+            ),
+        );
+        let prepared = async {
+            entry.record(Standing::Destination(DestState::Preparing), |_| {})?;
+            let incoming = dest::prepare(&dreq, &env, &rec.log, &cleanup, &self.heartbeat, &entry).await?;
+            // A cancel that came while preparing: nothing was received, give up here.
+            if let Some(reason) = rec.gate.token().reason() {
+                return Err(EngineError::Cancelled(reason));
+            }
+            Ok(incoming)
+        }
+        .instrument(span.clone())
+        .await;
+        let incoming = match prepared {
             Ok(i) => i,
             Err(e) => {
+                let _ = entry.record(Standing::Destination(DestState::RolledBack), |r| r.message = chain(&e));
                 finish(&rec, Err(&e), &cleanup, started).await;
                 return Err(e);
             }
@@ -510,18 +751,35 @@ impl Node {
             );
         }
         let timeout = dreq.options.storage_timeout + dreq.options.ram_timeout;
-        let (log, cancel) = (rec.log.clone(), rec.cancel.clone());
+        let log = rec.log.clone();
+        let (control, inbox) = DestControl::new();
+        if let Ok(mut d) = rec.dest.lock() {
+            *d = Some(control.clone());
+        }
         let incoming_map = self.incoming.clone();
         let sandbox_id = src.id.clone();
         tokio::spawn(
             async move {
-                let result = dest::receive(incoming, log, cancel, timeout).await;
-                let ok = result.is_ok();
-                finish(&rec, result.as_ref().map(|(t, drops)| (t.downtime_ms, *drops)), &cleanup, started)
-                    .await;
-                if !ok {
-                    if let Ok(mut m) = incoming_map.lock() {
-                        m.remove(&sandbox_id);
+                let entry2 = entry.clone();
+                let task = tokio::spawn(
+                    async move { dest::receive(incoming, log, inbox, &entry2, timeout).await }.in_current_span(),
+                );
+                let result = task.await.unwrap_or_else(|e| Err(EngineError::Panicked(panic_text(e))));
+                match &result {
+                    Ok((t, drops)) => finish(&rec, Ok((t.downtime_ms, *drops)), &cleanup, started).await,
+                    Err(e) if !control.state().may_destroy() && control.state() != DestState::RolledBack => {
+                        // Voted or committed: this copy may be the VM's only one; never destroy
+                        // it on our own. It stays for the source's decision or an operator.
+                        tracing::error!(error = %chain(e), state = control.state().as_str(), "failure after the vote; the incoming VM is kept");
+                        cleanup.disarm();
+                        finish(&rec, Err(e), &cleanup, started).await;
+                    }
+                    Err(e) => {
+                        finish(&rec, Err(e), &cleanup, started).await;
+                        let _ = entry.record(Standing::Destination(DestState::RolledBack), |r| r.message = chain(e));
+                        if let Ok(mut m) = incoming_map.lock() {
+                            m.remove(&sandbox_id);
+                        }
                     }
                 }
             }
@@ -541,20 +799,37 @@ impl Node {
         Ok((r.role, r.log.watch()))
     }
 
-    /// Cancels a migration before its cutover.
+    /// Cancels a migration before its commit point. On the source the cancel races the commit
+    /// through one gate; on the destination it is passed to the source, which decides.
     ///
     /// # Errors
-    /// [`EngineError::NotFound`].
-    pub fn cancel(&self, id: &str, reason: &str) -> Result<(bool, Phase), EngineError> {
-        let m =
-            self.migrations.lock().map_err(|_| EngineError::Precondition("engine state poisoned".into()))?;
-        let r = m.get(id).ok_or_else(|| EngineError::NotFound(format!("migration {id}")))?;
+    /// [`EngineError::NotFound`]; [`EngineError::Protocol`] (FAILED_PRECONDITION) past the
+    /// commit point; [`EngineError::Timeout`] when the source gave no verdict.
+    pub async fn cancel(&self, id: &str, reason: &str) -> Result<(bool, Phase), EngineError> {
+        let r = {
+            let m = self
+                .migrations
+                .lock()
+                .map_err(|_| EngineError::Precondition("engine state poisoned".into()))?;
+            m.get(id).cloned().ok_or_else(|| EngineError::NotFound(format!("migration {id}")))?
+        };
         let phase = r.log.phase();
-        if phase.is_terminal() || phase >= Phase::Cutover {
+        if phase.is_terminal() {
             return Ok((false, phase));
         }
         let reason = if reason.is_empty() { "cancelled" } else { reason };
-        Ok((r.cancel.cancel(reason), phase))
+        let fired = match r.role {
+            Role::Source => r.gate.cancel(reason)?,
+            Role::Destination => {
+                let control = r.dest.lock().ok().and_then(|d| d.clone());
+                match control {
+                    Some(c) => c.cancel(reason).await?,
+                    // Still preparing: the preparation gives up when it is done.
+                    None => r.gate.cancel(reason)?,
+                }
+            }
+        };
+        Ok((fired, r.log.phase()))
     }
 
     /// Every migration known here.
@@ -576,6 +851,68 @@ impl Node {
             })
             .collect()
     }
+}
+
+/// Destroys the incoming sandbox `sandbox_id` received here earlier, now that its VM runs on
+/// another node (its QEMU is paused in `postmigrate`, its routes already point away).
+async fn retire_incoming(journal: &Journal, sandbox_id: &str, node: &NetnsHandle) {
+    let record = journal.load_all().ok().and_then(|all| {
+        all.into_iter().rev().find(|r| {
+            r.sandbox_id == sandbox_id
+                && matches!(r.standing, Standing::Destination(DestState::Running | DestState::Committed))
+        })
+    });
+    let Some(mut record) = record else { return };
+    let Some(details) = record.destination.clone() else { return };
+    match crate::recovery::roll_back_destination(&record, &details, node).await {
+        Ok(()) => {
+            tracing::info!(sandbox = sandbox_id, "the incoming sandbox handed its VM on: removed");
+            record.message = "the VM moved on; this incoming sandbox was removed".into();
+            record.destination = None;
+            let _ = journal.write(&record);
+        }
+        Err(e) => {
+            tracing::warn!(sandbox = sandbox_id, error = %chain(&e), "cannot remove the handed-over incoming sandbox")
+        }
+    }
+}
+
+/// A fresh journal record.
+fn new_record(
+    id: &str,
+    sandbox_id: &str,
+    standing: Standing,
+    peer: IpAddr,
+    secret: &[u8],
+) -> journal::Record {
+    let now = unix_nanos(SystemTime::now());
+    journal::Record {
+        format: journal::FORMAT,
+        migration_id: id.to_owned(),
+        sandbox_id: sandbox_id.to_owned(),
+        standing,
+        peer,
+        secret_hex: journal::to_hex(secret),
+        started_unix_nanos: now,
+        updated_unix_nanos: now,
+        message: String::new(),
+        history: Vec::new(),
+        source: None,
+        destination: None,
+    }
+}
+
+/// The message of a task's panic.
+fn panic_text(e: tokio::task::JoinError) -> String {
+    if e.is_cancelled() {
+        return "the task was cancelled".into();
+    }
+    let payload = e.into_panic();
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// Records the terminal event; on failure unwinds the cleanup stack first so the event reports

@@ -91,7 +91,7 @@ impl pb::Migration for MigrationService {
     }
 
     async fn cancel(&self, _ctx: &TtrpcContext, req: pb::CancelRequest) -> ttrpc::Result<pb::CancelResponse> {
-        let (cancelled, phase) = self.node.cancel(&req.migration_id, &req.reason)?;
+        let (cancelled, phase) = self.node.cancel(&req.migration_id, &req.reason).await?;
         let mut r = pb::CancelResponse::new();
         r.cancelled = cancelled;
         r.phase =
@@ -116,17 +116,50 @@ pub enum ServeError {
     Ttrpc(#[from] ttrpc::Error),
 }
 
-/// Binds a root-only unix socket (0600 in a 0700 directory) for the service. A stale socket
-/// file (nothing listening) is replaced; a live one is an error, never stolen.
+/// Binds a root-only unix socket (mode 0600) for the service. A stale socket file (nothing
+/// listening) is replaced; a live one is an error, never stolen.
+///
+/// Directories missing on the way to the socket are created 0700; an existing directory keeps
+/// its mode (`--socket /tmp/x.sock` does not touch `/tmp`). An existing parent that others may
+/// write without the sticky bit (group- or world-writable, not `/tmp`-like) is refused: anyone
+/// allowed to write there could replace the socket under its clients.
 ///
 /// # Errors
 /// [`ServeError::Socket`].
 pub fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, ServeError> {
+    use std::os::unix::fs::DirBuilderExt;
+
     let fail = |why: String| ServeError::Socket { path: path.to_owned(), why };
-    let dir = path.parent().ok_or_else(|| fail("has no parent directory".into()))?;
-    std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot create its directory: {e}")))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| fail(format!("cannot restrict its directory: {e}")))?;
+    let dir = match path.parent() {
+        None => return Err(fail("has no parent directory".into())),
+        Some(d) if d.as_os_str().is_empty() => Path::new("."),
+        Some(d) => d,
+    };
+    // The directories this call creates, innermost first: only those are made 0700.
+    let missing: Vec<&Path> =
+        dir.ancestors().take_while(|d| !d.as_os_str().is_empty() && !d.exists()).collect();
+    for d in missing.iter().rev() {
+        match std::fs::DirBuilder::new().mode(0o700).create(d) {
+            // Explicitly, whatever the umask left.
+            Ok(()) => std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| fail(format!("cannot restrict {}: {e}", d.display())))?,
+            // Created meanwhile by someone else: not ours to change.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(fail(format!("cannot create {}: {e}", d.display()))),
+        }
+    }
+    let mode = std::fs::metadata(dir)
+        .map_err(|e| fail(format!("cannot read its directory: {e}")))?
+        .permissions()
+        .mode();
+    if mode & 0o022 != 0 && mode & 0o1000 == 0 {
+        return Err(fail(format!(
+            "its directory {} is writable by others without the sticky bit (mode {:o}); use a directory \
+             only root can write",
+            dir.display(),
+            mode & 0o7777
+        )));
+    }
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(fail("another server is listening on it".into()));

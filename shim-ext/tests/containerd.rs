@@ -20,6 +20,7 @@ use ctrd::{
 };
 use katamaran::sandbox::NodeLayout;
 use katamaran::shim::extension::{read_pid_file, ExtensionPaths};
+use katamaran_test_skip::{skip, Tier};
 
 /// A stand-in for a v2 shim binary. It records what it was given, and on `start` leaves a
 /// long-running "shim" (a sleep) behind like a real shim does; FAKE_MODE picks Kata's habit
@@ -163,7 +164,7 @@ fn root_or_skip() -> bool {
     // SAFETY: geteuid(2) has no arguments and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
     if !root {
-        println!("skipped: not root (the extension enters network namespaces)");
+        skip(Tier::Containerd, "not root (the extension enters network namespaces)");
     }
     ctrd::require_exit_with_pid();
     root
@@ -377,7 +378,7 @@ fn delete_hands_back_the_response_and_stops_the_extension() {
 
 fn containerd_or_skip() -> Option<Containerd> {
     if let Some(why) = ctrd::skip_reason() {
-        println!("skipped: {why}");
+        skip(Tier::Containerd, why);
         return None;
     }
     Some(Containerd::start())

@@ -20,6 +20,7 @@ use katamaran::net::{
     self, create_netns, remove_netns, Error, Feature, IpPrefix, LinkId, MacAddr, NeighbourSpec, NetOps,
     NetnsHandle, OperState, PlugAction, QdiscParent, RouteSpec, TapSpec, TunnelMode, TunnelSpec, VethSpec,
 };
+use katamaran_test_skip::{skip, Tier};
 use tokio::net::UdpSocket;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -53,7 +54,7 @@ impl Drop for Ns {
 /// Whether privileged tests can run here; prints why not.
 fn privileged() -> bool {
     if !nix::unistd::Uid::effective().is_root() {
-        println!("skipped: needs root");
+        skip(Tier::Netns, "needs root");
         return false;
     }
     true
@@ -249,7 +250,7 @@ async fn tap_is_created_inside_persistent_and_deleted() {
         return;
     }
     if !Path::new("/dev/net/tun").exists() {
-        println!("skipped: needs /dev/net/tun");
+        skip(Tier::Netns, "needs /dev/net/tun");
         return;
     }
     let ns = Ns::new("t");
@@ -400,7 +401,7 @@ async fn plug_buffers_then_releases() {
         let install = p.a.install_plug(&p.s0, 1 << 20).await.unwrap_err();
         assert!(matches!(install, Error::Unsupported { what: Feature::Plug, .. }), "{install}");
         assert!(p.a.qdisc(&p.s0, QdiscParent::Root).await.unwrap().is_none_or(|q| q.kind != "plug"));
-        println!("skipped: kernel lacks sch_plug (proven in the kernel lab VM)");
+        skip(Tier::KernelModule, "kernel lacks sch_plug (proven in the kernel lab VM)");
         return;
     }
 
@@ -470,7 +471,7 @@ async fn tunnels_created_with_endpoints_then_deleted() {
                 "{create}"
             );
             assert!(h.link("kt-tnl0").await.unwrap_err().is_not_found());
-            println!("skipped: kernel lacks {module} (proven in the kernel lab VM)");
+            skip(Tier::KernelModule, format!("kernel lacks {module} (proven in the kernel lab VM)"));
             continue;
         }
         let id = h.create_tunnel(&spec).await.unwrap();

@@ -107,14 +107,23 @@ fn ram_config() -> RamConfig {
 async fn configure_sets_every_capability_and_an_explicit_bandwidth() {
     let (qmp, _bus, server) =
         fake(|mut conn| async move {
-            let all =
-                ["xbzrle", "events", "auto-converge", "multifd", "pause-before-switchover", "zz-future"];
+            let all = [
+                "xbzrle",
+                "events",
+                "return-path",
+                "late-block-activate",
+                "auto-converge",
+                "multifd",
+                "pause-before-switchover",
+                "zz-future",
+            ];
             answer_discovery(&mut conn, &all).await;
             expect(
                 &mut conn,
                 "migrate-set-capabilities",
                 json!({"capabilities": [
                     {"capability": "events", "state": true},
+                    {"capability": "return-path", "state": true},
                     {"capability": "auto-converge", "state": true},
                     {"capability": "multifd", "state": true},
                     {"capability": "pause-before-switchover", "state": true},
@@ -131,6 +140,8 @@ async fn configure_sets_every_capability_and_an_explicit_bandwidth() {
                 "migrate-set-capabilities",
                 json!({"capabilities": [
                     {"capability": "events", "state": true},
+                    {"capability": "return-path", "state": true},
+                    {"capability": "late-block-activate", "state": true},
                     {"capability": "multifd", "state": true},
                 ]}),
             )
@@ -160,7 +171,7 @@ async fn configure_sets_every_capability_and_an_explicit_bandwidth() {
 #[tokio::test]
 async fn a_missing_capability_fails_before_anything_is_sent() {
     let (qmp, _bus, server) = fake(|mut conn| async move {
-        answer_discovery(&mut conn, &["events", "auto-converge", "multifd"]).await;
+        answer_discovery(&mut conn, &["events", "return-path", "auto-converge", "multifd"]).await;
         // The client must close without having sent a single migrate-set-* command.
         conn.expect_eof().await;
     })
@@ -181,7 +192,7 @@ async fn a_missing_capability_fails_before_anything_is_sent() {
 #[tokio::test]
 async fn qemu_refusing_a_capability_is_reported_with_what_was_asked() {
     let (qmp, _bus, server) = fake(|mut conn| async move {
-        answer_discovery(&mut conn, &["events"]).await;
+        answer_discovery(&mut conn, &["events", "return-path"]).await;
         let command = conn.expect_command("migrate-set-capabilities").await;
         conn.reply_error(&command, "GenericError", "There's a migration process in progress").await;
     })
@@ -194,7 +205,7 @@ async fn qemu_refusing_a_capability_is_reported_with_what_was_asked() {
         ..ram_config()
     };
     let error = compute::configure(&qmp, &features, &config).await.expect_err("refused");
-    assert_eq!(error.to_string(), "cannot set migration capabilities [events=on]");
+    assert_eq!(error.to_string(), "cannot set migration capabilities [events=on, return-path=on]");
     let source = std::error::Error::source(&error).expect("source").to_string();
     assert!(source.contains("migrate-set-capabilities") && source.contains("in progress"), "{source}");
     finish(server).await;
@@ -666,7 +677,14 @@ async fn missing_capability_on_a_real_qemu() {
     qemu.wait_for_qmp().await;
     let (qmp, _events) = QmpClient::connect(qemu.qmp_path(), &QmpConfig::default()).await.expect("connect");
     let features = QemuFeatures::discover(&qmp).await.expect("discover");
-    for needed in ["events", "multifd", "pause-before-switchover", "auto-converge"] {
+    for needed in [
+        "events",
+        "return-path",
+        "late-block-activate",
+        "multifd",
+        "pause-before-switchover",
+        "auto-converge",
+    ] {
         assert!(features.has_capability(needed), "{needed} on QEMU {}", features.version());
     }
     for command in ["block-export-add", "blockdev-mirror", "migrate-continue", "nbd-server-start"] {

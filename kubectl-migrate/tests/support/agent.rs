@@ -111,6 +111,13 @@ struct Migration {
     cancelled: watch::Sender<Option<String>>,
 }
 
+/// Every fake agent's cancel signal per migration id: a source that accepts a cancel tells the
+/// destination, as the engine's source does over its control stream.
+static PEERS: Mutex<Option<HashMap<String, Vec<CancelSignal>>>> = Mutex::new(None);
+
+/// A migration's cancel signal (the reason once cancelled).
+type CancelSignal = watch::Sender<Option<String>>;
+
 /// The fake agent of one node.
 pub struct FakeAgent {
     node: String,
@@ -160,10 +167,15 @@ impl FakeAgent {
                 ErrorKind::ERROR_KIND_FAILED_PRECONDITION.rpc_error(format!("migration {id} already exists"))
             );
         }
-        m.insert(
-            id.to_owned(),
-            Migration { role, latest: Phase::PHASE_PREPARING, cancelled: watch::channel(None).0 },
-        );
+        let cancelled = watch::channel(None).0;
+        PEERS
+            .lock()
+            .unwrap()
+            .get_or_insert_with(HashMap::new)
+            .entry(id.to_owned())
+            .or_default()
+            .push(cancelled.clone());
+        m.insert(id.to_owned(), Migration { role, latest: Phase::PHASE_PREPARING, cancelled });
         Ok(())
     }
 }
@@ -289,6 +301,12 @@ impl katamaran_protos::v1::Migration for FakeAgent {
         let mut r = CancelResponse::new();
         if mig.latest.is_cancellable() {
             mig.latest = Phase::PHASE_CANCELLED;
+            if mig.role == Role::ROLE_SOURCE {
+                let peers = PEERS.lock().unwrap();
+                for peer in peers.as_ref().and_then(|p| p.get(&req.migration_id)).into_iter().flatten() {
+                    peer.send_replace(Some(format!("the source cancelled: {}", req.reason)));
+                }
+            }
             mig.cancelled.send_replace(Some(req.reason));
             r.cancelled = true;
             r.phase = Phase::PHASE_CANCELLED.into();

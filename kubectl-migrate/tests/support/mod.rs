@@ -15,6 +15,10 @@
 
 pub mod agent;
 pub mod apiserver;
+pub mod discovery;
+pub mod rbac;
+pub mod schema;
+pub mod store;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -168,7 +172,8 @@ pub fn destination_success() -> Script {
     r.success = true;
     r.total_ms = 3185;
     r.downtime_ms = 115;
-    r.plug_dropped_packets = 0;
+    // Not 0 (the default): the plugin must carry the number through, not print a default.
+    r.plug_dropped_packets = 3;
     Script {
         events: vec![
             event(Phase::PHASE_PREPARING, 0, "incoming sandbox ready"),
@@ -270,7 +275,7 @@ impl Cluster {
             ],
             agents,
             forbid_portforward: o.forbid_portforward,
-            requests: Vec::new(),
+            ..State::default()
         };
         let api = FakeApiServer::start(state).await;
         let dir = tempfile::tempdir().unwrap();

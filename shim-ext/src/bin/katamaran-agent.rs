@@ -8,6 +8,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use katamaran::host::netns::check_net_namespace;
+use katamaran::host::placement::{set_process_config, PlacementConfig, Policy};
+use katamaran::migration::error::chain;
 use katamaran::node::{Node, NodeConfig};
 use katamaran::sandbox::NodeLayout;
 use katamaran::service::{bind_socket, serve, Endpoint, MigrationService};
@@ -16,6 +19,10 @@ const AFTER_HELP: &str = "\
 Examples:
   # The node agent (destination role, listing, source role for any local sandbox):
   katamaran-agent node --node-address 10.0.0.12
+  # From a pod that is not hostNetwork (hostPID): node work in the host's namespace and VM
+  # cgroups in the host's hierarchies, the control listener in the pod's own namespace:
+  katamaran-agent node --node-address 10.0.0.12 --host-netns /proc/1/ns/net --host-proc /proc/1 \
+    --listen-tcp 127.0.0.1:10555
   # Two lab nodes on one machine, each with its own root:
   katamaran-agent node --root /run/katamaran-lab/node-b --node-address 10.201.0.12
   # The extension of one sandbox:
@@ -33,7 +40,12 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Mode {
     /// Serve a whole node on <root>/run/katamaran/agent.sock.
-    Node(Common),
+    Node {
+        #[command(flatten)]
+        common: Common,
+        #[command(flatten)]
+        host: HostArgs,
+    },
     /// Serve one sandbox on <root>/run/katamaran/sandboxes/<id>.sock.
     Sandbox {
         /// The sandbox id.
@@ -60,12 +72,18 @@ struct Common {
     /// The node's interface towards other nodes (needed for --tunnel-mode route).
     #[arg(long)]
     node_interface: Option<String>,
-    /// TCP port of the data-stream listener (0 picks a free one).
-    #[arg(long, default_value_t = 0)]
+    /// TCP port of the data-stream listener. Fixed by default: a source re-delivers its
+    /// decision to this port after either agent restarted (0 picks a free one, for tests that
+    /// never restart an agent).
+    #[arg(long, default_value_t = 10556)]
     data_port: u16,
     /// QEMU binary for incoming VMs.
     #[arg(long, default_value = "qemu-system-x86_64")]
     qemu: PathBuf,
+    /// katamaran's persistent state: migration journals, incoming sandboxes and their disks.
+    /// Must survive reboots and agent restarts (not tmpfs). Default: <root>/var/lib/katamaran.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
     /// Socket path (default: the layout's agent or sandbox socket).
     #[arg(long)]
     socket: Option<PathBuf>,
@@ -75,9 +93,71 @@ struct Common {
     listen_tcp: Option<std::net::SocketAddr>,
 }
 
+/// How the node agent reaches the host when it runs in a pod.
+#[derive(Debug, Args)]
+struct HostArgs {
+    /// The node's network namespace, when this process runs in another one (a pod that is not
+    /// hostNetwork; with hostPID: /proc/1/ns/net). Tunnels, routes, neighbours, the data
+    /// listener and incoming sandboxes live there; --listen-tcp stays in this process's own.
+    #[arg(long, value_name = "PATH")]
+    host_netns: Option<PathBuf>,
+    /// A process of the host (with hostPID: /proc/1): VM cgroups are made in the hierarchies of
+    /// its mountinfo, under its root's /sys/fs/cgroup, from its cgroup namespace. Default: this
+    /// process's own view.
+    #[arg(long, value_name = "PATH")]
+    host_proc: Option<PathBuf>,
+    /// Incoming VMs get a cgroup of their own, outside the agent's, so that they outlive it:
+    /// `required` refuses to start a VM without one (the DaemonSet's choice), `best-effort`
+    /// warns and starts it in the agent's cgroup (e.g. where `ip netns exec` hid /sys/fs/cgroup
+    /// and no --host-proc is given), `off` skips it.
+    #[arg(long, value_name = "POLICY", default_value = "best-effort")]
+    vm_cgroup: Policy,
+    /// Parent of the VM cgroups in every hierarchy, relative to its root.
+    #[arg(long, value_name = "PATH", default_value = "katamaran")]
+    vm_cgroup_parent: PathBuf,
+    /// Memory limit of each incoming VM's cgroup, in bytes (default: none).
+    #[arg(long, value_name = "BYTES")]
+    vm_memory_max: Option<u64>,
+}
+
+impl HostArgs {
+    /// Checks the paths and turns them into the engine's settings.
+    fn placement(&self) -> Result<PlacementConfig, UsageError> {
+        if let Some(ns) = &self.host_netns {
+            check_net_namespace(ns).map_err(|e| UsageError(format!("--host-netns: {}", chain(&e))))?;
+        }
+        let mut cfg = match &self.host_proc {
+            Some(p) => {
+                let cfg = PlacementConfig::host_of(p);
+                let readable = std::fs::File::open(&cfg.mountinfo)
+                    .and_then(|_| std::fs::File::open(cfg.cgroupns.as_deref().unwrap_or(p)));
+                readable.map_err(|e| {
+                    UsageError(format!(
+                        "--host-proc {}: cannot open its mountinfo and cgroup namespace: {e}",
+                        p.display()
+                    ))
+                })?;
+                cfg
+            }
+            None => PlacementConfig::default(),
+        };
+        cfg.policy = self.vm_cgroup;
+        cfg.parent = self.vm_cgroup_parent.clone();
+        cfg.memory_max = self.vm_memory_max;
+        Ok(cfg)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 struct UsageError(String);
+
+/// Whether `dir` (or its nearest existing ancestor) is on tmpfs.
+fn on_tmpfs(dir: &std::path::Path) -> bool {
+    dir.ancestors()
+        .find_map(|d| nix::sys::statfs::statfs(d).ok())
+        .is_some_and(|fs| fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+}
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -93,6 +173,14 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    match katamaran::migration::failpoint::setup_from_env() {
+        Ok(points) if !points.is_empty() => tracing::warn!(?points, "test fail points configured"),
+        Ok(_) => {}
+        Err(e) => {
+            eprintln!("katamaran-agent: KATAMARAN_FAILPOINTS: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -114,14 +202,30 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut host_netns = None;
     let (common, only, exit_with_pid) = match cli.mode {
-        Mode::Node(c) => (c, None, None),
+        Mode::Node { common, host } => {
+            let placement = host.placement()?;
+            tracing::info!(?placement, host_netns = ?host.host_netns, "how this agent reaches the host");
+            set_process_config(placement);
+            host_netns = host.host_netns;
+            (common, None, None)
+        }
         Mode::Sandbox { id, exit_with_pid, common } => {
             katamaran::sandbox::validate_sandbox_id(&id)?;
             (common, Some(id), exit_with_pid)
         }
     };
-    let layout = NodeLayout::under(&common.root);
+    let mut layout = NodeLayout::under(&common.root);
+    if let Some(dir) = common.state_dir {
+        if !dir.is_absolute() {
+            return Err(UsageError(format!("--state-dir {}: must be an absolute path", dir.display())).into());
+        }
+        layout.katamaran_state = dir;
+    }
+    if on_tmpfs(&layout.katamaran_state) {
+        tracing::warn!(dir = %layout.katamaran_state.display(), "the state directory is on tmpfs: node state is lost at reboot");
+    }
     let mut cfg = NodeConfig::new(layout.clone());
     if common.node_address.len() > 2
         || (common.node_address.len() == 2
@@ -134,12 +238,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     cfg.data_port = common.data_port;
     cfg.qemu_binary = common.qemu;
     cfg.only_sandbox = only.clone();
+    cfg.host_netns = host_netns;
     let socket = common.socket.unwrap_or_else(|| match &only {
         Some(id) => layout.sandbox_socket(id),
         None => layout.agent_socket(),
     });
     let _pid_file = only.as_deref().map(|id| katamaran::shim::agent::PidFileGuard::new(&layout, id));
     let node = Arc::new(Node::new(cfg).context("start the engine")?);
+    // Before serving: what a previous agent left unfinished is finished or rolled back first.
+    node.recover().await;
     let mut endpoints = vec![Endpoint::Unix(bind_socket(&socket)?)];
     if let Some(addr) = common.listen_tcp {
         if !addr.ip().is_loopback() {

@@ -77,3 +77,26 @@ pub(crate) fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) 
     let context = context.into();
     move |source| Error::Io { context, source }
 }
+
+/// How long a data stream may have unacknowledged data (or stay silent to keepalive probes)
+/// before the kernel fails it: a peer behind a cut link must end the stream (and QEMU's NBD or
+/// migration I/O with it) within the bound a paused guest waits, not after TCP's minutes of
+/// retransmissions.
+pub const STREAM_DEAD_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Sets the dead-peer bounds on a data stream: `TCP_USER_TIMEOUT` of [`STREAM_DEAD_AFTER`] and
+/// keepalive probes every second after a second of silence. Best effort: a failure is logged.
+pub fn bound_dead_peer(stream: &tokio::net::TcpStream) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let ms = u32::try_from(STREAM_DEAD_AFTER.as_millis()).unwrap_or(u32::MAX);
+    let results = [
+        setsockopt(stream, sockopt::TcpUserTimeout, &ms),
+        setsockopt(stream, sockopt::KeepAlive, &true),
+        setsockopt(stream, sockopt::TcpKeepIdle, &1),
+        setsockopt(stream, sockopt::TcpKeepInterval, &1),
+        setsockopt(stream, sockopt::TcpKeepCount, &4),
+    ];
+    if let Some(Err(e)) = results.into_iter().find(Result::is_err) {
+        tracing::debug!(error = %e, "cannot bound a data stream's dead peer");
+    }
+}

@@ -1,6 +1,12 @@
 //! The engine's error: one variant per kind of failure site, each mapped to an [`ErrorKind`].
 
+use std::time::Duration;
+
+use super::ctl::CtlError;
 use super::events::ErrorKind;
+use super::journal::JournalError;
+use super::protocol::ProtocolError;
+use super::qemu::QemuError;
 
 /// Why a migration step failed.
 #[derive(Debug, thiserror::Error)]
@@ -14,9 +20,12 @@ pub enum EngineError {
     /// The node or sandbox cannot do this now.
     #[error("{0}")]
     Precondition(String),
+    /// The ownership protocol refuses (a cancel past the commit point, an input out of step).
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
     /// A QEMU sequence failed.
     #[error(transparent)]
-    Qemu(#[from] super::qemu::QemuError),
+    Qemu(#[from] QemuError),
     /// A QMP command failed.
     #[error(transparent)]
     Qmp(#[from] crate::qmp::QmpError),
@@ -35,6 +44,9 @@ pub enum EngineError {
     /// The options are invalid.
     #[error(transparent)]
     Options(#[from] super::options::OptionsError),
+    /// The journal could not record a step durably (the step was not taken).
+    #[error(transparent)]
+    Journal(#[from] JournalError),
     /// A local file or process operation failed.
     #[error("{context}")]
     Io {
@@ -44,30 +56,108 @@ pub enum EngineError {
         #[source]
         source: std::io::Error,
     },
+    /// The control stream to the peer failed while waiting for something.
+    #[error("control stream to the peer failed while {during}")]
+    Ctl {
+        /// What was awaited.
+        during: &'static str,
+        /// Why.
+        #[source]
+        source: CtlError,
+    },
+    /// The peer sent something the protocol does not allow here.
+    #[error("the peer sent {got} while {during}")]
+    PeerOutOfStep {
+        /// What was awaited.
+        during: &'static str,
+        /// What came.
+        got: String,
+    },
+    /// The destination gave up before its vote.
+    #[error("the destination failed: {0}")]
+    DestinationFailed(String),
+    /// The destination could not release its disks at pre-switchover.
+    #[error("the destination could not release its disks: {0}")]
+    StorageRelease(String),
+    /// QEMU's migration ended in failure.
+    #[error("QEMU migration failed: {0}")]
+    QemuMigrationFailed(String),
+    /// The QMP connection to the sandbox's QEMU closed.
+    #[error("QEMU closed the QMP connection")]
+    QmpClosed,
     /// The destination QEMU exited.
     #[error("destination QEMU exited ({0}); see its log")]
     QemuExited(String),
     /// A deadline passed.
-    #[error("timed out {0}")]
-    Timeout(String),
+    #[error("timed out {what} after {after:?}")]
+    Timeout {
+        /// What was awaited.
+        what: &'static str,
+        /// The limit.
+        after: Duration,
+    },
     /// Cancelled by a caller.
     #[error("cancelled: {0}")]
     Cancelled(String),
+    /// The task running the migration panicked.
+    #[error("the migration task panicked: {0}")]
+    Panicked(String),
+    /// The agent restarted in the middle and rolled its side back.
+    #[error("the agent restarted before the commit point; its side was rolled back")]
+    RolledBackAfterRestart,
+    /// A test-only fail point injected an error.
+    #[error("fail point {point} injected an error {detail}")]
+    Injected {
+        /// The fail point.
+        point: &'static str,
+        /// Its argument.
+        detail: String,
+    },
 }
 
 impl EngineError {
     /// The kind reported to callers.
     pub fn kind(&self) -> ErrorKind {
+        use QemuError as Q;
         match self {
             EngineError::Invalid(_) | EngineError::Options(_) => ErrorKind::InvalidArgument,
-            EngineError::NotFound(_) => ErrorKind::NotFound,
-            EngineError::Precondition(_) => ErrorKind::FailedPrecondition,
-            EngineError::Qemu(e) if e.to_string().contains("mirror") => ErrorKind::Storage,
-            EngineError::Qemu(_) | EngineError::Qmp(_) | EngineError::QemuExited(_) => ErrorKind::Qemu,
-            EngineError::Net(_) | EngineError::Forward(_) | EngineError::Data(_) => ErrorKind::Network,
-            EngineError::Sandbox(_) => ErrorKind::NotFound,
-            EngineError::Io { .. } => ErrorKind::Internal,
-            EngineError::Timeout(_) => ErrorKind::Timeout,
+            EngineError::Sandbox(e) if e.is_invalid_request() => ErrorKind::InvalidArgument,
+            EngineError::NotFound(_) | EngineError::Sandbox(_) => ErrorKind::NotFound,
+            EngineError::Precondition(_) | EngineError::Protocol(_) => ErrorKind::FailedPrecondition,
+            EngineError::Qemu(
+                Q::MirrorStart { .. }
+                | Q::MirrorProgress { .. }
+                | Q::MirrorFailed { .. }
+                | Q::MirrorEndedEarly { .. }
+                | Q::MirrorNotReady { .. }
+                | Q::MirrorCancel { .. }
+                | Q::MirrorNotEnded { .. }
+                | Q::TargetAdd { .. }
+                | Q::TargetDel { .. }
+                | Q::NbdServerStart { .. }
+                | Q::NbdServerStop { .. }
+                | Q::ExportAdd { .. }
+                | Q::ExportDel { .. }
+                | Q::ExportNotReleased { .. },
+            )
+            | EngineError::StorageRelease(_) => ErrorKind::Storage,
+            EngineError::Qemu(_)
+            | EngineError::Qmp(_)
+            | EngineError::QmpClosed
+            | EngineError::QemuExited(_)
+            | EngineError::QemuMigrationFailed(_) => ErrorKind::Qemu,
+            EngineError::Net(_)
+            | EngineError::Forward(_)
+            | EngineError::Data(_)
+            | EngineError::Ctl { .. }
+            | EngineError::PeerOutOfStep { .. }
+            | EngineError::DestinationFailed(_) => ErrorKind::Network,
+            EngineError::Io { .. }
+            | EngineError::Journal(_)
+            | EngineError::Panicked(_)
+            | EngineError::RolledBackAfterRestart
+            | EngineError::Injected { .. } => ErrorKind::Internal,
+            EngineError::Timeout { .. } => ErrorKind::Timeout,
             EngineError::Cancelled(_) => ErrorKind::Cancelled,
         }
     }
@@ -76,6 +166,11 @@ impl EngineError {
     pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Self {
         let context = context.into();
         move |source| EngineError::Io { context, source }
+    }
+
+    /// A control-stream failure while waiting for `during`.
+    pub fn ctl(during: &'static str) -> impl FnOnce(CtlError) -> Self {
+        move |source| EngineError::Ctl { during, source }
     }
 }
 

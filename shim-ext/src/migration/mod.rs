@@ -6,8 +6,11 @@ pub mod ctl;
 pub mod dest;
 pub mod error;
 pub mod events;
+pub mod failpoint;
+pub mod journal;
 pub mod network;
 pub mod options;
+pub mod protocol;
 pub mod qemu;
 pub mod source;
 

@@ -255,7 +255,13 @@ pub async fn prepare_forward<N: NetOps + 'static>(
         let r = current.iter().find(|r| r.oif.is_some()).ok_or(ForwardError::NoVmRoute(*vm))?;
         let index = r.oif.unwrap_or_default();
         let dev = LinkId { index, name: format!("if{index}") };
-        original.push(RouteSpec { dest, gateway: r.gateway, dev, onlink: r.onlink });
+        original.push(RouteSpec {
+            dest,
+            gateway: r.gateway,
+            dev,
+            onlink: r.onlink,
+            protocol: Some(r.protocol),
+        });
     }
     let tunnel_link = match tunnel {
         Some(spec) => {

@@ -103,7 +103,7 @@ async fn source_forward_swaps_restores_and_removes() {
     let vm: IpAddr = "10.244.1.10".parse().expect("ip");
     let node = Arc::new(Recording::new().with_routes(
         IpPrefix::host(vm),
-        vec![RouteInfo { dest: IpPrefix::host(vm), gateway: None, oif: Some(7), onlink: false }],
+        vec![RouteInfo { dest: IpPrefix::host(vm), gateway: None, oif: Some(7), onlink: false, protocol: 3 }],
     ));
     let cleanup = Cleanup::default();
     let tunnel = TunnelSpec {
@@ -142,7 +142,7 @@ async fn forward_needs_a_vm_route_and_an_uplink_in_route_mode() {
     assert!(err.to_string().contains("10.244.1.10 has no route"), "{err}");
     let node = Arc::new(Recording::new().with_routes(
         IpPrefix::host(vm),
-        vec![RouteInfo { dest: IpPrefix::host(vm), gateway: None, oif: Some(7), onlink: false }],
+        vec![RouteInfo { dest: IpPrefix::host(vm), gateway: None, oif: Some(7), onlink: false, protocol: 3 }],
     ));
     let err =
         prepare_forward(&node, None, &[vm], &["10.201.0.12".parse().expect("ip")], None, &Cleanup::default())
@@ -153,7 +153,7 @@ async fn forward_needs_a_vm_route_and_an_uplink_in_route_mode() {
     let v6: IpAddr = "fd00:244::10".parse().expect("ip");
     let node6 = Arc::new(Recording::new().with_routes(
         IpPrefix::host(v6),
-        vec![RouteInfo { dest: IpPrefix::host(v6), gateway: None, oif: Some(7), onlink: false }],
+        vec![RouteInfo { dest: IpPrefix::host(v6), gateway: None, oif: Some(7), onlink: false, protocol: 3 }],
     ));
     let err = prepare_forward(
         &node6,

@@ -50,7 +50,7 @@ pub(crate) fn route_message(route: &RouteSpec, verb: RouteVerb) -> RouteMessage 
     h.table = RouteHeader::RT_TABLE_MAIN;
     match verb {
         RouteVerb::Set => {
-            h.protocol = RouteProtocol::Static;
+            h.protocol = route.protocol.map_or(RouteProtocol::Static, RouteProtocol::from);
             h.kind = RouteType::Unicast;
             // What `ip route add` picks: a route without a gateway is
             // link-scoped for IPv4; IPv6 routes are always universe.
@@ -164,6 +164,7 @@ pub(crate) fn route_info(msg: &RouteMessage) -> Option<RouteInfo> {
         gateway,
         oif,
         onlink: msg.header.flags.contains(RouteFlags::Onlink),
+        protocol: u8::from(msg.header.protocol),
     })
 }
 

@@ -278,17 +278,20 @@ pub struct RouteSpec {
     /// `RTNH_F_ONLINK`: the gateway is reachable on `dev` without a covering
     /// connected route (needed for a next hop across a tunnel).
     pub onlink: bool,
+    /// The route's protocol (`RTPROT_*`); `None` is `static`, katamaran's own. A route put
+    /// back keeps the protocol it had, so a CNI daemon that owns it still recognises it.
+    pub protocol: Option<u8>,
 }
 
 impl RouteSpec {
     /// `dest dev DEV`.
     pub fn dev(dest: IpPrefix, dev: LinkId) -> Self {
-        Self { dest, gateway: None, dev, onlink: false }
+        Self { dest, gateway: None, dev, onlink: false, protocol: None }
     }
 
     /// `dest via GW dev DEV onlink`.
     pub fn via_onlink(dest: IpPrefix, gateway: IpAddr, dev: LinkId) -> Self {
-        Self { dest, gateway: Some(gateway), dev, onlink: true }
+        Self { dest, gateway: Some(gateway), dev, onlink: true, protocol: None }
     }
 }
 
@@ -303,6 +306,8 @@ pub struct RouteInfo {
     pub oif: Option<u32>,
     /// Whether `RTNH_F_ONLINK` is set.
     pub onlink: bool,
+    /// The route's protocol (`RTPROT_*`).
+    pub protocol: u8,
 }
 
 /// A permanent neighbour entry: `IP lladdr MAC dev DEV nud permanent`.

@@ -23,7 +23,34 @@ pub struct QmpEvent {
     pub received_instant: Instant,
 }
 
+/// The events the engine acts on, typed; every other event (and any future one) is
+/// [`EventKind::Other`], never an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EventKind {
+    /// The VM stopped.
+    Stop,
+    /// The VM resumed.
+    Resume,
+    /// A migration changed status (`MIGRATION`, `data.status`).
+    Migration(super::MigrationStatus),
+    /// Anything else, by name.
+    Other(String),
+}
+
 impl QmpEvent {
+    /// What the event is.
+    pub fn kind(&self) -> EventKind {
+        match self.name.as_str() {
+            "STOP" => EventKind::Stop,
+            "RESUME" => EventKind::Resume,
+            "MIGRATION" => match self.data_str("status") {
+                Some(status) => EventKind::Migration(super::MigrationStatus::from(status)),
+                None => EventKind::Other(self.name.clone()),
+            },
+            other => EventKind::Other(other.to_owned()),
+        }
+    }
+
     /// Our receive time minus QEMU's timestamp, or `None` without a timestamp or if the wall
     /// clock stepped backwards in between.
     pub fn delivery_latency(&self) -> Option<Duration> {
@@ -40,6 +67,29 @@ impl QmpEvent {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn kinds_are_typed_and_unknown_ones_kept() {
+        let ev = |name: &str, data: Value| QmpEvent {
+            name: name.into(),
+            data,
+            qemu_timestamp: None,
+            received_at: SystemTime::now(),
+            received_instant: Instant::now(),
+        };
+        assert_eq!(ev("STOP", Value::Null).kind(), EventKind::Stop);
+        assert_eq!(ev("RESUME", Value::Null).kind(), EventKind::Resume);
+        assert_eq!(
+            ev("MIGRATION", json!({"status": "pre-switchover"})).kind(),
+            EventKind::Migration(super::super::MigrationStatus::PreSwitchover)
+        );
+        assert!(matches!(
+            ev("MIGRATION", json!({"status": "zz-new"})).kind(),
+            EventKind::Migration(s) if s.as_str() == "zz-new"
+        ));
+        assert_eq!(ev("MIGRATION", Value::Null).kind(), EventKind::Other("MIGRATION".into()));
+        assert_eq!(ev("BLOCK_JOB_READY", Value::Null).kind(), EventKind::Other("BLOCK_JOB_READY".into()));
+    }
 
     #[test]
     fn latency_is_receive_minus_qemu_time() {

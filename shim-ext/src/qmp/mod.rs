@@ -46,7 +46,7 @@ mod types;
 pub use client::{EventReceiver, QmpClient, QmpConfig};
 pub use codec::{LineDecoder, Message, RawEvent, DEFAULT_MAX_LINE};
 pub use error::QmpError;
-pub use event::QmpEvent;
+pub use event::{EventKind, QmpEvent};
 pub use types::{
     ErrorClass, Greeting, MigrationCapability, MigrationCapabilityStatus, MigrationInfo, MigrationStatus,
     QemuVersion, RamStats, RunState, StatusInfo,

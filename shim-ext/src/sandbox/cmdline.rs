@@ -12,37 +12,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use super::allowlist::{self, CmdlinePolicy};
+use super::qemu_options::{arity, Arity};
 use super::Error;
-
-/// QEMU options that take no argument (QEMU's `qemu-options.hx`, `HAS_ARG` absent). Anything else
-/// consumes the next word.
-const FLAG_OPTIONS: &[&str] = &[
-    "daemonize",
-    "enable-kvm",
-    "enable-sync-profile",
-    "full-screen",
-    "mem-prealloc",
-    "no-acpi",
-    "no-fd-bootchk",
-    "no-hpet",
-    "no-quit",
-    "no-reboot",
-    "no-shutdown",
-    "no-user-config",
-    "nodefaults",
-    "nographic",
-    "only-migratable",
-    "preconfig",
-    "s",
-    "S",
-    "snapshot",
-    "win2k-hack",
-];
-
-/// Options refused on a command line that arrives from another node: they load code, read or
-/// write arbitrary configuration files, or run helpers.
-const REFUSED_OPTIONS: &[&str] =
-    &["plugin", "readconfig", "writeconfig", "run-with", "add-fd", "chroot", "runas"];
 
 /// One option of a QEMU command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,11 +35,14 @@ pub struct QemuCmdline {
 }
 
 impl QemuCmdline {
-    /// Parses an argv (as read from `/proc/<pid>/cmdline`).
+    /// Parses an argv (as read from `/proc/<pid>/cmdline`), splitting it the way QEMU does:
+    /// whether an option takes the next word comes from QEMU's own option table
+    /// ([`super::qemu_options`]), so an option is never guessed.
     ///
     /// # Errors
-    /// [`Error::Cmdline`] for an empty argv, a bare word where an option was expected, or an
-    /// option missing its argument.
+    /// [`Error::UnknownOption`] for an option neither QEMU 7.2 nor 10.x knows,
+    /// [`Error::Cmdline`] for an empty argv, a bare word where an option was expected (naming the
+    /// flag it follows), or an option missing its argument.
     pub fn parse<S: AsRef<str>>(argv: &[S]) -> Result<Self, Error> {
         let mut words = argv.iter().map(AsRef::as_ref);
         let program = words
@@ -75,20 +50,26 @@ impl QemuCmdline {
             .filter(|p| !p.is_empty())
             .ok_or_else(|| Error::Cmdline("empty command line".into()))?
             .to_owned();
-        let mut args = Vec::new();
+        let mut args: Vec<QemuArg> = Vec::new();
         while let Some(word) = words.next() {
-            let name = word
-                .strip_prefix("--")
-                .or_else(|| word.strip_prefix('-'))
-                .filter(|n| !n.is_empty())
-                .ok_or_else(|| Error::Cmdline(format!("expected an option, found {word:?}")))?;
-            let value = if FLAG_OPTIONS.contains(&name) {
-                None
-            } else {
-                let v = words
-                    .next()
-                    .ok_or_else(|| Error::Cmdline(format!("option -{name} lacks its argument")))?;
-                Some(v.to_owned())
+            let Some(name) =
+                word.strip_prefix("--").or_else(|| word.strip_prefix('-')).filter(|n| !n.is_empty())
+            else {
+                return Err(Error::Cmdline(match args.last() {
+                    Some(QemuArg { name, value: None }) => {
+                        format!("expected an option, found {word:?} after -{name}, which takes no argument")
+                    }
+                    _ => format!("expected an option, found {word:?}"),
+                }));
+            };
+            let value = match arity(name).ok_or_else(|| Error::UnknownOption(name.to_owned()))? {
+                Arity::Flag => None,
+                Arity::Arg => {
+                    let v = words
+                        .next()
+                        .ok_or_else(|| Error::Cmdline(format!("option -{name} lacks its argument")))?;
+                    Some(v.to_owned())
+                }
             };
             args.push(QemuArg { name: name.to_owned(), value });
         }
@@ -175,6 +156,10 @@ pub struct IncomingRewrite {
     pub tap_name: String,
     /// Local storage: the destination's empty image for each drive id / node name.
     pub disk_paths: BTreeMap<String, PathBuf>,
+    /// Directories the command line may name files under (kernel, initrd, firmware, shared disk
+    /// images), besides `state_dir` and `disk_paths`, which are always allowed; see
+    /// [`allowlist::default_allowed_roots`].
+    pub allowed_roots: Vec<PathBuf>,
 }
 
 /// The destination's command line and the paths katamaran needs to drive it.
@@ -191,11 +176,19 @@ pub struct IncomingCmdline {
 impl IncomingRewrite {
     /// Rewrites `source` for an incoming QEMU started with `-incoming defer`.
     ///
+    /// The source's command line is checked against the allowlist ([`super::allowlist`]) before
+    /// the rewrite, and the result, with every path in its final place, against the roots: only
+    /// `state_dir` for what QEMU creates, `allowed_roots`, `state_dir` and `disk_paths` for what it
+    /// opens. This is a pure function: nothing is created whatever it returns.
+    ///
     /// # Errors
-    /// [`Error::Cmdline`] when the command line holds an option refused from the network, a
-    /// netdev that cannot be re-created by name (`bridge`, fd-only sockets), or a drive whose new
-    /// path is given but which has no file.
+    /// [`Error::OptionRefused`] or [`Error::PropertyRefused`] naming the first option (and
+    /// property) that is not allowed; [`Error::Cmdline`] for a netdev that cannot be re-created
+    /// by name or a `-blockdev` whose JSON does not parse.
     pub fn apply(&self, source: &QemuCmdline) -> Result<IncomingCmdline, Error> {
+        let source_states: Vec<PathBuf> =
+            self.source_state_dirs.iter().chain([&self.state_dir]).cloned().collect();
+        allowlist::check_source(source, &source_states)?;
         let state = |name: &str| self.state_dir.join(name);
         let qmp_socket = state("qmp.sock");
         let pid_file = state("pid");
@@ -209,11 +202,6 @@ impl IncomingRewrite {
             |name: &str, value: Option<String>| out.args.push(QemuArg { name: name.into(), value });
         for arg in &source.args {
             let name = arg.name.as_str();
-            if REFUSED_OPTIONS.contains(&name) {
-                return Err(Error::Cmdline(format!(
-                    "option -{name} is not accepted from a migration source"
-                )));
-            }
             let value = arg.value.as_deref().unwrap_or_default();
             match name {
                 "daemonize" | "qmp" | "qmp-pretty" | "monitor" | "mon" | "incoming" | "pidfile" => {}
@@ -234,9 +222,18 @@ impl IncomingRewrite {
                 _ => push(name, arg.value.as_deref().map(|v| self.remap(v))),
             }
         }
-        push("qmp", Some(format!("unix:{},server=on,wait=off", qmp_socket.display())));
-        push("pidfile", Some(pid_file.display().to_string()));
-        push("incoming", Some("defer".into()));
+        let policy = CmdlinePolicy {
+            state_roots: vec![self.state_dir.clone()],
+            file_roots: self.allowed_roots.iter().chain(self.disk_paths.values()).cloned().collect(),
+        };
+        policy.validate(&out)?;
+        for (name, value) in [
+            ("qmp", format!("unix:{},server=on,wait=off", qmp_socket.display())),
+            ("pidfile", pid_file.display().to_string()),
+            ("incoming", "defer".to_owned()),
+        ] {
+            out.args.push(QemuArg { name: name.into(), value: Some(value) });
+        }
         Ok(IncomingCmdline { argv: out.to_argv(), qmp_socket, pid_file })
     }
 

@@ -14,6 +14,9 @@ pub struct NodeLayout {
     /// katamaran's own run directory: sockets under `sandboxes/`, incoming sandboxes' state under
     /// `incoming/`. Default `/run/katamaran`.
     pub katamaran_run: PathBuf,
+    /// katamaran's persistent state (never tmpfs: it must survive agent restarts and hold
+    /// incoming disks): migration journals under `migrations/`. Default `/var/lib/katamaran`.
+    pub katamaran_state: PathBuf,
     /// Directory of containerd's v2 task bundles (`<bundles>/<id>/config.json`). containerd's
     /// default for Kubernetes is `/run/containerd/io.containerd.runtime.v2.task/k8s.io`.
     pub bundles: PathBuf,
@@ -31,6 +34,7 @@ impl NodeLayout {
         Self {
             kata_run: root.join("run"),
             katamaran_run: root.join("run/katamaran"),
+            katamaran_state: root.join("var/lib/katamaran"),
             bundles: root.join("run/containerd/io.containerd.runtime.v2.task/k8s.io"),
         }
     }
@@ -74,6 +78,11 @@ impl NodeLayout {
     /// State of an incoming (destination) sandbox: QMP, pid file, logs, disks in local mode.
     pub fn incoming_dir(&self, sandbox_id: &str) -> PathBuf {
         self.katamaran_run.join("incoming").join(sandbox_id)
+    }
+
+    /// The durable journals of the migrations this node takes part in.
+    pub fn journal_dir(&self) -> PathBuf {
+        self.katamaran_state.join("migrations")
     }
 
     /// Reads QEMU's pid from Kata's pid file.

@@ -4,10 +4,13 @@
 //! Nothing here talks to QEMU or netlink; everything is files and pure functions, so it is tested
 //! with tables and temporary directories.
 
+pub mod allowlist;
 pub mod bundle;
 pub mod cmdline;
 pub mod layout;
+pub mod qemu_options;
 
+pub use allowlist::CmdlinePolicy;
 pub use bundle::{BundleInfo, ContainerType};
 pub use cmdline::{IncomingRewrite, QemuCmdline};
 pub use layout::NodeLayout;
@@ -26,6 +29,21 @@ pub fn validate_sandbox_id(id: &str) -> Result<(), Error> {
         Ok(())
     } else {
         Err(Error::InvalidSandboxId(id.to_owned()))
+    }
+}
+
+impl Error {
+    /// Whether the error is about the request itself (a command line or sandbox id the caller
+    /// sent), as opposed to the node's state: callers map it to `INVALID_ARGUMENT`.
+    pub fn is_invalid_request(&self) -> bool {
+        matches!(
+            self,
+            Error::InvalidSandboxId(_)
+                | Error::Cmdline(_)
+                | Error::UnknownOption(_)
+                | Error::OptionRefused { .. }
+                | Error::PropertyRefused { .. }
+        )
     }
 }
 
@@ -74,6 +92,28 @@ pub enum Error {
     /// The QEMU command line cannot be migrated as it is.
     #[error("QEMU command line: {0}")]
     Cmdline(String),
+    /// An option neither QEMU 7.2 nor 10.x knows: the parser cannot tell whether it takes an
+    /// argument, so it does not guess.
+    #[error("QEMU command line: -{0} is not an option of QEMU 7.2 or 10.x")]
+    UnknownOption(String),
+    /// An option the destination does not run from a migration source.
+    #[error("QEMU command line: option -{option} is refused: {reason}")]
+    OptionRefused {
+        /// The option, without dashes.
+        option: String,
+        /// Why.
+        reason: String,
+    },
+    /// A property (or the value) of an allowed option that is not allowed.
+    #[error("QEMU command line: option -{option} property {property:?} is refused: {reason}")]
+    PropertyRefused {
+        /// The option, without dashes.
+        option: String,
+        /// The property (empty for the option's whole value).
+        property: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 #[cfg(test)]
@@ -100,5 +140,28 @@ mod tests {
         assert!(validate_sandbox_id(&"x".repeat(129)).is_err());
         let msg = validate_sandbox_id("a/b").expect_err("slash").to_string();
         assert!(msg.contains("\"a/b\""), "{msg}");
+    }
+
+    #[test]
+    fn refused_command_lines_are_invalid_requests() {
+        let refused = IncomingRewrite {
+            qemu_binary: "qemu".into(),
+            state_dir: "/run/katamaran/incoming/a".into(),
+            source_state_dirs: vec!["/run/vc/vm/a".into()],
+            tap_name: "tap0_kata".into(),
+            disk_paths: Default::default(),
+            allowed_roots: Vec::new(),
+        };
+        for argv in [
+            &["qemu", "-plugin", "x"][..],
+            &["qemu", "-kernel", "/etc/passwd"],
+            &["qemu", "-serial", "stdio"],
+        ] {
+            let err = refused.apply(&QemuCmdline::parse(argv).expect("parse")).expect_err("refused");
+            assert!(err.is_invalid_request(), "{err}");
+        }
+        assert!(QemuCmdline::parse(&["qemu", "-bogus"]).expect_err("unknown").is_invalid_request());
+        let io = Error::Read { path: "/proc/1/cmdline".into(), source: std::io::ErrorKind::NotFound.into() };
+        assert!(!io.is_invalid_request());
     }
 }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use katamaran_test_skip::{skip, Tier};
 use tempfile::TempDir;
 
 /// The emulator the tests use.
@@ -36,7 +37,7 @@ impl Qemu {
     /// `None` when QEMU is not installed.
     pub fn launch(extra: &[&str]) -> Option<Self> {
         let Some(binary) = find_qemu() else {
-            eprintln!("skipped: {QEMU_BINARY} not found");
+            skip(Tier::Qemu, format!("{QEMU_BINARY} not found"));
             return None;
         };
         let dir = tempfile::tempdir().expect("temp dir");

@@ -50,7 +50,14 @@ impl Agent {
             .arg("--root")
             .arg(&root)
             .args(["--node-address", node_addresses(node), "--node-interface", "eth0"])
+            .args(["--host-proc", &format!("/proc/{}", std::process::id())])
             .env("KATAMARAN_LOG", "info")
+            // The lab's guest image and shared disks are outside Kata's directories.
+            .env(
+                katamaran::sandbox::allowlist::ROOTS_ENV,
+                std::env::join_paths([katamaran_e2e::artifacts::guest_dir(), lab.root().join("shared")])
+                    .unwrap_or_default(),
+            )
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)

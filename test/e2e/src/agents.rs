@@ -175,10 +175,20 @@ pub fn engine_bins() -> Result<EngineBins, AgentError> {
             let target = artifacts::target_dir();
             let cargo = std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
             let mut cmd = Command::new(cargo);
-            cmd.args(["build", "--quiet", "--release", "-p", "katamaran-shim-ext"])
-                .args(["--bin", "katamaran-agent", "--bin", "katactl"])
-                .env("CARGO_TARGET_DIR", &target)
-                .current_dir(artifacts::workspace_root());
+            // The test-only fail points are compiled in (inert unless KATAMARAN_FAILPOINTS is
+            // set): the fault matrix holds migrations at exact moments.
+            cmd.args([
+                "build",
+                "--quiet",
+                "--release",
+                "-p",
+                "katamaran-shim-ext",
+                "--features",
+                "failpoints",
+            ])
+            .args(["--bin", "katamaran-agent", "--bin", "katactl"])
+            .env("CARGO_TARGET_DIR", &target)
+            .current_dir(artifacts::workspace_root());
             run_checked(&mut cmd, "cargo build --release -p katamaran-shim-ext")?;
             let dir = target.join("release");
             EngineBins { agent: dir.join("katamaran-agent"), katactl: dir.join("katactl") }
@@ -266,6 +276,14 @@ impl Agent {
     /// # Errors
     /// When it cannot start, exits, or does not serve its socket in time.
     pub fn start(lab: &Lab, node: Node, bin: &Path) -> Result<Self, AgentError> {
+        Self::start_with(lab, node, bin, &[])
+    }
+
+    /// [`Agent::start`] with extra environment (e.g. `KATAMARAN_FAILPOINTS`).
+    ///
+    /// # Errors
+    /// As [`Agent::start`].
+    pub fn start_with(lab: &Lab, node: Node, bin: &Path, env: &[(&str, String)]) -> Result<Self, AgentError> {
         let root = lab.root().join(node.name());
         let socket = engine_dir(lab, node).join("agent.sock");
         let log = lab.scratch_path(&format!("agent-{}.log", node.name()));
@@ -273,6 +291,10 @@ impl Agent {
             .map_err(|source| AgentError::LogFile { path: log.clone(), source })?;
         let err = out.try_clone().map_err(|source| AgentError::LogFile { path: log.clone(), source })?;
         let level = std::env::var("KMR_AGENT_LOG").unwrap_or_else(|_| "info".into());
+        // The destination runs a source's QEMU only with files under allowed roots; the lab's
+        // guest image and shared disks live outside Kata's directories.
+        let roots =
+            std::env::join_paths([artifacts::guest_dir(), lab.root().join("shared")]).unwrap_or_default();
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &lab.netns(node.name())])
             .arg(bin)
@@ -282,8 +304,15 @@ impl Agent {
             .arg("--node-address")
             .arg(format!("{},{}", node.addr_v4(), node_addr_v6(node)))
             .args(["--node-interface", "eth0"])
+            // As deployed: VM cgroups in the host's hierarchies, seen through a host process (the
+            // DaemonSet names pid 1; here the harness) — `ip netns exec` gives the agent a /sys
+            // without them.
+            .args(["--host-proc", &format!("/proc/{}", std::process::id())])
+            .args(["--vm-cgroup", "required"])
             .env("KATAMARAN_LOG", level)
+            .env(katamaran::sandbox::allowlist::ROOTS_ENV, roots)
             .env("NO_COLOR", "1")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
@@ -339,6 +368,19 @@ impl Agent {
     /// The last `lines` lines of the agent's log.
     pub fn log_tail(&self, lines: usize) -> String {
         std::fs::read(&self.log).map_or_else(|e| format!("(no log: {e})"), |b| tail(&b, lines))
+    }
+
+    /// SIGKILLs the agent (a crash) and reaps it.
+    ///
+    /// # Errors
+    /// When it cannot be signalled or waited for.
+    pub fn kill(&mut self) -> Result<(), AgentError> {
+        let Some(mut child) = self.child.take() else { return Ok(()) };
+        let _ = child.kill();
+        child
+            .wait()
+            .map_err(|source| AgentError::Wait { what: format!("the {} agent", self.node.name()), source })?;
+        Ok(())
     }
 
     /// Sends SIGTERM and waits up to `grace` for the agent to exit; kills it after that.
@@ -474,18 +516,49 @@ impl Engine {
     /// # Errors
     /// When the binaries cannot be built or an agent does not come up.
     pub fn start(lab: &Lab) -> Result<Self, AgentError> {
+        Self::start_with(lab, &[], &[])
+    }
+
+    /// [`Engine::start`] with extra environment for node-a's and node-b's agents.
+    ///
+    /// # Errors
+    /// As [`Engine::start`].
+    pub fn start_with(
+        lab: &Lab,
+        env_a: &[(&str, String)],
+        env_b: &[(&str, String)],
+    ) -> Result<Self, AgentError> {
         let bins = engine_bins()?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .map_err(AgentError::Runtime)?;
-        let agents = [Agent::start(lab, Node::A, &bins.agent)?, Agent::start(lab, Node::B, &bins.agent)?];
+        let agents = [
+            Agent::start_with(lab, Node::A, &bins.agent, env_a)?,
+            Agent::start_with(lab, Node::B, &bins.agent, env_b)?,
+        ];
         let connect = |node: Node| {
             rt.block_on(client::connect(&agents[idx(node)].endpoint()))
                 .map_err(|source| AgentError::Connect { node: node.name(), source })
         };
         let clients = [connect(Node::A)?, connect(Node::B)?];
         Ok(Self { clients, agents, rt, bins })
+    }
+
+    /// SIGKILLs `node`'s agent (a crash) and starts a new one without extra environment; the
+    /// new agent recovers from its journal before it serves.
+    ///
+    /// # Errors
+    /// When the agent cannot be killed, started or reached.
+    pub fn crash_and_restart(&mut self, lab: &Lab, node: Node) -> Result<(), AgentError> {
+        self.agents[idx(node)].kill()?;
+        self.agents[idx(node)] = Agent::start(lab, node, &self.bins.agent)?;
+        let client = self
+            .rt
+            .block_on(client::connect(&self.agents[idx(node)].endpoint()))
+            .map_err(|source| AgentError::Connect { node: node.name(), source })?;
+        self.clients[idx(node)] = client;
+        Ok(())
     }
 
     /// The binaries the agents run.

@@ -18,6 +18,14 @@ impl fmt::Display for Skip {
     }
 }
 
+impl Skip {
+    /// Prints `skipped: <why>` and records the skip in `$KMR_SKIP_LOG` (tier `lab`: every
+    /// prerequisite checked here belongs to the lab tier).
+    pub fn report(&self) {
+        katamaran_test_skip::skip(katamaran_test_skip::Tier::Lab, &self.0);
+    }
+}
+
 /// Host tools the lab script calls.
 const LAB_TOOLS: &[&str] = &["ip", "tc", "md5sum", "truncate", "awk"];
 /// Host tools a lab with VMs also needs.
@@ -80,6 +88,26 @@ pub fn require_vm_lab() -> Result<(), Skip> {
         return Err(Skip(format!("`{tool}` is not installed")));
     }
     Ok(())
+}
+
+/// Whether this kernel has `sch_plug`, asked the way the engine asks (`katamaran::net::probe`,
+/// in a scratch namespace; needs root). Without it the destination holds packets in the tap's
+/// own queue: the engine still reports a "plug release" instant and 0 plug drops, but there is
+/// no plug behind them, so tests claim those numbers only when this is true (the kernel lab VM
+/// measures the plug itself).
+///
+/// # Panics
+/// When the probe fails for another reason than a missing module (no root, no namespace).
+pub fn kernel_has_plug() -> bool {
+    static HAS_PLUG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HAS_PLUG.get_or_init(|| {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
+        match rt.block_on(katamaran::net::probe(katamaran::net::Feature::Plug)) {
+            Ok(()) => true,
+            Err(e) if e.is_unsupported() => false,
+            Err(e) => panic!("probing the kernel for sch_plug: {e}"),
+        }
+    })
 }
 
 /// Runs a command to completion and turns a failure into [`LabError::Command`].

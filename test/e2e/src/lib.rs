@@ -8,6 +8,7 @@
 pub mod agents;
 pub mod artifacts;
 mod error;
+pub mod faults;
 mod lab;
 pub mod netns;
 pub mod reports;

@@ -24,7 +24,7 @@ pub struct LossRun {
 }
 
 /// `katamaran-probe --json` report (subset).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct ProbeReport {
     /// Datagrams sent.
     pub sent: u64,

@@ -16,7 +16,7 @@ const POD_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 0x10);
 
 /// Prints the skip line and returns `None` when a prerequisite is missing.
 fn check<T>(r: Result<T, Skip>) -> Option<T> {
-    r.map_err(|skip| println!("{skip}")).ok()
+    r.map_err(|skip| skip.report()).ok()
 }
 
 /// Root, QEMU and the guest image, or `None` after printing why not.

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use katamaran_probe::ProbeConfig;
+use katamaran_test_skip::{skip, Tier};
 use serde_json::Value;
 
 const READY: &str = "KATAMARAN-GUEST-READY";
@@ -189,13 +190,13 @@ fn disk_check(image: &Path) -> (Option<i32>, Value) {
 #[test]
 fn boots_the_guest_image_under_qemu() {
     if !qemu_present() {
-        eprintln!("skipped: qemu-system-x86_64 is not installed");
+        skip(Tier::Qemu, "qemu-system-x86_64 is not installed");
         return;
     }
     let out = match image() {
         Ok(dir) => dir,
         Err(why) => {
-            eprintln!("skipped: {why}");
+            skip(Tier::Qemu, why);
             return;
         }
     };

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use katamaran_guest::net::{self, PageInfo};
 use katamaran_probe::ProbeConfig;
+use katamaran_test_skip::{skip, Tier};
 
 /// A server thread, stopped and joined on drop (`wake` unblocks its accept/receive).
 struct Server {
@@ -59,7 +60,7 @@ fn the_echo_keeps_up_with_5000_pps() {
 #[test]
 fn the_echo_answers_ipv6_on_the_same_socket() {
     if !ipv6_loopback() {
-        eprintln!("skipped: no IPv6 loopback on this machine");
+        skip(Tier::Ipv6, "no IPv6 loopback on this machine");
         return;
     }
     let (port, _echo) = start_echo();

@@ -16,6 +16,7 @@ use katamaran_kernel_lab::checks::Check;
 use katamaran_kernel_lab::report::{
     console_field, Status, Summary, BOOT_PREFIX, EXIT_PREFIX, KERNEL_PREFIX, MODULES_PREFIX,
 };
+use katamaran_test_skip::{skip, Tier};
 
 /// The VM's own deadline (run.sh kills QEMU after it). A run takes ~30–60 s on 2 cores.
 const DEADLINE_SECS: &str = "480";
@@ -65,13 +66,13 @@ fn image() -> Result<PathBuf, String> {
 #[test]
 fn kernel_lab_vm_runs_every_check_and_all_pass() {
     if !qemu_present() {
-        println!("skipped: qemu-system-x86_64 is not installed");
+        skip(Tier::KernelLab, "qemu-system-x86_64 is not installed");
         return;
     }
     let image = match image() {
         Ok(dir) => dir,
         Err(why) => {
-            println!("skipped: {why}");
+            skip(Tier::KernelLab, why);
             return;
         }
     };

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use echo::{Echo, Faults};
 use katamaran_probe::{run, LossRun, ProbeConfig, ProbeError, Report, StopReason};
+use katamaran_test_skip::{skip, Tier};
 
 /// Waits for `cond` with a deadline; panics with `what` when it never holds.
 fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
@@ -77,7 +78,7 @@ fn injected_faults_are_counted_exactly() {
 #[test]
 fn ipv6_targets_work() {
     let Ok(probe) = UdpSocket::bind("[::1]:0") else {
-        eprintln!("skipped: no IPv6 loopback on this machine");
+        skip(Tier::Ipv6, "no IPv6 loopback on this machine");
         return;
     };
     drop(probe);

@@ -68,7 +68,10 @@ pub struct CapabilitySetting {
 
 /// Capabilities for the sending side.
 ///
-/// `events` is always on: the phases wait on `MIGRATION` events. Every other managed capability
+/// `events` is always on: the phases wait on `MIGRATION` events. `return-path` is always on: the
+/// source's `completed` then means the destination loaded the whole state (a failed load fails
+/// the source's migration instead of looking like success), which the ownership protocol's
+/// commit builds on. Every other managed capability
 /// is on when asked (and then must exist) and off when QEMU knows it but it is not asked.
 ///
 /// # Errors
@@ -82,6 +85,7 @@ pub fn outgoing_capabilities(
         features,
         &[
             ("events", true),
+            ("return-path", true),
             ("auto-converge", config.auto_converge),
             ("multifd", config.multifd_channels.is_some()),
             ("pause-before-switchover", config.pause_before_switchover),
@@ -89,8 +93,11 @@ pub fn outgoing_capabilities(
     )
 }
 
-/// Capabilities for the receiving side: `events`, and `multifd` as on the source (the stream
-/// format differs, so both sides must agree).
+/// Capabilities for the receiving side: `events`, `return-path`, `late-block-activate` (the
+/// incoming QEMU takes its disks' write locks only when it starts running, i.e. after the
+/// ownership commit; without it a shared-storage source could not resume after QEMU completed,
+/// its disk locked by the paused copy that may never run), and `multifd` as on the source (the
+/// stream format differs, so both sides must agree).
 ///
 /// # Errors
 ///
@@ -99,7 +106,15 @@ pub fn incoming_capabilities(
     features: &QemuFeatures,
     config: &RamConfig,
 ) -> Result<Vec<CapabilitySetting>, QemuError> {
-    settings(features, &[("events", true), ("multifd", config.multifd_channels.is_some())])
+    settings(
+        features,
+        &[
+            ("events", true),
+            ("return-path", true),
+            ("late-block-activate", true),
+            ("multifd", config.multifd_channels.is_some()),
+        ],
+    )
 }
 
 fn settings(
@@ -355,11 +370,15 @@ const STATISTICS_GRACE: Duration = Duration::from_millis(200);
 
 /// `query-migrate` of a completed outgoing migration, with its totals.
 ///
+/// # Errors
+///
+/// [`QemuError::QueryMigrate`].
+///
 /// QEMU (7.2 at least) emits `completed` before its migration thread computes `total-time` and
 /// `downtime`, so a query right after the event can report both as 0. No event marks the
 /// moment the totals are set, hence a short bounded re-query; the incoming side reports no
 /// totals at all and is returned at once.
-async fn final_statistics(qmp: &QmpClient) -> Result<MigrationInfo, QemuError> {
+pub async fn final_statistics(qmp: &QmpClient) -> Result<MigrationInfo, QemuError> {
     let until = Instant::now() + STATISTICS_GRACE;
     loop {
         let info = query(qmp).await?;
@@ -449,12 +468,20 @@ mod tests {
 
     #[test]
     fn capabilities_are_set_on_or_off_explicitly() {
-        let all = features(&["events", "auto-converge", "multifd", "pause-before-switchover"]);
+        let all = features(&[
+            "events",
+            "return-path",
+            "late-block-activate",
+            "auto-converge",
+            "multifd",
+            "pause-before-switchover",
+        ]);
         let out = outgoing_capabilities(&all, &config()).expect("offered");
         assert_eq!(
             names(&out),
             [
                 ("events", true),
+                ("return-path", true),
                 ("auto-converge", false),
                 ("multifd", false),
                 ("pause-before-switchover", true)
@@ -462,16 +489,19 @@ mod tests {
         );
         let multifd = RamConfig { multifd_channels: Some(4), ..config() };
         let incoming = incoming_capabilities(&all, &multifd).expect("offered");
-        assert_eq!(names(&incoming), [("events", true), ("multifd", true)]);
+        assert_eq!(
+            names(&incoming),
+            [("events", true), ("return-path", true), ("late-block-activate", true), ("multifd", true)]
+        );
     }
 
     #[test]
     fn unknown_capabilities_are_skipped_when_off_and_refused_when_asked() {
-        let old = features(&["events", "auto-converge"]);
+        let old = features(&["events", "return-path", "late-block-activate", "auto-converge"]);
         let off = RamConfig { pause_before_switchover: false, ..config() };
         assert_eq!(
             names(&outgoing_capabilities(&old, &off).expect("nothing missing")),
-            [("events", true), ("auto-converge", false)]
+            [("events", true), ("return-path", true), ("auto-converge", false)]
         );
         let error = outgoing_capabilities(&old, &config()).expect_err("pause missing");
         assert_eq!(

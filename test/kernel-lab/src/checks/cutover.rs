@@ -182,7 +182,14 @@ pub async fn run(cfg: &Config, m: &mut Metrics) -> Result<()> {
     // The blackout: the plug fills.
     let node_b = topo.node_b.net().clone();
     let held = || async {
-        node_b.qdisc(&topo.b_vm, QdiscParent::Root).await.ok().flatten().map_or(0, |q| q.stats.qlen)
+        // Only the plug counts: another root qdisc would not be holding the blackout.
+        node_b
+            .qdisc(&topo.b_vm, QdiscParent::Root)
+            .await
+            .ok()
+            .flatten()
+            .filter(|q| q.kind == "plug")
+            .map_or(0, |q| q.stats.qlen)
     };
     wait_until(cfg.phase_limit, "the plug to hold the blackout's packets", || async {
         held().await >= cfg.hold
@@ -216,12 +223,16 @@ pub async fn run(cfg: &Config, m: &mut Metrics) -> Result<()> {
         .map_err(|_| CheckError::Panicked("probe join"))?
         .map_err(|_| CheckError::Panicked("probe"))??;
 
-    let plug = node_b.qdisc(&topo.b_vm, QdiscParent::Root).await.step("read the plug's counters")?;
-    let seen = Seen {
-        held: held_at_resume,
-        plug_drops: plug.map_or(0, |q| q.stats.drops),
-        stranded: echo_a.finish()?.1,
-    };
+    // The drops of the plug itself: a missing plug, or another root qdisc, would read as 0 drops.
+    let plug = node_b
+        .qdisc(&topo.b_vm, QdiscParent::Root)
+        .await
+        .step("read the plug's counters")?
+        .filter(|q| q.kind == "plug")
+        .ok_or_else(|| {
+            CheckError::Unexpected("vm-b's root qdisc is not the plug after its release".into())
+        })?;
+    let seen = Seen { held: held_at_resume, plug_drops: plug.stats.drops, stranded: echo_a.finish()?.1 };
     record(m, &report, cfg, &seen, stop_reaction);
     verdict(&report, cfg, &seen)
 }

@@ -1,41 +1,48 @@
-//! The destination role: create an incoming sandbox for a VM and receive it.
+//! The destination role: create an incoming sandbox for a VM and receive it, as the
+//! participant of the ownership protocol ([`super::protocol`]).
 //!
 //! ```text
 //!  PREPARING  state dir ─▶ netns ─▶ veth/tap/tcfilter/plug/routes/neighbours/decap tunnel
 //!             ─▶ empty disk images (local storage) ─▶ QEMU from the source's rewritten command
-//!             line with -incoming defer ─▶ QMP ─▶ NBD exports ─▶ accept authenticated streams
-//!             (ram: getfd + migrate-incoming fd:, nbd: relay, ctl)      ── PrepareIncoming returns
-//!  STORAGE/RAM the source pushes; ctl storage-done ─▶ NBD exports stopped
-//!  CUTOVER    RESUME event ─▶ plug released (the reaction is measured) ─▶ announce-self
-//!  COMPLETED  MIGRATION completed; the incoming sandbox now owns netns, QEMU and routes
+//!             line with -S -incoming defer (it never starts the guest by itself) ─▶ QMP ─▶ NBD
+//!             exports ─▶ accept authenticated streams (ram: getfd + migrate-incoming fd:,
+//!             nbd: relay, ctl — reconnectable)                   ── PrepareIncoming returns
+//!  RECEIVING  the source pushes; ctl storage-done ─▶ NBD exports stopped      streams.rs
+//!  LOADED     MIGRATION completed ─▶ journal Voted (fsync) ─▶ ctl `prepared`  receive.rs
+//!  COMMITTED  ctl `commit` ─▶ journal ─▶ `cont` ─▶ RESUME ─▶ plug released ─▶ announce-self
+//!             ─▶ ctl `resumed`
 //! ```
-//! Any failure or cancel before RESUME unwinds the stack: QEMU killed, exports, routes,
-//! neighbours, tunnel, veth, netns and state directory removed.
+//! Before the vote any failure or cancel unwinds the stack: QEMU killed, exports, routes,
+//! neighbours, tunnel, veth, netns and state directory removed. After the vote only the
+//! source's decision moves this side; after the commit nothing destroys it.
+
+mod receive;
+mod streams;
+
+pub use receive::{receive, DestControl};
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
-use std::os::fd::AsFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::UnixStream;
 use tokio::sync::watch;
 
-use super::cancel::CancelToken;
 use super::cleanup::Cleanup;
-use super::ctl::{self, Ctl};
+use super::ctl::{self, Heartbeat};
 use super::error::EngineError;
-use super::events::{CutoverTimes, Event, EventLog, Phase};
+use super::events::{Event, EventLog, Phase};
+use super::journal::{DestRecord, Entry, Standing};
 use super::network::{self, IncomingNet, IncomingSpec};
 use super::options::{MigrationOptions, StorageMode};
-use super::qemu::{self, compute, storage, EventBus, NbdAddress, NbdExports, QemuFeatures, RamConfig};
-use crate::convert::unix_nanos;
-use crate::dataplane::{relay, DataListener, Expected, Secret};
+use super::protocol::DestState;
+use super::qemu::{self, compute, storage, EventBus, NbdAddress, QemuFeatures, RamConfig};
+use crate::dataplane::{DataListener, Secret};
 use crate::net::{self, MacAddr, NetnsHandle, NetnsRoots, TunnelSpec};
-use crate::qmp::{MigrationStatus, QmpClient, QmpConfig};
+use crate::qmp::{QmpClient, QmpConfig};
 use crate::sandbox::cmdline::{IncomingRewrite, QemuCmdline};
 
 /// How long QEMU has to open its QMP socket after being spawned.
@@ -126,10 +133,10 @@ pub struct Incoming {
     sandbox_ns: Arc<NetnsHandle>,
     net: IncomingNet,
     exited: watch::Receiver<Option<String>>,
-    /// Tells the control stream the VM runs here (the source then re-sends what it recovered).
-    resumed_tx: watch::Sender<bool>,
-    /// Set once the control stream passed that on.
-    told_rx: watch::Receiver<bool>,
+    /// Messages of the control stream (whichever connection is current).
+    ctl_in: tokio::sync::mpsc::UnboundedReceiver<streams::CtlEvent>,
+    /// Sends on the current control connection.
+    ctl_out: streams::CtlOut,
     started: Instant,
     tasks: Vec<tokio::task::AbortHandle>,
 }
@@ -147,7 +154,8 @@ pub async fn prepare(
     env: &DestEnv,
     log: &EventLog,
     cleanup: &Cleanup,
-    cancel: &CancelToken,
+    heartbeat: &Heartbeat,
+    journal: &Entry,
 ) -> Result<Incoming, EngineError> {
     let started = Instant::now();
     log.push(Event::new(Phase::Preparing, format!("creating incoming sandbox {}", req.sandbox_id)));
@@ -272,10 +280,30 @@ pub async fn prepare(
         source_state_dirs: vec![req.source_state_dir.clone()],
         tap_name: req.tap_name.clone(),
         disk_paths,
+        allowed_roots: crate::sandbox::allowlist::default_allowed_roots(),
     }
     .apply(&req.argv)?;
+    // `-S`: the incoming VM never starts by itself, whatever state the source was in when it
+    // completed; it runs only on this side's `cont`, after the source's commit.
+    let mut argv = rewritten.argv.clone();
+    if !argv.iter().any(|a| a == "-S") {
+        argv.push("-S".into());
+    }
+    let vm_cgroup = crate::host::cgroup::vm_cgroup_name(&req.sandbox_id, &req.migration_id);
     let (qemu_pid, exited) =
-        spawn_qemu(&sandbox_ns, &rewritten.argv, &state_dir.join("qemu.log"), cleanup).await?;
+        spawn_qemu(&sandbox_ns, &argv, &state_dir.join("qemu.log"), &vm_cgroup, cleanup).await?;
+    journal.record(Standing::Destination(DestState::Preparing), |r| {
+        r.destination = Some(DestRecord {
+            state_dir: state_dir.clone(),
+            netns: netns.clone(),
+            qemu_pid,
+            decap_tunnel: net.decap.as_ref().map(|d| d.name.clone()),
+            host_veth: net.host_veth.name.clone(),
+            tap: req.tap_name.clone(),
+            plugged: net.plugged,
+            vm_addrs: req.vm_addrs.clone(),
+        });
+    })?;
     let (qmp, events) = wait_for_qmp(&rewritten.qmp_socket, &exited).await?;
     let bus = EventBus::spawn(events);
     let sub = bus.subscribe();
@@ -314,22 +342,22 @@ pub async fn prepare(
     let names: Vec<&str> = streams.iter().map(String::as_str).collect();
     let expected = env.listener.expect(&req.migration_id, req.secret.clone(), &names)?;
     let mut tasks = Vec::new();
-    let (resumed_tx, resumed_rx) = watch::channel(false);
-    let (told_tx, told_rx) = watch::channel(false);
+    let (ctl_tx, ctl_in) = tokio::sync::mpsc::unbounded_channel();
+    let ctl_out = streams::CtlOut::default();
     let data_addr = SocketAddr::new(env.node_address, env.listener.local_addr().port());
     tasks.push(
-        tokio::spawn(serve_streams(
+        tokio::spawn(streams::serve(
             expected,
-            Streams {
+            streams::Streams {
                 qmp: qmp.clone(),
                 bus: bus.clone(),
                 nbd: nbd.clone(),
                 state_dir: state_dir.clone(),
                 multifd: ram.multifd_channels.is_some(),
                 drives: local_disks.iter().map(|d| d.drive_id.clone()).collect(),
-                resumed: resumed_rx,
-                told: told_tx,
-                cancel: cancel.clone(),
+                ctl_in: ctl_tx,
+                ctl_out: ctl_out.clone(),
+                heartbeat: *heartbeat,
             },
         ))
         .abort_handle(),
@@ -353,8 +381,8 @@ pub async fn prepare(
         sandbox_ns,
         net,
         exited,
-        resumed_tx,
-        told_rx,
+        ctl_in,
+        ctl_out,
         started,
         tasks,
     })
@@ -371,6 +399,7 @@ async fn spawn_qemu(
     ns: &NetnsHandle,
     argv: &[String],
     log_path: &Path,
+    cgroup_name: &str,
     cleanup: &Cleanup,
 ) -> Result<(u32, watch::Receiver<Option<String>>), EngineError> {
     let log =
@@ -379,9 +408,30 @@ async fn spawn_qemu(
     let (program, args) =
         argv.split_first().ok_or_else(|| EngineError::Invalid("empty QEMU command line".into()))?;
     let (program, args) = (program.clone(), args.to_vec());
+    // A cgroup of its own, outside the agent's container, so that the VM outlives the agent
+    // (host::placement). Registered first so that it is removed after QEMU stopped.
+    let placement = crate::host::placement::place(cgroup_name.to_owned()).await.map_err(|e| {
+        EngineError::io("place the destination QEMU in a cgroup of its own")(std::io::Error::other(e))
+    })?;
+    if let Some(p) = &placement {
+        let leaves = p.leaves().to_vec();
+        cleanup.push(format!("remove the VM cgroup {cgroup_name}"), move || async move {
+            tokio::task::spawn_blocking(move || crate::host::placement::remove_leaves(&leaves))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| crate::migration::error::chain(&e))
+        });
+    }
     // Spawned from the namespace thread: the child inherits its network namespace.
     let mut child = ns
-        .run(move || Command::new(program).args(args).stdin(Stdio::null()).stdout(log).stderr(err).spawn())
+        .run(move || {
+            let mut cmd = Command::new(program);
+            cmd.args(args).stdin(Stdio::null()).stdout(log).stderr(err);
+            if let Some(p) = &placement {
+                p.apply(&mut cmd);
+            }
+            cmd.spawn()
+        })
         .await?
         .map_err(EngineError::io("spawn the destination QEMU"))?;
     let pid = child.id();
@@ -435,225 +485,4 @@ async fn wait_for_qmp(
             Err(e) => return Err(EngineError::Qmp(e)),
         }
     }
-}
-
-/// Serves the authenticated streams of one migration.
-/// What the stream acceptors of one incoming migration work with.
-struct Streams {
-    qmp: QmpClient,
-    bus: EventBus,
-    nbd: Option<NbdExports>,
-    state_dir: PathBuf,
-    multifd: bool,
-    drives: Vec<String>,
-    resumed: watch::Receiver<bool>,
-    /// Set once the source was told the VM resumed.
-    told: watch::Sender<bool>,
-    /// The migration's cancel signal: the source announces a cancel on the control stream.
-    cancel: CancelToken,
-}
-
-/// Aborts the tasks it holds when dropped: the acceptors die with `serve_streams`, so nothing
-/// keeps the incoming QEMU's single-client QMP connection once the migration ended.
-struct AbortOnDrop(Vec<tokio::task::AbortHandle>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        for t in &self.0 {
-            t.abort();
-        }
-    }
-}
-
-async fn serve_streams(mut expected: Expected, streams: Streams) {
-    let Streams { qmp, bus, nbd, state_dir, multifd, drives, mut resumed, told, cancel } = streams;
-    let mut children = AbortOnDrop(Vec::new());
-    for drive in drives {
-        let key = format!("nbd:{drive}");
-        let sock = state_dir.join("nbd.sock");
-        // One acceptor per drive; each connection relays to QEMU's NBD server.
-        let Some(mut rx) = expected.take_stream(&key) else { continue };
-        let acceptor = tokio::spawn(async move {
-            while let Some(mut tcp) = rx.recv().await {
-                let sock = sock.clone();
-                tokio::spawn(async move {
-                    match UnixStream::connect(&sock).await {
-                        Ok(mut unix) => {
-                            let _ = relay::relay(&mut tcp, &mut unix).await;
-                        }
-                        Err(e) => tracing::warn!(error = %e, "NBD server unreachable"),
-                    }
-                });
-            }
-        });
-        children.0.push(acceptor.abort_handle());
-    }
-    // Control stream.
-    let ctl_task = {
-        let (qmp, bus) = (qmp.clone(), bus.clone());
-        let rx = expected.take_stream(ctl::STREAM);
-        tokio::spawn(async move {
-            let Some(mut rx) = rx else { return };
-            let Some(stream) = rx.recv().await else { return };
-            let mut c = Ctl::new(stream);
-            let told_tx = told;
-            let mut told = false;
-            loop {
-                let line = tokio::select! {
-                    line = c.recv() => match line {
-                        Ok(l) => l,
-                        Err(_) => return,
-                    },
-                    r = async { resumed.wait_for(|r| *r).await.map(|_| ()) }, if !told => {
-                        told = true;
-                        if r.is_ok() && c.send(ctl::RESUMED).await.is_err() {
-                            return;
-                        }
-                        told_tx.send_replace(true);
-                        continue;
-                    }
-                };
-                if let Some(reason) = line.strip_prefix(ctl::CANCEL) {
-                    cancel.cancel(format!("the source cancelled:{reason}"));
-                    continue;
-                }
-                if line == ctl::STORAGE_DONE {
-                    let reply = match &nbd {
-                        Some(e) => {
-                            match storage::stop_exports(&qmp, &bus, e, Duration::from_secs(30)).await {
-                                Ok(()) => ctl::OK.to_owned(),
-                                Err(err) => format!("error {err}"),
-                            }
-                        }
-                        None => ctl::OK.to_owned(),
-                    };
-                    if c.send(&reply).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        })
-    };
-    // RAM.
-    let Some(mut rx) = expected.take_stream("ram") else { return };
-    if multifd {
-        let sock = state_dir.join("ram.sock");
-        if let Err(e) = compute::start_incoming(&qmp, &format!("unix:{}", sock.display())).await {
-            tracing::error!(error = %e, "migrate-incoming failed");
-            return;
-        }
-        while let Some(mut tcp) = rx.recv().await {
-            let sock = sock.clone();
-            tokio::spawn(async move {
-                if let Ok(mut unix) = UnixStream::connect(&sock).await {
-                    let _ = relay::relay(&mut tcp, &mut unix).await;
-                }
-            });
-        }
-    } else if let Some(tcp) = rx.recv().await {
-        let result = async {
-            let std = tcp.into_std().map_err(EngineError::io("detach the RAM stream"))?;
-            qmp.getfd("kmr-ram", std.as_fd()).await?;
-            drop(std);
-            compute::start_incoming(&qmp, "fd:kmr-ram").await?;
-            Ok::<(), EngineError>(())
-        }
-        .await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "cannot start the incoming RAM stream");
-        }
-    }
-    children.0.push(ctl_task.abort_handle());
-    // Stay registered (late NBD reconnects) until the migration ends and aborts this task.
-    std::future::pending::<()>().await;
-    drop(expected);
-}
-
-/// Waits for the VM to arrive: RESUME releases the plug; MIGRATION completed ends it.
-///
-/// # Errors
-/// QEMU exiting, the migration failing, the deadline, or `cancel` before RESUME.
-pub async fn receive(
-    mut inc: Incoming,
-    log: EventLog,
-    cancel: CancelToken,
-    timeout: Duration,
-) -> Result<(CutoverTimes, u64), EngineError> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut times = CutoverTimes::default();
-    let mut resumed = false;
-    loop {
-        tokio::select! {
-            ev = inc.sub.next() => {
-                let Some(ev) = ev else { return Err(EngineError::QemuExited("QMP connection closed".into())) };
-                match ev.name.as_str() {
-                    "RESUME" if !resumed => {
-                        resumed = true;
-                        let released = network::release_plug(inc.sandbox_ns.as_ref(), &inc.net).await?;
-                        inc.resumed_tx.send_replace(true);
-                        let resume_at = ev.qemu_timestamp.unwrap_or(ev.received_at);
-                        times.resume_unix_nanos = unix_nanos(resume_at);
-                        times.plug_released_unix_nanos = unix_nanos(released);
-                        times.resume_to_plug_release_nanos = released.duration_since(resume_at).map_or(0, |d| d.as_nanos() as u64);
-                        tracing::info!(reaction_us = times.resume_to_plug_release_nanos / 1000, plugged = inc.net.plugged, "RESUME: plug released");
-                        if let Err(e) = inc.qmp.execute("announce-self", Some(serde_json::json!({
-                            "initial": 50, "max": 550, "rounds": 5, "step": 100
-                        }))).await {
-                            tracing::warn!(error = %e, "announce-self failed");
-                        }
-                        let mut e = Event::new(Phase::Cutover, "VM resumed here; plug released");
-                        e.cutover = Some(times.clone());
-                        log.push(e);
-                    }
-                    "MIGRATION" => match ev.data_str("status").map(MigrationStatus::from) {
-                        Some(MigrationStatus::Completed) => {
-                            if resumed {
-                                break;
-                            }
-                            // QEMU starts the VM itself when the source was running at the end;
-                            // katamaran stops the source first (controlled switchover), so the
-                            // VM arrives paused and is started here. RESUME follows either way.
-                            match inc.qmp.query_status().await {
-                                Ok(st) if !st.running => inc.qmp.cont().await?,
-                                Ok(_) => {}
-                                Err(e) => return Err(e.into()),
-                            }
-                            continue;
-                        }
-                        Some(MigrationStatus::Failed) => {
-                            // A cancel on the source breaks the stream; its announcement on the
-                            // control stream may still be on its way.
-                            if let Ok(reason) = tokio::time::timeout(Duration::from_millis(500), cancel.cancelled()).await {
-                                return Err(EngineError::Cancelled(reason));
-                            }
-                            return Err(EngineError::Precondition("incoming migration failed in QEMU".into()));
-                        }
-                        Some(MigrationStatus::Active) if log.phase() < Phase::Ram => {
-                            log.push(Event::new(Phase::Ram, "receiving RAM"));
-                        }
-                        _ => {}
-                    },
-                    _ => {}
-                }
-                if resumed && matches!(inc.qmp.query_status().await, Ok(s) if s.running) {
-                    // RESUME seen and the VM runs: the migration is complete on this side.
-                    break;
-                }
-            }
-            _ = inc.exited.changed() => {
-                let status = inc.exited.borrow().clone().unwrap_or_default();
-                return Err(EngineError::QemuExited(status));
-            }
-            reason = cancel.cancelled(), if !resumed => return Err(EngineError::Cancelled(reason)),
-            () = tokio::time::sleep_until(deadline) => return Err(EngineError::Timeout(format!("waiting for the VM after {timeout:?}"))),
-        }
-    }
-    let drops = network::plug_drops(inc.sandbox_ns.as_ref(), &inc.net).await.unwrap_or(0);
-    // Let the control stream tell the source before its task (and its QMP handle) goes.
-    let _ = tokio::time::timeout(Duration::from_secs(2), inc.told_rx.wait_for(|t| *t)).await;
-    for t in &inc.tasks {
-        t.abort();
-    }
-    tracing::info!(elapsed = ?inc.started.elapsed(), drops, "incoming VM running");
-    Ok((times, drops))
 }

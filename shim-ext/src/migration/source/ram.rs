@@ -1,0 +1,426 @@
+//! RAM on the source, up to QEMU's `completed`: pre-copy with the engine's own switchover
+//! decision (swap the routes, let in-flight packets land, stop), the storage hand-off at
+//! `pre-switchover`, and the STOP watcher that swaps the routes when QEMU stops first.
+
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{peer_message, spawn_stream_relay, Machine, SourceEnv, SourceRequest};
+use crate::convert::unix_nanos;
+use crate::migration::ctl::{Ctl, CtlMsg};
+use crate::migration::error::EngineError;
+use crate::migration::events::{CutoverTimes, Event, Phase, RamProgress};
+use crate::migration::failpoint;
+use crate::migration::network::SourceForward;
+use crate::migration::options::{downtime_from_rtt, next_downtime_limit, MigrationOptions};
+use crate::migration::protocol::SourceInput;
+use crate::migration::qemu::{self, compute, mirror, EventBus, MirrorJob, QemuFeatures, RamConfig};
+use crate::net::NetnsHandle;
+use crate::qmp::{EventKind, MigrationStatus, QmpClient};
+
+/// How often RAM progress is polled (for the switchover decision) ...
+const POLL_EVERY: Duration = Duration::from_millis(25);
+/// ... and how often a poll is reported as an event.
+const REPORT_EVERY_POLLS: u32 = 20;
+/// After the route swap and before QEMU may stop the VM: packets already routed into the sandbox
+/// (in the veth and the tap) reach the still-running VM.
+const SWITCHOVER_SETTLE: Duration = Duration::from_millis(2);
+/// The longest the paused source waits for the destination to release its disks.
+const STORAGE_RELEASE_LIMIT: Duration = Duration::from_secs(10);
+/// The longest the mirrors may take to settle at pre-switchover (the guest is paused).
+const MIRROR_SETTLE_LIMIT: Duration = Duration::from_secs(30);
+/// How long the STOP watcher may lag QEMU's completion.
+const STOP_SEEN_LIMIT: Duration = Duration::from_secs(5);
+
+/// The RAM phase's inputs.
+pub(super) struct Ram<'a> {
+    pub(super) req: &'a SourceRequest,
+    pub(super) qmp: &'a QmpClient,
+    pub(super) bus: &'a EventBus,
+    pub(super) node: &'a Arc<NetnsHandle>,
+    pub(super) forward: &'a SourceForward,
+    pub(super) env: &'a SourceEnv,
+    pub(super) features: &'a QemuFeatures,
+    pub(super) options: &'a MigrationOptions,
+}
+
+/// QEMU completed: the cutover's instants so far.
+#[derive(Debug)]
+pub(super) struct Done {
+    pub(super) times: CutoverTimes,
+}
+
+impl Ram<'_> {
+    /// Configures and starts the RAM migration and runs it to QEMU's `completed`.
+    ///
+    /// # Errors
+    /// QEMU, the streams, the control stream, a cancel or the deadline.
+    pub(super) async fn run(
+        &self,
+        jobs: &[MirrorJob],
+        rtt: Duration,
+        ctl: &mut Ctl,
+        machine: &mut Machine,
+    ) -> Result<Done, EngineError> {
+        let Self { req, qmp, bus, node, forward, env, features, options } = *self;
+        let (log, cleanup, cancel) = (&env.log, &env.cleanup, env.gate.token());
+        let mut ram = RamConfig::from_options(options);
+        ram.pause_before_switchover = !jobs.is_empty();
+        if options.auto_downtime {
+            ram.downtime_limit = downtime_from_rtt(ram.downtime_limit, rtt);
+        }
+        compute::configure(qmp, features, &ram).await?;
+        // Controlled switchover: QEMU may stop the VM on its own only when nothing is left to
+        // send (limit 0); katamaran decides the moment, swaps the route first, then gives QEMU
+        // the real limit. A packet that reaches a stopped source is read by QEMU once and parked
+        // inside it, out of reach; swapping before STOP means no packet reaches a stopped source.
+        set_downtime_limit(qmp, Duration::ZERO).await?;
+        let mut status_sub = bus.subscribe();
+        let times = Arc::new(Mutex::new(CutoverTimes::default()));
+        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+        let swapped = Arc::new(AtomicBool::new(false));
+        let watcher = tokio::spawn(watch_stop(
+            swapped.clone(),
+            bus.subscribe(),
+            node.clone(),
+            forward.clone(),
+            times.clone(),
+            log.clone(),
+            stop_tx,
+        ));
+        let abort_watcher = watcher.abort_handle();
+        cleanup.push("stop the STOP watcher", move || async move {
+            abort_watcher.abort();
+            Ok::<(), String>(())
+        });
+        let uri = start_ram_stream(node, req, qmp, &ram, cleanup).await?;
+        {
+            // Before the commit the source gets its VM back whatever stage QEMU reached: the
+            // migration cancelled and ended first, then `cont`, then the routes.
+            let (q, n, f, swapped) = (qmp.clone(), node.clone(), forward.clone(), swapped.clone());
+            cleanup.push("resume the source VM and restore its routes", move || async move {
+                let resumed = super::resume_before_commit(&q, Duration::from_secs(30)).await;
+                // Only routes that moved go back: an untouched route stays exactly as it was.
+                let restored =
+                    if swapped.load(Ordering::SeqCst) { f.restore(n.as_ref()).await } else { Ok(()) };
+                resumed.map_err(|e| e.to_string())?;
+                restored.map_err(|e| e.to_string())
+            });
+        }
+        compute::start_outgoing(qmp, &uri).await?;
+        log.push(Event::new(
+            Phase::Ram,
+            format!("RAM pre-copy to {} (downtime limit {:?})", req.dest_node, ram.downtime_limit),
+        ));
+        failpoint::point("source-ram").await?;
+
+        let deadline = tokio::time::Instant::now() + options.ram_timeout;
+        let mut ticker = tokio::time::interval(POLL_EVERY);
+        let mut polls: u32 = 0;
+        let mut remaining_history: Vec<u64> = Vec::new();
+        let mut last_iteration = 0;
+        let mut downtime_limit = ram.downtime_limit;
+        loop {
+            tokio::select! {
+                ev = status_sub.next() => {
+                    let Some(ev) = ev else { return Err(EngineError::QmpClosed) };
+                    let EventKind::Migration(status) = ev.kind() else { continue };
+                    match status {
+                        MigrationStatus::PreSwitchover => {
+                            failpoint::point("source-pre-switchover").await?;
+                            settle_storage(qmp, bus, jobs, ctl, machine).await?;
+                            compute::continue_after_switchover(qmp).await?;
+                        }
+                        // The statistics are read after the commit: not on the guest's pause.
+                        MigrationStatus::Completed => break,
+                        MigrationStatus::Failed => {
+                            let info = qmp.query_migrate().await?;
+                            return Err(EngineError::QemuMigrationFailed(
+                                info.error_desc.unwrap_or_else(|| "no reason given".into())));
+                        }
+                        MigrationStatus::Cancelled => return Err(EngineError::Cancelled("migration cancelled in QEMU".into())),
+                        _ => {}
+                    }
+                }
+                _ = ticker.tick() => {
+                    let (status, p) = compute::progress(qmp).await?;
+                    polls = polls.wrapping_add(1);
+                    let limit_ms = u64::try_from(downtime_limit.as_millis()).unwrap_or(u64::MAX);
+                    if !swapped.load(Ordering::SeqCst) && status == MigrationStatus::Active && converged(&p, limit_ms) {
+                        switchover(qmp, node, forward, &swapped, &times, downtime_limit, &p, env).await?;
+                        continue;
+                    }
+                    if options.auto_downtime && p.iteration > last_iteration {
+                        last_iteration = p.iteration;
+                        remaining_history.push(p.remaining_bytes);
+                        if let Some(next) = next_downtime_limit(downtime_limit, &remaining_history) {
+                            tracing::warn!(from = ?downtime_limit, to = ?next, "RAM does not converge: raising the downtime limit");
+                            downtime_limit = next;
+                            remaining_history.clear();
+                        }
+                    }
+                    if log.phase() == Phase::Ram && polls % REPORT_EVERY_POLLS == 1 {
+                        let mut e = Event::new(Phase::Ram, "pre-copy");
+                        e.ram = Some(p);
+                        log.push(e);
+                    }
+                }
+                r = async { stop_rx.wait_for(|s| *s).await.map(|_| ()) }, if !matches!(machine.state, crate::migration::protocol::SourceState::Switchover { .. }) => {
+                    if r.is_ok() {
+                        machine.step(SourceInput::Stopped)?;
+                        failpoint::point("source-after-stop").await?;
+                    }
+                }
+                msg = ctl.recv() => match msg {
+                    // The destination's vote can overtake QEMU's own completion.
+                    Ok(CtlMsg::Prepared) => { machine.step(SourceInput::Voted)?; }
+                    Ok(m) => return Err(peer_message(m, "RAM pre-copy")),
+                    Err(e) => return Err(EngineError::ctl("RAM pre-copy")(e)),
+                },
+                reason = cancel.cancelled() => return Err(EngineError::Cancelled(reason)),
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(EngineError::Timeout { what: "in RAM pre-copy", after: options.ram_timeout });
+                }
+            }
+        }
+        // QEMU stopped the VM before it reported completion; the STOP watcher reacts to that STOP
+        // on its own subscription: wait until its route swap is recorded.
+        if tokio::time::timeout(STOP_SEEN_LIMIT, stop_rx.wait_for(|h| *h)).await.is_err() {
+            tracing::warn!("no STOP seen before completion");
+        }
+        if !matches!(machine.state, crate::migration::protocol::SourceState::Switchover { .. }) {
+            machine.step(SourceInput::Stopped)?;
+        }
+        let times = times.lock().map(|t| t.clone()).unwrap_or_default();
+        Ok(Done { times })
+    }
+}
+
+/// At `pre-switchover` (the guest paused): completes the mirrors consistently and has the
+/// destination stop its NBD exports, each wait bounded.
+async fn settle_storage(
+    qmp: &QmpClient,
+    bus: &EventBus,
+    jobs: &[MirrorJob],
+    ctl: &mut Ctl,
+    machine: &mut Machine,
+) -> Result<(), EngineError> {
+    mirror::complete_consistent(qmp, bus, jobs, MIRROR_SETTLE_LIMIT).await?;
+    ctl.send(CtlMsg::StorageDone).map_err(EngineError::ctl("releasing the disks"))?;
+    let until = tokio::time::Instant::now() + STORAGE_RELEASE_LIMIT;
+    loop {
+        let msg = tokio::time::timeout_at(until, ctl.recv())
+            .await
+            .map_err(|_| EngineError::Timeout {
+                what: "for the destination to release its disks",
+                after: STORAGE_RELEASE_LIMIT,
+            })?
+            .map_err(EngineError::ctl("the destination released its disks"))?;
+        match msg {
+            CtlMsg::StorageReleased => return Ok(()),
+            CtlMsg::StorageError(why) => return Err(EngineError::StorageRelease(why)),
+            CtlMsg::Prepared => {
+                machine.step(SourceInput::Voted)?;
+            }
+            other => return Err(peer_message(other, "the destination released its disks")),
+        }
+    }
+}
+
+/// The engine's switchover: QEMU gets its real limit, the routes move to the destination, the
+/// in-flight packets land, the VM stops.
+#[allow(clippy::too_many_arguments)]
+async fn switchover(
+    qmp: &QmpClient,
+    node: &Arc<NetnsHandle>,
+    forward: &SourceForward,
+    swapped: &AtomicBool,
+    times: &Mutex<CutoverTimes>,
+    limit: Duration,
+    p: &RamProgress,
+    env: &SourceEnv,
+) -> Result<(), EngineError> {
+    // Converged: forward first, then stop the VM ourselves. Raising QEMU's limit instead left
+    // the VM running (and its traffic at the destination's plug) for up to 400 ms until QEMU's
+    // next threshold update.
+    let lead = Instant::now();
+    set_downtime_limit(qmp, limit).await?;
+    let acked = forward.swap(node.as_ref()).await?;
+    swapped.store(true, Ordering::SeqCst);
+    if let Ok(mut t) = times.lock() {
+        t.route_swapped_unix_nanos = unix_nanos(acked);
+    }
+    env.log.push(Event::new(Phase::Cutover, "switchover: VM routes forward to the destination"));
+    tokio::time::sleep(SWITCHOVER_SETTLE).await;
+    qmp.stop().await?;
+    tracing::info!(
+        expected_downtime_ms = p.expected_downtime_ms,
+        remaining = p.remaining_bytes,
+        swap_to_stop_us = lead.elapsed().as_micros(),
+        "switchover: VM routes forward to the destination, source VM stopped"
+    );
+    Ok(())
+}
+
+/// Opens the RAM transport and returns the `migrate` URI. A single stream is handed to QEMU as
+/// an fd (no userspace copy); multifd opens several connections, which QEMU 7.2 cannot take as
+/// fds, so they go through a local unix socket and a relay each.
+async fn start_ram_stream(
+    node: &Arc<NetnsHandle>,
+    req: &SourceRequest,
+    qmp: &QmpClient,
+    ram: &RamConfig,
+    cleanup: &crate::migration::cleanup::Cleanup,
+) -> Result<String, EngineError> {
+    if ram.multifd_channels.is_none() {
+        let tcp = super::connect(node, req, "ram").await?;
+        let std = tcp.into_std().map_err(EngineError::io("detach the RAM stream"))?;
+        let name = "kmr-ram";
+        qmp.getfd(name, std.as_fd()).await?;
+        drop(std);
+        return Ok(format!("fd:{name}"));
+    }
+    let path = req.state_dir.join("ram.sock");
+    spawn_stream_relay(node, req, req.ram_endpoint, "ram", &path, cleanup)?;
+    Ok(format!("unix:{}", path.display()))
+}
+
+/// Reacts to STOP with the route swap (when the engine's switchover did not come first) and to
+/// a later RESUME (QEMU restarted the source after a failure) with the routes put back. Runs
+/// until aborted.
+async fn watch_stop(
+    swapped: Arc<AtomicBool>,
+    mut sub: qemu::Subscription,
+    node: Arc<NetnsHandle>,
+    forward: SourceForward,
+    times: Arc<Mutex<CutoverTimes>>,
+    log: crate::migration::events::EventLog,
+    stop_seen: tokio::sync::watch::Sender<bool>,
+) {
+    let mut stopped = false;
+    while let Some(ev) = sub.next().await {
+        match ev.kind() {
+            EventKind::Stop if !stopped => {
+                stopped = true;
+                let seen = Instant::now();
+                let stop_at = ev.qemu_timestamp.unwrap_or(ev.received_at);
+                let mut t = times.lock().map(|t| t.clone()).unwrap_or_default();
+                t.stop_unix_nanos = unix_nanos(stop_at);
+                let message = if swapped.load(Ordering::SeqCst) {
+                    tracing::info!(
+                        lead_us = t.stop_unix_nanos.saturating_sub(t.route_swapped_unix_nanos) / 1000,
+                        "STOP: the VM routes already forward to the destination"
+                    );
+                    "source stopped; VM routes were swapped before the stop"
+                } else {
+                    let result = forward.swap(node.as_ref()).await;
+                    // The poll loop must not swap (and re-time) a second time.
+                    swapped.store(true, Ordering::SeqCst);
+                    match result {
+                        Ok(acked) => {
+                            t.route_swapped_unix_nanos = unix_nanos(acked);
+                            t.stop_to_route_swap_nanos =
+                                acked.duration_since(stop_at).map_or(0, |d| d.as_nanos() as u64);
+                            tracing::info!(
+                                reaction_us = t.stop_to_route_swap_nanos / 1000,
+                                delivery_us = ev.delivery_latency().map_or(0, |d| d.as_micros()),
+                                swap_us = seen.elapsed().as_micros(),
+                                "STOP: VM routes now forward to the destination"
+                            );
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "STOP: route swap failed; packets reach the paused source")
+                        }
+                    }
+                    "source stopped; VM routes forward to the destination"
+                };
+                if let Ok(mut shared) = times.lock() {
+                    *shared = t.clone();
+                }
+                let mut e = Event::new(Phase::Cutover, message);
+                e.cutover = Some(t);
+                log.push(e);
+                stop_seen.send_replace(true);
+            }
+            EventKind::Resume if stopped => {
+                stopped = false;
+                match forward.restore(node.as_ref()).await {
+                    Ok(()) => {
+                        tracing::warn!("source VM resumed after STOP: VM routes restored to the sandbox")
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "source VM resumed but its routes could not be restored")
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// How close to the end of what is left the switchover happens even if that exceeds the
+/// downtime limit: QEMU completes by itself once nothing is dirty (an idle guest at the end of
+/// its first pass), so the switchover must come before that, within two polls.
+const SWITCHOVER_HORIZON: Duration = Duration::from_millis(50);
+
+/// Bytes left at which the switchover happens whatever the rate says: with its limit at 0 QEMU
+/// ends the first pass by completing on its own (it never syncs the dirty bitmap below a zero
+/// threshold), and zero pages go by faster than the measured rate predicts.
+const SWITCHOVER_BYTES: u64 = 64 << 20;
+
+/// Whether to switch over now: the rest of RAM fits the downtime limit or the two-poll horizon
+/// at the measured rate, or is down to a quarter of the guest's RAM (at most
+/// [`SWITCHOVER_BYTES`]). QEMU's own estimate is useless here, its limit being 0 until then.
+fn converged(p: &RamProgress, limit_ms: u64) -> bool {
+    if p.iteration < 1 {
+        return false;
+    }
+    if p.total_bytes > 0 && p.remaining_bytes <= (p.total_bytes / 4).min(SWITCHOVER_BYTES) {
+        return true;
+    }
+    if p.throughput_bytes_per_second == 0 {
+        return false;
+    }
+    let remaining_ms = u128::from(p.remaining_bytes) * 1000 / u128::from(p.throughput_bytes_per_second);
+    remaining_ms <= u128::from(limit_ms.max(SWITCHOVER_HORIZON.as_millis() as u64))
+}
+
+async fn set_downtime_limit(qmp: &QmpClient, limit: Duration) -> Result<(), EngineError> {
+    let ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
+    qmp.execute("migrate-set-parameters", Some(serde_json::json!({ "downtime-limit": ms }))).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn convergence_needs_a_full_pass_and_a_rate() {
+        let p = |iteration, remaining_bytes, throughput_bytes_per_second| RamProgress {
+            iteration,
+            remaining_bytes,
+            throughput_bytes_per_second,
+            total_bytes: 1 << 30,
+            ..RamProgress::default()
+        };
+        assert!(!converged(&p(0, 0, 100_000_000), 25), "not started");
+        assert!(!converged(&p(1, 133_000_000, 100_000_000), 25), "most of the first pass left");
+        assert!(!converged(&p(2, 300 << 20, 0), 25), "no rate measured yet, far from the end");
+        assert!(converged(&p(1, 4_000_000, 100_000_000), 25), "40 ms left: inside the horizon");
+        assert!(converged(&p(2, 2_000_000, 100_000_000), 25), "20 ms left at 100 MB/s");
+        assert!(!converged(&p(5, 100 << 20, 1_000_000_000), 25), "105 ms left, above the byte cap");
+        assert!(converged(&p(5, 100 << 20, 1_000_000_000), 200), "a larger limit");
+        assert!(converged(&p(1, 60 << 20, 0), 25), "near the end of the pass, rate or not");
+        assert!(!converged(&p(1, 300 << 20, 0), 25), "a quarter of 1 GiB is above the cap");
+        let small = RamProgress {
+            iteration: 1,
+            remaining_bytes: 30 << 20,
+            total_bytes: 128 << 20,
+            ..RamProgress::default()
+        };
+        assert!(converged(&small, 25), "a quarter of a 128 MiB guest");
+    }
+}

@@ -1,0 +1,72 @@
+//! STORAGE on the source: one NBD relay and one `blockdev-mirror` per local disk, until every
+//! mirror is in sync. A cancel, a destination's cancel request or a lost peer ends it.
+
+use std::time::Duration;
+
+use super::{peer_message, spawn_stream_relay, SourceEnv, SourceRequest};
+use crate::migration::ctl::Ctl;
+use crate::migration::error::EngineError;
+use crate::migration::events::{Event, Phase};
+use crate::migration::options::MigrationOptions;
+use crate::migration::qemu::{self, mirror, DiskInfo, EventBus, MirrorJob, NbdAddress};
+use crate::qmp::QmpClient;
+
+/// Mirrors `disks` to the destination; returns the jobs once every one is ready.
+///
+/// # Errors
+/// A mirror's failure, [`EngineError::Cancelled`], the control stream's end.
+pub(super) async fn mirror(
+    req: &SourceRequest,
+    qmp: &QmpClient,
+    bus: &EventBus,
+    disks: &[DiskInfo],
+    options: &MigrationOptions,
+    env: &SourceEnv,
+    ctl: &mut Ctl,
+) -> Result<Vec<MirrorJob>, EngineError> {
+    let (log, cleanup) = (&env.log, &env.cleanup);
+    log.push(Event::new(Phase::Storage, format!("mirroring {} disk(s) to {}", disks.len(), req.dest_node)));
+    let mut jobs = Vec::new();
+    for disk in disks {
+        let path = req.state_dir.join(format!("nbd-{}.sock", qemu::storage::qemu_id("", &disk.drive_id)));
+        let endpoint = *req
+            .nbd_endpoints
+            .get(&disk.drive_id)
+            .ok_or_else(|| EngineError::Invalid(format!("no NBD endpoint for {}", disk.drive_id)))?;
+        spawn_stream_relay(&env.node, req, endpoint, &format!("nbd:{}", disk.drive_id), &path, cleanup)?;
+        let job = mirror::start_mirror(qmp, disk, &NbdAddress::Unix(path.clone()), &disk.drive_id).await?;
+        if let Some(speed) = options.max_bandwidth {
+            // --bandwidth caps the storage streams too.
+            qmp.execute(
+                "block-job-set-speed",
+                Some(serde_json::json!({ "device": job.job_id, "speed": speed })),
+            )
+            .await?;
+        }
+        let (q, b, j) = (qmp.clone(), bus.clone(), job.clone());
+        cleanup.push(format!("abort mirror {}", job.drive_id), move || async move {
+            mirror::abort(&q, &b, &[j], Duration::from_secs(30)).await
+        });
+        jobs.push(job);
+    }
+    let mut sub = bus.subscribe();
+    let log2 = log.clone();
+    let ready = tokio::select! {
+        r = mirror::wait_ready(qmp, &mut sub, &jobs, options.storage_timeout, |p| {
+            let mut e = Event::new(Phase::Storage, "mirroring");
+            e.storage = Some(p.to_vec());
+            log2.push(e);
+        }) => r?,
+        reason = env.gate.token().cancelled() => return Err(EngineError::Cancelled(reason)),
+        msg = ctl.recv() => {
+            return Err(match msg {
+                Ok(m) => peer_message(m, "mirroring"),
+                Err(e) => EngineError::ctl("mirroring")(e),
+            })
+        }
+    };
+    let mut e = Event::new(Phase::Storage, "every mirror is in sync");
+    e.storage = Some(ready);
+    log.push(e);
+    Ok(jobs)
+}

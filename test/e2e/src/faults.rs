@@ -1,0 +1,236 @@
+//! A lab for the ownership protocol's fault tests and the soak: one guest, both agents with
+//! fail points, `katactl` migrations in the background, holds to act at exact moments, and the
+//! checks every fault row makes (one QEMU runs the guest, the same guest, nothing left).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use katamaran_protos::v1 as pb;
+
+use crate::agents::{self, CtlRun, Engine, Snapshot};
+use crate::{artifacts, netns, Lab, LabConfig, Node, Skip};
+
+/// The guest's address.
+pub const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
+/// How long a test waits for a migration to reach a held fail point.
+pub const HOLD_WAIT: Duration = Duration::from_secs(120);
+/// How long one migration may take.
+pub const MIGRATION_DEADLINE: Duration = Duration::from_secs(180);
+
+/// Prints the skip line and returns `None` when a prerequisite is missing.
+pub fn check<T>(r: Result<T, Skip>) -> Option<T> {
+    r.map_err(|skip| skip.report()).ok()
+}
+
+/// The lab, its agents, the guest's sandbox id and the fail points' directory.
+#[derive(Debug)]
+pub struct FaultLab {
+    /// Both agents.
+    pub engine: Engine,
+    /// The lab.
+    pub lab: Lab,
+    /// The guest's sandbox id.
+    pub id: &'static str,
+    holds: PathBuf,
+    /// Whether the guest's disks are shared (else they are mirrored first).
+    shared: bool,
+}
+
+impl FaultLab {
+    /// A lab, a VM on node-a, both agents with `fail_a` / `fail_b` as their fail points.
+    #[allow(clippy::missing_panics_doc)]
+    pub fn boot(id: &'static str, fail_a: &str, fail_b: &str) -> Option<Self> {
+        Self::boot_with_disks(id, "shared:1", fail_a, fail_b)
+    }
+
+    /// [`FaultLab::boot`] with the guest's disks (`shared:N`, `local:N`).
+    #[allow(clippy::missing_panics_doc)]
+    pub fn boot_with_disks(id: &'static str, disks: &str, fail_a: &str, fail_b: &str) -> Option<Self> {
+        check(artifacts::require_vm_lab())?;
+        check(artifacts::ensure_guest_image().expect("hack/guest/build.sh failed"))?;
+        let (lab, _) = Lab::up(LabConfig::unique()).expect("lab up");
+        lab.sandbox(Node::A, id, POD, None).expect("sandbox on node-a");
+        lab.run(&["vm", "node-a", id, "--disks", disks, "--disk-size", "64M", "--timeout", "180"])
+            .expect("the guest boots");
+        let holds = lab.scratch_path("failpoints");
+        std::fs::create_dir_all(&holds).expect("fail point dir");
+        let engine = Engine::start_with(&lab, &fail_env(&holds, fail_a), &fail_env(&holds, fail_b))
+            .expect("both agents serve");
+        Some(Self { engine, lab, id, holds, shared: !disks.starts_with("local") })
+    }
+
+    /// Restarts both agents with new fail points (they recover from their journals first).
+    #[allow(clippy::missing_panics_doc)]
+    pub fn restart_agents(&mut self, fail_a: &str, fail_b: &str) {
+        for entry in std::fs::read_dir(&self.holds).into_iter().flatten().flatten() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+        // The old agents go first: the new ones take the same sockets and data port.
+        for node in [Node::A, Node::B] {
+            let _ = self.engine.agent_mut(node).stop(Duration::from_secs(5));
+        }
+        let engine =
+            Engine::start_with(&self.lab, &fail_env(&self.holds, fail_a), &fail_env(&self.holds, fail_b));
+        self.engine = engine.expect("both agents serve again");
+    }
+
+    #[allow(clippy::missing_panics_doc)]
+    pub fn boot_id(&self) -> String {
+        let body = netns::http_get(
+            &self.lab.netns("client"),
+            SocketAddr::new(POD.into(), 80),
+            Duration::from_secs(10),
+        )
+        .expect("HTTP from the client");
+        let page: serde_json::Value = serde_json::from_str(&body).expect("JSON page");
+        page["boot_id"].as_str().expect("boot_id").to_owned()
+    }
+
+    #[allow(clippy::missing_panics_doc)]
+    pub fn status(&self, node: Node) -> Option<String> {
+        self.engine.inspect(node, self.id).ok().map(|s| s.qemu_status)
+    }
+
+    #[allow(clippy::missing_panics_doc)]
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot::take(&self.lab, &[&format!("sb-node-a-{}", self.id)]).expect("snapshot")
+    }
+
+    /// Starts `katactl migrate` in the background (it returns when the migration ends).
+    #[allow(clippy::missing_panics_doc)]
+    pub fn migrate_in_background(&self, from: Node, extra: &[&str]) -> std::thread::JoinHandle<CtlRun> {
+        let bin = self.engine.bins().katactl.clone();
+        let to = agents::other(from);
+        let (src, dst) = (self.engine.agent(from).endpoint(), self.engine.agent(to).endpoint());
+        let mut args: Vec<String> =
+            ["-r", &src, "-o", "json", "migrate", self.id, "--to", &dst].map(String::from).to_vec();
+        if self.shared {
+            args.push("--shared-storage".into());
+        }
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        std::thread::spawn(move || {
+            let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+            agents::katactl(&bin, &argv, MIGRATION_DEADLINE).expect("katactl runs")
+        })
+    }
+
+    /// Waits until the fail point `name` holds a migration.
+    #[allow(clippy::missing_panics_doc)]
+    pub fn wait_held(&self, name: &str) {
+        let marker = self.holds.join(format!("{name}.held"));
+        let started = Instant::now();
+        while !marker.exists() {
+            assert!(started.elapsed() < HOLD_WAIT, "the migration never reached fail point {name}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    #[allow(clippy::missing_panics_doc)]
+    pub fn release(&self, name: &str) {
+        std::fs::write(self.holds.join(format!("{name}.go")), b"").expect("release");
+    }
+
+    #[allow(clippy::missing_panics_doc)]
+    /// SIGKILLs node-b's incoming QEMU and waits for it to exit.
+    #[allow(clippy::missing_panics_doc)]
+    pub fn kill_incoming_qemu(&self) {
+        let pid = agents::incoming_qemu_pid(&self.lab, Node::B, self.id).expect("the incoming QEMU runs");
+        agents::signal(pid, nix::sys::signal::Signal::SIGKILL).expect("kill the incoming QEMU");
+        agents::wait_for_exit(pid, Duration::from_secs(10)).expect("it exits");
+    }
+
+    /// Waits (at most `limit`) until `node`'s QEMU reports the guest running.
+    pub fn wait_running(&self, node: Node, limit: Duration) {
+        let until = Instant::now() + limit;
+        while self.status(node).as_deref() != Some("running") && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The id of the newest migration `node` lists.
+    pub fn migration_id(&self, node: Node) -> String {
+        let list = self.engine.list_migrations(node).expect("ListMigrations");
+        list.iter()
+            .max_by_key(|m| m.started_unix_nanos)
+            .expect("a migration is registered")
+            .migration_id
+            .clone()
+    }
+
+    #[allow(clippy::missing_panics_doc)]
+    pub fn cancel(&self, node: Node, id: &str) -> Result<pb::CancelResponse, String> {
+        let mut req = pb::CancelRequest::new();
+        req.migration_id = id.to_owned();
+        req.reason = "cancelled by the fault test".into();
+        self.engine
+            .block_on(self.engine.client(node).cancel(katamaran::client::ctx(Duration::from_secs(10)), &req))
+            .map_err(|e| katamaran::client::rpc_text(&e))
+    }
+
+    /// After a rollback: the source VM runs the same guest and the destination kept nothing.
+    #[allow(clippy::missing_panics_doc)]
+    pub fn assert_rolled_back(&self, before: &Snapshot, boot_id: &str, what: &str) {
+        let until = Instant::now() + Duration::from_secs(30);
+        while self.status(Node::A).as_deref() != Some("running") && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(self.status(Node::A).as_deref(), Some("running"), "{what}: the source VM runs again");
+        assert_ne!(self.status(Node::B).as_deref(), Some("running"), "{what}: and only there");
+        assert_eq!(self.boot_id(), boot_id, "{what}: the same guest answers, not a rebooted one");
+        let pidfile = agents::incoming_dir(&self.lab, Node::B, self.id).join("pid");
+        let (diff, settled) = agents::wait_unchanged(
+            &self.lab,
+            before,
+            &[&format!("sb-node-a-{}", self.id)],
+            Duration::from_secs(30),
+        )
+        .expect("snapshot");
+        eprintln!("measured [{what}]: both nodes back to their snapshot {settled:?} after the end");
+        assert!(diff.is_empty(), "{what}: nothing left behind:\n{}", diff.join("\n"));
+        assert!(!pidfile.exists(), "{what}: no incoming sandbox left on node-b");
+    }
+
+    #[allow(clippy::missing_panics_doc)]
+    pub fn finish(self) {
+        let Self { engine, mut lab, .. } = self;
+        drop(engine);
+        lab.down().expect("lab down");
+    }
+}
+
+/// The link between the nodes cut until dropped: a blackhole route to the other node on each
+/// node (the kernel here has no tc drop action), removed again by `Drop`.
+#[derive(Debug)]
+pub struct LinkCut<'a> {
+    lab: &'a Lab,
+}
+
+impl<'a> LinkCut<'a> {
+    /// Cuts the link.
+    #[allow(clippy::missing_panics_doc)]
+    pub fn cut(lab: &'a Lab) -> Self {
+        for (node, peer) in [("node-a", "10.201.0.12/32"), ("node-b", "10.201.0.11/32")] {
+            lab.exec(node, &["ip", "route", "add", "blackhole", peer]).expect("blackhole route");
+        }
+        Self { lab }
+    }
+}
+
+impl Drop for LinkCut<'_> {
+    fn drop(&mut self) {
+        for (node, peer) in [("node-a", "10.201.0.12/32"), ("node-b", "10.201.0.11/32")] {
+            let _ = self.lab.exec(node, &["ip", "route", "del", "blackhole", peer]);
+        }
+    }
+}
+
+fn fail_env(holds: &std::path::Path, spec: &str) -> Vec<(&'static str, String)> {
+    vec![("KATAMARAN_FAILPOINTS", spec.to_owned()), ("KATAMARAN_FAILPOINT_DIR", holds.display().to_string())]
+}
+
+/// The summary line `katactl -o json` printed last.
+pub fn summary(run: &CtlRun) -> serde_json::Value {
+    let last = run.stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or(serde_json::Value::Null)
+}

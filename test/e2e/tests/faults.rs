@@ -1,0 +1,312 @@
+//! The ownership protocol under faults, in the two-node lab with real QEMU guests: a cancel
+//! through either side, an agent crash, a panic, each at an exact moment held by a fail point
+//! (`KATAMARAN_FAILPOINTS=<point>=hold`; the lab's agents are built with the test-only
+//! `failpoints` feature). After each: exactly one QEMU runs the guest, it is the same guest
+//! (boot id), and the side that lost the VM has nothing left.
+//!
+//! Needs root, QEMU and the guest image; without them each test prints `skipped: <why>`.
+
+use katamaran_e2e::faults::{summary, FaultLab};
+use katamaran_e2e::Node;
+
+#[test]
+fn lab_fault_cancel_through_the_destination_in_ram_rolls_back() {
+    let Some(w) = FaultLab::boot("fcd0", "source-ram=hold", "") else { return };
+    let boot_id = w.boot_id();
+    let before = w.snapshot();
+    let run = w.migrate_in_background(Node::A, &["--bandwidth", "4M"]);
+    w.wait_held("source-ram");
+    let id = w.migration_id(Node::B);
+    let cancel = {
+        // The destination passes the cancel to the source, which is held: answer after release.
+        let answer = std::thread::scope(|s| {
+            let h = s.spawn(|| w.cancel(Node::B, &id));
+            w.release("source-ram");
+            h.join().expect("cancel thread")
+        });
+        answer
+    };
+    let run = run.join().expect("katactl thread");
+    eprintln!("cancel through node-b: {cancel:?}; katactl exit {:?}: {}", run.code, run.stderr.trim());
+    assert!(matches!(&cancel, Ok(r) if r.cancelled), "the destination's cancel is accepted: {cancel:?}");
+    assert_ne!(run.code, Some(0), "the migration did not complete: {}", run.stdout);
+    let s = summary(&run);
+    assert_ne!(s["succeeded"], true, "{s}");
+    w.assert_rolled_back(&before, &boot_id, "cancel through the destination in RAM");
+    w.finish();
+}
+
+#[test]
+fn lab_fault_cancel_after_the_commit_is_refused_and_the_move_completes() {
+    let Some(w) = FaultLab::boot("fcc0", "source-after-commit=hold", "") else { return };
+    let boot_id = w.boot_id();
+    let run = w.migrate_in_background(Node::A, &[]);
+    w.wait_held("source-after-commit");
+    let id = w.migration_id(Node::A);
+    let via_source = w.cancel(Node::A, &id);
+    // The destination asks the held source, which answers once released.
+    let via_dest = std::thread::scope(|s| {
+        let h = s.spawn(|| w.cancel(Node::B, &id));
+        w.release("source-after-commit");
+        h.join().expect("cancel thread")
+    });
+    let run = run.join().expect("katactl thread");
+    eprintln!("cancel past the commit: source {via_source:?}, destination {via_dest:?}");
+    for (side, answer) in [("source", &via_source), ("destination", &via_dest)] {
+        let e = answer.as_ref().expect_err("refused past the commit");
+        assert!(
+            e.contains("FAILED_PRECONDITION") && e.contains("already belongs to the destination"),
+            "the {side} says why: {e}"
+        );
+    }
+    assert_eq!(run.code, Some(0), "the migration completes: {}\n{}", run.stderr, run.stdout);
+    assert_eq!(w.boot_id(), boot_id, "the same guest answers from node-b");
+    assert_eq!(w.status(Node::A).as_deref(), Some("postmigrate"), "the source never resumed");
+    assert_eq!(w.status(Node::B).as_deref(), Some("running"));
+    w.finish();
+}
+
+#[test]
+fn lab_fault_source_agent_crash_before_the_commit_rolls_back_on_restart() {
+    let Some(mut w) = FaultLab::boot("fsk0", "source-before-commit=hold", "") else { return };
+    let boot_id = w.boot_id();
+    let before = w.snapshot();
+    let run = w.migrate_in_background(Node::A, &[]);
+    w.wait_held("source-before-commit");
+    assert_eq!(w.status(Node::A).as_deref(), Some("postmigrate"), "held after QEMU completed");
+    w.engine.crash_and_restart(&w.lab, Node::A).expect("node-a's agent restarts");
+    let run = run.join().expect("katactl thread");
+    assert_ne!(run.code, Some(0), "not a completed migration: {}", run.stdout);
+    let listed = w.engine.list_migrations(Node::A).expect("ListMigrations on node-a");
+    let m = listed.last().expect("the restarted agent lists the migration");
+    let last = m.last_event.message.clone();
+    assert!(last.contains("rolled back"), "the restarted agent reports the rollback: {last}");
+    w.assert_rolled_back(&before, &boot_id, "source agent killed before the commit");
+    w.finish();
+}
+
+#[test]
+fn lab_fault_panic_in_the_source_task_rolls_back() {
+    let Some(w) = FaultLab::boot("fpn0", "source-ram=panic", "") else { return };
+    let boot_id = w.boot_id();
+    let before = w.snapshot();
+    let run = w.migrate_in_background(Node::A, &[]).join().expect("katactl thread");
+    assert_ne!(run.code, Some(0));
+    assert!(
+        run.stderr.contains("panicked") || run.stdout.contains("panicked"),
+        "the failure names the panic: {}\n{}",
+        run.stderr,
+        run.stdout
+    );
+    w.assert_rolled_back(&before, &boot_id, "panic in the source task");
+    w.finish();
+}
+
+#[test]
+fn lab_fault_destination_qemu_killed_after_the_load_before_the_vote_rolls_back() {
+    let Some(w) = FaultLab::boot("fdk0", "", "dest-before-vote=hold") else { return };
+    let boot_id = w.boot_id();
+    let before = w.snapshot();
+    let run = w.migrate_in_background(Node::A, &[]);
+    w.wait_held("dest-before-vote");
+    w.kill_incoming_qemu();
+    w.release("dest-before-vote");
+    let run = run.join().expect("katactl thread");
+    assert_ne!(run.code, Some(0), "not a completed migration: {}", run.stdout);
+    w.assert_rolled_back(&before, &boot_id, "destination QEMU killed after the load, before the vote");
+    w.finish();
+}
+
+#[test]
+fn lab_fault_source_agent_crash_after_the_commit_completes_on_restart() {
+    let Some(mut w) = FaultLab::boot("fsc0", "source-after-commit=hold", "") else { return };
+    let boot_id = w.boot_id();
+    let run = w.migrate_in_background(Node::A, &[]);
+    w.wait_held("source-after-commit");
+    w.engine.crash_and_restart(&w.lab, Node::A).expect("node-a's agent restarts");
+    let _ = run.join().expect("katactl thread");
+    // The restarted source re-delivers its commit; the destination, in doubt until then, runs it.
+    w.wait_running(Node::B, std::time::Duration::from_secs(60));
+    assert_eq!(
+        w.status(Node::B).as_deref(),
+        Some("running"),
+        "the destination runs the VM after the re-delivery"
+    );
+    assert_eq!(w.status(Node::A).as_deref(), Some("postmigrate"), "the source never resumed");
+    assert_eq!(w.boot_id(), boot_id, "the same guest answers");
+    w.finish();
+}
+
+#[test]
+fn lab_fault_destination_agent_crash_after_the_vote_completes_on_restart() {
+    let Some(mut w) = FaultLab::boot("fdc0", "", "dest-after-vote=hold") else { return };
+    let boot_id = w.boot_id();
+    let run = w.migrate_in_background(Node::A, &[]);
+    w.wait_held("dest-after-vote");
+    w.engine.crash_and_restart(&w.lab, Node::B).expect("node-b's agent restarts");
+    let _ = run.join().expect("katactl thread");
+    w.wait_running(Node::B, std::time::Duration::from_secs(60));
+    assert_eq!(
+        w.status(Node::B).as_deref(),
+        Some("running"),
+        "the restarted destination runs the VM: {:?}",
+        w.engine.inspect(Node::B, w.id).map(|s| s.qemu_status).map_err(|e| e.to_string())
+    );
+    assert_eq!(w.status(Node::A).as_deref(), Some("postmigrate"), "the source never resumed");
+    assert_eq!(w.boot_id(), boot_id, "the same guest answers");
+    w.finish();
+}
+
+/// A cancel through `via` while the source is held at `point`: accepted (before the commit), the
+/// migration ends without success, the source runs the same guest, nothing is left.
+fn cancel_at(id: &'static str, point: &str, via: Node, extra: &[&str]) {
+    let Some(w) = FaultLab::boot(id, &format!("{point}=hold"), "") else { return };
+    let boot_id = w.boot_id();
+    let before = w.snapshot();
+    let run = w.migrate_in_background(Node::A, extra);
+    w.wait_held(point);
+    let mid = w.migration_id(Node::A);
+    let answer = std::thread::scope(|s| {
+        // A cancel on the destination waits for the source's verdict: release while it waits.
+        let h = s.spawn(|| w.cancel(via, &mid));
+        if via == Node::A {
+            let a = h.join().expect("cancel thread");
+            w.release(point);
+            a
+        } else {
+            w.release(point);
+            h.join().expect("cancel thread")
+        }
+    });
+    let run = run.join().expect("katactl thread");
+    eprintln!("cancel at {point} through {via:?}: {answer:?}; katactl exit {:?}", run.code);
+    match &answer {
+        Ok(r) if r.cancelled => {
+            assert_ne!(run.code, Some(0), "an accepted cancel: not a completed migration: {}", run.stdout);
+            w.assert_rolled_back(&before, &boot_id, &format!("cancel at {point} through {via:?}"));
+        }
+        // The destination passes the cancel to the source, which takes messages in order: a
+        // vote already on its way commits first, and the cancel is then refused. Both sides
+        // agree either way; only a refusal that still rolled back (or the reverse) is wrong.
+        Err(e) if via == Node::B && e.contains("FAILED_PRECONDITION") => {
+            assert_eq!(run.code, Some(0), "a refused cancel: the migration completes: {}", run.stderr);
+            assert_eq!(w.status(Node::B).as_deref(), Some("running"), "the VM runs on node-b");
+            assert_eq!(w.status(Node::A).as_deref(), Some("postmigrate"), "and only there");
+            assert_eq!(w.boot_id(), boot_id, "the same guest");
+        }
+        other => panic!("the cancel at {point} through {via:?} is answered with the outcome: {other:?}"),
+    }
+    w.finish();
+}
+
+#[test]
+fn lab_fault_cancel_through_the_source_after_the_stop_rolls_back() {
+    cancel_at("fcs1", "source-after-stop", Node::A, &[]);
+}
+
+#[test]
+fn lab_fault_cancel_through_the_destination_after_the_stop_rolls_back() {
+    cancel_at("fcd1", "source-after-stop", Node::B, &[]);
+}
+
+#[test]
+fn lab_fault_cancel_through_the_source_after_qemu_completed_rolls_back() {
+    cancel_at("fcs2", "source-before-commit", Node::A, &[]);
+}
+
+#[test]
+fn lab_fault_cancel_through_the_destination_after_qemu_completed_rolls_back() {
+    cancel_at("fcd2", "source-before-commit", Node::B, &[]);
+}
+
+#[test]
+fn lab_fault_panic_in_the_destination_task_rolls_back() {
+    let Some(w) = FaultLab::boot("fpd0", "", "dest-receiving=panic") else { return };
+    let boot_id = w.boot_id();
+    let before = w.snapshot();
+    let run = w.migrate_in_background(Node::A, &[]).join().expect("katactl thread");
+    assert_ne!(run.code, Some(0), "not a completed migration: {}", run.stdout);
+    w.assert_rolled_back(&before, &boot_id, "panic in the destination task");
+    w.finish();
+}
+
+#[test]
+fn lab_fault_destination_agent_crash_in_ram_rolls_back_on_restart() {
+    let Some(mut w) = FaultLab::boot("fdr0", "", "dest-receiving=hold") else { return };
+    let boot_id = w.boot_id();
+    let before = w.snapshot();
+    let run = w.migrate_in_background(Node::A, &["--bandwidth", "4M"]);
+    w.wait_held("dest-receiving");
+    w.engine.crash_and_restart(&w.lab, Node::B).expect("node-b's agent restarts");
+    let run = run.join().expect("katactl thread");
+    assert_ne!(run.code, Some(0), "not a completed migration: {}", run.stdout);
+    w.assert_rolled_back(&before, &boot_id, "destination agent killed in RAM");
+    w.finish();
+}
+
+#[test]
+fn lab_fault_destination_qemu_killed_during_stop_and_copy_rolls_back() {
+    let Some(w) = FaultLab::boot("fdq1", "source-after-stop=hold", "") else { return };
+    let boot_id = w.boot_id();
+    let before = w.snapshot();
+    let run = w.migrate_in_background(Node::A, &[]);
+    w.wait_held("source-after-stop");
+    w.kill_incoming_qemu();
+    w.release("source-after-stop");
+    let run = run.join().expect("katactl thread");
+    assert_ne!(run.code, Some(0), "not a completed migration: {}", run.stdout);
+    w.assert_rolled_back(&before, &boot_id, "destination QEMU killed during stop-and-copy");
+    w.finish();
+}
+
+#[test]
+fn lab_fault_cancel_in_forwarding_is_refused_and_the_vm_stays_moved() {
+    let Some(w) = FaultLab::boot("fcf0", "", "") else { return };
+    let boot_id = w.boot_id();
+    let run = w.migrate_in_background(Node::A, &[]).join().expect("katactl thread");
+    assert_eq!(run.code, Some(0), "the move completes: {}", run.stderr);
+    let id = w.migration_id(Node::A);
+    let via_source = w.cancel(Node::A, &id);
+    let via_dest = w.cancel(Node::B, &id);
+    eprintln!("cancel in forwarding: source {via_source:?}, destination {via_dest:?}");
+    assert!(
+        matches!(&via_source, Err(e) if e.contains("FAILED_PRECONDITION")),
+        "the source refuses: {via_source:?}"
+    );
+    assert!(matches!(&via_dest, Ok(r) if !r.cancelled), "the destination has ended: {via_dest:?}");
+    assert_eq!(w.status(Node::B).as_deref(), Some("running"));
+    assert_eq!(w.status(Node::A).as_deref(), Some("postmigrate"));
+    assert_eq!(w.boot_id(), boot_id);
+    w.finish();
+}
+
+/// The link between the nodes cut while the source is held at `point`, restored after the
+/// migration ended: before the commit both sides give up within the heartbeat's limit and the
+/// source runs the same guest; nothing is left on node-b.
+fn link_cut_at(id: &'static str, disks: &str, point: &str) {
+    let Some(w) = FaultLab::boot_with_disks(id, disks, &format!("{point}=hold"), "") else { return };
+    let boot_id = w.boot_id();
+    let before = w.snapshot();
+    let run = w.migrate_in_background(Node::A, &[]);
+    w.wait_held(point);
+    let started = std::time::Instant::now();
+    let run = {
+        let _cut = katamaran_e2e::faults::LinkCut::cut(&w.lab);
+        w.release(point);
+        run.join().expect("katactl thread")
+    };
+    eprintln!("measured [link cut at {point}]: the migration ended {:?} after the cut", started.elapsed());
+    assert_ne!(run.code, Some(0), "not a completed migration: {}", run.stdout);
+    w.assert_rolled_back(&before, &boot_id, &format!("link cut at {point}"));
+    w.finish();
+}
+
+#[test]
+fn lab_fault_link_cut_in_ram_rolls_back() {
+    link_cut_at("flr0", "shared:1", "source-ram");
+}
+
+#[test]
+fn lab_fault_link_cut_at_pre_switchover_rolls_back() {
+    link_cut_at("fls0", "local:1", "source-pre-switchover");
+}
