@@ -174,11 +174,8 @@ nodes:
     extraMounts: [{hostPath: /dev/kvm, containerPath: /dev/kvm}]
   - role: worker
     extraMounts: [{hostPath: /dev/kvm, containerPath: /dev/kvm}]
-containerdConfigPatches:
-  # containerd loads katamaran's runtime drop-in (deploy/containerd/) from conf.d; with the
-  # import in place the DaemonSet's installer leaves config.toml alone.
-  - |-
-    imports = ["/etc/containerd/conf.d/*.toml"]
+# No containerd patch: the DaemonSet's installer adds the kata-katamaran runtime to each node's
+# config.toml itself (deploy/node/install.sh).
 EOF
 node_image=()
 [[ -z $KIND_NODE_IMAGE ]] || node_image=(--image "$KIND_NODE_IMAGE")

@@ -1,4 +1,4 @@
-//! The RBAC and krew manifests shipped for the plugin say what the plugin needs and no more.
+//! The RBAC and krew manifests say what people and agents need and no more.
 
 #![allow(clippy::unwrap_used)]
 
@@ -12,16 +12,22 @@ fn docs(relative: &str) -> Vec<Value> {
     serde_saphyr::from_multiple::<Value>(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// `(namespace or "*", resource, verb)` for every rule of every role kind `kind`.
-fn grants(docs: &[Value], kind: &str) -> Vec<(String, String, String)> {
+/// `group/resource verb` for every rule of the role named `name`.
+fn grants(docs: &[Value], name: &str) -> Vec<String> {
+    let role = docs
+        .iter()
+        .find(|d| d["metadata"]["name"] == name && (d["kind"] == "ClusterRole" || d["kind"] == "Role"))
+        .unwrap_or_else(|| panic!("no role {name}"));
     let mut out = Vec::new();
-    for d in docs.iter().filter(|d| d["kind"] == kind) {
-        let ns = d["metadata"]["namespace"].as_str().unwrap_or("*").to_owned();
-        for rule in d["rules"].as_array().unwrap() {
-            assert_eq!(rule["apiGroups"], serde_json::json!([""]), "core group only: {rule}");
+    for rule in role["rules"].as_array().unwrap() {
+        for group in rule["apiGroups"].as_array().unwrap() {
             for r in rule["resources"].as_array().unwrap() {
                 for v in rule["verbs"].as_array().unwrap() {
-                    out.push((ns.clone(), r.as_str().unwrap().to_owned(), v.as_str().unwrap().to_owned()));
+                    let group = group.as_str().unwrap();
+                    let resource = r.as_str().unwrap();
+                    let qualified =
+                        if group.is_empty() { resource.to_owned() } else { format!("{group}/{resource}") };
+                    out.push(format!("{qualified} {}", v.as_str().unwrap()));
                 }
             }
         }
@@ -30,37 +36,89 @@ fn grants(docs: &[Value], kind: &str) -> Vec<(String, String, String)> {
     out
 }
 
-fn g(ns: &str, resource: &str, verb: &str) -> (String, String, String) {
-    (ns.into(), resource.into(), verb.into())
+fn sorted(items: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = items.iter().map(|s| (*s).to_owned()).collect();
+    v.sort();
+    v
 }
 
 #[test]
-fn rbac_grants_exactly_what_the_plugin_uses() {
+fn people_get_migrations_in_their_namespace_and_nothing_on_the_agents() {
     let d = docs("deploy/rbac-kubectl-migrate.yaml");
-    // Cluster-wide: reads of the pod (any namespace) and of nodes. No port-forward, no writes.
-    assert_eq!(grants(&d, "ClusterRole"), [g("*", "nodes", "get"), g("*", "pods", "get")]);
-    // The agent namespace: find the agent pods and port-forward to them.
-    assert_eq!(
-        grants(&d, "Role"),
-        [
-            g("katamaran-system", "pods", "get"),
-            g("katamaran-system", "pods", "list"),
-            g("katamaran-system", "pods/portforward", "create"),
-            g("katamaran-system", "pods/portforward", "get"),
-        ]
-    );
-    // Each role is bound, the Role in its own namespace.
-    for (binding, role) in [("ClusterRoleBinding", "ClusterRole"), ("RoleBinding", "Role")] {
-        let b = d.iter().find(|x| x["kind"] == binding).unwrap_or_else(|| panic!("no {binding}"));
-        let r = d.iter().find(|x| x["kind"] == role).unwrap();
-        assert_eq!(b["roleRef"]["kind"], role);
-        assert_eq!(b["roleRef"]["name"], r["metadata"]["name"]);
-        assert_eq!(b["metadata"]["namespace"], r["metadata"]["namespace"]);
-        assert!(!b["subjects"].as_array().unwrap().is_empty());
-    }
     for x in &d {
         assert_eq!(x["apiVersion"], "rbac.authorization.k8s.io/v1", "{x}");
+        assert_eq!(
+            x["kind"], "ClusterRole",
+            "roles only: bindings are per namespace, by the cluster's owner"
+        );
     }
+    assert_eq!(
+        grants(&d, "katamaran-migrator"),
+        sorted(&[
+            "katamaran.io/migrations create",
+            "katamaran.io/migrations delete",
+            "katamaran.io/migrations get",
+            "katamaran.io/migrations list",
+            "katamaran.io/migrations patch",
+            "katamaran.io/migrations watch",
+            "pods get",
+        ])
+    );
+    let labels =
+        &d.iter().find(|x| x["metadata"]["name"] == "katamaran-migrator").unwrap()["metadata"]["labels"];
+    assert_eq!(
+        labels["rbac.authorization.k8s.io/aggregate-to-edit"], "true",
+        "editors of a namespace may migrate"
+    );
+    assert_eq!(
+        grants(&d, "katamaran-migration-viewer"),
+        sorted(&[
+            "katamaran.io/migrations get",
+            "katamaran.io/migrations list",
+            "katamaran.io/migrations watch"
+        ])
+    );
+    // Port-forward to the agents is the administrators' debugging path, in its own role only.
+    assert_eq!(
+        grants(&d, "katamaran-debug"),
+        sorted(&["pods get", "pods list", "pods/portforward create", "pods/portforward get"])
+    );
+    for role in ["katamaran-migrator", "katamaran-migration-viewer"] {
+        assert!(
+            !grants(&d, role).iter().any(|g| g.contains("portforward") || g.starts_with("nodes")),
+            "{role}"
+        );
+    }
+}
+
+#[test]
+fn the_agents_get_what_the_controller_needs_and_no_more() {
+    let d = docs("deploy/agent-rbac.yaml");
+    assert_eq!(
+        grants(&d, "katamaran-agent"),
+        sorted(&[
+            "katamaran.io/migrations get",
+            "katamaran.io/migrations list",
+            "katamaran.io/migrations watch",
+            "katamaran.io/migrations patch",
+            "katamaran.io/migrations update",
+            "katamaran.io/migrations/status get",
+            "katamaran.io/migrations/status patch",
+            "katamaran.io/migrations/status update",
+            "katamaran.io/migrations/finalizers update",
+            "pods get",
+            "pods list",
+            "nodes get",
+            "nodes list",
+            "events create",
+            "events patch",
+            "events.k8s.io/events create",
+            "events.k8s.io/events patch",
+        ])
+    );
+    assert!(!grants(&d, "katamaran-agent")
+        .iter()
+        .any(|g| g.ends_with(" create") && g.contains("migrations")));
 }
 
 #[test]

@@ -1,17 +1,15 @@
 //! The manifests and drop-ins in `deploy/` fit together and fit the code: every file parses, the
 //! RuntimeClass handler is the containerd runtime that runs our wrapper, the Kata drop-in opens the
-//! QMP socket the extension uses, the DaemonSet is what `kubectl migrate` looks for, and the node
-//! installer installs, is idempotent and uninstalls (run against a fake host root).
+//! QMP socket the extension uses, and the DaemonSet is what `kubectl migrate` looks for. The node
+//! installer's runs are in `deploy_install.rs`.
 
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use katamaran::sandbox::NodeLayout;
-use katamaran::shim::config::WrapperConfig;
 use serde_json::Value;
 
 fn deploy() -> PathBuf {
@@ -100,6 +98,12 @@ fn runtime_class_containerd_runtime_and_wrapper_agree() {
     assert!(install.contains("KATA_DIR=/opt/katamaran/kata"), "installer and ConfigPath agree");
     assert!(install.contains("\"$KATA_DIR/configuration-qemu.toml\""));
     assert!(install.contains("\"$KATA_DIR/config.d/50-katamaran.toml\""));
+    // The installer asks containerd for this runtime before it reports success.
+    assert!(
+        install.contains(&format!("\nHANDLER={handler}\n")),
+        "installer checks the RuntimeClass's runtime"
+    );
+    assert!(install.contains("\nRUNTIME_TYPE=io.containerd.katamaran.v2\n"));
 }
 
 #[test]
@@ -136,10 +140,15 @@ fn daemonset_is_what_kubectl_migrate_looks_for() {
     assert_eq!(ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"], "privileged");
     let sa = one("agent-rbac.yaml", "ServiceAccount");
     assert_eq!(sa["metadata"]["namespace"], ns_name);
-    assert_eq!(sa["automountServiceAccountToken"], false, "the agent does not call the API");
-    assert!(
-        yaml("agent-rbac.yaml").iter().all(|d| d["kind"] == "ServiceAccount"),
-        "no role: nothing to grant"
+    assert_ne!(sa["automountServiceAccountToken"], false, "the agents reconcile Migrations");
+    // The agents' role is bound to their ServiceAccount, cluster-wide.
+    let role = one("agent-rbac.yaml", "ClusterRole");
+    let binding = one("agent-rbac.yaml", "ClusterRoleBinding");
+    assert_eq!(binding["roleRef"]["name"], role["metadata"]["name"]);
+    assert_eq!(binding["roleRef"]["kind"], "ClusterRole");
+    assert_eq!(
+        binding["subjects"],
+        serde_json::json!([{"kind": "ServiceAccount", "name": sa["metadata"]["name"], "namespace": ns_name}])
     );
 
     let ds = one("daemonset.yaml", "DaemonSet");
@@ -154,6 +163,7 @@ fn daemonset_is_what_kubectl_migrate_looks_for() {
     }
     let spec = &pod["spec"];
     assert_eq!(spec["serviceAccountName"], sa["metadata"]["name"]);
+    assert_eq!(spec["automountServiceAccountToken"], true, "the agents call the API with this identity");
     assert!(
         spec["hostNetwork"].is_null() || spec["hostNetwork"] == false,
         "reached by port-forward, not hostNetwork"
@@ -246,174 +256,4 @@ fn daemonset_flags_exist_on_the_agent() {
             );
         }
     }
-}
-
-/// A stand-in for `nsenter` into the host: runs the installer's host commands against a fake
-/// root and records them.
-const HOST_EXEC: &str = r#"#!/bin/sh
-echo "$*" >> "$FAKE_LOG"
-case "$1" in
-  test) exec test "$2" "$FAKE_HOST$3" ;;
-  cat) exec cat "$FAKE_HOST$2" ;;
-  modprobe) [ "$2" = sch_plug ] && exit 1; exit 0 ;;
-  systemctl) exit 0 ;;
-esac
-exit 127
-"#;
-
-struct FakeNode {
-    dir: tempfile::TempDir,
-    host: PathBuf,
-}
-
-impl FakeNode {
-    fn new(with_kata: bool) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let host = dir.path().join("host");
-        let files = dir.path().join("files");
-        let src = dir.path().join("src");
-        for d in [&host, &files, &src] {
-            std::fs::create_dir_all(d).unwrap();
-        }
-        // What the ConfigMap mounts.
-        for (key, file) in [
-            ("install.sh", "node/install.sh"),
-            ("containerd-katamaran.toml", "containerd/katamaran.toml"),
-            ("kata-50-katamaran.toml", "kata/config.d/50-katamaran.toml"),
-        ] {
-            std::fs::copy(deploy().join(file), files.join(key)).unwrap();
-        }
-        let exe = |p: &Path, text: &str| {
-            std::fs::write(p, text).unwrap();
-            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).unwrap();
-        };
-        for b in ["containerd-shim-katamaran-v2", "katamaran-agent", "katactl"] {
-            exe(&src.join(b), &format!("#!/bin/sh\necho {b}\n"));
-        }
-        exe(&dir.path().join("hostexec"), HOST_EXEC);
-        if with_kata {
-            let kata = host.join("opt/kata");
-            std::fs::create_dir_all(kata.join("share/defaults/kata-containers")).unwrap();
-            std::fs::create_dir_all(kata.join("bin")).unwrap();
-            std::fs::write(kata.join("share/defaults/kata-containers/configuration-qemu.toml"), KATA_CONFIG)
-                .unwrap();
-            exe(&kata.join("bin/containerd-shim-kata-v2"), "#!/bin/sh\n");
-        }
-        std::fs::create_dir_all(host.join("etc/containerd")).unwrap();
-        std::fs::write(host.join("etc/containerd/config.toml"), CONTAINERD_CONFIG).unwrap();
-        Self { dir, host }
-    }
-
-    fn install(&self, action: &str) -> std::process::Output {
-        let d = self.dir.path();
-        Command::new("/bin/sh")
-            .arg(d.join("files/install.sh"))
-            .arg(action)
-            .env("HOST_ROOT", &self.host)
-            .env("SRC_BIN", d.join("src"))
-            .env("FILES_DIR", d.join("files"))
-            .env("HOST_IP", "10.0.0.11")
-            .env("HOST_EXEC", d.join("hostexec"))
-            .env("FAKE_HOST", &self.host)
-            .env("FAKE_LOG", d.join("host.log"))
-            .env_remove("KATA_SHIM")
-            .env_remove("KATA_CONFIG")
-            .env_remove("RESTART_CONTAINERD")
-            .output()
-            .unwrap()
-    }
-
-    fn host_log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("host.log")).unwrap_or_default()
-    }
-
-    fn read(&self, path: &str) -> String {
-        std::fs::read_to_string(self.host.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
-    }
-}
-
-const KATA_CONFIG: &str = "[hypervisor.qemu]\npath = \"/opt/kata/bin/qemu-system-x86_64\"\n";
-const CONTAINERD_CONFIG: &str =
-    "version = 2\n\n[plugins.\"io.containerd.grpc.v1.cri\"]\n  sandbox_image = \"pause:3.9\"\n";
-
-#[test]
-fn installer_installs_once_and_uninstalls_cleanly() {
-    let node = FakeNode::new(true);
-    let run = node.install("install");
-    let (out, err) = (String::from_utf8_lossy(&run.stdout), String::from_utf8_lossy(&run.stderr));
-    assert!(run.status.success(), "{out}{err}");
-
-    for b in ["containerd-shim-katamaran-v2", "katamaran-agent", "katactl"] {
-        let meta = std::fs::metadata(node.host.join("opt/katamaran/bin").join(b)).unwrap();
-        assert_eq!(meta.permissions().mode() & 0o777, 0o755, "{b}");
-    }
-    assert_eq!(node.read("opt/katamaran/kata/configuration-qemu.toml"), KATA_CONFIG, "Kata's config, copied");
-    let dropin = std::fs::read_to_string(deploy().join("kata/config.d/50-katamaran.toml")).unwrap();
-    assert_eq!(node.read("opt/katamaran/kata/config.d/50-katamaran.toml"), dropin);
-    let runtime = std::fs::read_to_string(deploy().join("containerd/katamaran.toml")).unwrap();
-    assert_eq!(node.read("etc/containerd/conf.d/katamaran.toml"), runtime);
-
-    // The wrapper reads what the installer wrote.
-    let shim_toml = node.read("etc/katamaran/shim.toml");
-    let cfg =
-        WrapperConfig::from_sources(Some((Path::new("shim.toml"), &shim_toml)), |_| None, None).unwrap();
-    assert_eq!(cfg.delegate, Path::new("/opt/kata/bin/containerd-shim-kata-v2"));
-    assert_eq!(cfg.agent, Path::new("/opt/katamaran/bin/katamaran-agent"));
-    assert_eq!(cfg.node_addresses, vec!["10.0.0.11".parse::<std::net::IpAddr>().unwrap()]);
-
-    // containerd's main config now imports conf.d, and is otherwise what it was.
-    let main = node.read("etc/containerd/config.toml");
-    let parsed: toml::Table = toml::from_str(&main).unwrap();
-    assert_eq!(parsed["imports"].as_array().unwrap()[0].as_str(), Some("/etc/containerd/conf.d/*.toml"));
-    assert!(main.ends_with(CONTAINERD_CONFIG), "{main}");
-
-    assert!(err.contains("kernel module sch_plug not available"), "{err}");
-    assert!(!err.contains("ipip not available"), "{err}");
-    assert_eq!(node.host_log().matches("systemctl restart containerd").count(), 1, "{}", node.host_log());
-
-    // Again: nothing changes, nothing restarts.
-    let again = node.install("install");
-    assert!(again.status.success());
-    assert!(
-        !String::from_utf8_lossy(&again.stdout).contains("installed"),
-        "{}",
-        String::from_utf8_lossy(&again.stdout)
-    );
-    assert_eq!(node.host_log().matches("systemctl restart containerd").count(), 1, "idempotent");
-    assert_eq!(node.read("etc/containerd/config.toml"), main);
-
-    // Uninstall: our files go, containerd's config is as before.
-    let gone = node.install("uninstall");
-    assert!(gone.status.success(), "{}", String::from_utf8_lossy(&gone.stderr));
-    for p in ["opt/katamaran", "etc/katamaran", "etc/containerd/conf.d/katamaran.toml"] {
-        assert!(!node.host.join(p).exists(), "{p} removed");
-    }
-    assert_eq!(node.read("etc/containerd/config.toml"), CONTAINERD_CONFIG);
-    assert!(!node.host.join("etc/containerd/config.toml.katamaran-backup").exists());
-    assert_eq!(node.host_log().matches("systemctl restart containerd").count(), 2);
-}
-
-#[test]
-fn installer_refuses_a_node_without_kata() {
-    let node = FakeNode::new(false);
-    let run = node.install("install");
-    assert_eq!(run.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&run.stderr);
-    assert!(err.contains("no Kata Containers QEMU configuration on this node"), "{err}");
-    assert!(!node.host.join("etc/containerd/conf.d").exists(), "containerd untouched");
-    assert!(!node.host_log().contains("systemctl"), "no restart");
-}
-
-#[test]
-fn installer_creates_a_missing_containerd_config_and_takes_its_line_back() {
-    let node = FakeNode::new(true);
-    std::fs::remove_file(node.host.join("etc/containerd/config.toml")).unwrap();
-    let run = node.install("install");
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
-    let parsed: toml::Table = toml::from_str(&node.read("etc/containerd/config.toml")).unwrap();
-    assert_eq!(parsed["version"].as_integer(), Some(2));
-    assert_eq!(parsed["imports"].as_array().unwrap().len(), 1);
-    assert!(node.install("uninstall").status.success());
-    let left: toml::Table = toml::from_str(&node.read("etc/containerd/config.toml")).unwrap();
-    assert!(!left.contains_key("imports"), "{left:?}");
 }
