@@ -66,9 +66,10 @@ step "node agents (one per node, in the node's namespace)"
 for n in a b; do
     addr4=10.201.0.1$([[ $n == a ]] && echo 1 || echo 2)
     addr6=fd00:201::1$([[ $n == a ]] && echo 1 || echo 2)
-    ip netns exec "${KMR_LAB_PREFIX}node-$n" env KATAMARAN_LOG=info "$bin/katamaran-agent" node \
+    ip netns exec "${KMR_LAB_PREFIX}node-$n" env KATAMARAN_LOG=info \
+        KATAMARAN_ALLOWED_ROOTS="${KMR_GUEST_DIR:-$PWD/hack/guest/out}:$KMR_LAB_ROOT/shared" "$bin/katamaran-agent" node \
         --root "$KMR_LAB_ROOT/node-$n" --node-address "$addr4,$addr6" --node-interface eth0 \
-        >"$work/agent-$n.log" 2>&1 &
+        --host-proc /proc/$$ >"$work/agent-$n.log" 2>&1 &
     agents+=($!)
 done
 for n in a b; do
