@@ -56,6 +56,9 @@ pub enum ClientError {
     /// The secret could not be generated.
     #[error(transparent)]
     Secret(#[from] crate::dataplane::Error),
+    /// The caller cancelled while the destination prepared: the source never started.
+    #[error("cancelled before the migration started: the VM stayed on the source; the destination removed what it prepared")]
+    CancelledBeforeStart,
     /// A watch stream ended before its terminal event.
     #[error("the {0} stopped reporting before the migration ended")]
     WatchEnded(&'static str),
@@ -274,10 +277,25 @@ pub async fn drive(
     prep.source_sandbox = MessageField::some(sandbox.clone());
     prep.options = MessageField::some(options.clone());
     prep.source_node_address = source_address.to_string();
-    let prepared = dest
-        .prepare_incoming(ctx(plan.rpc_timeout), &prep)
-        .await
-        .map_err(rpc("PrepareIncoming", Side::Destination))?;
+    tokio::pin!(cancel);
+    // A cancel while the destination prepares (QEMU starting, streams opening) goes to the
+    // destination, the only side that knows the migration yet; the source is never started.
+    let prepared = {
+        let prepare = dest.prepare_incoming(ctx(plan.rpc_timeout), &prep);
+        tokio::pin!(prepare);
+        tokio::select! {
+            r = &mut prepare => r.map_err(rpc("PrepareIncoming", Side::Destination))?,
+            () = &mut cancel => {
+                cancel_side(dest, &plan.migration_id, "cancelled by the user", plan.rpc_timeout).await;
+                // The preparation gives up and undoes itself; one that finished first is
+                // cancelled again now that it is registered as receiving.
+                if prepare.await.is_ok() {
+                    cancel_side(dest, &plan.migration_id, "cancelled by the user", plan.rpc_timeout).await;
+                }
+                return Err(ClientError::CancelledBeforeStart);
+            }
+        }
+    };
     if let Ok(dst) = prepared.destination_node_address.parse::<IpAddr>() {
         if let Err(e) = plan.options.validate(&vm_addrs, Some((source_address, dst))) {
             cancel_side(dest, &plan.migration_id, "invalid options", plan.rpc_timeout).await;
@@ -306,7 +324,6 @@ pub async fn drive(
     let mut done = [false, false];
     let mut cancelled_by_caller = false;
     let mut cancel_refused = None;
-    tokio::pin!(cancel);
     while !(done[0] && done[1]) {
         let next = tokio::select! {
             ev = rx.recv() => ev,

@@ -694,6 +694,7 @@ impl Node {
             listener,
             qemu_binary: self.cfg.qemu_binary.clone(),
             incoming_root: self.cfg.layout.katamaran_run.join("incoming"),
+            disks_root: self.cfg.layout.katamaran_state.join("disks"),
             netns_dir: self.cfg.netns_dir.clone(),
             gateway_mac: self.cfg.gateway_mac,
             gateway6: self.cfg.gateway6,
@@ -863,7 +864,10 @@ async fn retire_incoming(journal: &Journal, sandbox_id: &str, node: &NetnsHandle
         })
     });
     let Some(mut record) = record else { return };
-    let Some(details) = record.destination.clone() else { return };
+    let Some(mut details) = record.destination.clone() else { return };
+    // The VM lives on elsewhere and this node's routes to it were moved by the move away (a
+    // forward): the routes this sandbox once replaced are history, not to be put back.
+    details.replaced_routes.clear();
     match crate::recovery::roll_back_destination(&record, &details, node).await {
         Ok(()) => {
             tracing::info!(sandbox = sandbox_id, "the incoming sandbox handed its VM on: removed");

@@ -24,7 +24,7 @@ use crate::migration::error::{chain, EngineError};
 use crate::migration::journal::{self, DestRecord, Journal, Record, SourceRecord, Standing};
 use crate::migration::protocol::{Action, DestInput, DestState, SourceInput, SourceState};
 use crate::migration::source;
-use crate::net::{IpPrefix, LinkId, NetOps, NetnsHandle, NetnsRoots, PlugAction, RouteSpec};
+use crate::net::{LinkId, NetOps, NetnsHandle, NetnsRoots, PlugAction};
 use crate::qmp::{QmpClient, QmpConfig};
 
 /// What recovery did with one record.
@@ -122,15 +122,7 @@ async fn roll_back_source(details: &SourceRecord, node: &NetnsHandle) -> Result<
     let (qmp, _events) = QmpClient::connect(&details.qmp_socket, &QmpConfig::default()).await?;
     source::resume_before_commit(&qmp, Duration::from_secs(30)).await?;
     for r in &details.original_routes {
-        let dev = LinkId { index: r.oif, name: format!("if{}", r.oif) };
-        let spec = RouteSpec {
-            dest: IpPrefix::host(r.dest),
-            gateway: r.gateway,
-            dev,
-            onlink: r.onlink,
-            protocol: r.protocol,
-        };
-        node.replace_route(&spec).await?;
+        node.replace_route(&r.to_spec()).await?;
     }
     if let Some((index, name)) = &details.tunnel {
         if let Err(e) = node.delete_link(&LinkId { index: *index, name: name.clone() }).await {
@@ -170,7 +162,8 @@ async fn recover_destination(
 
 /// Destroys an incoming sandbox from its record: QEMU (only if the pid is still the one that
 /// runs in that sandbox's directory), the netns (its veth pair and routes go with it), the
-/// decap tunnel, the directory.
+/// decap tunnel, the directories (state, disks); then the node routes the sandbox's replaced
+/// come back (unless something else routes those addresses by then).
 pub async fn roll_back_destination(
     record: &Record,
     details: &DestRecord,
@@ -197,6 +190,11 @@ pub async fn roll_back_destination(
         }
     }
     remove_dir(&details.state_dir);
+    remove_dir(&details.disks_dir);
+    // The sandbox's routes went with its veth; what they replaced comes back.
+    for r in &details.replaced_routes {
+        crate::migration::network::restore_replaced(node, &r.to_spec()).await?;
+    }
     Ok(())
 }
 

@@ -6,7 +6,7 @@
 //! `return`, `sleep(ms)`, `off`, …) or `hold`: the migration stops at that point, creates
 //! `$KATAMARAN_FAILPOINT_DIR/<name>.held`, and goes on once `<name>.go` exists there. A test
 //! waits for the first file, acts at that exact moment (a cancel, a kill, a cut link), then
-//! writes the second.
+//! writes the second. The release removes both: every migration through the point is held.
 
 use super::error::EngineError;
 
@@ -17,7 +17,7 @@ pub const POINTS: &[&str] = &[
     "source-after-stop",
     "source-before-commit",
     "source-after-commit",
-    "source-forwarding",
+    "dest-preparing",
     "dest-receiving",
     "dest-before-vote",
     "dest-after-vote",
@@ -98,12 +98,17 @@ mod imp {
         if held {
             let dir = held_dir();
             let (marker, go) = (dir.join(format!("{name}.held")), dir.join(format!("{name}.go")));
+            // A release left from an earlier migration must not let this one through.
+            let _ = std::fs::remove_file(&go);
             tracing::warn!(point = name, marker = %marker.display(), "fail point: holding");
             let _ = std::fs::write(&marker, b"");
             // Test-only: a file is the one signal a test in another process can give.
             while !go.exists() {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
+            // Consumed: the next migration through this point is held again.
+            let _ = std::fs::remove_file(&marker);
+            let _ = std::fs::remove_file(&go);
             tracing::warn!(point = name, "fail point: released");
             return Ok(());
         }

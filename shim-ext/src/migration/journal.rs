@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::protocol::{DestState, Owner, SourceState};
 use crate::convert::unix_nanos;
+use crate::net::{IpPrefix, LinkId, RouteSpec};
 
 /// The record format; a record of another version is reported, not guessed at.
 pub const FORMAT: u32 = 1;
@@ -111,6 +112,30 @@ pub struct RouteRecord {
     pub protocol: Option<u8>,
 }
 
+impl RouteRecord {
+    /// The record of `route` (a host route).
+    pub fn of(route: &RouteSpec) -> Self {
+        Self {
+            dest: route.dest.addr(),
+            gateway: route.gateway,
+            oif: route.dev.index,
+            onlink: route.onlink,
+            protocol: route.protocol,
+        }
+    }
+
+    /// The route it records, ready to be put back.
+    pub fn to_spec(&self) -> RouteSpec {
+        RouteSpec {
+            dest: IpPrefix::host(self.dest),
+            gateway: self.gateway,
+            dev: LinkId { index: self.oif, name: format!("if{}", self.oif) },
+            onlink: self.onlink,
+            protocol: self.protocol,
+        }
+    }
+}
+
 /// What the source built and replaced.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceRecord {
@@ -147,6 +172,14 @@ pub struct DestRecord {
     pub plugged: bool,
     /// The VM's addresses (routes and neighbours on the node).
     pub vm_addrs: Vec<IpAddr>,
+    /// The node's routes to those addresses that the incoming sandbox's routes replaced (a
+    /// forward left by an earlier move away from this node): put back on rollback.
+    #[serde(default)]
+    pub replaced_routes: Vec<RouteRecord>,
+    /// The directory of the incoming local disks (under the agent's state directory), removed
+    /// with the sandbox; empty with shared storage.
+    #[serde(default)]
+    pub disks_dir: PathBuf,
 }
 
 /// One migration's durable record.

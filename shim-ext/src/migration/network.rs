@@ -85,6 +85,8 @@ pub struct IncomingNet {
     pub plugged: bool,
     /// The decap tunnel, if any.
     pub decap: Option<LinkId>,
+    /// The node's routes the VM routes replaced (put back if this sandbox does not take the VM).
+    pub replaced: Vec<RouteSpec>,
 }
 
 /// Builds the incoming sandbox's network: veth pair with the pod end named like Kata's and
@@ -165,13 +167,26 @@ pub async fn build_incoming<N: NetOps + 'static, S: NetOps + ?Sized>(
     sandbox.set_link_up(&pod, true).await?;
     sandbox.set_link_up(&tap, true).await?;
 
+    let mut replaced = Vec::new();
     for vm in &spec.vm_addrs {
         let route = RouteSpec::dev(IpPrefix::host(*vm), host_veth.clone());
+        // A route already there (a forward left when the VM moved away from this node earlier)
+        // comes back if this sandbox does not take the VM.
+        let previous = current_route(node.as_ref(), route.dest).await?;
         node.replace_route(&route).await?;
         let node2 = node.clone();
+        let undo = previous.clone();
         cleanup.push(format!("delete route {} dev {}", route.dest, host_veth.name), move || async move {
-            node2.delete_route(&route).await
+            match node2.delete_route(&route).await {
+                Err(e) if !e.is_not_found() => return Err(e),
+                _ => {}
+            }
+            match &undo {
+                Some(previous) => restore_replaced(node2.as_ref(), previous).await,
+                None => Ok(()),
+            }
         });
+        replaced.extend(previous);
         node.replace_neighbour(&NeighbourSpec { dev: host_veth.clone(), ip: *vm, mac: spec.mac }).await?;
         let (node2, dev, ip) = (node.clone(), host_veth.clone(), *vm);
         cleanup.push(format!("delete neighbour {ip}"), move || async move {
@@ -191,7 +206,7 @@ pub async fn build_incoming<N: NetOps + 'static, S: NetOps + ?Sized>(
         }
         None => None,
     };
-    Ok(IncomingNet { host_veth, tap, plugged, decap })
+    Ok(IncomingNet { host_veth, tap, plugged, decap, replaced })
 }
 
 /// Releases the plug at RESUME; returns when the kernel acknowledged it.
@@ -250,18 +265,9 @@ pub async fn prepare_forward<N: NetOps + 'static>(
 ) -> Result<SourceForward, ForwardError> {
     let mut original = Vec::new();
     for vm in vm_addrs {
-        let dest = IpPrefix::host(*vm);
-        let current = node.routes(dest).await?;
-        let r = current.iter().find(|r| r.oif.is_some()).ok_or(ForwardError::NoVmRoute(*vm))?;
-        let index = r.oif.unwrap_or_default();
-        let dev = LinkId { index, name: format!("if{index}") };
-        original.push(RouteSpec {
-            dest,
-            gateway: r.gateway,
-            dev,
-            onlink: r.onlink,
-            protocol: Some(r.protocol),
-        });
+        original.push(
+            current_route(node.as_ref(), IpPrefix::host(*vm)).await?.ok_or(ForwardError::NoVmRoute(*vm))?,
+        );
     }
     let tunnel_link = match tunnel {
         Some(spec) => {
@@ -291,6 +297,41 @@ pub async fn prepare_forward<N: NetOps + 'static>(
         });
     }
     Ok(SourceForward { swap, original, tunnel: tunnel_link })
+}
+
+/// The node's route to `dest` now (the first one with an output device), as a spec that puts
+/// it back as it was.
+///
+/// # Errors
+/// The netlink failure.
+pub async fn current_route<N: NetOps + ?Sized>(
+    node: &N,
+    dest: IpPrefix,
+) -> Result<Option<RouteSpec>, net::Error> {
+    let current = node.routes(dest).await?;
+    Ok(current.iter().find_map(|r| {
+        let index = r.oif?;
+        Some(RouteSpec {
+            dest,
+            gateway: r.gateway,
+            dev: LinkId { index, name: format!("if{index}") },
+            onlink: r.onlink,
+            protocol: Some(r.protocol),
+        })
+    }))
+}
+
+/// Puts back a route an incoming sandbox replaced, once the sandbox's own route is gone —
+/// unless something else routes that address by now (then that route is left alone).
+///
+/// # Errors
+/// The netlink failure.
+pub async fn restore_replaced<N: NetOps + ?Sized>(node: &N, previous: &RouteSpec) -> Result<(), net::Error> {
+    if current_route(node, previous.dest).await?.is_some() {
+        tracing::info!(dest = %previous.dest, "a route to the VM address exists again: the replaced one stays away");
+        return Ok(());
+    }
+    node.replace_route(previous).await.map(drop)
 }
 
 /// Why the forward could not be prepared.

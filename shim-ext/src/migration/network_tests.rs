@@ -70,7 +70,45 @@ async fn incoming_plumbing_plugs_before_routing_and_unwinds_in_reverse() {
         matches!(undo.last(), Some(NetOp::DeleteLink { link }) if link.name == "kmr12345678"),
         "veth last"
     );
-    assert_eq!(undo.len(), 1 + 2 * 2 + 1, "tunnel, 2 × (neighbour + route), veth");
+    assert_eq!(undo.len(), 1 + 2 * 2 + 1, "tunnel, 2 × (neighbour + route), veth: nothing was replaced");
+}
+
+#[tokio::test]
+async fn a_route_the_incoming_sandbox_replaced_comes_back_on_unwind() {
+    // node-b forwarded the VM's /32 into a tunnel (index 9) when the VM moved away earlier.
+    let vm: IpAddr = "10.244.1.10".parse().expect("ip");
+    let forward =
+        RouteInfo { dest: IpPrefix::host(vm), gateway: None, oif: Some(9), onlink: false, protocol: 4 };
+    let node = Arc::new(Recording::new().with_routes(IpPrefix::host(vm), vec![forward.clone()]));
+    let cleanup = Cleanup::default();
+    let built = build_incoming(&node, &sandbox_ns(), &spec(false), &cleanup).await.expect("build");
+    assert_eq!(built.replaced.len(), 1, "only the /32 had a route: {:?}", built.replaced);
+    assert_eq!(built.replaced[0].dev.index, 9);
+    let now = node.routes(IpPrefix::host(vm)).await.expect("routes");
+    assert_eq!(now[0].oif, Some(built.host_veth.index), "the sandbox took the route");
+    assert!(cleanup.unwind().await.is_clean());
+    let back = node.routes(IpPrefix::host(vm)).await.expect("routes");
+    assert_eq!(back, vec![forward], "the forward is back as it was");
+    let v6: IpAddr = "fd00:244::10".parse().expect("ip");
+    assert!(
+        node.routes(IpPrefix::host(v6)).await.expect("routes").is_empty(),
+        "nothing invented for the /128"
+    );
+}
+
+#[tokio::test]
+async fn a_replaced_route_stays_away_when_something_else_routes_the_address() {
+    let vm: IpAddr = "10.244.1.10".parse().expect("ip");
+    let forward = RouteSpec::dev(IpPrefix::host(vm), fake_link(9, "kmrs0", None).id);
+    let node = Recording::new();
+    // Meanwhile the CNI routed the address to a local pod: that route wins.
+    let cni = RouteSpec::dev(IpPrefix::host(vm), fake_link(12, "cali1", None).id);
+    node.replace_route(&cni).await.expect("cni route");
+    restore_replaced(&node, &forward).await.expect("restore");
+    assert_eq!(node.routes(IpPrefix::host(vm)).await.expect("routes")[0].oif, Some(12));
+    node.delete_route(&cni).await.expect("gone");
+    restore_replaced(&node, &forward).await.expect("restore");
+    assert_eq!(node.routes(IpPrefix::host(vm)).await.expect("routes")[0].oif, Some(9));
 }
 
 #[tokio::test]

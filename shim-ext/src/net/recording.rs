@@ -17,6 +17,9 @@ use std::time::{Duration, SystemTime};
 
 use super::error::{Error, Result};
 use super::ops::{NetOp, NetOps};
+
+/// `RTPROT_STATIC`: the protocol a route without one gets (as `routes.rs` sends it).
+const RTPROT_STATIC: u8 = 4;
 use super::types::{
     Feature, IpPrefix, LinkId, LinkInfo, MacAddr, NeighbourInfo, NeighbourSpec, OperState, PlugAction,
     QdiscInfo, QdiscParent, RouteInfo, RouteSpec, TapSpec, Timing, TunnelSpec, VethSpec,
@@ -235,6 +238,10 @@ impl NetOps for Recording {
     async fn delete_link(&self, link: &LinkId) -> Result<()> {
         let mut st = self.record(NetOp::DeleteLink { link: link.clone() })?;
         st.links.remove(&link.name);
+        // Like the kernel: routes through a deleted link go with it.
+        for routes in st.routes.values_mut() {
+            routes.retain(|r| r.oif != Some(link.index));
+        }
         Ok(())
     }
 
@@ -269,14 +276,29 @@ impl NetOps for Recording {
     }
 
     async fn replace_route(&self, route: &RouteSpec) -> Result<Timing> {
-        drop(self.record(NetOp::ReplaceRoute(route.clone()))?);
+        let mut st = self.record(NetOp::ReplaceRoute(route.clone()))?;
         validate_route(route)?;
+        // Like the kernel: the route to that prefix is now this one.
+        st.routes.insert(
+            route.dest,
+            vec![RouteInfo {
+                dest: route.dest,
+                gateway: route.gateway,
+                oif: Some(route.dev.index),
+                onlink: route.onlink,
+                protocol: route.protocol.unwrap_or(RTPROT_STATIC),
+            }],
+        );
         Ok(Timing { sent: SystemTime::now(), elapsed: Duration::ZERO })
     }
 
     async fn delete_route(&self, route: &RouteSpec) -> Result<()> {
-        drop(self.record(NetOp::DeleteRoute(route.clone()))?);
-        validate_route(route)
+        let mut st = self.record(NetOp::DeleteRoute(route.clone()))?;
+        validate_route(route)?;
+        if let Some(routes) = st.routes.get_mut(&route.dest) {
+            routes.retain(|r| r.oif != Some(route.dev.index));
+        }
+        Ok(())
     }
 
     async fn routes(&self, dest: IpPrefix) -> Result<Vec<RouteInfo>> {

@@ -60,12 +60,17 @@ impl FaultLab {
         Some(Self { engine, lab, id, holds, shared: !disks.starts_with("local") })
     }
 
-    /// Restarts both agents with new fail points (they recover from their journals first).
-    #[allow(clippy::missing_panics_doc)]
-    pub fn restart_agents(&mut self, fail_a: &str, fail_b: &str) {
+    /// Forgets every hold marker (one an agent killed while held left behind).
+    pub fn clear_holds(&self) {
         for entry in std::fs::read_dir(&self.holds).into_iter().flatten().flatten() {
             let _ = std::fs::remove_file(entry.path());
         }
+    }
+
+    /// Restarts both agents with new fail points (they recover from their journals first).
+    #[allow(clippy::missing_panics_doc)]
+    pub fn restart_agents(&mut self, fail_a: &str, fail_b: &str) {
+        self.clear_holds();
         // The old agents go first: the new ones take the same sockets and data port.
         for node in [Node::A, Node::B] {
             let _ = self.engine.agent_mut(node).stop(Duration::from_secs(5));
@@ -121,6 +126,24 @@ impl FaultLab {
         let marker = self.holds.join(format!("{name}.held"));
         let started = Instant::now();
         while !marker.exists() {
+            assert!(started.elapsed() < HOLD_WAIT, "the migration never reached fail point {name}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until the fail point `name` holds a migration, or the migration `run` ended
+    /// without reaching it (a soak's move that failed or completed early): whether it holds.
+    #[allow(clippy::missing_panics_doc)]
+    pub fn held_or_ended<T>(&self, name: &str, run: &std::thread::JoinHandle<T>) -> bool {
+        let marker = self.holds.join(format!("{name}.held"));
+        let started = Instant::now();
+        loop {
+            if marker.exists() {
+                return true;
+            }
+            if run.is_finished() {
+                return false;
+            }
             assert!(started.elapsed() < HOLD_WAIT, "the migration never reached fail point {name}");
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -6,6 +6,7 @@
 //!
 //! Needs root, QEMU and the guest image; without them each test prints `skipped: <why>`.
 
+use katamaran_e2e::agents::{self, Snapshot};
 use katamaran_e2e::faults::{summary, FaultLab};
 use katamaran_e2e::Node;
 
@@ -309,4 +310,56 @@ fn lab_fault_link_cut_in_ram_rolls_back() {
 #[test]
 fn lab_fault_link_cut_at_pre_switchover_rolls_back() {
     link_cut_at("fls0", "local:1", "source-pre-switchover");
+}
+
+#[test]
+fn lab_fault_cancel_through_the_destination_while_it_prepares_rolls_back() {
+    let Some(w) = FaultLab::boot("fcp0", "", "dest-preparing=hold") else { return };
+    let boot_id = w.boot_id();
+    let before = w.snapshot();
+    let run = w.migrate_in_background(Node::A, &[]);
+    w.wait_held("dest-preparing");
+    // The incoming QEMU exists by now: the cancel has a sandbox to undo.
+    let id = w.migration_id(Node::B);
+    let cancel = w.cancel(Node::B, &id);
+    w.release("dest-preparing");
+    let run = run.join().expect("katactl thread");
+    eprintln!("cancel while preparing: {cancel:?}; katactl exit {:?}: {}", run.code, run.stderr.trim());
+    assert!(matches!(&cancel, Ok(r) if r.cancelled), "a cancel before the commit is accepted: {cancel:?}");
+    assert_ne!(run.code, Some(0), "the migration never started: {}", run.stdout);
+    assert!(run.stderr.contains("cancel"), "katactl says it was cancelled: {}", run.stderr);
+    assert!(
+        w.engine.list_migrations(Node::A).expect("ListMigrations").is_empty(),
+        "the source was never asked to start"
+    );
+    w.assert_rolled_back(&before, &boot_id, "cancel through the destination while it prepares");
+    w.finish();
+}
+
+#[test]
+fn lab_fault_rollback_on_the_node_the_vm_left_puts_its_forward_back() {
+    // After a first move node-a forwards the VM's address to node-b. A move back that fails on
+    // node-a (a panic in its destination task) must leave that forward as it was: the route
+    // its incoming sandbox replaced comes back, or the VM becomes unreachable through node-a.
+    let Some(w) = FaultLab::boot("frf0", "dest-receiving=panic", "") else { return };
+    let boot_id = w.boot_id();
+    let first = w.migrate_in_background(Node::A, &[]).join().expect("katactl thread");
+    assert_eq!(first.code, Some(0), "the first move completes: {}", first.stderr);
+    w.wait_running(Node::B, std::time::Duration::from_secs(10));
+    let before = Snapshot::take(&w.lab, &[]).expect("snapshot");
+    let back = w.migrate_in_background(Node::B, &[]).join().expect("katactl thread");
+    assert_ne!(back.code, Some(0), "the move back fails: {}", back.stdout);
+    w.wait_running(Node::B, std::time::Duration::from_secs(30));
+    assert_eq!(w.status(Node::B).as_deref(), Some("running"), "the VM runs on node-b again");
+    assert_ne!(w.status(Node::A).as_deref(), Some("running"), "and only there");
+    assert_eq!(w.boot_id(), boot_id, "the same guest");
+    let (diff, settled) =
+        agents::wait_unchanged(&w.lab, &before, &[], std::time::Duration::from_secs(30)).expect("snapshot");
+    eprintln!("measured [rollback on the node the VM left]: back to the snapshot {settled:?} after the end");
+    assert!(
+        diff.is_empty(),
+        "node-a's forward and everything else as before the move back:\n{}",
+        diff.join("\n")
+    );
+    w.finish();
 }

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  PREPARING  state dir ─▶ netns ─▶ veth/tap/tcfilter/plug/routes/neighbours/decap tunnel
-//!             ─▶ empty disk images (local storage) ─▶ QEMU from the source's rewritten command
+//!             ─▶ empty disk images under <state>/disks (local storage) ─▶ QEMU from the source's rewritten command
 //!             line with -S -incoming defer (it never starts the guest by itself) ─▶ QMP ─▶ NBD
 //!             exports ─▶ accept authenticated streams (ram: getfd + migrate-incoming fd:,
 //!             nbd: relay, ctl — reconnectable)                   ── PrepareIncoming returns
@@ -13,7 +13,8 @@
 //!             ─▶ ctl `resumed`
 //! ```
 //! Before the vote any failure or cancel unwinds the stack: QEMU killed, exports, routes,
-//! neighbours, tunnel, veth, netns and state directory removed. After the vote only the
+//! neighbours (the routes they replaced put back), tunnel, veth, netns, disks and state
+//! directory removed. After the vote only the
 //! source's decision moves this side; after the commit nothing destroys it.
 
 mod receive;
@@ -35,7 +36,8 @@ use super::cleanup::Cleanup;
 use super::ctl::{self, Heartbeat};
 use super::error::EngineError;
 use super::events::{Event, EventLog, Phase};
-use super::journal::{DestRecord, Entry, Standing};
+use super::failpoint;
+use super::journal::{DestRecord, Entry, RouteRecord, Standing};
 use super::network::{self, IncomingNet, IncomingSpec};
 use super::options::{MigrationOptions, StorageMode};
 use super::protocol::DestState;
@@ -105,8 +107,11 @@ pub struct DestEnv {
     pub listener: Arc<DataListener>,
     /// The QEMU binary to run.
     pub qemu_binary: PathBuf,
-    /// Where incoming sandboxes keep their state.
+    /// Where incoming sandboxes keep their run state (sockets, logs, pid).
     pub incoming_root: PathBuf,
+    /// Where incoming sandboxes keep their local disks: on the node's disk, under the agent's
+    /// state directory (`<state>/disks/<sandbox>`), not on tmpfs.
+    pub disks_root: PathBuf,
     /// Where incoming sandboxes' netns files are bind-mounted.
     pub netns_dir: PathBuf,
     /// Node-side veth MAC (the guest's gateway MAC).
@@ -252,9 +257,23 @@ pub async fn prepare(
         StorageMode::Shared => Vec::new(),
         StorageMode::Local => req.disks.iter().filter(|d| !d.read_only).collect(),
     };
+    let disks_dir =
+        if local_disks.is_empty() { PathBuf::new() } else { env.disks_root.join(&req.sandbox_id) };
     if !local_disks.is_empty() {
-        let dir = state_dir.join("disks");
-        std::fs::create_dir_all(&dir).map_err(EngineError::io("create disks dir"))?;
+        let dir = disks_dir.clone();
+        if dir.exists() {
+            return Err(EngineError::Precondition(format!(
+                "disks of sandbox {} already exist on this node ({}): an earlier incoming sandbox left them; remove it first",
+                req.sandbox_id,
+                dir.display()
+            )));
+        }
+        create_private_dir(&dir)?;
+        {
+            let d = dir.clone();
+            cleanup
+                .push(format!("remove {}", d.display()), move || async move { std::fs::remove_dir_all(&d) });
+        }
         for d in &local_disks {
             if d.format != "raw" {
                 return Err(EngineError::Invalid(format!(
@@ -302,8 +321,11 @@ pub async fn prepare(
             tap: req.tap_name.clone(),
             plugged: net.plugged,
             vm_addrs: req.vm_addrs.clone(),
+            replaced_routes: net.replaced.iter().map(RouteRecord::of).collect(),
+            disks_dir: disks_dir.clone(),
         });
     })?;
+    failpoint::point("dest-preparing").await?;
     let (qmp, events) = wait_for_qmp(&rewritten.qmp_socket, &exited).await?;
     let bus = EventBus::spawn(events);
     let sub = bus.subscribe();
@@ -386,6 +408,16 @@ pub async fn prepare(
         started,
         tasks,
     })
+}
+
+/// Creates `dir` and any missing parent root-only (0700); an existing one keeps its mode.
+fn create_private_dir(dir: &Path) -> Result<(), EngineError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(EngineError::io(format!("create {}", dir.display())))
 }
 
 /// The plug limit when none is given: a 50 000 pps stream of full frames through a blackout of

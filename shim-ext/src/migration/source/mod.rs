@@ -203,17 +203,7 @@ async fn drive(
             .await?;
     env.journal.record(Standing::Source(SourceState::Preparing), |r| {
         let s = r.source.get_or_insert_with(Default::default);
-        s.original_routes = forward
-            .original
-            .iter()
-            .map(|o| RouteRecord {
-                dest: o.dest.addr(),
-                gateway: o.gateway,
-                oif: o.dev.index,
-                onlink: o.onlink,
-                protocol: o.protocol,
-            })
-            .collect();
+        s.original_routes = forward.original.iter().map(RouteRecord::of).collect();
         s.tunnel = forward.tunnel.as_ref().map(|t| (t.index, t.name.clone()));
         s.ctl_endpoint = Some(req.ram_endpoint);
     })?;
