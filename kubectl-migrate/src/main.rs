@@ -116,7 +116,8 @@ struct PodArgs {
     /// The RuntimeClass of katamaran-managed Kata pods; other pods are refused.
     #[arg(long, default_value = "kata-katamaran", value_name = "NAME")]
     runtime_class: String,
-    /// Also wait until the source stops forwarding stragglers (after the tunnel is idle).
+    /// Also wait until the source stops forwarding (its route to the VM taken over, a
+    /// release-forward, or --tunnel-idle-timeout).
     #[arg(long)]
     wait_forwarding: bool,
     // Last, so the heading it sets does not spill onto the flags above.

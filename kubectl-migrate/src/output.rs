@@ -582,10 +582,16 @@ pub fn summarize(plan: &Plan, report: &Report) -> Summary {
     let mut notes = report.tracker.notes().to_vec();
     let forwarding = src.last().is_some_and(|e| e.phase.enum_value() == Ok(pb::Phase::PHASE_FORWARDING));
     if report.outcome == Outcome::Succeeded && forwarding {
+        let until = if plan.options.tunnel_idle_timeout.is_zero() {
+            "until that node's route to the VM is taken over (the cluster learned the move) or \
+             `katactl release-forward` ends it"
+                .to_owned()
+        } else {
+            format!("until the tunnel is idle for {:?}", plan.options.tunnel_idle_timeout)
+        };
         notes.push(format!(
-            "the source node keeps forwarding stragglers until the tunnel is idle for {:?}; \
-             katactl watch {} on that node shows when it ends",
-            plan.options.tunnel_idle_timeout, report.migration_id
+            "the source node keeps forwarding the VM's traffic {until}; katactl watch {} on that node shows when it ends",
+            report.migration_id
         ));
     }
     let mut destination = end_view(&plan.resolved.destination);

@@ -147,7 +147,7 @@ async fn the_run_ends_once_the_vm_runs_on_the_destination() {
         "RESUME → plug release   87 µs",
         "plug drops              3 packets",
         "result                  succeeded",
-        "note: the source node keeps forwarding stragglers until the tunnel is idle for 30s",
+        "note: the source node keeps forwarding the VM's traffic until that node's route to the VM is taken over",
     ] {
         assert!(out.contains(want), "missing {want:?} in\n{out}");
     }

@@ -75,8 +75,10 @@ pub struct MigrateFlags {
     /// or route (plain next hop on a shared L2, for kernels without tunnel modules).
     #[arg(long, default_value = "auto", value_name = "MODE")]
     pub tunnel_mode: TunnelMode,
-    /// Remove the forwarding after it carried no traffic for this long.
-    #[arg(long, value_parser = parse_duration, default_value = "30s", value_name = "DURATION")]
+    /// Remove the forwarding after it carried no traffic for this long (tunnel modes; 0: never,
+    /// the default). Without it the forward ends when this node's route to the VM is taken over
+    /// (the cluster learned the move) or on `katactl release-forward`.
+    #[arg(long, value_parser = parse_duration, default_value = "0", value_name = "DURATION")]
     pub tunnel_idle_timeout: Duration,
     /// Bytes the destination may hold while the VM is paused (default: sized from rate and
     /// expected blackout).

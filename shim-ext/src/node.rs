@@ -17,7 +17,7 @@ use tracing::Instrument;
 
 use crate::convert::{event_to_proto, options_from_proto, phase_to_proto, role_to_proto, unix_nanos};
 use crate::dataplane::{DataListener, Secret};
-use crate::migration::cancel::CommitGate;
+use crate::migration::cancel::{CancelToken, CommitGate};
 use crate::migration::cleanup::Cleanup;
 use crate::migration::ctl::Heartbeat;
 use crate::migration::dest::{self, DestControl, DestEnv, DestRequest, SourceDisk};
@@ -106,7 +106,9 @@ pub struct Node {
     cfg: NodeConfig,
     node_ns: Arc<NetnsHandle>,
     listener: OnceCell<Arc<DataListener>>,
-    migrations: Mutex<BTreeMap<String, Arc<Record>>>,
+    migrations: Arc<Mutex<BTreeMap<String, Arc<Record>>>>,
+    /// Active forwards of completed source migrations: their release signals.
+    forwards: Arc<Mutex<BTreeMap<String, CancelToken>>>,
     /// Sandboxes received here.
     incoming: Arc<Mutex<BTreeMap<String, IncomingSandbox>>>,
     /// QMP connections held by running source migrations (the socket serves one client).
@@ -151,7 +153,8 @@ impl Node {
             cfg,
             node_ns: Arc::new(node_ns),
             listener: OnceCell::new(),
-            migrations: Mutex::default(),
+            migrations: Arc::default(),
+            forwards: Arc::default(),
             incoming: Arc::default(),
             live: Arc::default(),
         })
@@ -216,6 +219,11 @@ impl Node {
             if let Ok(mut m) = self.migrations.lock() {
                 m.insert(rec.migration_id.clone(), record.clone());
             }
+            if let (Standing::Source(SourceState::HandedOver | SourceState::Confirmed), Some(d)) =
+                (rec.standing, &rec.source)
+            {
+                self.readopt_forward(rec, d, &record);
+            }
             if rec.standing == Standing::Destination(DestState::Voted) {
                 // In doubt: the source re-delivers its decision; wait for it on the listener.
                 match self.data_listener().await {
@@ -252,6 +260,150 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// Watches again the forward a predecessor left for a migration past its commit: it ends
+    /// as it would have (released, taken over, idle), then the record says Finished.
+    fn readopt_forward(&self, rec: &journal::Record, d: &SourceRecord, record: &Arc<Record>) {
+        if d.forward_routes.is_empty() {
+            return;
+        }
+        let forward = crate::migration::network::SourceForward {
+            swap: d.forward_routes.iter().map(journal::RouteRecord::to_spec).collect(),
+            original: d.original_routes.iter().map(journal::RouteRecord::to_spec).collect(),
+            tunnel: d
+                .tunnel
+                .as_ref()
+                .map(|(index, name)| crate::net::LinkId { index: *index, name: name.clone() }),
+        };
+        let watch = ForwardWatch {
+            migration_id: rec.migration_id.clone(),
+            sandbox_id: rec.sandbox_id.clone(),
+            migrations: self.migrations.clone(),
+            forwards: self.forwards.clone(),
+        };
+        let idle = std::time::Duration::from_millis(d.forward_idle_ms);
+        let (node, journal, mut rec, record) =
+            (self.node_ns.clone(), self.journal.clone(), rec.clone(), record.clone());
+        tracing::info!(id = %rec.migration_id, "forward re-adopted after a restart");
+        tokio::spawn(async move {
+            let end = watch.run(node, forward, idle).await;
+            rec.standing = Standing::Source(SourceState::Finished);
+            rec.message = format!("completed; the forward ended: {}", end.as_str());
+            if let Err(e) = journal.write(&rec) {
+                tracing::warn!(error = %chain(&e), "cannot record the forward's end");
+            }
+            record.log.push(Event::new(Phase::Completed, rec.message.clone()));
+        });
+    }
+
+    /// Ends the forward a completed source migration keeps on this node (ReleaseForward), once
+    /// the caller knows the cluster routes the VM's address to its new node. Returns once the
+    /// forward's routes and tunnel are removed.
+    ///
+    /// # Errors
+    /// [`EngineError::NotFound`] for an unknown migration; [`EngineError::Precondition`] when it
+    /// has no active forward here (not a source, not completed yet, or already ended).
+    pub async fn release_forward(&self, id: &str) -> Result<(), EngineError> {
+        let token = self.forwards.lock().ok().and_then(|f| f.get(id).cloned());
+        let Some(token) = token else {
+            let phase = self.migrations.lock().ok().and_then(|m| m.get(id).map(|r| (r.role, r.log.phase())));
+            return Err(match phase {
+                Some((role, phase)) => EngineError::Precondition(format!(
+                    "migration {id} has no active forward on this node ({}, phase {})",
+                    if role == Role::Source { "source" } else { "destination: forwards are the source's" },
+                    phase.as_str()
+                )),
+                None => EngineError::NotFound(format!("migration {id}")),
+            });
+        };
+        token.cancel("released");
+        let until = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.forwards.lock().is_ok_and(|f| f.contains_key(id)) {
+            if tokio::time::Instant::now() >= until {
+                return Err(EngineError::Timeout {
+                    what: "for the forward's removal",
+                    after: std::time::Duration::from_secs(10),
+                });
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// Stops a sandbox this node received by migration and removes everything made for it: its
+    /// QEMU (`quit`, then SIGKILL), cgroup, netns (veth, tap, routes and neighbours go with it),
+    /// decap tunnel, disks and directories. Returns what was removed.
+    ///
+    /// # Errors
+    /// [`EngineError::Invalid`] for a malformed id; [`EngineError::Precondition`] while a
+    /// migration uses the sandbox; [`EngineError::NotFound`] when this node received no running
+    /// sandbox of that id.
+    pub async fn remove_incoming(&self, sandbox_id: &str) -> Result<String, EngineError> {
+        sandbox::validate_sandbox_id(sandbox_id).map_err(|e| invalid(e.to_string()))?;
+        if let Ok(m) = self.migrations.lock() {
+            let busy = m.iter().find(|(_, r)| {
+                let p = r.log.phase();
+                r.sandbox_id == sandbox_id && !p.is_terminal() && p < Phase::Forwarding
+            });
+            if let Some((id, r)) = busy {
+                return Err(EngineError::Precondition(format!(
+                    "migration {id} uses sandbox {sandbox_id} (phase {}): cancel it or wait for its end",
+                    r.log.phase().as_str()
+                )));
+            }
+        }
+        let record = self.journal.load_all()?.into_iter().rev().find(|r| {
+            r.sandbox_id == sandbox_id
+                && r.destination.is_some()
+                && matches!(r.standing, Standing::Destination(DestState::Running | DestState::Committed))
+        });
+        let Some(mut record) = record else {
+            return Err(EngineError::NotFound(format!(
+                "no sandbox {sandbox_id} received by migration on this node"
+            )));
+        };
+        let Some(mut details) = record.destination.clone() else {
+            return Err(EngineError::NotFound(format!("sandbox {sandbox_id}")));
+        };
+        // A clean stop first: QEMU flushes and exits; the rollback kills whatever is left.
+        match QmpClient::connect(&details.state_dir.join("qmp.sock"), &QmpConfig::default()).await {
+            Ok((qmp, _events)) => {
+                if let Err(e) = qmp.execute("quit", None).await {
+                    tracing::debug!(error = %e, "quit: QEMU closed the connection first");
+                }
+                if details.qemu_pid > 0 {
+                    let _ = tokio::time::timeout(
+                        std::time::Duration::from_secs(10),
+                        crate::pidfd::wait_exit(details.qemu_pid),
+                    )
+                    .await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot reach the incoming QEMU; it is killed"),
+        }
+        // The VM stops here for good: what its routes once replaced is history.
+        details.replaced_routes.clear();
+        crate::recovery::roll_back_destination(&record, &details, &self.node_ns).await?;
+        if let Ok(mut m) = self.incoming.lock() {
+            m.remove(sandbox_id);
+        }
+        let what = format!(
+            "sandbox {sandbox_id} removed: QEMU pid {}, {}, {}{}",
+            details.qemu_pid,
+            details.netns.display(),
+            details.state_dir.display(),
+            if details.disks_dir.as_os_str().is_empty() {
+                String::new()
+            } else {
+                format!(", {}", details.disks_dir.display())
+            }
+        );
+        record.destination = None;
+        record.message = what.clone();
+        self.journal.write(&record)?;
+        tracing::info!(sandbox = sandbox_id, "{what}");
+        Ok(what)
     }
 
     /// The configuration.
@@ -556,6 +708,12 @@ impl Node {
             (self.incoming.clone(), self.journal.clone(), req.sandbox_id.clone());
         let span = tracing::info_span!("migration", id = %req.migration_id, role = "source");
         let idle = request.options.tunnel_idle_timeout;
+        let forwarding = ForwardWatch {
+            migration_id: req.migration_id.clone(),
+            sandbox_id: req.sandbox_id.clone(),
+            migrations: self.migrations.clone(),
+            forwards: self.forwards.clone(),
+        };
         tokio::spawn(
             async move {
                 let started = std::time::Instant::now();
@@ -595,9 +753,13 @@ impl Node {
                         if husk.is_some() && handover.confirmed {
                             retire_incoming(&journal, &sandbox_id2, &node).await;
                         }
-                        source::forward_until_released(node, handover.forward, idle).await;
-                        let _ = entry.record(Standing::Source(SourceState::Finished), |_| {});
-                        finish(&rec, Ok((handover.times.downtime_ms, 0)), &cleanup, started).await;
+                        let end = forwarding.run(node, handover.forward, idle).await;
+                        let message = format!("completed; the forward ended: {}", end.as_str());
+                        let _ = entry.record(Standing::Source(SourceState::Finished), |r| {
+                            r.message.clone_from(&message);
+                        });
+                        finish_with(&rec, Ok((handover.times.downtime_ms, 0)), &cleanup, started, &message)
+                            .await;
                     }
                     Err(e) if gate.is_committed() => {
                         // Past the commit nothing is undone: the VM belongs to the destination.
@@ -927,10 +1089,21 @@ async fn finish(
     cleanup: &Cleanup,
     started: std::time::Instant,
 ) {
+    finish_with(rec, result, cleanup, started, "completed").await;
+}
+
+/// [`finish`] with the completed event's message.
+async fn finish_with(
+    rec: &Record,
+    result: Result<(u64, u64), &EngineError>,
+    cleanup: &Cleanup,
+    started: std::time::Instant,
+    completed: &str,
+) {
     let total_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     match result {
         Ok((downtime_ms, drops)) => {
-            let mut e = Event::new(Phase::Completed, "completed");
+            let mut e = Event::new(Phase::Completed, completed);
             e.outcome = Some(Outcome { error: None, total_ms, downtime_ms, plug_dropped_packets: drops });
             rec.log.push(e);
         }
@@ -981,5 +1154,43 @@ fn is_link_local(a: IpAddr) -> bool {
     match a {
         IpAddr::V4(v4) => v4.is_link_local(),
         IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80,
+    }
+}
+
+/// A completed source migration's forward: registered for ReleaseForward while it runs, aware
+/// of a migration bringing the same sandbox back to this node.
+#[derive(Debug, Clone)]
+struct ForwardWatch {
+    migration_id: String,
+    sandbox_id: String,
+    migrations: Arc<Mutex<BTreeMap<String, Arc<Record>>>>,
+    forwards: Arc<Mutex<BTreeMap<String, CancelToken>>>,
+}
+
+impl ForwardWatch {
+    /// Forwards until released, taken over or idle (see [`source::forward_until_released`]).
+    async fn run(
+        self,
+        node: Arc<NetnsHandle>,
+        forward: crate::migration::network::SourceForward,
+        idle: std::time::Duration,
+    ) -> source::ForwardEnd {
+        let release = CancelToken::default();
+        if let Ok(mut f) = self.forwards.lock() {
+            f.insert(self.migration_id.clone(), release.clone());
+        }
+        let (migrations, sandbox_id) = (self.migrations.clone(), self.sandbox_id.clone());
+        let coming_back = move || {
+            migrations.lock().is_ok_and(|m| {
+                m.values().any(|r| {
+                    r.role == Role::Destination && r.sandbox_id == sandbox_id && !r.log.phase().is_terminal()
+                })
+            })
+        };
+        let end = source::forward_until_released(node, forward, idle, release, coming_back).await;
+        if let Ok(mut f) = self.forwards.lock() {
+            f.remove(&self.migration_id);
+        }
+        end
     }
 }

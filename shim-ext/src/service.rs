@@ -98,6 +98,25 @@ impl pb::Migration for MigrationService {
             EnumOrUnknown::new(if cancelled { pb::Phase::PHASE_CANCELLED } else { phase_to_proto(phase) });
         Ok(r)
     }
+
+    async fn release_forward(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::ReleaseForwardRequest,
+    ) -> ttrpc::Result<pb::ReleaseForwardResponse> {
+        self.node.release_forward(&req.migration_id).await?;
+        Ok(pb::ReleaseForwardResponse::new())
+    }
+
+    async fn remove_incoming(
+        &self,
+        _ctx: &TtrpcContext,
+        req: pb::RemoveIncomingRequest,
+    ) -> ttrpc::Result<pb::RemoveIncomingResponse> {
+        let mut r = pb::RemoveIncomingResponse::new();
+        r.message = self.node.remove_incoming(&req.sandbox_id).await?;
+        Ok(r)
+    }
 }
 
 /// Errors of serving.

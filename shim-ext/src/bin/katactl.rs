@@ -85,13 +85,26 @@ enum Command {
         /// Migration id.
         migration_id: String,
     },
-    /// Cancel a migration (before its cutover).
+    /// Cancel a migration before its commit point (the VM stays on the source); after it the
+    /// agent refuses: the VM already belongs to the destination.
     Cancel {
         /// Migration id.
         migration_id: String,
         /// Reason recorded in the CANCELLED event.
         #[arg(long, default_value = "cancelled with katactl")]
         reason: String,
+    },
+    /// End the forward a completed migration keeps on this (source) node, once the cluster
+    /// routes the VM's address to its new node.
+    ReleaseForward {
+        /// Migration id.
+        migration_id: String,
+    },
+    /// Stop a sandbox this node received by migration and remove everything made for it (VM,
+    /// netns, routes, tunnel, disks). Refused while a migration uses it.
+    RemoveIncoming {
+        /// Sandbox id.
+        sandbox_id: String,
     },
     /// Send one raw QMP command to a QMP socket (which serves one client at a time).
     Qmp {
@@ -251,6 +264,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::ReleaseForward { migration_id } => {
+            let c = client::connect(&cli.runtime_endpoint).await?;
+            let mut req = pb::ReleaseForwardRequest::new();
+            req.migration_id.clone_from(&migration_id);
+            c.release_forward(ctx(cli.timeout), &req).await.map_err(rpc("ReleaseForward"))?;
+            println!("forward of {migration_id} released");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::RemoveIncoming { sandbox_id } => {
+            let c = client::connect(&cli.runtime_endpoint).await?;
+            let mut req = pb::RemoveIncomingRequest::new();
+            req.sandbox_id = sandbox_id;
+            let r = c.remove_incoming(ctx(cli.timeout), &req).await.map_err(rpc("RemoveIncoming"))?;
+            println!("{}", r.message);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Migrate { id, to, source_address, migration_id, flags } => {
             let source = client::connect(&cli.runtime_endpoint).await?;
             let dest = client::connect(&to).await?;
@@ -269,7 +298,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     std::future::pending::<()>().await;
                 }
             };
-            let summary = client::drive(
+            let summary = match client::drive(
                 &source,
                 &dest,
                 &plan,
@@ -280,7 +309,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 },
                 ctrl_c,
             )
-            .await?;
+            .await
+            {
+                Err(e @ client::ClientError::CancelledBeforeStart) => {
+                    eprintln!("katactl: {e}");
+                    return Ok(ExitCode::from(130));
+                }
+                other => other?,
+            };
             print_summary(json, &summary)?;
             Ok(if summary.cancelled_by_caller {
                 ExitCode::from(130)

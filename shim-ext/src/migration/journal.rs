@@ -147,6 +147,13 @@ pub struct SourceRecord {
     pub original_routes: Vec<RouteRecord>,
     /// The forward's tunnel `(index, name)`, removed on rollback.
     pub tunnel: Option<(u32, String)>,
+    /// The forward's routes (the VM's addresses into the tunnel or via the destination): a
+    /// restarted agent watches them again after the commit.
+    #[serde(default)]
+    pub forward_routes: Vec<RouteRecord>,
+    /// The forward's idle timeout in ms (0: none).
+    #[serde(default)]
+    pub forward_idle_ms: u64,
     /// The destination's control endpoint (decisions are re-delivered there).
     pub ctl_endpoint: Option<SocketAddr>,
     /// The migration's sockets.

@@ -120,7 +120,7 @@ pub struct MigrationOptions {
     pub auto_converge: bool,
     /// Forwarding mode at cutover.
     pub tunnel_mode: TunnelMode,
-    /// Forwarding is removed once it has carried no traffic for this long.
+    /// Forwarding is removed once it has carried no traffic for this long; zero: never.
     pub tunnel_idle_timeout: Duration,
     /// Bytes the destination plug may hold; `None` derives it from rate and blackout.
     pub plug_limit: Option<u32>,
@@ -134,9 +134,10 @@ pub struct MigrationOptions {
 pub const DEFAULT_DOWNTIME_LIMIT: Duration = Duration::from_millis(25);
 /// The longest downtime limit accepted; QEMU allows 2000 s, but a limit past 10 s is a mistake.
 pub const MAX_DOWNTIME_LIMIT: Duration = Duration::from_secs(10);
-/// Default idle time before forwarding is removed: long enough for a CNI to converge and for
-/// long-lived connections to have sent something (DESIGN.md decision 5).
-pub const DEFAULT_TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default idle time before forwarding is removed: none (zero). The forward stays while it is
+/// the only path to the VM — a quiet service must stay reachable — and ends when the node's
+/// route to the VM is taken over, or on ReleaseForward (DESIGN.md decision 5).
+pub const DEFAULT_TUNNEL_IDLE_TIMEOUT: Duration = Duration::ZERO;
 /// Default storage deadline.
 pub const DEFAULT_STORAGE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Default RAM deadline.
@@ -206,12 +207,13 @@ impl MigrationOptions {
         if self.max_bandwidth == Some(0) {
             return Err(invalid("bandwidth", "0 bytes/s would never finish; omit it for uncapped"));
         }
-        if self.tunnel_idle_timeout < Duration::from_secs(1)
-            || self.tunnel_idle_timeout > Duration::from_secs(24 * 3600)
+        if !self.tunnel_idle_timeout.is_zero()
+            && (self.tunnel_idle_timeout < Duration::from_secs(1)
+                || self.tunnel_idle_timeout > Duration::from_secs(24 * 3600))
         {
             return Err(invalid(
                 "tunnel-idle-timeout",
-                format!("{:?} is outside 1s..=24h", self.tunnel_idle_timeout),
+                format!("{:?} is outside 1s..=24h (0: never, the default)", self.tunnel_idle_timeout),
             ));
         }
         if let Some(limit) = self.plug_limit {
@@ -350,7 +352,7 @@ mod tests {
                 "invalid plug-limit",
             ),
             (
-                MigrationOptions { tunnel_idle_timeout: Duration::ZERO, ..Default::default() },
+                MigrationOptions { tunnel_idle_timeout: Duration::from_millis(500), ..Default::default() },
                 &v4,
                 nodes4,
                 "invalid tunnel-idle-timeout",

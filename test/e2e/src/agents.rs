@@ -229,6 +229,12 @@ pub fn incoming_dir(lab: &Lab, node: Node, id: &str) -> PathBuf {
     engine_dir(lab, node).join("incoming").join(id)
 }
 
+/// Where `node`'s agent keeps the local disks of incoming sandbox `id` (under its state
+/// directory, `<root>/var/lib/katamaran`).
+pub fn incoming_disks_dir(lab: &Lab, node: Node, id: &str) -> PathBuf {
+    lab.root().join(node.name()).join("var/lib/katamaran/disks").join(id)
+}
+
 /// The pid of the QEMU the engine started for an incoming sandbox, if it is alive.
 pub fn incoming_qemu_pid(lab: &Lab, node: Node, id: &str) -> Option<u32> {
     let pid: u32 =

@@ -191,6 +191,56 @@ impl FaultLab {
             .map_err(|e| katamaran::client::rpc_text(&e))
     }
 
+    /// ReleaseForward on `node`.
+    pub fn release_forward(&self, node: Node, id: &str) -> Result<(), String> {
+        let mut req = pb::ReleaseForwardRequest::new();
+        req.migration_id = id.to_owned();
+        self.engine
+            .block_on(
+                self.engine
+                    .client(node)
+                    .release_forward(katamaran::client::ctx(Duration::from_secs(20)), &req),
+            )
+            .map(drop)
+            .map_err(|e| katamaran::client::rpc_text(&e))
+    }
+
+    /// RemoveIncoming of the guest's sandbox on `node`.
+    pub fn remove_incoming(&self, node: Node) -> Result<String, String> {
+        let mut req = pb::RemoveIncomingRequest::new();
+        req.sandbox_id = self.id.to_owned();
+        self.engine
+            .block_on(
+                self.engine
+                    .client(node)
+                    .remove_incoming(katamaran::client::ctx(Duration::from_secs(30)), &req),
+            )
+            .map(|r| r.message)
+            .map_err(|e| katamaran::client::rpc_text(&e))
+    }
+
+    /// `node`'s IPv4 routes to the guest's address, one per line (empty: none).
+    #[allow(clippy::missing_panics_doc)]
+    pub fn pod_routes(&self, host: &str) -> String {
+        let out =
+            self.lab.exec(host, &["ip", "-4", "route", "show", &format!("{POD}/32")]).expect("ip route");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Waits (at most `limit`) until `node` lists migration `id` in `phase`; the phase it has.
+    #[allow(clippy::missing_panics_doc)]
+    pub fn wait_phase(&self, node: Node, id: &str, phase: pb::Phase, limit: Duration) -> pb::MigrationStatus {
+        let until = Instant::now() + limit;
+        loop {
+            let list = self.engine.list_migrations(node).expect("ListMigrations");
+            let m = list.into_iter().find(|m| m.migration_id == id).expect("the migration is listed");
+            if m.phase.enum_value_or_default() == phase || Instant::now() > until {
+                return m;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// After a rollback: the source VM runs the same guest and the destination kept nothing.
     #[allow(clippy::missing_panics_doc)]
     pub fn assert_rolled_back(&self, before: &Snapshot, boot_id: &str, what: &str) {

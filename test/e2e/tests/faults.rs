@@ -363,3 +363,67 @@ fn lab_fault_rollback_on_the_node_the_vm_left_puts_its_forward_back() {
     );
     w.finish();
 }
+
+#[test]
+fn lab_forward_stays_until_released_or_taken_over() {
+    use katamaran_protos::v1::Phase;
+    use std::time::Duration;
+    let Some(w) = FaultLab::boot("ffw0", "", "") else { return };
+    let boot_id = w.boot_id();
+    let first = w.migrate_in_background(Node::A, &[]).join().expect("katactl thread");
+    assert_eq!(first.code, Some(0), "the move completes: {}", first.stderr);
+    let id = w.migration_id(Node::A);
+    // No idle timeout: the forward is node-a's only path to the VM and stays, quiet or not.
+    std::thread::sleep(Duration::from_secs(3));
+    let m = w.wait_phase(Node::A, &id, Phase::PHASE_FORWARDING, Duration::ZERO);
+    assert_eq!(m.phase.enum_value_or_default(), Phase::PHASE_FORWARDING, "node-a still forwards");
+    assert!(!w.pod_routes("node-a").is_empty(), "node-a routes the VM's address to node-b");
+    // Released: the route goes, the migration completes.
+    w.release_forward(Node::A, &id).expect("ReleaseForward");
+    assert_eq!(w.pod_routes("node-a"), "", "the forward's route is gone once ReleaseForward returns");
+    let m = w.wait_phase(Node::A, &id, Phase::PHASE_COMPLETED, Duration::from_secs(5));
+    assert_eq!(m.phase.enum_value_or_default(), Phase::PHASE_COMPLETED, "{m:?}");
+    let again = w.release_forward(Node::A, &id);
+    assert!(matches!(&again, Err(e) if e.contains("FAILED_PRECONDITION")), "{again:?}");
+    let unknown = w.release_forward(Node::A, "mig-000000000000");
+    assert!(matches!(&unknown, Err(e) if e.contains("NOT_FOUND")), "{unknown:?}");
+
+    // Back to node-a; node-b now forwards. A CNI that learned the move withdraws node-b's
+    // route: the forward sees it and ends by itself.
+    let back = w.migrate_in_background(Node::B, &[]).join().expect("katactl thread");
+    assert_eq!(back.code, Some(0), "the move back completes: {}", back.stderr);
+    assert_eq!(w.boot_id(), boot_id, "the same guest answers on node-a");
+    let id_b = w.migration_id(Node::B);
+    assert!(!w.pod_routes("node-b").is_empty(), "node-b forwards");
+    w.lab
+        .exec("node-b", &["ip", "route", "del", &format!("{}/32", katamaran_e2e::faults::POD)])
+        .expect("withdraw");
+    let m = w.wait_phase(Node::B, &id_b, Phase::PHASE_COMPLETED, Duration::from_secs(10));
+    assert_eq!(m.phase.enum_value_or_default(), Phase::PHASE_COMPLETED, "the forward ended by itself: {m:?}");
+    assert!(m.last_event.message.contains("taken over"), "{:?}", m.last_event.message);
+    w.finish();
+}
+
+#[test]
+fn lab_remove_incoming_stops_the_vm_and_leaves_nothing_on_the_node() {
+    let Some(w) = FaultLab::boot_with_disks("frm0", "local:1", "", "") else { return };
+    let before = Snapshot::take(&w.lab, &[]).expect("snapshot");
+    let run = w.migrate_in_background(Node::A, &[]).join().expect("katactl thread");
+    assert_eq!(run.code, Some(0), "the move completes: {}", run.stderr);
+    assert_eq!(w.status(Node::B).as_deref(), Some("running"));
+    let pid = agents::incoming_qemu_pid(&w.lab, Node::B, w.id).expect("the incoming QEMU runs");
+    let disks = agents::incoming_disks_dir(&w.lab, Node::B, w.id);
+    assert!(disks.is_dir(), "local disks live under the state directory: {}", disks.display());
+    let removed = w.remove_incoming(Node::B).expect("RemoveIncoming");
+    eprintln!("removed: {removed}");
+    assert!(agents::wait_for_exit(pid, std::time::Duration::from_secs(10)).is_ok(), "QEMU stopped");
+    assert_eq!(w.status(Node::B), None, "node-b no longer knows the sandbox");
+    assert!(!disks.exists(), "its disks are gone");
+    assert!(!agents::incoming_dir(&w.lab, Node::B, w.id).exists(), "its directory is gone");
+    let after = Snapshot::take(&w.lab, &[]).expect("snapshot");
+    let left: Vec<String> = after.diff_from(&before).into_iter().filter(|d| d.contains("node-b")).collect();
+    assert!(left.is_empty(), "node-b is as before the move:\n{}", left.join("\n"));
+    let again = w.remove_incoming(Node::B);
+    assert!(matches!(&again, Err(e) if e.contains("NOT_FOUND")), "{again:?}");
+    w.finish();
+}

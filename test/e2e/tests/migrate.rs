@@ -300,7 +300,7 @@ fn lab_migrate_local_storage_two_disks_keeps_every_write() {
     let pid = inspected.ok().filter(|p| *p != 0).unwrap_or(pidfile);
     agents::signal(pid, Signal::SIGTERM).expect("SIGTERM the destination QEMU");
     agents::wait_for_exit(pid, Duration::from_secs(15)).expect("the destination QEMU exits");
-    let disks_dir = agents::incoming_dir(&w.lab, Node::B, w.id).join("disks");
+    let disks_dir = agents::incoming_disks_dir(&w.lab, Node::B, w.id);
     let mut dest_images: Vec<PathBuf> = std::fs::read_dir(&disks_dir)
         .expect("the destination's disks directory")
         .map(|e| e.expect("entry").path())

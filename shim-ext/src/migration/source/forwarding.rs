@@ -5,8 +5,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::migration::network::SourceForward;
-use crate::net::NetnsHandle;
+use crate::migration::cancel::CancelToken;
+use crate::migration::network::{current_route, SourceForward};
+use crate::net::{NetnsHandle, RouteSpec};
 
 /// How often the forward's traffic counter is read.
 const IDLE_POLL: Duration = Duration::from_secs(1);
@@ -47,20 +48,93 @@ pub(super) async fn recover_tap_queue(node: &Arc<NetnsHandle>, qemu_pid: u32, ta
     }
 }
 
-/// Forwards until the forward carried nothing for `idle`, then removes it. It does not end with
-/// the source QEMU (DESIGN.md decision 5: Kata's shim kills a paused sandbox, and an incoming
-/// sandbox that handed its VM on is removed, while the forward may still be the only path to
-/// the VM). Tunnel traffic is read from the tunnel link's counters; route mode has no per-VM
-/// counter, so it never reports idle and the route stays until the VM's address is routed on
-/// this node again (a later migration back replaces it).
-pub async fn forward_until_released(node: Arc<NetnsHandle>, forward: SourceForward, idle: Duration) {
-    until_idle(&node, &forward, idle).await;
-    tracing::info!(?idle, "forward idle: removing it");
-    if let Err(err) = forward.remove(node.as_ref()).await {
-        tracing::warn!(error = %err, "removing the forward failed");
+/// Why a forward ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ForwardEnd {
+    /// ReleaseForward (or the agent stopping it).
+    Released,
+    /// The node's route to the VM is no longer the forward's: the cluster routes the VM's
+    /// address elsewhere (a CNI that learned the move), or the VM came back to this node.
+    TakenOver,
+    /// The tunnel carried nothing for the idle timeout (only when one is set).
+    Idle,
+}
+
+impl ForwardEnd {
+    /// For logs and events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Released => "released",
+            Self::TakenOver => "the node's route to the VM was taken over",
+            Self::Idle => "idle",
+        }
     }
 }
 
+/// How often the forward's route is compared with the node's.
+const ROUTE_POLL: Duration = Duration::from_secs(1);
+
+/// Forwards until it is no longer the only path to the VM, then removes what is still its own
+/// (routes it installed — a route someone else replaced is left alone — and the tunnel):
+/// - `release` fires (ReleaseForward);
+/// - the node's route to the VM's first address is no longer the forward's (the cluster routes
+///   the address elsewhere), unless `coming_back()` says a migration is bringing the VM back to
+///   this node — then its incoming sandbox holds the route for now and may give it back on
+///   rollback, so the forward waits for that migration's end;
+/// - with a non-zero `idle` and a tunnel: the tunnel carried nothing for `idle`. Zero (the
+///   default) never ends a forward for being quiet: a quiet service must stay reachable.
+///
+/// It does not depend on the source QEMU (DESIGN.md decision 5: Kata's shim kills a paused
+/// sandbox, and an incoming sandbox that handed its VM on is removed, while the forward may
+/// still be the only path to the VM).
+pub async fn forward_until_released(
+    node: Arc<NetnsHandle>,
+    forward: SourceForward,
+    idle: Duration,
+    release: CancelToken,
+    coming_back: impl Fn() -> bool + Send,
+) -> ForwardEnd {
+    let end = tokio::select! {
+        _ = release.cancelled() => ForwardEnd::Released,
+        () = until_taken_over(&node, &forward, coming_back) => ForwardEnd::TakenOver,
+        () = until_idle(&node, &forward, idle), if !idle.is_zero() => ForwardEnd::Idle,
+    };
+    tracing::info!(why = end.as_str(), "forward ends: removing it");
+    if let Err(err) = forward.remove(node.as_ref()).await {
+        tracing::warn!(error = %err, "removing the forward failed");
+    }
+    end
+}
+
+/// Resolves once the node routes the VM's first address other than the forward does, for good.
+async fn until_taken_over(node: &Arc<NetnsHandle>, forward: &SourceForward, coming_back: impl Fn() -> bool) {
+    let Some(ours) = forward.swap.first() else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(ROUTE_POLL).await;
+        match current_route(node.as_ref(), ours.dest).await {
+            Ok(now) if !is_ours(now.as_ref(), ours) => {
+                if coming_back() {
+                    tracing::debug!(dest = %ours.dest, "route held by a sandbox coming back: the forward waits");
+                    continue;
+                }
+                tracing::info!(dest = %ours.dest, now = ?now, "the node's route to the VM is no longer the forward's");
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot read the node's route to the VM"),
+        }
+    }
+}
+
+/// Whether the node's current route is the forward's own.
+fn is_ours(now: Option<&RouteSpec>, ours: &RouteSpec) -> bool {
+    now.is_some_and(|r| r.dev.index == ours.dev.index && r.gateway == ours.gateway)
+}
+
+/// Resolves once the tunnel carried nothing for `idle` (or is gone); never without a tunnel
+/// (route mode has no per-VM counter).
 async fn until_idle(node: &Arc<NetnsHandle>, forward: &SourceForward, idle: Duration) {
     let Some(tunnel) = forward.tunnel.clone() else {
         return std::future::pending().await;
@@ -105,5 +179,27 @@ mod tests {
         assert_eq!(parse_tx_packets(text, "kmrs1234abcd"), Some(42));
         assert_eq!(parse_tx_packets(text, "lo"), Some(2));
         assert_eq!(parse_tx_packets(text, "eth9"), None);
+    }
+
+    #[test]
+    fn a_route_is_the_forwards_by_device_and_next_hop() {
+        let dest = crate::net::IpPrefix::host("10.244.1.10".parse().expect("ip"));
+        let tunnel = crate::net::LinkId { index: 40, name: "kmrs0".into() };
+        let ours = RouteSpec::dev(dest, tunnel);
+        let as_read = |index: u32, gateway: Option<std::net::IpAddr>| RouteSpec {
+            dest,
+            gateway,
+            dev: crate::net::LinkId { index, name: format!("if{index}") },
+            onlink: false,
+            protocol: Some(4),
+        };
+        assert!(is_ours(Some(&as_read(40, None)), &ours), "read back by index");
+        assert!(!is_ours(Some(&as_read(12, None)), &ours), "a CNI's route to a local pod");
+        assert!(!is_ours(None, &ours), "no route at all");
+        let gw: std::net::IpAddr = "10.201.0.12".parse().expect("ip");
+        let up = crate::net::LinkId { index: 2, name: "eth0".into() };
+        let via = RouteSpec::via_onlink(dest, gw, up);
+        assert!(is_ours(Some(&as_read(2, Some(gw))), &via));
+        assert!(!is_ours(Some(&as_read(2, Some("10.201.0.13".parse().expect("ip")))), &via), "another node");
     }
 }

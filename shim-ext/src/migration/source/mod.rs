@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use tokio::net::UnixListener;
 
 pub use cutover::deliver_decision;
-pub use forwarding::forward_until_released;
+pub use forwarding::{forward_until_released, ForwardEnd};
 
 use super::cancel::CommitGate;
 use super::cleanup::Cleanup;
@@ -204,6 +204,8 @@ async fn drive(
     env.journal.record(Standing::Source(SourceState::Preparing), |r| {
         let s = r.source.get_or_insert_with(Default::default);
         s.original_routes = forward.original.iter().map(RouteRecord::of).collect();
+        s.forward_routes = forward.swap.iter().map(RouteRecord::of).collect();
+        s.forward_idle_ms = u64::try_from(req.options.tunnel_idle_timeout.as_millis()).unwrap_or(u64::MAX);
         s.tunnel = forward.tunnel.as_ref().map(|t| (t.index, t.name.clone()));
         s.ctl_endpoint = Some(req.ram_endpoint);
     })?;
