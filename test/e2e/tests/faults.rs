@@ -161,7 +161,12 @@ fn lab_fault_destination_agent_crash_after_the_vote_completes_on_restart() {
 /// A cancel through `via` while the source is held at `point`: accepted (before the commit), the
 /// migration ends without success, the source runs the same guest, nothing is left.
 fn cancel_at(id: &'static str, point: &str, via: Node, extra: &[&str]) {
-    let Some(w) = FaultLab::boot(id, &format!("{point}=hold"), "") else { return };
+    cancel_at_with_disks(id, "shared:1", point, via, extra);
+}
+
+/// [`cancel_at`] with the guest's disks (`local:N` mirrors them first).
+fn cancel_at_with_disks(id: &'static str, disks: &str, point: &str, via: Node, extra: &[&str]) {
+    let Some(w) = FaultLab::boot_with_disks(id, disks, &format!("{point}=hold"), "") else { return };
     let boot_id = w.boot_id();
     let before = w.snapshot();
     let run = w.migrate_in_background(Node::A, extra);
@@ -425,5 +430,83 @@ fn lab_remove_incoming_stops_the_vm_and_leaves_nothing_on_the_node() {
     assert!(left.is_empty(), "node-b is as before the move:\n{}", left.join("\n"));
     let again = w.remove_incoming(Node::B);
     assert!(matches!(&again, Err(e) if e.contains("NOT_FOUND")), "{again:?}");
+    w.finish();
+}
+
+#[test]
+fn lab_fault_cancel_through_the_source_in_ram_rolls_back() {
+    cancel_at("fcs0", "source-ram", Node::A, &["--bandwidth", "4M"]);
+}
+
+#[test]
+fn lab_fault_cancel_through_the_source_in_storage_rolls_back() {
+    cancel_at_with_disks("fcs3", "local:1", "source-storage", Node::A, &[]);
+}
+
+#[test]
+fn lab_fault_cancel_through_the_destination_in_storage_rolls_back() {
+    cancel_at_with_disks("fcd3", "local:1", "source-storage", Node::B, &[]);
+}
+
+#[test]
+fn lab_fault_destination_qemu_killed_in_pre_copy_rolls_back() {
+    let Some(w) = FaultLab::boot("fdq0", "source-ram=hold", "") else { return };
+    let boot_id = w.boot_id();
+    let before = w.snapshot();
+    let run = w.migrate_in_background(Node::A, &["--bandwidth", "4M"]);
+    w.wait_held("source-ram");
+    w.kill_incoming_qemu();
+    w.release("source-ram");
+    let run = run.join().expect("katactl thread");
+    assert_ne!(run.code, Some(0), "not a completed migration: {}", run.stdout);
+    w.assert_rolled_back(&before, &boot_id, "destination QEMU killed in pre-copy");
+    w.finish();
+}
+
+#[test]
+fn lab_fault_source_agent_crash_in_ram_rolls_back_on_restart() {
+    let Some(mut w) = FaultLab::boot("fsk1", "source-ram=hold", "") else { return };
+    let boot_id = w.boot_id();
+    let before = w.snapshot();
+    let run = w.migrate_in_background(Node::A, &["--bandwidth", "4M"]);
+    w.wait_held("source-ram");
+    w.engine.crash_and_restart(&w.lab, Node::A).expect("node-a's agent restarts");
+    let run = run.join().expect("katactl thread");
+    assert_ne!(run.code, Some(0), "not a completed migration: {}", run.stdout);
+    w.assert_rolled_back(&before, &boot_id, "source agent killed in RAM");
+    w.finish();
+}
+
+#[test]
+fn lab_fault_agents_killed_in_forwarding_keep_the_moved_vm_and_the_forward() {
+    use katamaran_protos::v1::Phase;
+    use std::time::Duration;
+    let Some(mut w) = FaultLab::boot("fkf0", "", "") else { return };
+    let boot_id = w.boot_id();
+    let run = w.migrate_in_background(Node::A, &[]).join().expect("katactl thread");
+    assert_eq!(run.code, Some(0), "the move completes: {}", run.stderr);
+    let id = w.migration_id(Node::A);
+    let route = w.pod_routes("node-a");
+    assert!(!route.is_empty(), "node-a forwards");
+    for node in [Node::A, Node::B] {
+        w.engine.crash_and_restart(&w.lab, node).expect("the agent restarts");
+    }
+    assert_eq!(w.status(Node::B).as_deref(), Some("running"), "the VM outlived node-b's agent");
+    assert_ne!(w.status(Node::A).as_deref(), Some("running"), "and runs only there");
+    assert_eq!(w.boot_id(), boot_id, "the same guest");
+    assert_eq!(w.pod_routes("node-a"), route, "node-a's forward outlived its agent");
+    // The restarted agent watches the forward again: it still lists it, and releases it.
+    let m = w.wait_phase(Node::A, &id, Phase::PHASE_FORWARDING, Duration::ZERO);
+    assert_eq!(m.phase.enum_value_or_default(), Phase::PHASE_FORWARDING, "{m:?}");
+    w.release_forward(Node::A, &id).expect("ReleaseForward after the restart");
+    assert_eq!(w.pod_routes("node-a"), "", "released");
+    let m = w.wait_phase(Node::A, &id, Phase::PHASE_COMPLETED, Duration::from_secs(5));
+    assert_eq!(m.phase.enum_value_or_default(), Phase::PHASE_COMPLETED, "{m:?}");
+    let b = w.wait_phase(Node::B, &id, Phase::PHASE_COMPLETED, Duration::ZERO);
+    assert_eq!(
+        b.phase.enum_value_or_default(),
+        Phase::PHASE_COMPLETED,
+        "node-b lists the completed move: {b:?}"
+    );
     w.finish();
 }

@@ -49,6 +49,7 @@ pub(super) async fn mirror(
         });
         jobs.push(job);
     }
+    crate::migration::failpoint::point("source-storage").await?;
     let mut sub = bus.subscribe();
     let log2 = log.clone();
     let ready = tokio::select! {
