@@ -224,6 +224,11 @@ impl Node {
             {
                 self.readopt_forward(rec, d, &record);
             }
+            if rec.standing == Standing::Source(SourceState::Confirmed) {
+                // The VM runs on the destination: an incoming sandbox it left here is a husk
+                // (a restart may have come between the confirmation and its removal).
+                retire_incoming(&self.journal, &rec.sandbox_id, &self.node_ns, rec.started_unix_nanos).await;
+            }
             if rec.standing == Standing::Destination(DestState::Voted) {
                 // In doubt: the source re-delivers its decision; wait for it on the listener.
                 match self.data_listener().await {
@@ -751,7 +756,7 @@ impl Node {
                         // back to this node later.
                         let husk = incoming.lock().ok().and_then(|mut m| m.remove(&sandbox_id2));
                         if husk.is_some() && handover.confirmed {
-                            retire_incoming(&journal, &sandbox_id2, &node).await;
+                            retire_incoming(&journal, &sandbox_id2, &node, unix_nanos(rec.started)).await;
                         }
                         let end = forwarding.run(node, handover.forward, idle).await;
                         let message = format!("completed; the forward ended: {}", end.as_str());
@@ -1017,8 +1022,15 @@ impl Node {
 }
 
 /// Destroys the incoming sandbox `sandbox_id` received here earlier, now that its VM runs on
-/// another node (its QEMU is paused in `postmigrate`, its routes already point away).
-async fn retire_incoming(journal: &Journal, sandbox_id: &str, node: &NetnsHandle) {
+/// another node (its QEMU is paused in `postmigrate`, its routes already point away): the
+/// newest such sandbox, and only if it was received before the migration that moved the VM
+/// away started (`moved_away_at`, unix nanos) — a sandbox received later runs the VM.
+pub(crate) async fn retire_incoming(
+    journal: &Journal,
+    sandbox_id: &str,
+    node: &NetnsHandle,
+    moved_away_at: u64,
+) {
     let record = journal.load_all().ok().and_then(|all| {
         all.into_iter().rev().find(|r| {
             r.sandbox_id == sandbox_id
@@ -1026,6 +1038,9 @@ async fn retire_incoming(journal: &Journal, sandbox_id: &str, node: &NetnsHandle
         })
     });
     let Some(mut record) = record else { return };
+    if record.started_unix_nanos >= moved_away_at {
+        return;
+    }
     let Some(mut details) = record.destination.clone() else { return };
     // The VM lives on elsewhere and this node's routes to it were moved by the move away (a
     // forward): the routes this sandbox once replaced are history, not to be put back.

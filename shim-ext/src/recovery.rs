@@ -37,7 +37,11 @@ pub struct Recovered {
 }
 
 /// Finishes or rolls back every unfinished migration in `journal`.
-pub async fn recover(journal: &Journal, node: &Arc<NetnsHandle>, heartbeat: Heartbeat) -> Vec<Recovered> {
+pub async fn recover(
+    journal: &Arc<Journal>,
+    node: &Arc<NetnsHandle>,
+    heartbeat: Heartbeat,
+) -> Vec<Recovered> {
     let records = match journal.load_all() {
         Ok(r) => r,
         Err(e) => {
@@ -55,7 +59,7 @@ pub async fn recover(journal: &Journal, node: &Arc<NetnsHandle>, heartbeat: Hear
             tracing::info_span!("recovery", id = %record.migration_id, state = record.standing.as_str());
         let _enter = span.enter();
         let outcome = match record.standing {
-            Standing::Source(state) => recover_source(&mut record, state, node, heartbeat).await,
+            Standing::Source(state) => recover_source(&mut record, state, node, heartbeat, journal).await,
             Standing::Destination(state) => recover_destination(&mut record, state, node).await,
         };
         let outcome = outcome.unwrap_or_else(|e| format!("recovery failed: {}", chain(&e)));
@@ -74,6 +78,7 @@ async fn recover_source(
     state: SourceState,
     node: &Arc<NetnsHandle>,
     heartbeat: Heartbeat,
+    journal: &Arc<Journal>,
 ) -> Result<String, EngineError> {
     let (next, action) = state.step(SourceInput::Restarted)?;
     let details = record.source.clone().unwrap_or_default();
@@ -101,11 +106,32 @@ async fn recover_source(
         Action::Redeliver => {
             if let (Some(endpoint), Some(secret)) = (details.ctl_endpoint, secret) {
                 let (id, hb, node) = (record.migration_id.clone(), heartbeat, node.clone());
+                let (journal, sandbox_id, started) =
+                    (journal.clone(), record.sandbox_id.clone(), record.started_unix_nanos);
                 tokio::spawn(async move {
-                    if let Err(e) =
-                        source::deliver_decision(node, endpoint, &secret, &id, CtlMsg::Commit, hb).await
+                    match source::deliver_decision(node.clone(), endpoint, &secret, &id, CtlMsg::Commit, hb)
+                        .await
                     {
-                        tracing::warn!(error = %chain(&e), "commit not delivered");
+                        Ok(()) => {
+                            // Confirmed: recorded, and an incoming sandbox the VM left here is
+                            // a husk, removed as after an uninterrupted move.
+                            let current = journal
+                                .load_all()
+                                .ok()
+                                .and_then(|all| all.into_iter().find(|r| r.migration_id == id));
+                            if let Some(mut r) =
+                                current.filter(|r| r.standing == Standing::Source(SourceState::HandedOver))
+                            {
+                                r.standing = Standing::Source(SourceState::Confirmed);
+                                r.message =
+                                    "handed over before the restart; the destination confirmed".into();
+                                if let Err(e) = journal.write(&r) {
+                                    tracing::warn!(error = %chain(&e), "cannot record the confirmation");
+                                }
+                            }
+                            crate::node::retire_incoming(&journal, &sandbox_id, &node, started).await;
+                        }
+                        Err(e) => tracing::warn!(error = %chain(&e), "commit not delivered"),
                     }
                 });
             }

@@ -510,3 +510,32 @@ fn lab_fault_agents_killed_in_forwarding_keep_the_moved_vm_and_the_forward() {
     );
     w.finish();
 }
+
+#[test]
+fn lab_fault_source_agent_crash_after_the_commit_still_frees_the_sandbox_for_a_move_back() {
+    use std::time::{Duration, Instant};
+    // node-b runs the VM in a sandbox it received; its agent dies right after committing the
+    // move back to node-a. The restarted agent re-delivers the commit and, once node-a
+    // confirms, removes the husk it was left with: the VM can come back to node-b later.
+    let Some(mut w) = FaultLab::boot("fkc0", "", "source-after-commit=hold") else { return };
+    let boot_id = w.boot_id();
+    let first = w.migrate_in_background(Node::A, &[]).join().expect("katactl thread");
+    assert_eq!(first.code, Some(0), "the first move completes: {}", first.stderr);
+    let back = w.migrate_in_background(Node::B, &[]);
+    w.wait_held("source-after-commit");
+    w.engine.crash_and_restart(&w.lab, Node::B).expect("node-b's agent restarts");
+    let _ = back.join().expect("katactl thread");
+    w.wait_running(Node::A, Duration::from_secs(30));
+    assert_eq!(w.status(Node::A).as_deref(), Some("running"), "the committed move completed");
+    assert_eq!(w.boot_id(), boot_id, "the same guest");
+    let husk = agents::incoming_dir(&w.lab, Node::B, w.id);
+    let until = Instant::now() + Duration::from_secs(30);
+    while husk.exists() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!husk.exists(), "node-b removed the sandbox the VM left: {}", husk.display());
+    let again = w.migrate_in_background(Node::A, &[]).join().expect("katactl thread");
+    assert_eq!(again.code, Some(0), "the VM moves to node-b again: {}", again.stderr);
+    assert_eq!(w.status(Node::B).as_deref(), Some("running"));
+    w.finish();
+}
