@@ -4,12 +4,14 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use katamaran_protos::v1 as pb;
 
 use crate::agents::{self, CtlRun, Engine, Snapshot};
-use crate::{artifacts, netns, Lab, LabConfig, Node, Skip};
+use crate::{artifacts, netns, Lab, LabConfig, Node, ProbeReport, RunningProbe, Skip};
 
 /// The guest's address.
 pub const POD: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
@@ -35,6 +37,10 @@ pub struct FaultLab {
     holds: PathBuf,
     /// Whether the guest's disks are shared (else they are mirrored first).
     shared: bool,
+    /// The probe (1000 pps UDP echo from the client through the router) started at boot.
+    probe: Mutex<Option<RunningProbe>>,
+    /// Set by a row whose source VM paused before the rollback (see [`FaultLab::paused_first`]).
+    paused: AtomicBool,
 }
 
 impl FaultLab {
@@ -57,7 +63,32 @@ impl FaultLab {
         std::fs::create_dir_all(&holds).expect("fail point dir");
         let engine = Engine::start_with(&lab, &fail_env(&holds, fail_a), &fail_env(&holds, fail_b))
             .expect("both agents serve");
-        Some(Self { engine, lab, id, holds, shared: !disks.starts_with("local") })
+        let probe = lab.spawn_probe(SocketAddr::new(POD.into(), 7), 1000).expect("probe");
+        agents::wait_for_rx(&lab, "node-a", "eth0", 200, Duration::from_secs(40))
+            .expect("the probe reaches the VM");
+        Some(Self {
+            engine,
+            lab,
+            id,
+            holds,
+            shared: !disks.starts_with("local"),
+            probe: Mutex::new(Some(probe)),
+            paused: AtomicBool::new(false),
+        })
+    }
+
+    /// Stops the probe started at boot and returns its report (the soak runs its own per move).
+    #[allow(clippy::missing_panics_doc)]
+    pub fn stop_probe(&self) -> Option<ProbeReport> {
+        let probe = self.probe.lock().expect("probe lock").take()?;
+        Some(probe.stop(Duration::from_secs(10)).expect("the probe's report"))
+    }
+
+    /// Marks a row whose source VM paused (stopped, routes moved) before the rollback: the
+    /// packets that reached the destination during that pause are lost with its copy, so the
+    /// probe's loss is reported, not required to be 0.
+    pub fn paused_first(&self) {
+        self.paused.store(true, Ordering::SeqCst);
     }
 
     /// Forgets every hold marker (one an agent killed while held left behind).
@@ -262,10 +293,31 @@ impl FaultLab {
         eprintln!("measured [{what}]: both nodes back to their snapshot {settled:?} after the end");
         assert!(diff.is_empty(), "{what}: nothing left behind:\n{}", diff.join("\n"));
         assert!(!pidfile.exists(), "{what}: no incoming sandbox left on node-b");
+        if let Some(r) = self.stop_probe() {
+            let paused = self.paused.load(Ordering::SeqCst);
+            eprintln!(
+                "measured [{what}]: probe lost {} duplicated {} of {} (source paused first: {paused})",
+                r.lost, r.duplicated, r.sent
+            );
+            assert_eq!(r.duplicated, 0, "{what}: no packet delivered twice");
+            if !paused {
+                assert_eq!(
+                    r.lost, 0,
+                    "{what}: the source kept the VM running throughout: no packet lost ({:?})",
+                    r.loss_timeline
+                );
+            }
+        }
     }
 
     #[allow(clippy::missing_panics_doc)]
     pub fn finish(self) {
+        if let Some(r) = self.stop_probe() {
+            eprintln!(
+                "measured: probe lost {} duplicated {} of {} over the whole row",
+                r.lost, r.duplicated, r.sent
+            );
+        }
         let Self { engine, mut lab, .. } = self;
         drop(engine);
         lab.down().expect("lab down");

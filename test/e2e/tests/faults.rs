@@ -75,6 +75,7 @@ fn lab_fault_source_agent_crash_before_the_commit_rolls_back_on_restart() {
     let run = w.migrate_in_background(Node::A, &[]);
     w.wait_held("source-before-commit");
     assert_eq!(w.status(Node::A).as_deref(), Some("postmigrate"), "held after QEMU completed");
+    w.paused_first();
     w.engine.crash_and_restart(&w.lab, Node::A).expect("node-a's agent restarts");
     let run = run.join().expect("katactl thread");
     assert_ne!(run.code, Some(0), "not a completed migration: {}", run.stdout);
@@ -110,6 +111,7 @@ fn lab_fault_destination_qemu_killed_after_the_load_before_the_vote_rolls_back()
     let before = w.snapshot();
     let run = w.migrate_in_background(Node::A, &[]);
     w.wait_held("dest-before-vote");
+    w.paused_first();
     w.kill_incoming_qemu();
     w.release("dest-before-vote");
     let run = run.join().expect("katactl thread");
@@ -168,6 +170,10 @@ fn cancel_at(id: &'static str, point: &str, via: Node, extra: &[&str]) {
 fn cancel_at_with_disks(id: &'static str, disks: &str, point: &str, via: Node, extra: &[&str]) {
     let Some(w) = FaultLab::boot_with_disks(id, disks, &format!("{point}=hold"), "") else { return };
     let boot_id = w.boot_id();
+    if matches!(point, "source-after-stop" | "source-before-commit") {
+        // The VM stopped and its routes moved before the cancel.
+        w.paused_first();
+    }
     let before = w.snapshot();
     let run = w.migrate_in_background(Node::A, extra);
     w.wait_held(point);
@@ -258,6 +264,7 @@ fn lab_fault_destination_qemu_killed_during_stop_and_copy_rolls_back() {
     let run = w.migrate_in_background(Node::A, &[]);
     w.wait_held("source-after-stop");
     w.kill_incoming_qemu();
+    w.paused_first();
     w.release("source-after-stop");
     let run = run.join().expect("katactl thread");
     assert_ne!(run.code, Some(0), "not a completed migration: {}", run.stdout);
@@ -295,6 +302,10 @@ fn link_cut_at(id: &'static str, disks: &str, point: &str) {
     let before = w.snapshot();
     let run = w.migrate_in_background(Node::A, &[]);
     w.wait_held(point);
+    if point == "source-pre-switchover" {
+        // QEMU pauses the guest at pre-switchover.
+        w.paused_first();
+    }
     let started = std::time::Instant::now();
     let run = {
         let _cut = katamaran_e2e::faults::LinkCut::cut(&w.lab);

@@ -54,6 +54,8 @@ fn soak_back_and_forth() {
     let mut seed: u64 =
         std::env::var("KMR_SOAK_SEED").ok().and_then(|v| v.parse().ok()).unwrap_or(0x5eed_cafe);
     let Some(mut w) = FaultLab::boot("soak0", "", "") else { return };
+    // One probe per move below, not the lab's whole-run probe.
+    let _ = w.stop_probe();
     let boot_id = w.boot_id();
     let mut at = Node::A;
     let mut rows: BTreeMap<&str, Row> = BTreeMap::new();

@@ -166,6 +166,18 @@ pub async fn prepare(
     log.push(Event::new(Phase::Preparing, format!("creating incoming sandbox {}", req.sandbox_id)));
     let suffix = network::ifname_suffix(&req.migration_id);
 
+    // Packets held here for the VM go back out when this copy is destroyed (a rollback after
+    // the source stopped and moved its routes): the last step of the unwind, once this node's
+    // routes to the VM are gone, so that they are routed to the source again.
+    let held: Arc<std::sync::Mutex<Vec<Vec<u8>>>> = Arc::default();
+    {
+        let (node, held) = (env.node.clone(), held.clone());
+        cleanup.push("send the packets held for the VM back into the network", move || async move {
+            return_held_packets(&node, &held).await;
+            Ok::<(), String>(())
+        });
+    }
+
     // State directory, root-only.
     let state_dir = env.incoming_root.join(&req.sandbox_id);
     if state_dir.exists() {
@@ -311,6 +323,14 @@ pub async fn prepare(
     let vm_cgroup = crate::host::cgroup::vm_cgroup_name(&req.sandbox_id, &req.migration_id);
     let (qemu_pid, exited) =
         spawn_qemu(&sandbox_ns, &argv, &state_dir.join("qemu.log"), &vm_cgroup, cleanup).await?;
+    {
+        // Runs before QEMU is stopped: the held packets are in its tap (or the plug before it).
+        let (ns, net, tap, held) = (sandbox_ns.clone(), net.clone(), req.tap_name.clone(), held.clone());
+        cleanup.push("take back the packets held for the VM", move || async move {
+            take_held_packets(&ns, &net, qemu_pid, &tap, &held).await;
+            Ok::<(), String>(())
+        });
+    }
     journal.record(Standing::Destination(DestState::Preparing), |r| {
         r.destination = Some(DestRecord {
             state_dir: state_dir.clone(),
@@ -408,6 +428,65 @@ pub async fn prepare(
         started,
         tasks,
     })
+}
+
+/// How long the return of held packets waits for the source to take its routes back (it does
+/// so right after telling this side to abort).
+const RETURN_GRACE: Duration = Duration::from_millis(300);
+
+/// Moves the packets held for a VM this side will never run out of its tap: the plug (if any)
+/// released into the tap, then every queued frame read from the paused QEMU's tap descriptors.
+/// Best effort: a QEMU already gone took its queue with it.
+async fn take_held_packets(
+    ns: &NetnsHandle,
+    net: &IncomingNet,
+    qemu_pid: u32,
+    tap: &str,
+    held: &std::sync::Mutex<Vec<Vec<u8>>>,
+) {
+    if net.plugged {
+        if let Err(e) = network::release_plug(ns, net).await {
+            tracing::debug!(error = %e, "cannot release the plug into the tap");
+        }
+    }
+    // The tap's ring holds a bounded number of frames; the plug refills it as it empties.
+    for _ in 0..64 {
+        let tap = tap.to_owned();
+        match tokio::task::spawn_blocking(move || net::tapdrain::drain_process_tap(qemu_pid, &tap)).await {
+            Ok(Ok(d)) if !d.packets.is_empty() => {
+                if let Ok(mut h) = held.lock() {
+                    h.extend(d.packets);
+                }
+            }
+            Ok(Ok(_)) => break,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "cannot read the incoming QEMU's tap");
+                break;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "tap drain task failed");
+                break;
+            }
+        }
+    }
+}
+
+/// Sends the packets [`take_held_packets`] took back out from the node, where the VM's address
+/// routes to the source again.
+async fn return_held_packets(node: &Arc<NetnsHandle>, held: &std::sync::Mutex<Vec<Vec<u8>>>) {
+    let packets = held.lock().map(|mut h| std::mem::take(&mut *h)).unwrap_or_default();
+    if packets.is_empty() {
+        return;
+    }
+    tokio::time::sleep(RETURN_GRACE).await;
+    let count = packets.len();
+    match node.run(move || net::tapdrain::reinject(&packets)).await {
+        Ok(Ok(sent)) => {
+            tracing::info!(held = count, sent, "packets held for the VM sent back towards the source")
+        }
+        Ok(Err(e)) => tracing::warn!(held = count, error = %e, "cannot send the held packets back"),
+        Err(e) => tracing::warn!(held = count, error = %e, "cannot send the held packets back"),
+    }
 }
 
 /// Creates `dir` and any missing parent root-only (0700); an existing one keeps its mode.
