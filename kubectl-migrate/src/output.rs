@@ -387,15 +387,19 @@ fn options_line(o: &MigrationOptions, pod: &Resolved) -> String {
         format!("{} → {}", o.tunnel_mode.as_str(), resolved.as_str())
     };
     let onoff = |b: bool| if b { "on" } else { "off" };
+    let lifetime = if o.tunnel_idle_timeout.is_zero() {
+        "kept until its route is taken over or released".to_owned()
+    } else {
+        format!("removed after {} idle", compact(o.tunnel_idle_timeout))
+    };
     format!(
         "downtime {}, auto-downtime {}, bandwidth {}, multifd {}, auto-converge {}, tunnel {tunnel} \
-         removed after {} idle, plug limit {}, disks {}, storage timeout {}, RAM timeout {}",
+         {lifetime}, plug limit {}, disks {}, storage timeout {}, RAM timeout {}",
         compact(o.downtime_limit),
         onoff(o.auto_downtime),
         o.max_bandwidth.map_or("uncapped".to_owned(), |b| format!("{}/s", bytes(b))),
         o.multifd_channels.map_or("off".to_owned(), |n| format!("{n} channels")),
         onoff(o.auto_converge),
-        compact(o.tunnel_idle_timeout),
         o.plug_limit.map_or("derived".to_owned(), |l| bytes(u64::from(l))),
         if o.storage == StorageMode::Shared { "shared" } else { "mirrored over NBD" },
         compact(o.storage_timeout),

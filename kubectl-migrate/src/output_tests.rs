@@ -253,11 +253,14 @@ fn the_plan_shows_nodes_agents_sandbox_and_options() {
         "destination:   node-b 192.0.2.2 via agent agent-b",
         "downtime 25ms",
         "bandwidth 1.0 GiB/s",
-        "tunnel auto → ipip removed after 30s idle",
+        "tunnel auto → ipip kept until its route is taken over or released",
         "storage timeout 30m",
     ] {
         assert!(text.contains(want), "missing {want:?} in\n{text}");
     }
+    let idle = MigrationOptions { tunnel_idle_timeout: std::time::Duration::from_secs(30), ..o.clone() };
+    let text = render_plan_text(&p.resolved, &idle, Ok(&sb));
+    assert!(text.contains("tunnel auto → ipip removed after 30s idle"), "{text}");
     let text = render_plan_text(&p.resolved, &o, Err("agent unreachable"));
     assert!(text.contains("sandbox:       unknown (agent unreachable)"), "{text}");
     let json = serde_json::to_value(plan_view(&p.resolved, &o, Err("x"))).unwrap();
