@@ -84,6 +84,21 @@ impl FaultLab {
         Some(probe.stop(Duration::from_secs(10)).expect("the probe's report"))
     }
 
+    /// Marks the row paused (see [`FaultLab::paused_first`]) when the source reported its cutover
+    /// (routes moved, the VM stopping) in `run`'s events: a fault on the other side races the
+    /// migration and may come before or after the source's stop.
+    pub fn paused_if_the_source_cut_over(&self, run: &CtlRun) {
+        let cut_over = run
+            .stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .any(|e| e["role"] == "ROLE_SOURCE" && e["phase"] == "PHASE_CUTOVER");
+        eprintln!("the source reached its cutover before the fault ended the migration: {cut_over}");
+        if cut_over {
+            self.paused_first();
+        }
+    }
+
     /// Marks a row whose source VM paused (stopped, routes moved) before the rollback: the
     /// packets that reached the destination during that pause are lost with its copy, so the
     /// probe's loss is reported, not required to be 0.
@@ -307,6 +322,30 @@ impl FaultLab {
                     r.loss_timeline
                 );
             }
+        }
+        if !self.shared {
+            self.assert_source_disk_log(what);
+        }
+    }
+
+    /// With local disks: stops the source VM and checks the guest's disk log on each of its
+    /// images — contiguous from the first record, no torn or repeated record: the rollback
+    /// lost no write and the writer went on.
+    #[allow(clippy::missing_panics_doc)]
+    pub fn assert_source_disk_log(&self, what: &str) {
+        let tool = artifacts::guest_tool().expect("the guest tool (disk-check) builds");
+        let images = self.lab.paths(Node::A, self.id).expect("paths").disks;
+        assert!(!images.is_empty(), "{what}: the source has local disks");
+        let pid = self.engine.inspect(Node::A, self.id).expect("Inspect on node-a").qemu_pid;
+        agents::signal(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM the source QEMU");
+        agents::wait_for_exit(pid, Duration::from_secs(15)).expect("the source QEMU exits");
+        for image in &images {
+            let log = crate::reports::disk_check(&tool, image).expect("disk-check");
+            eprintln!("measured [{what}]: {} disk log {log:?}", image.display());
+            assert!(
+                log.ok && log.first_seq == Some(0) && log.records > 0,
+                "{what}: the source's disk log is intact: {log:?}"
+            );
         }
     }
 
