@@ -3,19 +3,21 @@
 //!
 //! ```text
 //!  PREPARING  state dir ─▶ netns ─▶ veth/tap/tcfilter/plug/routes/neighbours/decap tunnel
-//!             ─▶ empty disk images under <state>/disks (local storage) ─▶ QEMU from the source's rewritten command
-//!             line with -S -incoming defer (it never starts the guest by itself) ─▶ QMP ─▶ NBD
-//!             exports ─▶ accept authenticated streams (ram: getfd + migrate-incoming fd:,
-//!             nbd: relay, ctl — reconnectable)                   ── PrepareIncoming returns
+//!             ─▶ empty disk images under <state>/disks (local storage) ─▶ QEMU from the
+//!             source's rewritten command line with -S -incoming defer (it never starts the
+//!             guest by itself) ─▶ QMP ─▶ NBD exports ─▶ accept authenticated streams
+//!             (ram: getfd + migrate-incoming fd:, nbd: relay, ctl — reconnectable)
+//!                                                                ── PrepareIncoming returns
 //!  RECEIVING  the source pushes; ctl storage-done ─▶ NBD exports stopped      streams.rs
 //!  LOADED     MIGRATION completed ─▶ journal Voted (fsync) ─▶ ctl `prepared`  receive.rs
 //!  COMMITTED  ctl `commit` ─▶ journal ─▶ `cont` ─▶ RESUME ─▶ plug released ─▶ announce-self
 //!             ─▶ ctl `resumed`
 //! ```
-//! Before the vote any failure or cancel unwinds the stack: QEMU killed, exports, routes,
-//! neighbours (the routes they replaced put back), tunnel, veth, netns, disks and state
-//! directory removed. After the vote only the
-//! source's decision moves this side; after the commit nothing destroys it.
+//! Before the vote any failure or cancel unwinds the stack: the packets held for the VM taken
+//! back, QEMU killed, exports, routes (the ones they replaced put back), neighbours, tunnel,
+//! veth, netns, disks and state directory removed, then the held packets sent back towards the
+//! source. After the vote only the source's decision moves this side; after the commit nothing
+//! destroys it.
 
 mod receive;
 mod streams;
