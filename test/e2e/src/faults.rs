@@ -84,17 +84,29 @@ impl FaultLab {
         Some(probe.stop(Duration::from_secs(10)).expect("the probe's report"))
     }
 
-    /// Marks the row paused (see [`FaultLab::paused_first`]) when the source reported its cutover
-    /// (routes moved, the VM stopping) in `run`'s events: a fault on the other side races the
-    /// migration and may come before or after the source's stop.
-    pub fn paused_if_the_source_cut_over(&self, run: &CtlRun) {
+    /// Marks the row paused (see [`FaultLab::paused_first`]) when the source VM stopped before
+    /// the rollback: the source reported its cutover (routes moved, the VM stopping) in `run`'s
+    /// events, or its QEMU's last migration `completed` (QEMU stops the VM at its end by itself,
+    /// e.g. while a panicked task's unwind had not cancelled it yet). A fault that races the
+    /// migration may come before or after that stop.
+    #[allow(clippy::missing_panics_doc)]
+    pub fn paused_if_the_source_stopped(&self, run: &CtlRun) {
         let cut_over = run
             .stdout
             .lines()
             .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
             .any(|e| e["role"] == "ROLE_SOURCE" && e["phase"] == "PHASE_CUTOVER");
-        eprintln!("the source reached its cutover before the fault ended the migration: {cut_over}");
-        if cut_over {
+        let socket = self.lab.paths(Node::A, self.id).expect("paths").qmp;
+        let status = self.engine.block_on(async {
+            let (qmp, _events) =
+                katamaran::qmp::QmpClient::connect(&socket, &Default::default()).await.ok()?;
+            qmp.query_migrate().await.ok()?.status
+        });
+        let completed = status == Some(katamaran::qmp::MigrationStatus::Completed);
+        eprintln!(
+            "before the rollback: the source cut over: {cut_over}; its QEMU's migration ended {status:?}"
+        );
+        if cut_over || completed {
             self.paused_first();
         }
     }

@@ -100,6 +100,9 @@ fn lab_fault_panic_in_the_source_task_rolls_back() {
         run.stderr,
         run.stdout
     );
+    // QEMU's outgoing migration runs on while the panicked task unwinds: it may complete (and
+    // stop the VM) before the unwind cancels it.
+    w.paused_if_the_source_stopped(&run);
     w.assert_rolled_back(&before, &boot_id, "panic in the source task");
     w.finish();
 }
@@ -240,7 +243,7 @@ fn lab_fault_panic_in_the_destination_task_rolls_back() {
     assert_ne!(run.code, Some(0), "not a completed migration: {}", run.stdout);
     // The incoming QEMU keeps receiving until its task's unwind stops it: the source may reach
     // its switchover first.
-    w.paused_if_the_source_cut_over(&run);
+    w.paused_if_the_source_stopped(&run);
     w.assert_rolled_back(&before, &boot_id, "panic in the destination task");
     w.finish();
 }
@@ -257,7 +260,7 @@ fn lab_fault_destination_agent_crash_in_ram_rolls_back_on_restart() {
     assert_ne!(run.code, Some(0), "not a completed migration: {}", run.stdout);
     // Its QEMU outlives the agent and keeps receiving: the source may reach its switchover
     // before the restarted agent destroys that copy.
-    w.paused_if_the_source_cut_over(&run);
+    w.paused_if_the_source_stopped(&run);
     w.assert_rolled_back(&before, &boot_id, "destination agent killed in RAM");
     w.finish();
 }
