@@ -5,7 +5,8 @@
 //! | journal                         | outcome on start                                            |
 //! |---------------------------------|-------------------------------------------------------------|
 //! | source before the commit        | roll back: QEMU's migration ended, `cont`, routes restored, tunnel removed, `abort` delivered |
-//! | source `handed-over`            | the source stays paused; `commit` re-delivered until the destination confirms |
+//! | source `handed-over`            | the source stays paused; `commit` re-delivered until the destination confirms, then the incoming sandbox the VM left here (if any) is removed; the forward is watched again (node.rs) |
+//! | source `confirmed` (forwarding) | the forward is watched again; an incoming sandbox the VM left here is removed (node.rs) |
 //! | destination `preparing`         | roll back: the incoming QEMU killed, netns, tunnel and directory removed |
 //! | destination `voted` (in doubt)  | the paused copy is kept; the source's re-delivered decision is awaited on the data listener ([`await_decision`]) and carried out |
 //! | destination `committed`         | the owner finishes: `cont`, plug released                   |
