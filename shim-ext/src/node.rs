@@ -107,8 +107,8 @@ pub struct Node {
     node_ns: Arc<NetnsHandle>,
     listener: OnceCell<Arc<DataListener>>,
     migrations: Arc<Mutex<BTreeMap<String, Arc<Record>>>>,
-    /// Active forwards of completed source migrations: their release signals.
-    forwards: Arc<Mutex<BTreeMap<String, CancelToken>>>,
+    /// Active forwards of completed source migrations.
+    forwards: Arc<Mutex<BTreeMap<String, ForwardHandle>>>,
     /// Sandboxes received here.
     incoming: Arc<Mutex<BTreeMap<String, IncomingSandbox>>>,
     /// QMP connections held by running source migrations (the socket serves one client).
@@ -310,8 +310,8 @@ impl Node {
     /// [`EngineError::NotFound`] for an unknown migration; [`EngineError::Precondition`] when it
     /// has no active forward here (not a source, not completed yet, or already ended).
     pub async fn release_forward(&self, id: &str) -> Result<(), EngineError> {
-        let token = self.forwards.lock().ok().and_then(|f| f.get(id).cloned());
-        let Some(token) = token else {
+        let handle = self.forwards.lock().ok().and_then(|f| f.get(id).cloned());
+        let Some(mut handle) = handle else {
             let phase = self.migrations.lock().ok().and_then(|m| m.get(id).map(|r| (r.role, r.log.phase())));
             return Err(match phase {
                 Some((role, phase)) => EngineError::Precondition(format!(
@@ -322,17 +322,13 @@ impl Node {
                 None => EngineError::NotFound(format!("migration {id}")),
             });
         };
-        token.cancel("released");
-        let until = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-        while self.forwards.lock().is_ok_and(|f| f.contains_key(id)) {
-            if tokio::time::Instant::now() >= until {
-                return Err(EngineError::Timeout {
-                    what: "for the forward's removal",
-                    after: std::time::Duration::from_secs(10),
-                });
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+        handle.release.cancel("released");
+        const LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+        // A dropped sender means the forward's task is gone: ended too.
+        tokio::time::timeout(LIMIT, handle.ended.wait_for(|e| *e))
+            .await
+            .map_err(|_| EngineError::Timeout { what: "for the forward's removal", after: LIMIT })?
+            .ok();
         Ok(())
     }
 
@@ -1179,7 +1175,14 @@ struct ForwardWatch {
     migration_id: String,
     sandbox_id: String,
     migrations: Arc<Mutex<BTreeMap<String, Arc<Record>>>>,
-    forwards: Arc<Mutex<BTreeMap<String, CancelToken>>>,
+    forwards: Arc<Mutex<BTreeMap<String, ForwardHandle>>>,
+}
+
+/// An active forward: its release signal, and whether it has ended (routes and tunnel removed).
+#[derive(Debug, Clone)]
+struct ForwardHandle {
+    release: CancelToken,
+    ended: tokio::sync::watch::Receiver<bool>,
 }
 
 impl ForwardWatch {
@@ -1191,8 +1194,12 @@ impl ForwardWatch {
         idle: std::time::Duration,
     ) -> source::ForwardEnd {
         let release = CancelToken::default();
+        let (ended, watch_ended) = tokio::sync::watch::channel(false);
         if let Ok(mut f) = self.forwards.lock() {
-            f.insert(self.migration_id.clone(), release.clone());
+            f.insert(
+                self.migration_id.clone(),
+                ForwardHandle { release: release.clone(), ended: watch_ended },
+            );
         }
         let (migrations, sandbox_id) = (self.migrations.clone(), self.sandbox_id.clone());
         let coming_back = move || {
@@ -1206,6 +1213,7 @@ impl ForwardWatch {
         if let Ok(mut f) = self.forwards.lock() {
             f.remove(&self.migration_id);
         }
+        ended.send_replace(true);
         end
     }
 }
