@@ -69,7 +69,8 @@ struct Common {
     /// dual-stack VMs in route mode; the first is the primary.
     #[arg(long, env = "KATAMARAN_NODE_ADDRESS", value_delimiter = ',')]
     node_address: Vec<IpAddr>,
-    /// The node's interface towards other nodes (needed for --tunnel-mode route).
+    /// The node's interface towards other nodes in --tunnel-mode route (default: the interface
+    /// of the node's route to the destination node).
     #[arg(long)]
     node_interface: Option<String>,
     /// TCP port of the data-stream listener. Fixed by default: a source re-delivers its

@@ -347,7 +347,7 @@ pub enum ForwardError {
     #[error("route mode cannot forward {0}: the destination node has no address of its family (give the agent one with --node-address, or use a GRE tunnel)")]
     NoGateway(IpAddr),
     /// Route mode without a known uplink.
-    #[error("route mode needs the node's interface towards the destination (--node-interface)")]
+    #[error("route mode needs the node's interface towards the destination: the node has no route to it; give --node-interface")]
     NoUplink,
 }
 

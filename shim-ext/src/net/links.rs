@@ -49,6 +49,18 @@ pub(crate) async fn get_link(ctx: &Ctx, name: &str) -> Result<LinkInfo> {
     }
 }
 
+/// Looks a link up by its index.
+pub(crate) async fn get_link_by_index(ctx: &Ctx, index: u32) -> Result<LinkInfo> {
+    let found = ctx.nl.link().get().match_index(index).execute().try_next().await.map_err(nl_io);
+    let name = format!("ifindex {index}");
+    match found {
+        Ok(Some(msg)) => Ok(link_info(&msg)),
+        Ok(None) => Err(Error::LinkNotFound { name, source: io::Error::from_raw_os_error(libc::ENODEV) }),
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Err(Error::LinkNotFound { name, source: e }),
+        Err(source) => Err(Error::GetLink { name, source }),
+    }
+}
+
 /// Reads what callers need from an `RTM_NEWLINK` reply.
 pub(crate) fn link_info(msg: &LinkMessage) -> LinkInfo {
     let mut info = LinkInfo {

@@ -124,6 +124,13 @@ pub trait NetOps: Send + Sync {
     /// [`Error::GetRoutes`](super::Error::GetRoutes).
     fn routes(&self, dest: IpPrefix) -> impl Future<Output = Result<Vec<RouteInfo>>> + Send;
 
+    /// The link of the main-table route this namespace uses for `addr` (the longest prefix
+    /// that contains it and has an output interface); `None` when no such route exists.
+    ///
+    /// # Errors
+    /// [`Error::GetRoutes`](super::Error::GetRoutes), or a link lookup error.
+    fn uplink_to(&self, addr: IpAddr) -> impl Future<Output = Result<Option<LinkId>>> + Send;
+
     /// Adds or replaces a permanent neighbour entry.
     ///
     /// # Errors
@@ -228,6 +235,7 @@ pub enum NetOp {
     ReplaceRoute(RouteSpec),
     DeleteRoute(RouteSpec),
     Routes { dest: IpPrefix },
+    UplinkTo { addr: IpAddr },
     ReplaceNeighbour(NeighbourSpec),
     DeleteNeighbour { dev: LinkId, ip: IpAddr },
     Neighbours { dev: LinkId },
@@ -251,6 +259,7 @@ impl NetOp {
             Self::Link { .. }
                 | Self::Addresses { .. }
                 | Self::Routes { .. }
+                | Self::UplinkTo { .. }
                 | Self::Neighbours { .. }
                 | Self::Qdisc { .. }
                 | Self::Probe { .. }
@@ -337,6 +346,15 @@ impl NetOps for NetnsHandle {
 
     async fn routes(&self, dest: IpPrefix) -> Result<Vec<RouteInfo>> {
         self.call(move |ctx| async move { routes::routes(&ctx, dest).await }).await
+    }
+
+    async fn uplink_to(&self, addr: IpAddr) -> Result<Option<LinkId>> {
+        self.call(move |ctx| async move {
+            let Some(route) = routes::route_to(&ctx, addr).await? else { return Ok(None) };
+            let Some(index) = route.oif else { return Ok(None) };
+            links::get_link_by_index(&ctx, index).await.map(|l| Some(l.id))
+        })
+        .await
     }
 
     async fn replace_neighbour(&self, neigh: &NeighbourSpec) -> Result<()> {

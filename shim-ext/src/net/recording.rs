@@ -306,6 +306,15 @@ impl NetOps for Recording {
         Ok(st.routes.get(&dest).cloned().unwrap_or_default())
     }
 
+    async fn uplink_to(&self, addr: IpAddr) -> Result<Option<LinkId>> {
+        let st = self.record(NetOp::UplinkTo { addr })?;
+        let all: Vec<RouteInfo> = st.routes.values().flatten().cloned().collect();
+        let Some(index) = super::routes::longest_match(&all, addr).and_then(|r| r.oif) else {
+            return Ok(None);
+        };
+        Ok(st.links.values().find(|l| l.id.index == index).map(|l| l.id.clone()))
+    }
+
     async fn replace_neighbour(&self, neigh: &NeighbourSpec) -> Result<()> {
         self.record(NetOp::ReplaceNeighbour(neigh.clone())).map(drop)
     }
@@ -378,6 +387,26 @@ mod tests {
 
     fn block_on<F: std::future::Future>(f: F) -> F::Output {
         tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+    }
+
+    #[test]
+    fn uplink_is_the_link_of_the_longest_matching_route() {
+        let route = |dest: &str, oif| RouteInfo {
+            dest: dest.parse().unwrap(),
+            gateway: None,
+            oif: Some(oif),
+            onlink: false,
+            protocol: 0,
+        };
+        let rec = Recording::new()
+            .with_link(fake_link(2, "eth0", None))
+            .with_link(fake_link(3, "eth1", None))
+            .with_routes("0.0.0.0/0".parse().unwrap(), vec![route("0.0.0.0/0", 3)])
+            .with_routes("10.201.0.0/24".parse().unwrap(), vec![route("10.201.0.0/24", 2)]);
+        let up = |a: &str| block_on(rec.uplink_to(a.parse().unwrap())).unwrap().map(|l| l.name);
+        assert_eq!(up("10.201.0.12").as_deref(), Some("eth0"), "the /24 beats the default route");
+        assert_eq!(up("192.0.2.9").as_deref(), Some("eth1"), "else the default route");
+        assert_eq!(up("fd00::1"), None, "no IPv6 route");
     }
 
     /// A cutover-shaped sequence, to show what engine tests can assert.

@@ -129,6 +129,30 @@ pub(crate) async fn routes(ctx: &Ctx, dest: IpPrefix) -> Result<Vec<RouteInfo>> 
         .collect())
 }
 
+/// The main-table route the kernel would pick for `addr` by prefix: the longest one containing
+/// it that has an output interface.
+pub(crate) async fn route_to(ctx: &Ctx, addr: IpAddr) -> Result<Option<RouteInfo>> {
+    let host = IpPrefix::host(addr);
+    let mut query = RouteMessage::default();
+    query.header.address_family = family(addr);
+    let msgs = nl::dump(&ctx.nl, RouteNetlinkMessage::GetRoute(query))
+        .await
+        .map_err(|source| Error::GetRoutes { dest: host, source })?;
+    let all: Vec<RouteInfo> = msgs
+        .into_iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewRoute(r) => route_info(&r),
+            _ => None,
+        })
+        .collect();
+    Ok(longest_match(&all, addr).cloned())
+}
+
+/// The longest-prefix route of `routes` containing `addr` with an output interface.
+pub(crate) fn longest_match(routes: &[RouteInfo], addr: IpAddr) -> Option<&RouteInfo> {
+    routes.iter().filter(|r| r.oif.is_some() && r.dest.contains(addr)).max_by_key(|r| r.dest.prefix_len())
+}
+
 /// A main-table route as [`RouteInfo`]; `None` for other tables.
 pub(crate) fn route_info(msg: &RouteMessage) -> Option<RouteInfo> {
     let table = msg

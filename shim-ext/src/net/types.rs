@@ -104,6 +104,22 @@ impl IpPrefix {
         self.len
     }
 
+    /// Whether `addr` is inside this prefix (always false across families).
+    pub fn contains(&self, addr: IpAddr) -> bool {
+        let bits = |a: IpAddr| -> u128 {
+            match a {
+                IpAddr::V4(v4) => u128::from(u32::from(v4)) << 96,
+                IpAddr::V6(v6) => u128::from(v6),
+            }
+        };
+        if self.addr.is_ipv4() != addr.is_ipv4() {
+            return false;
+        }
+        // IPv4 sits in the top 32 bits, so one mask of the top `len` bits fits both families.
+        let mask = if self.len == 0 { 0 } else { u128::MAX << (128 - u32::from(self.len)) };
+        bits(self.addr) & mask == bits(addr) & mask
+    }
+
     /// Whether this is a /32 (IPv4) or /128 (IPv6).
     pub fn is_host(&self) -> bool {
         self.len == max_prefix_len(self.addr)
@@ -517,6 +533,28 @@ impl Timing {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prefix_contains_by_family_and_length() {
+        let p = |s: &str| s.parse::<IpPrefix>().unwrap();
+        let a = |s: &str| s.parse::<IpAddr>().unwrap();
+        for (prefix, addr, inside) in [
+            ("10.201.0.0/24", "10.201.0.12", true),
+            ("10.201.0.0/24", "10.201.1.12", false),
+            ("10.201.0.12/32", "10.201.0.12", true),
+            ("10.201.0.12/32", "10.201.0.13", false),
+            ("0.0.0.0/0", "192.0.2.1", true),
+            ("0.0.0.0/0", "fd00::1", false),
+            ("10.0.0.0/8", "11.0.0.1", false),
+            ("fd00:201::/64", "fd00:201::12", true),
+            ("fd00:201::/64", "fd00:202::12", false),
+            ("::/0", "fd00::1", true),
+            ("::/0", "10.0.0.1", false),
+            ("fd00:201::12/128", "fd00:201::12", true),
+        ] {
+            assert_eq!(p(prefix).contains(a(addr)), inside, "{prefix} contains {addr}");
+        }
+    }
 
     #[test]
     fn mac_round_trips_and_rejects_garbage() {

@@ -194,8 +194,11 @@ async fn drive(
         remote: req.dest_node,
         ttl: 0,
     });
+    // Route mode: the named interface, else the one of the node's route to the destination
+    // node (the DaemonSet names none; a node's uplink differs from node to node).
     let uplink = match (&tunnel_spec, &req.node_interface) {
         (None, Some(name)) => Some(node.link(name).await?.id),
+        (None, None) => node.uplink_to(req.dest_node).await?,
         _ => None,
     };
     let forward =
