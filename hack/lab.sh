@@ -27,10 +27,12 @@ Sandboxes and VMs
                           ARP/NDP, OCI bundle. The router learns the pod IP only if no node
                           advertises it yet (first placement).
   vm NODE ID [--mem MIB] [--disks none|shared:N|local:N] [--disk-size SIZE]
-             [--writer-rate N] [--incoming] [--timeout SECS]
+             [--writer-rate N] [--incoming] [--node-paths] [--timeout SECS]
                           start QEMU for the sandbox the way Kata does and wait for
                           KATAMARAN-GUEST-READY on the serial console (unless --incoming, which
-                          starts a destination with `-incoming defer` and returns at once)
+                          starts a destination with `-incoming defer` and returns at once);
+                          --node-paths: QEMU names its files /run/vc/vm/ID, as on a real node,
+                          with the node's run/vc mounted there in a mount namespace of its own
   kill-vm NODE ID         stop the sandbox's QEMU (TERM, then KILL)
   rm NODE ID              kill-vm, then delete the sandbox (netns, routes, files, local disks)
   converge ID NODE        the CNI converges: the router's routes for the pod move to NODE
@@ -304,8 +306,8 @@ META
 # vm
 
 cmd_vm() {
-    local node=${1:-} id=${2:-} mem=128 disks=none disk_size=64M rate=50 incoming=0 timeout=180
-    [[ -n $node && $node != -h && $node != --help && -n $id ]] || bad_usage 'vm NODE ID [--mem MIB] [--disks none|shared:N|local:N] [--disk-size SIZE] [--writer-rate N] [--incoming] [--timeout SECS]'
+    local node=${1:-} id=${2:-} mem=128 disks=none disk_size=64M rate=50 incoming=0 node_paths=0 timeout=180
+    [[ -n $node && $node != -h && $node != --help && -n $id ]] || bad_usage 'vm NODE ID [--mem MIB] [--disks none|shared:N|local:N] [--disk-size SIZE] [--writer-rate N] [--incoming] [--node-paths] [--timeout SECS]'
     shift 2
     while (($#)); do
         case $1 in
@@ -314,6 +316,7 @@ cmd_vm() {
         --disk-size) disk_size=${2:?}; shift 2 ;;
         --writer-rate) rate=${2:?}; shift 2 ;;
         --incoming) incoming=1; shift ;;
+        --node-paths) node_paths=1; shift ;;
         --timeout) timeout=${2:?}; shift 2 ;;
         *) die "vm: unknown argument '$1'" ;;
         esac
@@ -378,6 +381,9 @@ cmd_vm() {
     append+=" katamaran.id=$id katamaran.writer_rate=$rate"
     ((count == 0)) || append+=" katamaran.disks=$(IFS=,; echo "${names[*]}")"
 
+    # The paths QEMU itself names: the lab's, or with --node-paths the node's own /run/vc/vm/ID.
+    local qvm=$vm
+    ((node_paths)) && qvm=/run/vc/vm/$id
     # Kata's shape: -name/-uuid, two QMP sockets (the shim keeps qmp.sock; extra-monitor.sock is
     # Kata's `extra_monitor_socket`, the one katamaran uses), pidfile + daemonize, the tap by name
     # with the pod's MAC on the guest NIC, raw drives on virtio-blk. TCG: /dev/kvm hangs here.
@@ -385,9 +391,9 @@ cmd_vm() {
     local args=(
         -name "sandbox-$id" -uuid "$(id_uuid "$id")"
         -machine q35 -accel tcg -cpu max -m "${mem}M" -smp 1
-        -qmp "unix:$vm/qmp.sock,server=on,wait=off"
-        -qmp "unix:$vm/extra-monitor.sock,server=on,wait=off"
-        -pidfile "$vm/pid" -daemonize
+        -qmp "unix:$qvm/qmp.sock,server=on,wait=off"
+        -qmp "unix:$qvm/extra-monitor.sock,server=on,wait=off"
+        -pidfile "$qvm/pid" -daemonize
         -no-user-config -nodefaults -nographic --no-reboot
         -rtc base=utc,driftfix=slew,clock=host
         -object rng-random,id=rng0,filename=/dev/urandom -device virtio-rng-pci,rng=rng0
@@ -395,13 +401,23 @@ cmd_vm() {
         -device "virtio-net-pci,netdev=network-0,mac=$SB_MAC,id=net-0"
         "${drive_args[@]}"
         -kernel "$kernel" -initrd "$initrd" -append "$append"
-        -serial "file:$vm/console.log"
+        -serial "file:$qvm/console.log"
     )
     ((incoming)) && args+=(-incoming defer)
 
     local t0
     t0=$(now)
-    ip netns exec "$SB_NETNS" "$KMR_QEMU" "${args[@]}" ||
+    local launch=(ip netns exec "$SB_NETNS")
+    if ((node_paths)); then
+        # A mount namespace of QEMU's own (it keeps it after -daemonize): an empty /run with the
+        # node's run/vc at /run/vc. Nothing is mounted or created on the host.
+        require_cmds unshare
+        # shellcheck disable=SC2016 # expanded by the inner shell
+        launch+=(unshare --mount --propagation private sh -c
+            'mount -t tmpfs -o mode=0755 tmpfs /run && mkdir /run/vc && mount --bind "$1" /run/vc && shift && exec "$@"'
+            sh "$(node_root "$node")/run/vc")
+    fi
+    "${launch[@]}" "$KMR_QEMU" "${args[@]}" ||
         die "QEMU failed to start for $id on $node (its error is above)"
     pid=$(vm_pid "$node" "$id") || die "QEMU started but $vm/pid names no live QEMU"
     printf '%s\n' "${imgs[@]}" >"$vm/disks"

@@ -71,6 +71,9 @@ pub struct VmOptions {
     pub writer_rate: u32,
     /// Start a migration destination (`-incoming defer`) instead of booting.
     pub incoming: bool,
+    /// QEMU names its files `/run/vc/vm/<id>` as on a real node (`--node-paths`), for agents
+    /// that see the node's files at their own paths (the deployment-shaped lab).
+    pub node_paths: bool,
     /// Deadline for `KATAMARAN-GUEST-READY`.
     pub ready_timeout: Duration,
 }
@@ -82,6 +85,7 @@ impl Default for VmOptions {
             disks: Disks::None,
             writer_rate: 50, // the guest contract's example rate
             incoming: false,
+            node_paths: false,
             ready_timeout: Duration::from_secs(180), // TCG boots in seconds; CI may be loaded
         }
     }
@@ -367,6 +371,9 @@ impl Lab {
         ];
         if opts.incoming {
             args.push("--incoming");
+        }
+        if opts.node_paths {
+            args.push("--node-paths");
         }
         let started = Instant::now();
         self.run(&args)?;
