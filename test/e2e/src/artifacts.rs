@@ -59,7 +59,7 @@ pub fn guest_dir() -> PathBuf {
     std::env::var_os("KMR_GUEST_DIR").map_or_else(|| workspace_root().join("hack/guest/out"), PathBuf::from)
 }
 
-fn on_path(tool: &str) -> bool {
+pub(crate) fn on_path(tool: &str) -> bool {
     let path = std::env::var_os("PATH").unwrap_or_else(|| OsString::from("/usr/sbin:/usr/bin:/sbin:/bin"));
     std::env::split_paths(&path).any(|dir| dir.join(tool).is_file())
 }

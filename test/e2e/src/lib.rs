@@ -7,6 +7,8 @@
 
 pub mod agents;
 pub mod artifacts;
+pub mod containerd;
+pub mod deployed;
 mod error;
 pub mod faults;
 mod lab;
