@@ -348,3 +348,213 @@ fn lab_kubectl_migrate_moves_the_pod_vm_to_node_b_under_probe_and_loses_nothing(
     lab.down().expect("lab down");
     assert_eq!(lab.leftovers(), Vec::<String>::new(), "down leaves nothing behind");
 }
+
+/// Output of a command run in an agent container, with a message naming it.
+fn ok_output(what: &str, out: std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The deployment-shaped lab: the node agents run as containers under the real containerd and
+/// runc, from the runtime spec `katamaran_e2e::deployed` generates out of
+/// `deploy/daemonset.yaml` itself (its command, args, env with HOST_IP, privileged, host PID
+/// namespace, a network namespace of its own, every volume with its propagation), each lab node
+/// standing for the host. `kubectl migrate` reaches them only through the fake API server's
+/// port-forward, which dials 127.0.0.1:10555 inside each agent container's network namespace.
+/// Then what a real node does to them: Kata's shim kills the paused source QEMU, both agent
+/// containers are SIGKILLed and recreated; through all of it the probe loses nothing, the VM
+/// answers, the recreated agents list the VM and the forward; after 60 s without traffic the VM
+/// is still reachable; removing the incoming sandbox with katactl in the container leaves
+/// nothing of it.
+#[test]
+fn lab_deployed_agents_in_containers_move_the_vm_and_keep_it_through_kills_and_quiet() {
+    use katamaran_e2e::agents::Snapshot;
+    use katamaran_e2e::deployed::{self, DeployedAgents};
+    let Some(()) = check(artifacts::require_vm_lab()) else { return };
+    if let Some(why) = katamaran_e2e::containerd::skip_reason() {
+        katamaran_test_skip::skip(katamaran_test_skip::Tier::Containerd, why);
+        return;
+    }
+    let Some(_) = check(artifacts::ensure_guest_image().expect("hack/guest/build.sh failed")) else { return };
+
+    let (mut lab, _) = Lab::up(LabConfig::unique()).expect("lab up");
+    lab.probe_path().expect("the probe builds");
+    let paths = lab.sandbox(Node::A, POD, POD_V4, None).expect("sandbox web-0 on node-a");
+    // Kata's QEMU names the node's paths (/run/vc/vm/web-0/...), which the agent in its
+    // container sees at the same place.
+    lab.vm(Node::A, POD, &VmOptions { disks: Disks::Shared(1), node_paths: true, ..VmOptions::default() })
+        .expect("the guest boots to KATAMARAN-GUEST-READY");
+    let source_ns = format!("sb-node-a-{POD}");
+    let before = Snapshot::take(&lab, &[&source_ns]).expect("snapshot before");
+    let bins = agents::engine_bins().expect("the engine's release binaries");
+    let deployed = match DeployedAgents::start(&lab, &bins) {
+        Ok(d) => d,
+        Err(e) => panic!("the agents run from deploy/daemonset.yaml under containerd: {e}"),
+    };
+    // The agents are not in the node's namespace: their port-forward target is in their own.
+    for node in [Node::A, Node::B] {
+        let netns = deployed.agent_netns(node).expect("the agent container runs");
+        let own = std::fs::metadata(&netns).map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+        let host = std::fs::metadata(format!("/run/netns/{}", lab.netns(node.name())))
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
+        assert_ne!(own.ok(), host.ok(), "the {} agent has a network namespace of its own", node.name());
+    }
+
+    let (name, namespace, uid) = cri_identity(&paths.config_json);
+    let backend = |node: Node| AgentBackend::PodNetns(deployed.agent_netns(node).expect("the agent runs"));
+    let state = State {
+        pods: vec![
+            web_pod(&name, &namespace, &uid, paths.ip),
+            support::agent_pod(deployed::pod_name(Node::A), "node-a"),
+            support::agent_pod(deployed::pod_name(Node::B), "node-b"),
+        ],
+        nodes: vec![
+            support::node("node-a", &[&Node::A.addr_v4().to_string()], true, false),
+            support::node("node-b", &[&Node::B.addr_v4().to_string()], true, false),
+        ],
+        agents: HashMap::from([
+            (deployed::pod_name(Node::A).to_owned(), backend(Node::A)),
+            (deployed::pod_name(Node::B).to_owned(), backend(Node::B)),
+        ]),
+        ..State::default()
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime for the fake API server");
+    let api = rt.block_on(FakeApiServer::start(state));
+    let home = tempfile::tempdir().expect("a home for the plugin");
+    let kubeconfig = home.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, api.kubeconfig_with_namespace(&namespace)).expect("kubeconfig");
+
+    let boot_id = page(&lab)["boot_id"].as_str().expect("the page has a boot_id").to_owned();
+    let probe = lab.spawn_probe(SocketAddr::new(IpAddr::V4(POD_V4), 7), RATE).expect("the probe starts");
+    agents::wait_for_rx(&lab, &source_ns, "eth0", BEFORE, TRAFFIC_WAIT)
+        .expect("the probe's packets reach the VM on node-a");
+    let run = run_plugin(
+        &rt,
+        &[
+            "pod",
+            POD,
+            "--to",
+            "node-b",
+            "--shared-storage",
+            "-o",
+            "json",
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+        ],
+        home.path(),
+    );
+    assert_eq!(
+        run.code,
+        Some(0),
+        "kubectl-migrate exits 0\nstdout:\n{}\nstderr:\n{}",
+        run.stdout,
+        run.stderr
+    );
+    let doc: Value = serde_json::from_str(&run.stdout).expect("stdout is one JSON document");
+    assert_eq!(doc["result"], "succeeded", "{doc:#}");
+    let id = doc["migrationId"].as_str().expect("a migration id").to_owned();
+    agents::wait_for_rx(&lab, "node-b", "eth0", AFTER, TRAFFIC_WAIT).expect("traffic reaches node-b");
+    let vm_pid = agents::incoming_qemu_pid(&lab, Node::B, POD).expect("the VM's QEMU runs on node-b");
+
+    // Kata's shim kills the paused source sandbox's QEMU: the forward does not depend on it.
+    let source_qemu = paths.qemu_pid().expect("the paused source QEMU");
+    agents::signal(source_qemu, nix::sys::signal::Signal::SIGKILL).expect("kill the source QEMU");
+    agents::wait_for_exit(source_qemu, Duration::from_secs(10)).expect("the source QEMU exits");
+    let mark = agents::rx_packets(&lab, "node-b", "eth0").expect("node-b's counter");
+    agents::wait_for_rx(&lab, "node-b", "eth0", mark + AFTER, TRAFFIC_WAIT)
+        .expect("traffic still reaches node-b without the source QEMU");
+
+    // Both agent containers crash (SIGKILL; the runtime then kills everything left in their
+    // cgroups) and kubelet creates them again.
+    for node in [Node::B, Node::A] {
+        deployed.kill_agent(node).unwrap_or_else(|e| panic!("kill the {} agent container: {e}", node.name()));
+        assert!(
+            katamaran_e2e::pid_is_live(vm_pid),
+            "the VM's QEMU outlived the {} agent container (it is not in the container's cgroup)",
+            node.name()
+        );
+        let mark = agents::rx_packets(&lab, "node-b", "eth0").expect("node-b's counter");
+        agents::wait_for_rx(&lab, "node-b", "eth0", mark + AFTER / 2, TRAFFIC_WAIT)
+            .unwrap_or_else(|e| panic!("traffic reaches the VM with the {} agent down: {e}", node.name()));
+        deployed
+            .start_agent(node)
+            .unwrap_or_else(|e| panic!("the {} agent container again: {e}", node.name()));
+        api.state.lock().unwrap().agents.insert(deployed::pod_name(node).to_owned(), backend(node));
+    }
+    let report = probe.stop(Duration::from_secs(10)).expect("the probe's report");
+    eprintln!(
+        "measured [deployed agents]: probe {} sent, {} received, {} lost, {} duplicated, longest gap {:.1} ms \
+         (move, source QEMU killed, both agent containers killed and recreated)",
+        report.sent, report.received, report.lost, report.duplicated, report.longest_gap_ms
+    );
+    assert_eq!(
+        (report.lost, report.duplicated),
+        (0, 0),
+        "nothing lost or duplicated; lost runs {:?}",
+        report.loss_timeline
+    );
+    assert_eq!(page(&lab)["boot_id"], boot_id.as_str(), "the same VM answers");
+
+    // The recreated agents know what the old ones left: the VM on node-b, the forward on node-a.
+    let ps =
+        ok_output("katactl ps on node-b", deployed.katactl(Node::B, &["-o", "json", "ps"]).expect("exec"));
+    let listed: Value = serde_json::from_str(&ps).unwrap_or_else(|e| panic!("ps -o json ({e}): {ps}"));
+    let vm = listed
+        .as_array()
+        .or_else(|| listed["sandboxes"].as_array())
+        .and_then(|l| l.iter().find(|s| s["id"] == POD))
+        .unwrap_or_else(|| panic!("the recreated node-b agent lists {POD}: {listed:#}"));
+    assert_eq!(vm["qemuPid"].as_u64(), Some(u64::from(vm_pid)), "{vm:#}");
+    let migrations = ok_output(
+        "katactl migrations on node-a",
+        deployed.katactl(Node::A, &["-o", "json", "migrations"]).expect("exec"),
+    );
+    assert!(
+        migrations.contains(&id) && migrations.contains("FORWARDING"),
+        "the recreated node-a agent lists the forward of {id}: {migrations}"
+    );
+
+    // Quiet: no traffic for 60 s, and the forward is still the way to the VM.
+    std::thread::sleep(Duration::from_secs(60));
+    let quiet = netns::http_get(
+        &lab.netns("client"),
+        SocketAddr::new(IpAddr::V4(POD_V4), 80),
+        Duration::from_secs(10),
+    )
+    .expect("the VM answers after 60 s without traffic");
+    assert!(quiet.contains(&boot_id), "the same VM: {quiet}");
+
+    // The operator ends it: the forward released, the incoming sandbox removed, by katactl in
+    // the containers; nothing of either is left on the nodes.
+    ok_output("release-forward", deployed.katactl(Node::A, &["release-forward", &id]).expect("exec"));
+    ok_output("remove-incoming", deployed.katactl(Node::B, &["remove-incoming", POD]).expect("exec"));
+    assert!(agents::wait_for_exit(vm_pid, Duration::from_secs(20)).is_ok(), "the VM's QEMU stopped");
+    let (left, _) =
+        agents::wait_unchanged(&lab, &before, &[&source_ns], Duration::from_secs(20)).expect("snapshot");
+    // What a completed move leaves by design: the source sandbox's QEMU (killed) and tap, its
+    // old route on node-a (the VM lives elsewhere now), the source's record of the migration.
+    let expected = |l: &str| {
+        l.starts_with("- qemu:")
+            || l.contains(&format!("{source_ns} "))
+            || l.starts_with("- node-a routes:")
+            || (l.starts_with("+ files:") && l.contains("/node-a/run/katamaran/migrations/"))
+    };
+    let left: Vec<String> = left.into_iter().filter(|l| !expected(l)).collect();
+    assert_eq!(left, Vec::<String>::new(), "nothing of the incoming sandbox or of the forward is left");
+
+    drop(api);
+    drop(rt);
+    drop(deployed);
+    lab.down().expect("lab down");
+    assert_eq!(lab.leftovers(), Vec::<String>::new(), "down leaves nothing behind");
+}

@@ -63,9 +63,33 @@ pub enum AgentBackend {
     /// A real agent serving its unix socket at this path: each stream is a new connection, as
     /// kubelet opens a new connection to the pod's port for each forwarded stream.
     Unix(PathBuf),
+    /// A real agent in a container: each stream is a new TCP connection to 127.0.0.1 and the
+    /// requested port inside the container's network namespace (this path, e.g.
+    /// `/proc/<task pid>/ns/net`), the way kubelet dials a pod's port-forward.
+    PodNetns(PathBuf),
     /// Nothing listens in the pod: the API server reports a refused connection on the error
     /// channel, as kubelet does.
     Refused,
+}
+
+/// A TCP connection to `127.0.0.1:port` made from inside the network namespace at `netns`, on a
+/// short-lived thread of its own (setns changes only the calling thread; the socket stays in the
+/// namespace it was created in).
+fn connect_in_netns(netns: &std::path::Path, port: u16) -> std::io::Result<tokio::net::TcpStream> {
+    let netns = netns.to_owned();
+    let stream = std::thread::spawn(move || -> std::io::Result<std::net::TcpStream> {
+        let ns = std::fs::File::open(&netns)?;
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+        let s = std::net::TcpStream::connect_timeout(
+            &SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_secs(5),
+        )?;
+        s.set_nonblocking(true)?;
+        Ok(s)
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("the connecting thread panicked"))??;
+    tokio::net::TcpStream::from_std(stream)
 }
 
 #[derive(Default)]
@@ -670,6 +694,13 @@ where
                 return;
             }
             Err(e) => format!("failed to connect to {}: {e}", path.display()),
+        },
+        AgentBackend::PodNetns(netns) => match connect_in_netns(&netns, port) {
+            Ok(stream) => {
+                relay(&mut tx, &mut rx, stream).await;
+                return;
+            }
+            Err(e) => format!("failed to connect to localhost:{port} in {}: {e}", netns.display()),
         },
         AgentBackend::Refused => format!("failed to connect to localhost:{port}: connection refused"),
     };
