@@ -192,6 +192,69 @@ fn result_table(doc: &Value, probe: &ProbeReport, wall: Duration, probe_lead: Du
     t
 }
 
+/// The cluster as the API server describes the lab: the sandbox's pod (`identity`: name,
+/// namespace, uid) on node-a, both nodes, and one agent pod per node (`agent_pods`) whose
+/// port-forward leads to `backend(node)`.
+fn lab_cluster(
+    identity: &(String, String, String),
+    ip: Ipv4Addr,
+    agent_pods: [&str; 2],
+    backend: impl Fn(Node) -> AgentBackend,
+) -> State {
+    let (name, namespace, uid) = identity;
+    State {
+        pods: vec![
+            web_pod(name, namespace, uid, ip),
+            support::agent_pod(agent_pods[0], "node-a"),
+            support::agent_pod(agent_pods[1], "node-b"),
+        ],
+        nodes: vec![
+            support::node("node-a", &[&Node::A.addr_v4().to_string()], true, false),
+            support::node("node-b", &[&Node::B.addr_v4().to_string()], true, false),
+        ],
+        agents: HashMap::from([
+            (agent_pods[0].to_owned(), backend(Node::A)),
+            (agent_pods[1].to_owned(), backend(Node::B)),
+        ]),
+        ..State::default()
+    }
+}
+
+/// The fake API server on workers of its own (it relays while the test's thread waits on the
+/// lab), and the plugin's home with a kubeconfig for it.
+struct FakeCluster {
+    // Drop order: the server before its runtime.
+    api: FakeApiServer,
+    rt: tokio::runtime::Runtime,
+    home: tempfile::TempDir,
+    kubeconfig: std::path::PathBuf,
+}
+
+impl FakeCluster {
+    fn serve(state: State, namespace: &str) -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a runtime for the fake API server");
+        let api = rt.block_on(FakeApiServer::start(state));
+        let home = tempfile::tempdir().expect("a home for the plugin");
+        let kubeconfig = home.path().join("kubeconfig");
+        std::fs::write(&kubeconfig, api.kubeconfig_with_namespace(namespace)).expect("kubeconfig");
+        Self { api, rt, home, kubeconfig }
+    }
+
+    /// `kubectl migrate pod web-0 --to node-b --shared-storage -o json` against it.
+    fn migrate_to_node_b(&self) -> PluginRun {
+        let kubeconfig = self.kubeconfig.to_str().expect("a UTF-8 path");
+        run_plugin(
+            &self.rt,
+            &["pod", POD, "--to", "node-b", "--shared-storage", "-o", "json", "--kubeconfig", kubeconfig],
+            self.home.path(),
+        )
+    }
+}
+
 #[test]
 fn lab_kubectl_migrate_moves_the_pod_vm_to_node_b_under_probe_and_loses_nothing() {
     let Some(()) = check(artifacts::require_vm_lab()) else { return };
@@ -211,35 +274,13 @@ fn lab_kubectl_migrate_moves_the_pod_vm_to_node_b_under_probe_and_loses_nothing(
     ];
 
     // The cluster as the API server describes it.
-    let (name, namespace, uid) = cri_identity(&paths.config_json);
+    let identity = cri_identity(&paths.config_json);
+    let (name, namespace, uid) = identity.clone();
     assert_eq!(name, POD, "the lab names the pod after the sandbox");
     let socket = |node: Node| agents::engine_dir(&lab, node).join("agent.sock");
-    let state = State {
-        pods: vec![
-            web_pod(&name, &namespace, &uid, paths.ip),
-            support::agent_pod("katamaran-agent-a1b2c", "node-a"),
-            support::agent_pod("katamaran-agent-d3e4f", "node-b"),
-        ],
-        nodes: vec![
-            support::node("node-a", &[&Node::A.addr_v4().to_string()], true, false),
-            support::node("node-b", &[&Node::B.addr_v4().to_string()], true, false),
-        ],
-        agents: HashMap::from([
-            ("katamaran-agent-a1b2c".to_owned(), AgentBackend::Unix(socket(Node::A))),
-            ("katamaran-agent-d3e4f".to_owned(), AgentBackend::Unix(socket(Node::B))),
-        ]),
-        ..State::default()
-    };
-    // Workers of their own: the API server relays while this thread waits on the lab.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a runtime for the fake API server");
-    let api = rt.block_on(FakeApiServer::start(state));
-    let home = tempfile::tempdir().expect("a home for the plugin");
-    let kubeconfig = home.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, api.kubeconfig_with_namespace(&namespace)).expect("kubeconfig");
+    let pods = ["katamaran-agent-a1b2c", "katamaran-agent-d3e4f"];
+    let state = lab_cluster(&identity, paths.ip, pods, |node| AgentBackend::Unix(socket(node)));
+    let cluster = FakeCluster::serve(state, &namespace);
 
     // Traffic flows to the VM on node-a.
     let boot_id = page(&lab)["boot_id"].as_str().expect("the page has a boot_id").to_owned();
@@ -250,21 +291,7 @@ fn lab_kubectl_migrate_moves_the_pod_vm_to_node_b_under_probe_and_loses_nothing(
         .expect("the probe's packets reach the VM on node-a");
 
     let probe_lead = probe_started.elapsed();
-    let run = run_plugin(
-        &rt,
-        &[
-            "pod",
-            POD,
-            "--to",
-            "node-b",
-            "--shared-storage",
-            "-o",
-            "json",
-            "--kubeconfig",
-            kubeconfig.to_str().unwrap(),
-        ],
-        home.path(),
-    );
+    let run = cluster.migrate_to_node_b();
     // The probe runs on until a second of traffic has reached node-b through the forward.
     let moved = agents::wait_for_rx(&lab, "node-b", "eth0", AFTER, TRAFFIC_WAIT);
     let report = probe.stop(Duration::from_secs(10)).expect("the probe's report");
@@ -316,7 +343,7 @@ fn lab_kubectl_migrate_moves_the_pod_vm_to_node_b_under_probe_and_loses_nothing(
     }
 
     // The only path to the nodes was the API server: one port-forward to each agent pod.
-    let requests = api.requests();
+    let requests = cluster.api.requests();
     for agent in ["katamaran-agent-a1b2c", "katamaran-agent-d3e4f"] {
         let path = format!("GET /api/v1/namespaces/katamaran-system/pods/{agent}/portforward?");
         let forwards: Vec<&String> =
@@ -342,8 +369,7 @@ fn lab_kubectl_migrate_moves_the_pod_vm_to_node_b_under_probe_and_loses_nothing(
     assert_eq!(source_qemu_status(&lab), "postmigrate", "the source QEMU stays paused after the move");
 
     // Teardown: the API server, the agents, then the lab, which must leave nothing behind.
-    drop(api);
-    drop(rt);
+    drop(cluster);
     drop(agents);
     lab.down().expect("lab down");
     assert_eq!(lab.leftovers(), Vec::<String>::new(), "down leaves nothing behind");
@@ -406,53 +432,16 @@ fn lab_deployed_agents_in_containers_move_the_vm_and_keep_it_through_kills_and_q
         assert_ne!(own.ok(), host.ok(), "the {} agent has a network namespace of its own", node.name());
     }
 
-    let (name, namespace, uid) = cri_identity(&paths.config_json);
+    let identity = cri_identity(&paths.config_json);
     let backend = |node: Node| AgentBackend::PodNetns(deployed.agent_netns(node).expect("the agent runs"));
-    let state = State {
-        pods: vec![
-            web_pod(&name, &namespace, &uid, paths.ip),
-            support::agent_pod(deployed::pod_name(Node::A), "node-a"),
-            support::agent_pod(deployed::pod_name(Node::B), "node-b"),
-        ],
-        nodes: vec![
-            support::node("node-a", &[&Node::A.addr_v4().to_string()], true, false),
-            support::node("node-b", &[&Node::B.addr_v4().to_string()], true, false),
-        ],
-        agents: HashMap::from([
-            (deployed::pod_name(Node::A).to_owned(), backend(Node::A)),
-            (deployed::pod_name(Node::B).to_owned(), backend(Node::B)),
-        ]),
-        ..State::default()
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a runtime for the fake API server");
-    let api = rt.block_on(FakeApiServer::start(state));
-    let home = tempfile::tempdir().expect("a home for the plugin");
-    let kubeconfig = home.path().join("kubeconfig");
-    std::fs::write(&kubeconfig, api.kubeconfig_with_namespace(&namespace)).expect("kubeconfig");
+    let pods = [deployed::pod_name(Node::A), deployed::pod_name(Node::B)];
+    let cluster = FakeCluster::serve(lab_cluster(&identity, paths.ip, pods, backend), &identity.1);
 
     let boot_id = page(&lab)["boot_id"].as_str().expect("the page has a boot_id").to_owned();
     let probe = lab.spawn_probe(SocketAddr::new(IpAddr::V4(POD_V4), 7), RATE).expect("the probe starts");
     agents::wait_for_rx(&lab, &source_ns, "eth0", BEFORE, TRAFFIC_WAIT)
         .expect("the probe's packets reach the VM on node-a");
-    let run = run_plugin(
-        &rt,
-        &[
-            "pod",
-            POD,
-            "--to",
-            "node-b",
-            "--shared-storage",
-            "-o",
-            "json",
-            "--kubeconfig",
-            kubeconfig.to_str().unwrap(),
-        ],
-        home.path(),
-    );
+    let run = cluster.migrate_to_node_b();
     assert_eq!(
         run.code,
         Some(0),
@@ -489,7 +478,7 @@ fn lab_deployed_agents_in_containers_move_the_vm_and_keep_it_through_kills_and_q
         deployed
             .start_agent(node)
             .unwrap_or_else(|e| panic!("the {} agent container again: {e}", node.name()));
-        api.state.lock().unwrap().agents.insert(deployed::pod_name(node).to_owned(), backend(node));
+        cluster.api.state.lock().unwrap().agents.insert(deployed::pod_name(node).to_owned(), backend(node));
     }
     let report = probe.stop(Duration::from_secs(10)).expect("the probe's report");
     eprintln!(
@@ -552,8 +541,7 @@ fn lab_deployed_agents_in_containers_move_the_vm_and_keep_it_through_kills_and_q
     let left: Vec<String> = left.into_iter().filter(|l| !expected(l)).collect();
     assert_eq!(left, Vec::<String>::new(), "nothing of the incoming sandbox or of the forward is left");
 
-    drop(api);
-    drop(rt);
+    drop(cluster);
     drop(deployed);
     lab.down().expect("lab down");
     assert_eq!(lab.leftovers(), Vec::<String>::new(), "down leaves nothing behind");

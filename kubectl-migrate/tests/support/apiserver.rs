@@ -72,23 +72,21 @@ pub enum AgentBackend {
     Refused,
 }
 
-/// A TCP connection to `127.0.0.1:port` made from inside the network namespace at `netns`, on a
-/// short-lived thread of its own (setns changes only the calling thread; the socket stays in the
-/// namespace it was created in).
+/// A TCP connection to `127.0.0.1:port` made from inside the network namespace at `netns` (the
+/// socket stays in the namespace it was created in).
 fn connect_in_netns(netns: &std::path::Path, port: u16) -> std::io::Result<tokio::net::TcpStream> {
-    let netns = netns.to_owned();
-    let stream = std::thread::spawn(move || -> std::io::Result<std::net::TcpStream> {
-        let ns = std::fs::File::open(&netns)?;
-        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
-        let s = std::net::TcpStream::connect_timeout(
-            &SocketAddr::from(([127, 0, 0, 1], port)),
-            Duration::from_secs(5),
-        )?;
-        s.set_nonblocking(true)?;
-        Ok(s)
+    let stream = katamaran_e2e::netns::in_netns_at(netns, move || {
+        let connect = || -> std::io::Result<std::net::TcpStream> {
+            let s = std::net::TcpStream::connect_timeout(
+                &SocketAddr::from(([127, 0, 0, 1], port)),
+                Duration::from_secs(5),
+            )?;
+            s.set_nonblocking(true)?;
+            Ok(s)
+        };
+        Ok(connect())
     })
-    .join()
-    .map_err(|_| std::io::Error::other("the connecting thread panicked"))??;
+    .map_err(std::io::Error::other)??;
     tokio::net::TcpStream::from_std(stream)
 }
 

@@ -696,7 +696,7 @@ pub struct DeployedAgents {
     // Drop order: the containers before the mounts and processes they use.
     containerd: crate::containerd::Containerd,
     _shared: Vec<SharedRoot>,
-    inits: Vec<NodeInit>,
+    _inits: Vec<NodeInit>,
     hosts: Vec<NodeHost>,
     manifest: DaemonSet,
     image: Image,
@@ -716,7 +716,11 @@ impl DeployedAgents {
         use crate::Node;
         let manifest = load(&crate::artifacts::workspace_root().join(MANIFEST))?;
         let image = Image::build(&lab.root().join("image"), &[&bins.agent, &bins.katactl])?;
-        let qemu = which("qemu-system-x86_64")?;
+        let qemu = katamaran::shim::config::find_program(
+            Path::new("qemu-system-x86_64"),
+            std::env::var_os("PATH").as_deref(),
+        )
+        .ok_or_else(|| DeployError::Missing("qemu-system-x86_64 on PATH".into()))?;
         let mut shared = Vec::new();
         let mut inits = Vec::new();
         let mut hosts = Vec::new();
@@ -763,7 +767,7 @@ impl DeployedAgents {
         let me = Self {
             containerd,
             _shared: shared,
-            inits,
+            _inits: inits,
             hosts,
             manifest,
             image,
@@ -891,11 +895,6 @@ impl DeployedAgents {
         std::fs::read(self.log_path(node))
             .map_or_else(|e| format!("(no log: {e})"), |b| crate::artifacts::tail(&b, lines))
     }
-
-    /// The pid standing for `node`'s pid 1.
-    pub fn init_pid(&self, node: crate::Node) -> u32 {
-        self.inits[Self::index(node)].pid()
-    }
 }
 
 impl Drop for DeployedAgents {
@@ -918,16 +917,6 @@ pub fn pod_name(node: crate::Node) -> &'static str {
         crate::Node::A => "katamaran-agent-a1b2c",
         crate::Node::B => "katamaran-agent-d3e4f",
     }
-}
-
-/// `tool`'s path on `PATH`.
-fn which(tool: &str) -> Result<PathBuf, DeployError> {
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|d| d.join(tool))
-        .find(|p| p.is_file())
-        .ok_or_else(|| DeployError::Missing(format!("{tool} on PATH")))
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
 use std::time::Duration;
 
 use nix::sched::{setns, CloneFlags};
@@ -21,15 +22,28 @@ where
     T: Send + 'static,
     F: FnOnce() -> Result<T, LabError> + Send + 'static,
 {
-    let owned = name.to_owned();
+    in_netns_at(Path::new(&format!("/run/netns/{name}")), f)
+}
+
+/// [`in_netns`] for the namespace at `path` (e.g. a container's `/proc/<pid>/ns/net`).
+///
+/// # Errors
+/// As [`in_netns`].
+pub fn in_netns_at<T, F>(path: &Path, f: F) -> Result<T, LabError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, LabError> + Send + 'static,
+{
+    let name = path.display().to_string();
+    let owned = name.clone();
+    let path = path.to_owned();
     let handle = std::thread::spawn(move || {
-        let netns = File::open(format!("/run/netns/{owned}"))
-            .map_err(|source| LabError::Netns { name: owned.clone(), source })?;
+        let netns = File::open(&path).map_err(|source| LabError::Netns { name: owned.clone(), source })?;
         setns(&netns, CloneFlags::CLONE_NEWNET)
             .map_err(|errno| LabError::Netns { name: owned.clone(), source: errno.into() })?;
         f()
     });
-    handle.join().map_err(|_| LabError::NetnsThread { name: name.to_owned() })?
+    handle.join().map_err(|_| LabError::NetnsThread { name })?
 }
 
 /// `GET /` over HTTP/1.0 from inside namespace `netns`; returns the body of a 200 answer.
