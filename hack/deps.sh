@@ -9,7 +9,8 @@ APT_PACKAGES=(
   busybox-static    # the guest initramfs userland
   cpio kmod xz-utils zstd # packing the initramfs, reading kernel modules
   iproute2 iputils-ping socat jq wget python3 # lab plumbing, its QMP helper and the baseline
-  containerd        # the real containerd the shim wrapper is tested with
+  containerd        # the real containerd the shim wrapper and the deployed agents are tested with
+  runc util-linux   # its runtime; nsenter and unshare for the deployment-shaped lab
   ca-certificates
 )
 
