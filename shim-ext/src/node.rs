@@ -19,7 +19,7 @@ use crate::convert::{event_to_proto, options_from_proto, phase_to_proto, role_to
 use crate::dataplane::{DataListener, Secret};
 use crate::migration::cancel::{CancelToken, CommitGate};
 use crate::migration::cleanup::Cleanup;
-use crate::migration::ctl::Heartbeat;
+use crate::migration::ctl::{CtlMsg, Heartbeat};
 use crate::migration::dest::{self, DestControl, DestEnv, DestRequest, SourceDisk};
 use crate::migration::error::{chain, EngineError};
 use crate::migration::events::{Event, EventLog, Outcome, Phase, Role, Watcher};
@@ -30,6 +30,9 @@ use crate::migration::source::{self, QemuConn, SourceEnv, SourceRequest};
 use crate::net::{validate_ifname, MacAddr, NetOps, NetnsHandle, NetnsRoots};
 use crate::qmp::{QmpClient, QmpConfig, RunState};
 use crate::sandbox::{self, BundleInfo, NodeLayout, QemuCmdline};
+
+/// How long a supervisor keeps trying to tell a destination the abort its panicked task owed it.
+const DECISION_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// How a node runs.
 #[derive(Debug, Clone)]
@@ -709,6 +712,8 @@ impl Node {
             (self.incoming.clone(), self.journal.clone(), req.sandbox_id.clone());
         let span = tracing::info_span!("migration", id = %req.migration_id, role = "source");
         let idle = request.options.tunnel_idle_timeout;
+        // What a supervisor needs to tell the destination the decision when the task could not.
+        let decision_path = (ram_endpoint, request.secret.clone(), req.migration_id.clone(), self.heartbeat);
         let forwarding = ForwardWatch {
             migration_id: req.migration_id.clone(),
             sandbox_id: req.sandbox_id.clone(),
@@ -768,6 +773,29 @@ impl Node {
                         finish(&rec, Err(&e), &Cleanup::default(), started).await;
                     }
                     Err(e) => {
+                        if matches!(e, EngineError::Panicked(_)) {
+                            // The task died without a word to the destination, which may have
+                            // voted and now waits in doubt: the decision is abort, told first
+                            // (as after a restart), so it never waits on the unwind here.
+                            let (endpoint, secret, id, heartbeat) = decision_path;
+                            let node = node.clone();
+                            tokio::spawn(
+                                async move {
+                                    let abort = CtlMsg::Abort(
+                                        "rolled back: the source's migration task panicked".into(),
+                                    );
+                                    let delivered = tokio::time::timeout(
+                                        DECISION_LIMIT,
+                                        source::deliver_decision(node, endpoint, &secret, &id, abort, heartbeat),
+                                    )
+                                    .await;
+                                    if let Ok(Err(e)) = delivered {
+                                        tracing::warn!(error = %chain(&e), "abort not delivered");
+                                    }
+                                }
+                                .in_current_span(),
+                            );
+                        }
                         finish(&rec, Err(&e), &cleanup, started).await;
                         let _ = entry.record(Standing::Source(SourceState::RolledBack), |r| r.message = chain(&e));
                     }

@@ -17,6 +17,7 @@ pub const POINTS: &[&str] = &[
     "source-pre-switchover",
     "source-after-stop",
     "source-before-commit",
+    "source-voted",
     "source-after-commit",
     "dest-preparing",
     "dest-receiving",

@@ -235,6 +235,26 @@ fn lab_fault_cancel_through_the_destination_after_qemu_completed_rolls_back() {
 }
 
 #[test]
+fn lab_fault_panic_in_the_source_task_after_the_vote_rolls_back_both() {
+    // The destination voted and waits in doubt when the source's task dies without a word: the
+    // source's supervisor must tell it the abort, or its paused copy waits forever.
+    let Some(w) = FaultLab::boot("fpv0", "source-voted=panic", "") else { return };
+    let boot_id = w.boot_id();
+    let before = w.snapshot();
+    let run = w.migrate_in_background(Node::A, &[]).join().expect("katactl thread");
+    assert_ne!(run.code, Some(0));
+    assert!(
+        run.stderr.contains("panicked") || run.stdout.contains("panicked"),
+        "the failure names the panic: {}\n{}",
+        run.stderr,
+        run.stdout
+    );
+    w.paused_first();
+    w.assert_rolled_back(&before, &boot_id, "panic in the source task after the vote");
+    w.finish();
+}
+
+#[test]
 fn lab_fault_panic_in_the_destination_task_rolls_back() {
     let Some(w) = FaultLab::boot("fpd0", "", "dest-receiving=panic") else { return };
     let boot_id = w.boot_id();

@@ -54,6 +54,8 @@ pub(super) async fn commit(
             }
         }
     }
+    // The destination voted: it waits in doubt from here until it hears the decision.
+    failpoint::point("source-voted").await?;
     // THE COMMIT POINT: recorded durably, ordered against any cancel by the gate.
     let took = env
         .gate
