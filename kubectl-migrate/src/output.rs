@@ -587,8 +587,8 @@ pub fn summarize(plan: &Plan, report: &Report) -> Summary {
     let forwarding = src.last().is_some_and(|e| e.phase.enum_value() == Ok(pb::Phase::PHASE_FORWARDING));
     if report.outcome == Outcome::Succeeded && forwarding {
         let until = if plan.options.tunnel_idle_timeout.is_zero() {
-            "until that node's route to the VM is taken over (the cluster learned the move) or \
-             `katactl release-forward` ends it"
+            "until that node's route to the VM is taken over (the cluster learned the move), the \
+             VM stops on the destination, or `katactl release-forward` ends it"
                 .to_owned()
         } else {
             format!("until the tunnel is idle for {:?}", plan.options.tunnel_idle_timeout)

@@ -268,6 +268,17 @@ impl Node {
                 }
             }
         }
+        // The sources of the VMs received here ask this node's data listener whether those VMs
+        // still run (their forwards end when not): it serves from the start, not only once the
+        // next migration needs it.
+        let received = self.journal.load_all().is_ok_and(|all| {
+            all.iter().any(|r| crate::migration::vm_status::status_of(r, |_, _| true).is_some())
+        });
+        if received && self.cfg.only_sandbox.is_none() {
+            if let Err(e) = self.data_listener().await {
+                tracing::warn!(error = %chain(&e), "the data listener cannot start: sources cannot ask about their VMs");
+            }
+        }
     }
 
     /// Watches again the forward a predecessor left for a migration past its commit: it ends
@@ -284,11 +295,15 @@ impl Node {
                 .as_ref()
                 .map(|(index, name)| crate::net::LinkId { index: *index, name: name.clone() }),
         };
+        let secret = journal::from_hex(&rec.secret_hex).and_then(|b| Secret::new(b).ok());
         let watch = ForwardWatch {
             migration_id: rec.migration_id.clone(),
             sandbox_id: rec.sandbox_id.clone(),
             migrations: self.migrations.clone(),
             forwards: self.forwards.clone(),
+            ask: d.ctl_endpoint.zip(secret),
+            journal: self.journal.clone(),
+            started_unix_nanos: rec.started_unix_nanos,
         };
         let idle = std::time::Duration::from_millis(d.forward_idle_ms);
         let (node, journal, mut rec, record) =
@@ -405,6 +420,8 @@ impl Node {
         );
         record.destination = None;
         record.message = what.clone();
+        // The source's forward (if it still runs) learns it from this: the VM stopped here.
+        record.vm_stopped_unix_nanos = Some(unix_nanos(SystemTime::now()));
         self.journal.write(&record)?;
         tracing::info!(sandbox = sandbox_id, "{what}");
         Ok(what)
@@ -575,7 +592,10 @@ impl Node {
                             source: std::io::Error::other(e),
                         }
                     })?;
-                Ok(Arc::new(DataListener::from_std(std_listener)?))
+                let listener = DataListener::from_std(std_listener)?;
+                // Sources of past moves ask it whether their VM still runs here.
+                listener.set_resolver(crate::migration::vm_status::resolver(self.journal.clone()));
+                Ok(Arc::new(listener))
             })
             .await
             .cloned()
@@ -719,6 +739,9 @@ impl Node {
             sandbox_id: req.sandbox_id.clone(),
             migrations: self.migrations.clone(),
             forwards: self.forwards.clone(),
+            ask: Some((ram_endpoint, request.secret.clone())),
+            journal: self.journal.clone(),
+            started_unix_nanos: unix_nanos(rec.started),
         };
         tokio::spawn(
             async move {
@@ -1104,6 +1127,7 @@ fn new_record(
         history: Vec::new(),
         source: None,
         destination: None,
+        vm_stopped_unix_nanos: None,
     }
 }
 
@@ -1204,6 +1228,13 @@ struct ForwardWatch {
     sandbox_id: String,
     migrations: Arc<Mutex<BTreeMap<String, Arc<Record>>>>,
     forwards: Arc<Mutex<BTreeMap<String, ForwardHandle>>>,
+    /// Where and how to ask the destination whether the VM still runs (its data listener and
+    /// the migration's secret); `None`: never asked.
+    ask: Option<(SocketAddr, Secret)>,
+    /// This node's journal and when the migration started: a VM stopped down the chain is
+    /// recorded on the move that brought it here.
+    journal: Arc<Journal>,
+    started_unix_nanos: u64,
 }
 
 /// An active forward: its release signal, and whether it has ended (routes and tunnel removed).
@@ -1214,7 +1245,8 @@ struct ForwardHandle {
 }
 
 impl ForwardWatch {
-    /// Forwards until released, taken over or idle (see [`source::forward_until_released`]).
+    /// Forwards until released, taken over, idle or the VM stopped on the destination (see
+    /// [`source::forward_until_released`]).
     async fn run(
         self,
         node: Arc<NetnsHandle>,
@@ -1237,7 +1269,26 @@ impl ForwardWatch {
                 })
             })
         };
-        let end = source::forward_until_released(node, forward, idle, release, coming_back).await;
+        let vm_stopped = {
+            let (node, ask, id) = (node.clone(), self.ask.clone(), self.migration_id.clone());
+            async move {
+                match ask {
+                    Some((endpoint, secret)) => {
+                        crate::migration::vm_status::until_stopped(node, endpoint, secret, id).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+        };
+        let end = source::forward_until_released(node, forward, idle, release, coming_back, vm_stopped).await;
+        if end == source::ForwardEnd::VmStopped {
+            crate::migration::vm_status::mark_stopped_upstream(
+                &self.journal,
+                &self.sandbox_id,
+                self.started_unix_nanos,
+                unix_nanos(SystemTime::now()),
+            );
+        }
         if let Ok(mut f) = self.forwards.lock() {
             f.remove(&self.migration_id);
         }

@@ -251,7 +251,9 @@ async fn resume_destination(details: &DestRecord) -> Result<(), EngineError> {
 }
 
 /// Whether `pid` is a process whose command line names `dir` (a recycled pid is left alone).
-fn process_runs_in(pid: u32, dir: &Path) -> bool {
+/// Whether `pid` is a QEMU whose command line names the sandbox directory `dir` (a pid reused
+/// by another process is not).
+pub(crate) fn process_runs_in(pid: u32, dir: &Path) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
     let needle = dir.as_os_str().as_encoded_bytes();
     !needle.is_empty() && cmdline.windows(needle.len()).any(|w| w == needle)

@@ -51,6 +51,20 @@ struct Registration {
 
 type Registry = Arc<Mutex<HashMap<String, Registration>>>;
 
+/// Answers for streams of migrations no longer registered (e.g. a source asking, long after a
+/// move, whether the VM it handed over still runs here): given the stream's key, the secret that
+/// authenticates it and where its connection goes, or `None` to refuse. Consulted only for a
+/// migration id with no registration, before the peer's proof is checked.
+pub type Resolver =
+    Arc<dyn Fn(&StreamKey) -> Option<(Secret, mpsc::UnboundedSender<TcpStream>)> + Send + Sync>;
+
+/// The listener's registry and its fallback.
+#[derive(Clone, Default)]
+struct Routes {
+    registry: Registry,
+    resolver: Arc<Mutex<Option<Resolver>>>,
+}
+
 /// The handshakes in progress, per peer address and in all (a pure account; the accept loop
 /// decides with it).
 #[derive(Debug, Default)]
@@ -114,12 +128,22 @@ struct Shared {
 }
 
 /// A TCP listener that authenticates data streams for registered migrations.
-#[derive(Debug)]
 pub struct DataListener {
     local_addr: SocketAddr,
     registry: Registry,
+    resolver: Arc<Mutex<Option<Resolver>>>,
     shared: Arc<Shared>,
     task: tokio::task::JoinHandle<()>,
+}
+
+impl std::fmt::Debug for DataListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataListener")
+            .field("local_addr", &self.local_addr)
+            .field("registry", &self.registry)
+            .field("shared", &self.shared)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Drop for DataListener {
@@ -188,10 +212,17 @@ impl DataListener {
 
     fn serve(listener: TcpListener) -> Result<Self, Error> {
         let local_addr = listener.local_addr().map_err(io_err("read the bound address"))?;
-        let registry: Registry = Arc::default();
+        let routes = Routes::default();
         let shared = Arc::new(Shared::default());
-        let task = tokio::spawn(accept_loop(listener, registry.clone(), shared.clone()));
-        Ok(Self { local_addr, registry, shared, task })
+        let task = tokio::spawn(accept_loop(listener, routes.clone(), shared.clone()));
+        Ok(Self { local_addr, registry: routes.registry, resolver: routes.resolver, shared, task })
+    }
+
+    /// Installs the [`Resolver`] for streams of unregistered migrations (replacing any).
+    pub fn set_resolver(&self, resolver: Resolver) {
+        if let Ok(mut r) = self.resolver.lock() {
+            *r = Some(resolver);
+        }
     }
 
     /// The address peers connect to.
@@ -238,7 +269,7 @@ impl DataListener {
     }
 }
 
-async fn accept_loop(listener: TcpListener, registry: Registry, shared: Arc<Shared>) {
+async fn accept_loop(listener: TcpListener, routes: Routes, shared: Arc<Shared>) {
     loop {
         match listener.accept().await {
             Ok((conn, peer)) => {
@@ -257,10 +288,10 @@ async fn accept_loop(listener: TcpListener, registry: Registry, shared: Arc<Shar
                     continue;
                 }
                 let slot = Slot { pending: shared.pending.clone(), peer: peer.ip() };
-                let registry = registry.clone();
+                let routes = routes.clone();
                 tokio::spawn(async move {
                     let _slot = slot;
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, serve_handshake(conn, &registry)).await {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, serve_handshake(conn, &routes)).await {
                         Ok(Ok(key)) => tracing::debug!(%peer, %key, "data stream authenticated"),
                         Ok(Err(e)) => tracing::warn!(%peer, error = %e, "data stream refused"),
                         Err(_) => tracing::warn!(%peer, "data stream handshake timed out"),
@@ -276,7 +307,7 @@ async fn accept_loop(listener: TcpListener, registry: Registry, shared: Arc<Shar
     }
 }
 
-async fn serve_handshake(mut conn: TcpStream, registry: &Registry) -> Result<StreamKey, Error> {
+async fn serve_handshake(mut conn: TcpStream, routes: &Routes) -> Result<StreamKey, Error> {
     let nonce = handshake::random_bytes::<NONCE_LEN>()?;
     conn.write_all(&handshake::server_hello(&nonce)).await.map_err(io_err("send server hello"))?;
     let mut buf = Vec::with_capacity(128);
@@ -294,13 +325,18 @@ async fn serve_handshake(mut conn: TcpStream, registry: &Registry) -> Result<Str
         }
     };
     let key = hello.key.clone();
-    let waiter = {
-        let reg = registry.lock().map_err(|_| Error::Closed(key.to_string()))?;
-        reg.get(&key.migration_id).and_then(|r| {
-            let w = r.waiters.get(&key.stream)?;
-            handshake::verify_client(&r.secret, &nonce, &hello).then(|| (w.clone(), r.secret.clone()))
-        })
+    let registered = {
+        let reg = routes.registry.lock().map_err(|_| Error::Closed(key.to_string()))?;
+        reg.get(&key.migration_id).map(|r| r.waiters.get(&key.stream).map(|w| (w.clone(), r.secret.clone())))
     };
+    let candidate = match registered {
+        Some(found) => found,
+        None => {
+            let resolver = routes.resolver.lock().ok().and_then(|r| r.clone());
+            resolver.and_then(|resolve| resolve(&key)).map(|(secret, w)| (w, secret))
+        }
+    };
+    let waiter = candidate.filter(|(_, secret)| handshake::verify_client(secret, &nonce, &hello));
     let Some((waiter, secret)) = waiter else {
         // Best effort: the peer learns only that it was refused.
         let _ = conn.write_all(&handshake::server_reject()).await;
@@ -381,6 +417,32 @@ mod tests {
     }
 
     const T: Duration = Duration::from_secs(5);
+
+    #[tokio::test]
+    async fn a_resolver_answers_for_unregistered_migrations_only_to_their_secret() {
+        let listener = DataListener::bind("127.0.0.1:0".parse().expect("addr")).await.expect("bind");
+        let _registered = listener.expect("m1", secret(1), &["ram"]).expect("expect");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        listener.set_resolver(Arc::new(move |key: &StreamKey| {
+            (key.migration_id == "old" && key.stream == "vm").then(|| (secret(7), tx.clone()))
+        }));
+        let addr = listener.local_addr();
+        let old = StreamKey::new("old", "vm").expect("key");
+        let mut client = connect(addr, &secret(7), &old, T).await.expect("resolved stream");
+        let mut server = tokio::time::timeout(T, rx.recv()).await.expect("in time").expect("delivered");
+        server.write_all(b"running\n").await.expect("write");
+        let mut got = [0u8; 8];
+        client.read_exact(&mut got).await.expect("read");
+        assert_eq!(&got, b"running\n");
+        let wrong_secret = connect(addr, &secret(8), &old, T).await;
+        assert!(matches!(wrong_secret, Err(Error::Rejected { .. })), "{wrong_secret:?}");
+        let other_stream = connect(addr, &secret(7), &StreamKey::new("old", "ram").expect("key"), T).await;
+        assert!(matches!(other_stream, Err(Error::Rejected { .. })), "{other_stream:?}");
+        // A registered migration is never resolved: its own streams and secret only.
+        let registered = connect(addr, &secret(7), &StreamKey::new("m1", "vm").expect("key"), T).await;
+        assert!(matches!(registered, Err(Error::Rejected { .. })), "{registered:?}");
+        assert!(rx.try_recv().is_err(), "nothing else was delivered");
+    }
 
     #[tokio::test]
     async fn authenticated_stream_reaches_its_waiter_and_carries_bytes() {

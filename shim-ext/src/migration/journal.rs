@@ -219,9 +219,23 @@ pub struct Record {
     /// Source details.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<SourceRecord>,
-    /// Destination details.
+    /// Destination details (`None` once the incoming sandbox is gone: removed, or the VM moved
+    /// on).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub destination: Option<DestRecord>,
+    /// When the VM this destination received stopped for good (unix nanos): its sandbox was
+    /// removed here, or it stopped further down a chain of moves. The source's forward ends
+    /// when it learns this (see [`crate::migration::vm_status`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_stopped_unix_nanos: Option<u64>,
+}
+
+impl Record {
+    /// Whether the record still describes something on this node: an incoming sandbox, or a
+    /// migration that has not ended. Only records that describe nothing are pruned.
+    pub fn holds_something(&self) -> bool {
+        !self.standing.is_terminal() || self.destination.is_some()
+    }
 }
 
 /// The journal directory of one node.
@@ -283,8 +297,9 @@ impl Journal {
     }
 
     /// Every readable record, oldest first. Unreadable files are logged and skipped (they are
-    /// left in place for an operator); records of ended migrations older than [`KEEP_ENDED`]
-    /// are removed.
+    /// left in place for an operator); records of ended migrations that hold nothing (see
+    /// [`Record::holds_something`]) and were last written more than [`KEEP_ENDED`] ago are
+    /// removed.
     ///
     /// # Errors
     /// [`JournalError::Dir`] when the directory cannot be read.
@@ -309,7 +324,7 @@ impl Journal {
                 }
                 Ok(r) => {
                     let age = Duration::from_nanos(now.saturating_sub(r.updated_unix_nanos));
-                    if r.standing.is_terminal() && age > KEEP_ENDED {
+                    if !r.holds_something() && age > KEEP_ENDED {
                         let _ = std::fs::remove_file(&path);
                         continue;
                     }
@@ -322,6 +337,38 @@ impl Journal {
         }
         out.sort_by_key(|r| r.started_unix_nanos);
         Ok(out)
+    }
+
+    /// One migration's record, `None` when there is none (or it is unreadable or of another
+    /// format: logged).
+    ///
+    /// # Errors
+    /// [`JournalError::Dir`] when the id cannot name a record file.
+    pub fn load(&self, id: &str) -> Result<Option<Record>, JournalError> {
+        crate::dataplane::handshake::validate_migration_id(id).map_err(|e| JournalError::Dir {
+            path: self.dir.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()),
+        })?;
+        let path = self.path(id);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "unreadable journal record");
+                return Ok(None);
+            }
+        };
+        match serde_json::from_slice::<Record>(&bytes) {
+            Ok(r) if r.format == FORMAT => Ok(Some(r)),
+            Ok(r) => {
+                tracing::warn!(path = %path.display(), format = r.format, "journal record of another format");
+                Ok(None)
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "unreadable journal record");
+                Ok(None)
+            }
+        }
     }
 
     /// Removes a record.
@@ -421,6 +468,7 @@ mod tests {
                 ..SourceRecord::default()
             }),
             destination: None,
+            vm_stopped_unix_nanos: None,
         }
     }
 
@@ -466,8 +514,25 @@ mod tests {
         let mut old_live = record("mig-live", Standing::Destination(DestState::Voted));
         old_live.updated_unix_nanos = 1;
         j.write(&old_live).expect("write");
-        let ids: Vec<String> = j.load_all().expect("load").into_iter().map(|r| r.migration_id).collect();
-        assert_eq!(ids, ["mig-live"], "an undecided record is never pruned");
+        let mut old_vm = record("mig-vm", Standing::Destination(DestState::Running));
+        old_vm.updated_unix_nanos = 1;
+        old_vm.destination = Some(DestRecord::default());
+        j.write(&old_vm).expect("write");
+        let mut old_gone = record("mig-gone", Standing::Destination(DestState::Running));
+        old_gone.updated_unix_nanos = 1;
+        j.write(&old_gone).expect("write");
+        let mut ids: Vec<String> = j.load_all().expect("load").into_iter().map(|r| r.migration_id).collect();
+        ids.sort();
+        assert_eq!(
+            ids,
+            ["mig-live", "mig-vm"],
+            "an undecided record and one whose incoming VM still lives here are never pruned"
+        );
+        assert!(!tmp.path().join("mig-gone.json").exists(), "an old record of a VM gone from here is");
+        assert_eq!(j.load("mig-vm").expect("load").map(|r| r.migration_id).as_deref(), Some("mig-vm"));
+        assert_eq!(j.load("mig-none").expect("load"), None);
+        assert_eq!(j.load("mig-f").expect("load"), None, "another format is not read");
+        assert!(j.load("../etc/passwd").is_err(), "an id is validated before it names a file");
         assert!(tmp.path().join("torn.json").exists(), "left for an operator");
         assert!(!tmp.path().join("mig-old.json").exists(), "pruned");
     }

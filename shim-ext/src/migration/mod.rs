@@ -13,6 +13,7 @@ pub mod options;
 pub mod protocol;
 pub mod qemu;
 pub mod source;
+pub mod vm_status;
 
 pub use cleanup::Cleanup;
 pub use events::{Event, EventLog, Phase, Role};

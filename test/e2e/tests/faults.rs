@@ -459,7 +459,10 @@ fn lab_remove_incoming_stops_the_vm_and_leaves_nothing_on_the_node() {
     let pid = agents::incoming_qemu_pid(&w.lab, Node::B, w.id).expect("the incoming QEMU runs");
     let disks = agents::incoming_disks_dir(&w.lab, Node::B, w.id);
     assert!(disks.is_dir(), "local disks live under the state directory: {}", disks.display());
+    let id = w.migration_id(Node::A);
+    assert!(!w.pod_routes("node-a").is_empty(), "node-a forwards to node-b");
     let removed = w.remove_incoming(Node::B).expect("RemoveIncoming");
+    let removed_at = std::time::Instant::now();
     eprintln!("removed: {removed}");
     assert!(agents::wait_for_exit(pid, std::time::Duration::from_secs(10)).is_ok(), "QEMU stopped");
     assert_eq!(w.status(Node::B), None, "node-b no longer knows the sandbox");
@@ -470,6 +473,53 @@ fn lab_remove_incoming_stops_the_vm_and_leaves_nothing_on_the_node() {
     assert!(left.is_empty(), "node-b is as before the move:\n{}", left.join("\n"));
     let again = w.remove_incoming(Node::B);
     assert!(matches!(&again, Err(e) if e.contains("NOT_FOUND")), "{again:?}");
+    // node-a's forward led to a VM that no longer exists: node-b says so when asked, and the
+    // forward ends by itself.
+    forward_ends_because_the_vm_stopped(&w, &id, removed_at);
+    w.finish();
+}
+
+/// Waits for node-a's forward of `id` to end because the VM stopped on node-b, and checks that
+/// its route is gone.
+fn forward_ends_because_the_vm_stopped(w: &FaultLab, id: &str, since: std::time::Instant) {
+    use katamaran_protos::v1::Phase;
+    let m = w.wait_phase(Node::A, id, Phase::PHASE_COMPLETED, std::time::Duration::from_secs(20));
+    assert_eq!(m.phase.enum_value_or_default(), Phase::PHASE_COMPLETED, "the forward ended: {m:?}");
+    assert!(
+        m.last_event.message.contains("stopped on the destination"),
+        "it ended because the VM stopped: {:?}",
+        m.last_event.message
+    );
+    eprintln!("measured: node-a's forward ended {:?} after the VM stopped on node-b", since.elapsed());
+    assert_eq!(w.pod_routes("node-a"), "", "node-a no longer routes the VM's address");
+}
+
+#[test]
+fn lab_forward_ends_when_the_vm_stops_on_the_destination_across_agent_restarts() {
+    use katamaran_protos::v1::Phase;
+    use std::time::Duration;
+    let Some(mut w) = FaultLab::boot("fvs0", "", "") else { return };
+    let run = w.migrate_in_background(Node::A, &[]).join().expect("katactl thread");
+    assert_eq!(run.code, Some(0), "the move completes: {}", run.stderr);
+    let id = w.migration_id(Node::A);
+    // Both agents restart: node-a watches its forward again and asks from its journal; node-b
+    // answers from its own.
+    for node in [Node::A, Node::B] {
+        w.engine.crash_and_restart(&w.lab, node).expect("the agent restarts");
+    }
+    // The VM runs on node-b: asked several times over, node-b says so and the forward stays.
+    std::thread::sleep(katamaran::migration::vm_status::ASK_EVERY * 3);
+    let m = w.wait_phase(Node::A, &id, Phase::PHASE_FORWARDING, Duration::ZERO);
+    assert_eq!(
+        m.phase.enum_value_or_default(),
+        Phase::PHASE_FORWARDING,
+        "a running VM keeps its forward: {m:?}"
+    );
+    assert!(!w.pod_routes("node-a").is_empty(), "node-a still forwards");
+    // The VM stops on node-b (QEMU gone, as after a guest poweroff or a crash).
+    w.kill_incoming_qemu();
+    forward_ends_because_the_vm_stopped(&w, &id, std::time::Instant::now());
+    w.remove_incoming(Node::B).expect("RemoveIncoming of the stopped sandbox");
     w.finish();
 }
 

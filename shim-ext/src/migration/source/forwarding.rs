@@ -58,6 +58,8 @@ pub enum ForwardEnd {
     TakenOver,
     /// The tunnel carried nothing for the idle timeout (only when one is set).
     Idle,
+    /// The destination says the VM stopped there (or further down a chain of moves).
+    VmStopped,
 }
 
 impl ForwardEnd {
@@ -67,6 +69,7 @@ impl ForwardEnd {
             Self::Released => "released",
             Self::TakenOver => "the node's route to the VM was taken over",
             Self::Idle => "idle",
+            Self::VmStopped => "the VM stopped on the destination",
         }
     }
 }
@@ -82,7 +85,9 @@ const ROUTE_POLL: Duration = Duration::from_secs(1);
 ///   this node — then its incoming sandbox holds the route for now and may give it back on
 ///   rollback, so the forward waits for that migration's end;
 /// - with a non-zero `idle` and a tunnel: the tunnel carried nothing for `idle`. Zero (the
-///   default) never ends a forward for being quiet: a quiet service must stay reachable.
+///   default) never ends a forward for being quiet: a quiet service must stay reachable;
+/// - `vm_stopped` resolves: the destination says the VM stopped there
+///   ([`crate::migration::vm_status`]).
 ///
 /// It does not depend on the source QEMU (DESIGN.md decision 5: Kata's shim kills a paused
 /// sandbox, and an incoming sandbox that handed its VM on is removed, while the forward may
@@ -93,9 +98,11 @@ pub async fn forward_until_released(
     idle: Duration,
     release: CancelToken,
     coming_back: impl Fn() -> bool + Send,
+    vm_stopped: impl std::future::Future<Output = ()> + Send,
 ) -> ForwardEnd {
     let end = tokio::select! {
         _ = release.cancelled() => ForwardEnd::Released,
+        () = vm_stopped => ForwardEnd::VmStopped,
         () = until_taken_over(&node, &forward, coming_back) => ForwardEnd::TakenOver,
         () = until_idle(&node, &forward, idle), if !idle.is_zero() => ForwardEnd::Idle,
     };
