@@ -454,6 +454,22 @@ fn lab_deployed_agents_in_containers_move_the_vm_and_keep_it_through_kills_and_q
     let id = doc["migrationId"].as_str().expect("a migration id").to_owned();
     agents::wait_for_rx(&lab, "node-b", "eth0", AFTER, TRAFFIC_WAIT).expect("traffic reaches node-b");
     let vm_pid = agents::incoming_qemu_pid(&lab, Node::B, POD).expect("the VM's QEMU runs on node-b");
+    // What Prometheus scrapes on each agent pod (the manifest's --listen-http port).
+    for (node, series) in [
+        (Node::A, r#"katamaran_migrations_total{role="source",result="completed"}"#),
+        (Node::B, r#"katamaran_migrations_total{role="destination",result="completed"}"#),
+    ] {
+        let until = Instant::now() + Duration::from_secs(5);
+        let counted = loop {
+            let text = deployed.http_get(node, 10557, "/metrics").expect("/metrics through the agent's pod");
+            let n = agents::metric(&text, series);
+            if n == Some(1.0) || Instant::now() > until {
+                break (n, text);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert_eq!(counted.0, Some(1.0), "{} counts the move once:\n{}", node.name(), counted.1);
+    }
 
     // Kata's shim kills the paused source sandbox's QEMU: the forward does not depend on it.
     let source_qemu = paths.qemu_pid().expect("the paused source QEMU");

@@ -142,3 +142,37 @@ fn the_krew_manifest_installs_this_binary() {
         assert!(p["files"].as_array().unwrap().iter().any(|f| f["from"] == "kubectl-migrate"));
     }
 }
+
+#[test]
+fn the_agents_probes_and_metrics_service_reach_the_port_it_serves_http_on() {
+    let ds = docs("deploy/daemonset.yaml").into_iter().find(|d| d["kind"] == "DaemonSet").unwrap();
+    let pod = &ds["spec"]["template"];
+    let agent = pod["spec"]["containers"].as_array().unwrap().iter().find(|c| c["name"] == "agent").unwrap();
+    let args: Vec<&str> = agent["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    let http = args.iter().find_map(|a| a.strip_prefix("--listen-http=")).expect("the agent serves HTTP");
+    let port: u64 = http.rsplit(':').next().unwrap().parse().unwrap();
+    assert!(!http.starts_with("127."), "kubelet and Prometheus reach the pod's address, not its loopback: {http}");
+    let named = agent["ports"].as_array().unwrap().iter().find(|p| p["name"] == "metrics").expect("port metrics");
+    assert_eq!(named["containerPort"], port);
+    for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
+        assert_eq!(agent[probe]["httpGet"]["path"], path, "{probe}");
+        assert_eq!(agent[probe]["httpGet"]["port"], port, "{probe}");
+    }
+    let svc = docs("deploy/metrics-service.yaml").into_iter().next().unwrap();
+    assert_eq!(svc["kind"], "Service");
+    assert_eq!(svc["metadata"]["namespace"], ds["metadata"]["namespace"]);
+    for (k, v) in svc["spec"]["selector"].as_object().unwrap() {
+        assert_eq!(&pod["metadata"]["labels"][k], v, "the Service selects the agent pods by {k}");
+    }
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], "metrics");
+    let kustomization = docs("deploy/kustomization.yaml").into_iter().next().unwrap();
+    let resources: Vec<&str> =
+        kustomization["resources"].as_array().unwrap().iter().map(|r| r.as_str().unwrap()).collect();
+    assert!(resources.contains(&"metrics-service.yaml"), "{resources:?}");
+    let sm = docs("deploy/monitoring/servicemonitor.yaml").into_iter().next().unwrap();
+    assert_eq!(sm["kind"], "ServiceMonitor");
+    assert_eq!(sm["spec"]["endpoints"][0]["port"], "metrics");
+    for (k, v) in sm["spec"]["selector"]["matchLabels"].as_object().unwrap() {
+        assert_eq!(&svc["metadata"]["labels"][k], v, "the ServiceMonitor selects the Service by {k}");
+    }
+}

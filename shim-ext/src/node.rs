@@ -120,6 +120,8 @@ pub struct Node {
     journal: Arc<Journal>,
     /// Heartbeats of the control streams.
     heartbeat: Heartbeat,
+    /// What the migrations started or received by this process did.
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 fn invalid(msg: impl Into<String>) -> EngineError {
@@ -160,7 +162,40 @@ impl Node {
             forwards: Arc::default(),
             incoming: Arc::default(),
             live: Arc::default(),
+            metrics: Arc::default(),
         })
+    }
+
+    /// Whether the engine can work: its network namespace thread answers and the data listener,
+    /// once bound, still accepts. `Err` says what is wrong.
+    ///
+    /// # Errors
+    /// A sentence naming the part that does not work.
+    pub async fn ready(&self) -> Result<(), String> {
+        match tokio::time::timeout(std::time::Duration::from_secs(2), self.node_ns.run(|| ())).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(format!("the node's network namespace thread: {e}")),
+            Err(_) => return Err("the node's network namespace thread does not answer".into()),
+        }
+        if self.listener.get().is_some_and(|l| !l.is_running()) {
+            return Err("the data listener stopped accepting".into());
+        }
+        Ok(())
+    }
+
+    /// The Prometheus metrics ([`crate::metrics`]) with the node's gauges as they are now.
+    pub fn render_metrics(&self) -> String {
+        let len = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
+        let gauges = crate::metrics::Gauges {
+            migrations_running: self
+                .migrations
+                .lock()
+                .map_or(0, |m| len(m.values().filter(|r| r.log.phase() < Phase::Forwarding).count())),
+            forwards_active: self.forwards.lock().map_or(0, |f| len(f.len())),
+            incoming_sandboxes: self.incoming.lock().map_or(0, |i| len(i.len())),
+            data_listener_dropped: self.listener.get().map_or(0, |l| l.dropped()),
+        };
+        self.metrics.render(&gauges)
     }
 
     /// Finishes or rolls back what a previous agent left unfinished (see [`crate::recovery`])
@@ -634,6 +669,7 @@ impl Node {
             dest: Mutex::new(None),
         });
         m.insert(id.to_owned(), rec.clone());
+        self.metrics.follow(role, &rec.log);
         Ok(rec)
     }
 

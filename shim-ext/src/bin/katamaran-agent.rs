@@ -22,7 +22,7 @@ Examples:
   # From a pod that is not hostNetwork (hostPID): node work in the host's namespace and VM
   # cgroups in the host's hierarchies, the control listener in the pod's own namespace:
   katamaran-agent node --node-address 10.0.0.12 --host-netns /proc/1/ns/net --host-proc /proc/1 \
-    --listen-tcp 127.0.0.1:10555
+    --listen-tcp 127.0.0.1:10555 --listen-http 0.0.0.0:10557
   # Two lab nodes on one machine, each with its own root:
   katamaran-agent node --root /run/katamaran-lab/node-b --node-address 10.201.0.12
   # The extension of one sandbox:
@@ -92,6 +92,11 @@ struct Common {
     /// namespace (127.0.0.1:10555), where the API server's port-forward is the only way in.
     #[arg(long, value_name = "ADDR")]
     listen_tcp: Option<std::net::SocketAddr>,
+    /// Serve /healthz, /readyz and Prometheus /metrics over HTTP on this address (e.g.
+    /// 0.0.0.0:10557 in the agent's pod: the kubelet's probes and Prometheus reach the pod's
+    /// address). Read-only: no secrets, no pod or migration ids.
+    #[arg(long, value_name = "ADDR")]
+    listen_http: Option<std::net::SocketAddr>,
 }
 
 /// How the node agent reaches the host when it runs in a pod.
@@ -260,6 +265,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         tracing::info!(%addr, "serving on TCP for port-forward");
         endpoints.push(Endpoint::Tcp(l));
     }
+    let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(addr) = common.listen_http {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("--listen-http {addr}: bind"))?;
+        tracing::info!(%addr, "serving /healthz, /readyz, /metrics");
+        tokio::spawn(katamaran::observe::serve(l, node.clone(), async {
+            let _ = http_stopped.await;
+        }));
+    }
     tracing::info!(socket = %socket.display(), sandbox = ?only, "serving katamaran.v1.Migration");
     let shutdown = async {
         let term = async {
@@ -279,6 +294,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     };
     let result = serve(MigrationService::new(node), endpoints, shutdown).await;
+    let _ = http_stop.send(());
     let _ = std::fs::remove_file(&socket);
     tracing::info!("stopped");
     Ok(result?)

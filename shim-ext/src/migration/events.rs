@@ -135,6 +135,9 @@ pub struct CutoverTimes {
     pub resume_to_plug_release_nanos: u64,
     /// QEMU's measured downtime.
     pub downtime_ms: u64,
+    /// When the destination's `resumed` reached the source (source): STOP to this bounds the
+    /// guest's pause from above by one control hop.
+    pub resumed_seen_unix_nanos: u64,
 }
 
 /// The end of a migration.

@@ -38,6 +38,24 @@ const RPC_TIMEOUT: Duration = Duration::from_secs(30);
 const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long an agent has to exit on SIGTERM before it is killed.
 const AGENT_STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// The port of a lab agent's `/healthz`, `/readyz` and `/metrics`, on its node namespace's
+/// loopback.
+pub const AGENT_HTTP_PORT: u16 = 10557;
+
+/// GETs `path` from `node`'s agent HTTP endpoint; the body of a 200 answer.
+///
+/// # Errors
+/// As [`crate::netns::http_get`] (a non-200 status is an error naming it).
+pub fn agent_http(lab: &Lab, node: Node, path: &str) -> Result<String, LabError> {
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], AGENT_HTTP_PORT));
+    crate::netns::http_get_path(&lab.netns(node.name()), addr, path, Duration::from_secs(5))
+}
+
+/// The value of the sample `series` (name and labels, as written) in a metrics text.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
 /// Polling interval for conditions that have no event to wait on (process exit, a socket
 /// appearing, a counter growing).
 pub(crate) const POLL: Duration = Duration::from_millis(20);
@@ -315,6 +333,11 @@ impl Agent {
             // without them.
             .args(["--host-proc", &format!("/proc/{}", std::process::id())])
             .args(["--vm-cgroup", "required"])
+            // Health and metrics, on the node namespace's loopback.
+            .args([
+                "--listen-http",
+                &std::net::SocketAddr::from(([127, 0, 0, 1], AGENT_HTTP_PORT)).to_string(),
+            ])
             .env("KATAMARAN_LOG", level)
             .env(katamaran::sandbox::allowlist::ROOTS_ENV, roots)
             .env("NO_COLOR", "1")

@@ -581,10 +581,48 @@ fn cpu_millis(q: &str) -> Result<u64, DeployError> {
     Ok((cores * 1000.0).round() as u64)
 }
 
-/// The command of the container's `readinessProbe` (`exec`), which the lab runs in the
-/// container the way kubelet does, to know when the agent is ready.
-pub fn readiness_command(c: &Container) -> Option<Vec<String>> {
-    c.readiness_probe.as_ref()?.exec.as_ref()?.command.clone()
+/// A container probe the lab can run the way kubelet does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// `exec`: the command, run in the container.
+    Exec(Vec<String>),
+    /// `httpGet`: a GET of `path` on `port` of the pod (the lab's pod namespace has only
+    /// loopback, where kubelet would dial the pod's address); ready on 200.
+    HttpGet {
+        /// The request path.
+        path: String,
+        /// The port.
+        port: u16,
+    },
+}
+
+/// The container's `readinessProbe`, which the lab runs to know when the agent is ready.
+///
+/// # Errors
+/// [`DeployError::Missing`] without one; [`DeployError::Unsupported`] for a kind or a field the
+/// lab does not run (tcpSocket, grpc, a named port, a host, HTTPS, headers).
+pub fn readiness_probe(c: &Container) -> Result<Probe, DeployError> {
+    let p = c.readiness_probe.as_ref().ok_or_else(|| DeployError::Missing("readinessProbe".into()))?;
+    if let Some(exec) = &p.exec {
+        let cmd = exec.command.clone().filter(|c| !c.is_empty());
+        return cmd
+            .map(Probe::Exec)
+            .ok_or_else(|| DeployError::Missing("readinessProbe.exec.command".into()));
+    }
+    let Some(get) = &p.http_get else {
+        return Err(DeployError::Unsupported("a readinessProbe other than exec or httpGet".into()));
+    };
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let port = match &get.port {
+        IntOrString::Int(n) => u16::try_from(*n).ok().filter(|n| *n > 0),
+        IntOrString::String(_) => None,
+    }
+    .ok_or_else(|| DeployError::Unsupported(format!("readinessProbe.httpGet.port {:?}", get.port)))?;
+    if get.host.is_some() || get.http_headers.is_some() || get.scheme.as_deref().is_some_and(|s| s != "HTTP")
+    {
+        return Err(DeployError::Unsupported("readinessProbe.httpGet with a host, headers or HTTPS".into()));
+    }
+    Ok(Probe::HttpGet { path: get.path.clone().unwrap_or_else(|| "/".into()), port })
 }
 
 /// A process standing for a lab node's pid 1: in the node's network namespace, and otherwise in
@@ -671,6 +709,12 @@ pub enum DeployedLabError {
     /// A lab helper failed.
     #[error(transparent)]
     Lab(#[from] crate::LabError),
+    /// An agent container has no running task.
+    #[error("the {node} agent container does not run")]
+    NotRunning {
+        /// Which node.
+        node: &'static str,
+    },
     /// An agent container did not become ready.
     #[error("the {node} agent container was not ready within {limit:?}: {last}; its log ends with:\n{log}")]
     NotReady {
@@ -803,31 +847,61 @@ impl DeployedAgents {
         let spec = runtime_spec(&self.manifest, AGENT_CONTAINER, host, &self.image, &self.extras)?;
         let id = Self::container_id(node);
         self.containerd.run(&id, &spec, &self.log_path(node))?;
-        let probe = pod_spec(&self.manifest)
-            .and_then(|p| container(p, AGENT_CONTAINER))
-            .map(readiness_command)?
-            .ok_or_else(|| DeployError::Missing("readinessProbe.exec on the agent".into()))?;
-        let argv: Vec<&str> = probe.iter().map(String::as_str).collect();
+        let probe = readiness_probe(container(pod_spec(&self.manifest)?, AGENT_CONTAINER)?)?;
         let started = std::time::Instant::now();
         loop {
-            let out = self.exec(node, &argv)?;
-            if out.status.success() {
-                return Ok(());
-            }
+            let last = match self.probe(node, &probe)? {
+                Ok(()) => return Ok(()),
+                Err(last) => last,
+            };
             if started.elapsed() > READY_TIMEOUT {
                 return Err(DeployedLabError::NotReady {
                     node: node.name(),
                     limit: READY_TIMEOUT,
-                    last: format!(
-                        "{}{}",
-                        String::from_utf8_lossy(&out.stdout),
-                        String::from_utf8_lossy(&out.stderr)
-                    ),
+                    last,
                     log: self.log_tail(node, 30),
                 });
             }
             std::thread::sleep(std::time::Duration::from_millis(200));
         }
+    }
+
+    /// Runs `probe` against `node`'s agent container once: `Ok(Err(answer))` when it does not
+    /// pass.
+    ///
+    /// # Errors
+    /// When `ctr` fails.
+    pub fn probe(&self, node: crate::Node, probe: &Probe) -> Result<Result<(), String>, DeployedLabError> {
+        match probe {
+            Probe::Exec(cmd) => {
+                let argv: Vec<&str> = cmd.iter().map(String::as_str).collect();
+                let out = self.exec(node, &argv)?;
+                Ok(if out.status.success() {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "{}{}",
+                        String::from_utf8_lossy(&out.stdout),
+                        String::from_utf8_lossy(&out.stderr)
+                    ))
+                })
+            }
+            Probe::HttpGet { path, port } => {
+                Ok(self.http_get(node, *port, path).map(|_| ()).map_err(|e| e.to_string()))
+            }
+        }
+    }
+
+    /// GETs `path` on `port` of `node`'s agent container (its pod namespace's loopback); the body
+    /// of a 200 answer.
+    ///
+    /// # Errors
+    /// When the container has no task, or the request fails or is answered with another status.
+    pub fn http_get(&self, node: crate::Node, port: u16, path: &str) -> Result<String, DeployedLabError> {
+        let pid = self.agent_pid(node)?.ok_or(DeployedLabError::NotRunning { node: node.name() })?;
+        let netns = std::path::PathBuf::from(format!("/proc/{pid}/ns/net"));
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        Ok(crate::netns::http_get_at(&netns, addr, path, std::time::Duration::from_secs(5))?)
     }
 
     /// SIGKILLs `node`'s agent container (a crash, an OOM kill) and removes it; its VMs must

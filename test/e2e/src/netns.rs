@@ -52,8 +52,36 @@ where
 /// On a socket error, a timeout (`timeout` bounds connect and each read/write) or a non-200
 /// status.
 pub fn http_get(netns: &str, addr: SocketAddr, timeout: Duration) -> Result<String, LabError> {
-    let url = format!("http://{addr}/");
-    in_netns(netns, move || {
+    http_get_path(netns, addr, "/", timeout)
+}
+
+/// [`http_get`] of `path`.
+///
+/// # Errors
+/// As [`http_get`].
+pub fn http_get_path(
+    netns: &str,
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> Result<String, LabError> {
+    http_get_at(Path::new(&format!("/run/netns/{netns}")), addr, path, timeout)
+}
+
+/// [`http_get_path`] from the network namespace at `netns` (e.g. a container's
+/// `/proc/<pid>/ns/net`).
+///
+/// # Errors
+/// As [`http_get`].
+pub fn http_get_at(
+    netns: &Path,
+    addr: SocketAddr,
+    path: &str,
+    timeout: Duration,
+) -> Result<String, LabError> {
+    let url = format!("http://{addr}{path}");
+    let path = path.to_owned();
+    in_netns_at(netns, move || {
         let io = |source| LabError::Http { url: url.clone(), source };
         let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
         stream.set_read_timeout(Some(timeout)).map_err(io)?;
@@ -62,7 +90,7 @@ pub fn http_get(netns: &str, addr: SocketAddr, timeout: Duration) -> Result<Stri
             SocketAddr::V4(a) => a.ip().to_string(),
             SocketAddr::V6(a) => format!("[{}]", a.ip()),
         };
-        write!(stream, "GET / HTTP/1.0\r\nHost: {host}\r\nConnection: close\r\n\r\n").map_err(io)?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: {host}\r\nConnection: close\r\n\r\n").map_err(io)?;
         let mut raw = Vec::new();
         stream.read_to_end(&mut raw).map_err(io)?;
         let text = String::from_utf8_lossy(&raw).into_owned();

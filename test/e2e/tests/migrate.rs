@@ -260,7 +260,44 @@ fn lab_migrate_shared_storage_under_probe_loses_nothing_and_node_b_lists_the_vm(
             w.engine.inspect(Node::B, w.id).map(|s| s.qemu_status).map_err(|e| e.to_string())
         )
     });
+    assert_metrics_after_one_move(&w);
     w.finish();
+}
+
+/// Both agents' HTTP endpoints after one completed move: healthy, ready, and metrics that count
+/// it once on each side with its phases, pause and bytes.
+fn assert_metrics_after_one_move(w: &World) {
+    use agents::{agent_http, metric};
+    for node in [Node::A, Node::B] {
+        assert_eq!(agent_http(&w.lab, node, "/healthz").expect("/healthz").trim(), "ok");
+        assert_eq!(agent_http(&w.lab, node, "/readyz").expect("/readyz").trim(), "ok");
+        let missing = agent_http(&w.lab, node, "/nothing-here");
+        assert!(matches!(&missing, Err(e) if e.to_string().contains("404")), "{missing:?}");
+    }
+    let a = agent_http(&w.lab, Node::A, "/metrics").expect("node-a /metrics");
+    let b = agent_http(&w.lab, Node::B, "/metrics").expect("node-b /metrics");
+    let get =
+        |text: &str, series: &str| metric(text, series).unwrap_or_else(|| panic!("{series} in\n{text}"));
+    assert_eq!(get(&a, r#"katamaran_migrations_total{role="source",result="completed"}"#), 1.0);
+    assert_eq!(get(&a, r#"katamaran_migrations_total{role="source",result="failed"}"#), 0.0);
+    assert_eq!(get(&b, r#"katamaran_migrations_total{role="destination",result="completed"}"#), 1.0);
+    assert_eq!(get(&a, "katamaran_qemu_downtime_seconds_count"), 1.0);
+    assert_eq!(get(&a, "katamaran_guest_pause_seconds_count"), 1.0);
+    assert_eq!(get(&a, r#"katamaran_migration_phase_seconds_count{role="source",phase="ram"}"#), 1.0);
+    assert_eq!(
+        get(&b, r#"katamaran_migration_phase_seconds_count{role="destination",phase="preparing"}"#),
+        1.0
+    );
+    assert!(get(&a, r#"katamaran_migrated_bytes_total{stream="ram"}"#) > 1e6, "the RAM crossed");
+    assert_eq!(get(&a, "katamaran_forwards_active"), 1.0, "node-a forwards");
+    assert_eq!(get(&b, "katamaran_incoming_sandboxes"), 1.0, "node-b runs the VM it received");
+    assert_eq!(get(&a, "katamaran_migrations_running") + get(&b, "katamaran_migrations_running"), 0.0);
+    eprintln!(
+        "measured [metrics]: QEMU downtime {:.1} ms, guest pause (to `resumed` on the source) {:.1} ms, RAM {:.1} MiB",
+        get(&a, "katamaran_qemu_downtime_seconds_sum") * 1e3,
+        get(&a, "katamaran_guest_pause_seconds_sum") * 1e3,
+        get(&a, r#"katamaran_migrated_bytes_total{stream="ram"}"#) / 1048576.0
+    );
 }
 
 #[test]

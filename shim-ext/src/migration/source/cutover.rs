@@ -10,7 +10,7 @@ use super::{peer_message, Machine, SourceEnv, SourceRequest};
 use crate::dataplane::{self, Secret, StreamKey};
 use crate::migration::ctl::{self, Ctl, CtlError, CtlMsg, Heartbeat};
 use crate::migration::error::EngineError;
-use crate::migration::events::{CutoverTimes, Event, Phase};
+use crate::migration::events::{CutoverTimes, Event, Phase, RamProgress};
 use crate::migration::failpoint;
 use crate::migration::journal::Standing;
 use crate::migration::protocol::{Action, SourceInput, SourceState};
@@ -22,7 +22,8 @@ const CONFIRM_LIMIT: Duration = Duration::from_secs(10);
 /// How long a destination that does not know the migration is given to (re)register it.
 const UNKNOWN_GRACE: Duration = Duration::from_secs(60);
 
-/// Waits for the vote, commits, tells the destination, waits for its confirmation.
+/// Waits for the vote, commits, tells the destination, waits for its confirmation. Returns the
+/// cutover's times and QEMU's final RAM figures (when it could read them).
 ///
 /// # Errors
 /// Before the commit: a cancel, a lost peer, a failure report or the vote's deadline (the
@@ -34,7 +35,7 @@ pub(super) async fn commit(
     ctl: &mut Ctl,
     machine: &mut Machine,
     done: Done,
-) -> Result<CutoverTimes, EngineError> {
+) -> Result<(CutoverTimes, Option<RamProgress>), EngineError> {
     let Done { mut times } = done;
     let mut action = machine.step(SourceInput::QemuCompleted)?;
     failpoint::point("source-before-commit").await?;
@@ -88,6 +89,7 @@ pub(super) async fn commit(
     .await;
     match confirmed {
         Ok(Ok(())) => {
+            times.resumed_seen_unix_nanos = crate::convert::unix_nanos(std::time::SystemTime::now());
             machine.step(SourceInput::Resumed)?;
             if let Err(e) = env.journal.record(Standing::Source(SourceState::Confirmed), |_| {}) {
                 tracing::warn!(error = %e, "cannot record the confirmation");
@@ -115,13 +117,17 @@ pub(super) async fn commit(
             });
         }
     }
-    match crate::migration::qemu::compute::final_statistics(qmp).await {
+    let ram = match crate::migration::qemu::compute::final_statistics(qmp).await {
         Ok(info) => {
-            times.downtime_ms = info.downtime.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            times.downtime_ms = info.downtime.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+            Some(crate::migration::qemu::compute::ram_progress(&info))
         }
-        Err(e) => tracing::warn!(error = %e, "cannot read QEMU's final statistics"),
-    }
-    Ok(times)
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read QEMU's final statistics");
+            None
+        }
+    };
+    Ok((times, ram))
 }
 
 /// Delivers a recorded decision (`commit` or `abort`) to the destination over a new control

@@ -234,7 +234,7 @@ async fn drive(
     let done = ram.run(&jobs, rtt, ctl, &mut machine).await?;
 
     // CUTOVER: the vote, the commit, the confirmation.
-    let times = cutover::commit(req, qmp, env, ctl, &mut machine, done).await?;
+    let (times, final_ram) = cutover::commit(req, qmp, env, ctl, &mut machine, done).await?;
     let confirmed = machine.state == SourceState::Confirmed;
     // Packets that reached the source between STOP and the route swap wait in its tap; they are
     // re-sent once the destination says its VM runs (before that, a paused QEMU drops them).
@@ -250,6 +250,7 @@ async fn drive(
         ),
     );
     e.cutover = Some(times.clone());
+    e.ram = final_ram;
     log.push(e);
     tracing::info!(total = ?started.elapsed(), confirmed, "handed over");
     Ok(Handover { times, forward, confirmed })
