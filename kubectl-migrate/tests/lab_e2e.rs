@@ -375,6 +375,61 @@ fn lab_kubectl_migrate_moves_the_pod_vm_to_node_b_under_probe_and_loses_nothing(
     assert_eq!(lab.leftovers(), Vec::<String>::new(), "down leaves nothing behind");
 }
 
+/// A source that fails while preparing, before its control stream reaches the destination: the
+/// source tells the prepared destination to abort over a control stream of its own, so
+/// `kubectl migrate` reports the failure at once instead of waiting on a destination that holds
+/// its copy for the migration's whole deadline; node-b keeps nothing and the VM runs on.
+#[test]
+fn lab_kubectl_migrate_reports_a_source_failing_in_preparing_at_once_and_node_b_keeps_nothing() {
+    use katamaran_e2e::agents::Snapshot;
+    let Some(()) = check(artifacts::require_vm_lab()) else { return };
+    let Some(_) = check(artifacts::ensure_guest_image().expect("hack/guest/build.sh failed")) else { return };
+    let (mut lab, _) = Lab::up(LabConfig::unique()).expect("lab up");
+    let paths = lab.sandbox(Node::A, POD, POD_V4, None).expect("sandbox web-0 on node-a");
+    lab.vm(Node::A, POD, &VmOptions { disks: Disks::Shared(1), ..VmOptions::default() })
+        .expect("the guest boots to KATAMARAN-GUEST-READY");
+    let boot_id = page(&lab)["boot_id"].as_str().expect("the page has a boot_id").to_owned();
+    let source_ns = format!("sb-node-a-{POD}");
+    let before = Snapshot::take(&lab, &[&source_ns]).expect("snapshot before");
+    let bins = agents::engine_bins().expect("the engine's release binaries");
+    let fail = [("KATAMARAN_FAILPOINTS", "source-preparing=return".to_owned())];
+    let agents = [
+        Agent::start_with(&lab, Node::A, &bins.agent, &fail).expect("the node-a agent serves its socket"),
+        Agent::start(&lab, Node::B, &bins.agent).expect("the node-b agent serves its socket"),
+    ];
+    let identity = cri_identity(&paths.config_json);
+    let socket = |node: Node| agents::engine_dir(&lab, node).join("agent.sock");
+    let pods = ["katamaran-agent-a1b2c", "katamaran-agent-d3e4f"];
+    let state = lab_cluster(&identity, paths.ip, pods, |node| AgentBackend::Unix(socket(node)));
+    let cluster = FakeCluster::serve(state, &identity.1);
+
+    let run = cluster.migrate_to_node_b();
+    eprintln!("measured [source failing in preparing]: kubectl migrate exited after {:?}", run.elapsed);
+    assert_eq!(run.code, Some(1), "a failed migration\nstdout:\n{}\nstderr:\n{}", run.stdout, run.stderr);
+    let doc: Value = serde_json::from_str(&run.stdout)
+        .unwrap_or_else(|e| panic!("stdout is one JSON document ({e}):\n{}", run.stdout));
+    assert_eq!(doc["result"], "failed", "{doc:#}");
+    assert!(doc.to_string().contains("source-preparing"), "the failure names its cause: {doc:#}");
+    // Well inside the destination's own limit for a source that never connects (60 s).
+    assert!(
+        run.elapsed < Duration::from_secs(30),
+        "reported at once, not after a deadline: {:?}",
+        run.elapsed
+    );
+    let (diff, settled) = agents::wait_unchanged(&lab, &before, &[&source_ns], Duration::from_secs(20))
+        .expect("snapshot after");
+    eprintln!(
+        "measured [source failing in preparing]: both nodes back to their snapshot {settled:?} after the end"
+    );
+    assert!(diff.is_empty(), "nothing left on either node:\n{}", diff.join("\n"));
+    assert!(agents::incoming_qemu_pid(&lab, Node::B, POD).is_none(), "no incoming QEMU on node-b");
+    assert_eq!(page(&lab)["boot_id"], boot_id.as_str(), "the VM runs on node-a, the same guest");
+
+    drop(cluster);
+    drop(agents);
+    lab.down().expect("lab down");
+}
+
 /// Output of a command run in an agent container, with a message naming it.
 fn ok_output(what: &str, out: std::process::Output) -> String {
     assert!(

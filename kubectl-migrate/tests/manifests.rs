@@ -151,8 +151,12 @@ fn the_agents_probes_and_metrics_service_reach_the_port_it_serves_http_on() {
     let args: Vec<&str> = agent["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
     let http = args.iter().find_map(|a| a.strip_prefix("--listen-http=")).expect("the agent serves HTTP");
     let port: u64 = http.rsplit(':').next().unwrap().parse().unwrap();
-    assert!(!http.starts_with("127."), "kubelet and Prometheus reach the pod's address, not its loopback: {http}");
-    let named = agent["ports"].as_array().unwrap().iter().find(|p| p["name"] == "metrics").expect("port metrics");
+    assert!(
+        !http.starts_with("127."),
+        "kubelet and Prometheus reach the pod's address, not its loopback: {http}"
+    );
+    let named =
+        agent["ports"].as_array().unwrap().iter().find(|p| p["name"] == "metrics").expect("port metrics");
     assert_eq!(named["containerPort"], port);
     for (probe, path) in [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")] {
         assert_eq!(agent[probe]["httpGet"]["path"], path, "{probe}");

@@ -12,6 +12,7 @@ use super::error::EngineError;
 
 /// Every fail point, in migration order.
 pub const POINTS: &[&str] = &[
+    "source-preparing",
     "source-storage",
     "source-ram",
     "source-pre-switchover",

@@ -255,6 +255,45 @@ fn lab_fault_panic_in_the_source_task_after_the_vote_rolls_back_both() {
 }
 
 #[test]
+fn lab_fault_source_agent_gone_before_its_control_stream_the_destination_gives_up_alone() {
+    use std::time::{Duration, Instant};
+    // node-a's agent stops (and stays away) while its migration prepares, before the control
+    // stream reaches node-b: nobody tells node-b anything. Before its vote node-b may destroy its
+    // copy, and does once no control stream came within its limit.
+    let Some(mut w) = FaultLab::boot("fsg0", "source-preparing=hold", "") else { return };
+    let boot_id = w.boot_id();
+    let before = w.snapshot();
+    let run = w.migrate_in_background(Node::A, &[]);
+    w.wait_held("source-preparing");
+    let stopped = Instant::now();
+    w.engine.agent_mut(Node::A).stop(Duration::from_secs(5)).expect("node-a's agent stops");
+    let limit = katamaran::migration::dest::CONNECT_LIMIT;
+    let node_b_diff = || -> Vec<String> {
+        w.snapshot().diff_from(&before).into_iter().filter(|d| d.contains("node-b")).collect()
+    };
+    let until = stopped + limit + Duration::from_secs(30);
+    let mut node_b = node_b_diff();
+    while !node_b.is_empty() && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(250));
+        node_b = node_b_diff();
+    }
+    eprintln!("measured: node-b gave up {:?} after the source agent stopped", stopped.elapsed());
+    assert!(node_b.is_empty(), "node-b is back to its snapshot without a word from node-a:\n{node_b:#?}");
+    assert!(
+        stopped.elapsed() >= limit - Duration::from_secs(5),
+        "not before its limit: {:?}",
+        stopped.elapsed()
+    );
+    let run = run.join().expect("katactl thread");
+    eprintln!("measured: katactl migrate ended {:?} after the source agent stopped", stopped.elapsed());
+    assert_ne!(run.code, Some(0), "not a completed migration: {}", run.stdout);
+    // node-a's agent comes back and rolls its side back from the journal.
+    w.restart_agents("", "");
+    w.assert_rolled_back(&before, &boot_id, "source agent gone before its control stream");
+    w.finish();
+}
+
+#[test]
 fn lab_fault_panic_in_the_destination_task_rolls_back() {
     let Some(w) = FaultLab::boot("fpd0", "", "dest-receiving=panic") else { return };
     let boot_id = w.boot_id();

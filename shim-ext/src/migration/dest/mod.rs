@@ -20,6 +20,7 @@
 //! destroys it.
 
 mod receive;
+pub use receive::CONNECT_LIMIT;
 mod streams;
 
 pub use receive::{receive, DestControl};

@@ -26,6 +26,11 @@ const CANCEL_GRACE: Duration = Duration::from_secs(2);
 /// How long the owner retries its `cont`.
 const RESUME_RETRY_LIMIT: Duration = Duration::from_secs(30);
 
+/// How long a prepared destination waits for the source's control stream: the source connects
+/// it right after its own preparation (seconds). A source that failed or vanished before that
+/// (and could not say so) leaves nothing here waiting for the migration's whole deadline.
+pub const CONNECT_LIMIT: Duration = Duration::from_secs(60);
+
 type Verdict = oneshot::Sender<Result<bool, ProtocolError>>;
 
 /// A caller's handle on a running destination: its protocol state, and cancels routed to the
@@ -144,6 +149,8 @@ pub async fn receive(
     let mut verdicts: Vec<Verdict> = Vec::new();
     let mut cancel_by: Option<(String, tokio::time::Instant)> = None;
     let mut resume_from: Option<tokio::time::Instant> = None;
+    let connect_by = tokio::time::Instant::now() + CONNECT_LIMIT;
+    let mut connected = false;
     let answer = |verdicts: &mut Vec<Verdict>, v: Result<bool, ProtocolError>| {
         for tx in verdicts.drain(..) {
             let _ = tx.send(v.clone());
@@ -264,6 +271,7 @@ pub async fn receive(
                 }
                 Some(CtlEvent::Msg(other)) => tracing::debug!(%other, "control message ignored"),
                 Some(CtlEvent::Connected) => {
+                    connected = true;
                     tracing::info!(state = m.get().as_str(), "control stream connected");
                     if m.get() == DestState::Voted {
                         // A source delivering its decision after a break: the vote again.
@@ -354,6 +362,10 @@ pub async fn receive(
                     tracing::error!("the VM belongs here but does not resume; left paused for an operator");
                     resume_from = Some(tokio::time::Instant::now());
                 }
+            }
+            () = tokio::time::sleep_until(connect_by), if pre_vote && !connected => {
+                m.step(DestInput::PeerLost)?;
+                return Err(EngineError::Timeout { what: "the source's control stream", after: CONNECT_LIMIT });
             }
             () = tokio::time::sleep_until(deadline), if pre_vote => {
                 m.step(DestInput::Failed)?;

@@ -36,6 +36,7 @@ use super::cleanup::Cleanup;
 use super::ctl::{self, Ctl, CtlMsg, Heartbeat};
 use super::error::{chain, EngineError};
 use super::events::{CutoverTimes, Event, EventLog, Phase};
+use super::failpoint;
 use super::journal::{Entry, RouteRecord, Standing};
 use super::network::{self, SourceForward};
 use super::options::{MigrationOptions, StorageMode, TunnelMode};
@@ -122,6 +123,9 @@ impl Machine {
     }
 }
 
+/// How long a source that failed before its control stream was up tries to tell the destination.
+const EARLY_ABORT_LIMIT: Duration = Duration::from_secs(10);
+
 /// Runs the source role to its end: `Ok` once the VM is handed over (the forward then lives on
 /// in the background, see [`forward_until_released`]). The caller unwinds the cleanup stack
 /// when this returns an error (a disarmed stack after the commit undoes nothing).
@@ -134,8 +138,27 @@ pub async fn run(req: SourceRequest, conn: QemuConn, env: SourceEnv) -> Result<H
     if let Err(e) = &result {
         if !env.gate.is_committed() {
             // Before the commit the source decides abort: the destination destroys its copy.
-            if let Some(ctl) = &peer {
-                let _ = ctl.deliver(CtlMsg::Abort(chain(e)), Duration::from_secs(1)).await;
+            match &peer {
+                Some(ctl) => {
+                    let _ = ctl.deliver(CtlMsg::Abort(chain(e)), Duration::from_secs(1)).await;
+                }
+                // Failed before the control stream was up: the destination, prepared and
+                // waiting for the streams, is told over a control stream of its own.
+                None => {
+                    let abort = cutover::deliver_decision(
+                        env.node.clone(),
+                        req.ram_endpoint,
+                        &req.secret,
+                        &req.migration_id,
+                        CtlMsg::Abort(chain(e)),
+                        env.heartbeat,
+                    );
+                    match tokio::time::timeout(EARLY_ABORT_LIMIT, abort).await {
+                        Ok(Ok(())) => tracing::info!("the destination was told to abort"),
+                        Ok(Err(err)) => tracing::warn!(error = %chain(&err), "abort not delivered"),
+                        Err(_) => tracing::warn!(limit = ?EARLY_ABORT_LIMIT, "abort not delivered in time"),
+                    }
+                }
             }
         }
     }
@@ -166,6 +189,7 @@ async fn drive(
 
     // PREPARING
     log.push(Event::new(Phase::Preparing, "discovering QEMU and preparing the forward"));
+    failpoint::point("source-preparing").await?;
     let features = QemuFeatures::discover(qmp).await?;
     let mut options = req.options.clone();
     let disks: Vec<DiskInfo> = qemu::list_disks(qmp).await?.into_iter().filter(|d| !d.read_only).collect();
