@@ -902,6 +902,19 @@ impl Node {
         let vm_addrs = crate::client::vm_addresses(src).map_err(|e| invalid(e.to_string()))?;
         let options = options_from_proto(req.options.as_ref().ok_or_else(|| invalid("missing options"))?)?;
         options.validate(&vm_addrs, Some((source_node, node_address)))?;
+        // An address this node delivers to one of its own pods is in use here: taking it over
+        // would cut that pod off. (A forward of an earlier move away routes it elsewhere.)
+        for a in &vm_addrs {
+            if let Some(path) = self.node_ns.path_to(*a).await? {
+                if path.is_local_pod() {
+                    return Err(EngineError::Precondition(format!(
+                        "VM address {a} belongs to a pod on this node (routed straight to {} {}): refusing to take it over",
+                        path.link.kind.as_deref().unwrap_or("link"),
+                        path.link.id.name
+                    )));
+                }
+            }
+        }
         let source_state_dir = PathBuf::from(&src.qmp_socket)
             .parent()
             .map(PathBuf::from)

@@ -56,8 +56,8 @@ pub use probe::probe;
 pub use recording::{fake_link, Recording};
 pub use types::{
     Feature, IpPrefix, LinkId, LinkInfo, MacAddr, NeighbourInfo, NeighbourSpec, OperState, ParseMacError,
-    ParsePrefixError, PlugAction, QdiscInfo, QdiscParent, QdiscStats, RouteInfo, RouteSpec, TapSpec, Timing,
-    TunDetails, TunnelDetails, TunnelMode, TunnelSpec, VethSpec,
+    ParsePrefixError, PathTo, PlugAction, QdiscInfo, QdiscParent, QdiscStats, RouteInfo, RouteSpec, TapSpec,
+    Timing, TunDetails, TunnelDetails, TunnelMode, TunnelSpec, VethSpec,
 };
 pub use validate::{
     validate_host_prefix, validate_ifname, validate_netns_path, validate_route, validate_tunnel, NetnsRoots,

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use super::error::Result;
 use super::netns::NetnsHandle;
 use super::types::{
-    Feature, IpPrefix, LinkId, LinkInfo, MacAddr, NeighbourInfo, NeighbourSpec, PlugAction, QdiscInfo,
-    QdiscParent, RouteInfo, RouteSpec, TapSpec, Timing, TunnelSpec, VethSpec,
+    Feature, IpPrefix, LinkId, LinkInfo, MacAddr, NeighbourInfo, NeighbourSpec, PathTo, PlugAction,
+    QdiscInfo, QdiscParent, RouteInfo, RouteSpec, TapSpec, Timing, TunnelSpec, VethSpec,
 };
 use super::{links, probe, routes, tc, tunnel};
 
@@ -124,12 +124,12 @@ pub trait NetOps: Send + Sync {
     /// [`Error::GetRoutes`](super::Error::GetRoutes).
     fn routes(&self, dest: IpPrefix) -> impl Future<Output = Result<Vec<RouteInfo>>> + Send;
 
-    /// The link of the main-table route this namespace uses for `addr` (the longest prefix
-    /// that contains it and has an output interface); `None` when no such route exists.
+    /// The main-table route this namespace uses for `addr` (the longest prefix that contains it
+    /// and has an output interface) and its link; `None` when no such route exists.
     ///
     /// # Errors
     /// [`Error::GetRoutes`](super::Error::GetRoutes), or a link lookup error.
-    fn uplink_to(&self, addr: IpAddr) -> impl Future<Output = Result<Option<LinkId>>> + Send;
+    fn path_to(&self, addr: IpAddr) -> impl Future<Output = Result<Option<PathTo>>> + Send;
 
     /// Adds or replaces a permanent neighbour entry.
     ///
@@ -235,7 +235,7 @@ pub enum NetOp {
     ReplaceRoute(RouteSpec),
     DeleteRoute(RouteSpec),
     Routes { dest: IpPrefix },
-    UplinkTo { addr: IpAddr },
+    PathTo { addr: IpAddr },
     ReplaceNeighbour(NeighbourSpec),
     DeleteNeighbour { dev: LinkId, ip: IpAddr },
     Neighbours { dev: LinkId },
@@ -259,7 +259,7 @@ impl NetOp {
             Self::Link { .. }
                 | Self::Addresses { .. }
                 | Self::Routes { .. }
-                | Self::UplinkTo { .. }
+                | Self::PathTo { .. }
                 | Self::Neighbours { .. }
                 | Self::Qdisc { .. }
                 | Self::Probe { .. }
@@ -348,11 +348,12 @@ impl NetOps for NetnsHandle {
         self.call(move |ctx| async move { routes::routes(&ctx, dest).await }).await
     }
 
-    async fn uplink_to(&self, addr: IpAddr) -> Result<Option<LinkId>> {
+    async fn path_to(&self, addr: IpAddr) -> Result<Option<PathTo>> {
         self.call(move |ctx| async move {
             let Some(route) = routes::route_to(&ctx, addr).await? else { return Ok(None) };
             let Some(index) = route.oif else { return Ok(None) };
-            links::get_link_by_index(&ctx, index).await.map(|l| Some(l.id))
+            let link = links::get_link_by_index(&ctx, index).await?;
+            Ok(Some(PathTo { route, link }))
         })
         .await
     }

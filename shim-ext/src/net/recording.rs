@@ -21,8 +21,8 @@ use super::ops::{NetOp, NetOps};
 /// `RTPROT_STATIC`: the protocol a route without one gets (as `routes.rs` sends it).
 const RTPROT_STATIC: u8 = 4;
 use super::types::{
-    Feature, IpPrefix, LinkId, LinkInfo, MacAddr, NeighbourInfo, NeighbourSpec, OperState, PlugAction,
-    QdiscInfo, QdiscParent, RouteInfo, RouteSpec, TapSpec, Timing, TunnelSpec, VethSpec,
+    Feature, IpPrefix, LinkId, LinkInfo, MacAddr, NeighbourInfo, NeighbourSpec, OperState, PathTo,
+    PlugAction, QdiscInfo, QdiscParent, RouteInfo, RouteSpec, TapSpec, Timing, TunnelSpec, VethSpec,
 };
 use super::validate::{validate_ifname, validate_route, validate_tunnel};
 
@@ -306,13 +306,13 @@ impl NetOps for Recording {
         Ok(st.routes.get(&dest).cloned().unwrap_or_default())
     }
 
-    async fn uplink_to(&self, addr: IpAddr) -> Result<Option<LinkId>> {
-        let st = self.record(NetOp::UplinkTo { addr })?;
+    async fn path_to(&self, addr: IpAddr) -> Result<Option<PathTo>> {
+        let st = self.record(NetOp::PathTo { addr })?;
         let all: Vec<RouteInfo> = st.routes.values().flatten().cloned().collect();
-        let Some(index) = super::routes::longest_match(&all, addr).and_then(|r| r.oif) else {
-            return Ok(None);
-        };
-        Ok(st.links.values().find(|l| l.id.index == index).map(|l| l.id.clone()))
+        let Some(route) = super::routes::longest_match(&all, addr) else { return Ok(None) };
+        let Some(index) = route.oif else { return Ok(None) };
+        let link = st.links.values().find(|l| l.id.index == index).cloned();
+        Ok(link.map(|link| PathTo { route: route.clone(), link }))
     }
 
     async fn replace_neighbour(&self, neigh: &NeighbourSpec) -> Result<()> {
@@ -403,10 +403,44 @@ mod tests {
             .with_link(fake_link(3, "eth1", None))
             .with_routes("0.0.0.0/0".parse().unwrap(), vec![route("0.0.0.0/0", 3)])
             .with_routes("10.201.0.0/24".parse().unwrap(), vec![route("10.201.0.0/24", 2)]);
-        let up = |a: &str| block_on(rec.uplink_to(a.parse().unwrap())).unwrap().map(|l| l.name);
+        let up = |a: &str| block_on(rec.path_to(a.parse().unwrap())).unwrap().map(|p| p.link.id.name);
         assert_eq!(up("10.201.0.12").as_deref(), Some("eth0"), "the /24 beats the default route");
         assert_eq!(up("192.0.2.9").as_deref(), Some("eth1"), "else the default route");
         assert_eq!(up("fd00::1"), None, "no IPv6 route");
+    }
+
+    #[test]
+    fn an_address_routed_straight_to_a_veth_or_a_bridge_is_a_local_pods() {
+        let route = |dest: &str, gateway: Option<&str>, oif| RouteInfo {
+            dest: dest.parse().unwrap(),
+            gateway: gateway.map(|g| g.parse().unwrap()),
+            oif: Some(oif),
+            onlink: gateway.is_some(),
+            protocol: 4,
+        };
+        let rec = Recording::new()
+            .with_link(fake_link(2, "eth0", Some("veth")))
+            .with_link(fake_link(3, "cali1234", Some("veth")))
+            .with_link(fake_link(4, "cni0", Some("bridge")))
+            .with_link(fake_link(5, "kmrs0", Some("ipip")))
+            .with_link(fake_link(6, "ens3", None))
+            .with_routes("0.0.0.0/0".parse().unwrap(), vec![route("0.0.0.0/0", Some("10.201.0.1"), 2)])
+            .with_routes("10.244.1.10/32".parse().unwrap(), vec![route("10.244.1.10/32", None, 3)])
+            .with_routes("10.244.2.0/24".parse().unwrap(), vec![route("10.244.2.0/24", None, 4)])
+            .with_routes("10.244.3.10/32".parse().unwrap(), vec![route("10.244.3.10/32", None, 5)])
+            .with_routes(
+                "10.244.4.10/32".parse().unwrap(),
+                vec![route("10.244.4.10/32", Some("10.201.0.12"), 2)],
+            )
+            .with_routes("10.244.5.0/24".parse().unwrap(), vec![route("10.244.5.0/24", None, 6)]);
+        let local = |a: &str| block_on(rec.path_to(a.parse().unwrap())).unwrap().map(|p| p.is_local_pod());
+        assert_eq!(local("10.244.1.10"), Some(true), "a calico-style pod route to its veth");
+        assert_eq!(local("10.244.2.7"), Some(true), "a pod subnet behind the node's bridge");
+        assert_eq!(local("10.244.3.10"), Some(false), "a forward into a tunnel");
+        assert_eq!(local("10.244.4.10"), Some(false), "a forward via another node, out of a veth uplink");
+        assert_eq!(local("10.244.5.9"), Some(false), "a subnet on a physical interface");
+        assert_eq!(local("192.0.2.9"), Some(false), "the default route has a next hop");
+        assert_eq!(local("fd00::1"), None, "no route at all");
     }
 
     /// A cutover-shaped sequence, to show what engine tests can assert.

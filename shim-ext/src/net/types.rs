@@ -326,6 +326,26 @@ pub struct RouteInfo {
     pub protocol: u8,
 }
 
+/// How a namespace reaches an address: the main-table route it uses (the longest prefix that
+/// contains the address and has an output interface) and that interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathTo {
+    /// The route.
+    pub route: RouteInfo,
+    /// Its output interface.
+    pub link: LinkInfo,
+}
+
+impl PathTo {
+    /// Whether the address is a local pod's here: the route delivers it straight (no next hop)
+    /// to a veth (a pod's end, as calico or cilium route each pod) or a bridge (a pod subnet
+    /// behind `cni0`, as the bridge and flannel CNIs do). A next hop, a tunnel or the node's
+    /// uplink lead elsewhere.
+    pub fn is_local_pod(&self) -> bool {
+        self.route.gateway.is_none() && matches!(self.link.kind.as_deref(), Some("veth" | "bridge"))
+    }
+}
+
 /// A permanent neighbour entry: `IP lladdr MAC dev DEV nud permanent`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NeighbourSpec {

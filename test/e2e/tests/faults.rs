@@ -294,6 +294,34 @@ fn lab_fault_source_agent_gone_before_its_control_stream_the_destination_gives_u
 }
 
 #[test]
+fn lab_refuses_to_take_over_an_address_of_a_pod_on_the_destination() {
+    // node-b delivers the VM's address to a pod of its own (a CNI's route to that pod's veth):
+    // a move there would cut that pod off. PrepareIncoming refuses before it creates anything.
+    let Some(w) = FaultLab::boot("fpo0", "", "") else { return };
+    let boot_id = w.boot_id();
+    let pod = katamaran_e2e::faults::POD.to_string();
+    let exec = |args: &[&str]| w.lab.exec("node-b", args).expect("ip in node-b");
+    exec(&["ip", "link", "add", "kpodb0", "type", "veth", "peer", "name", "kpodb1"]);
+    exec(&["ip", "link", "set", "kpodb0", "up"]);
+    exec(&["ip", "route", "replace", &format!("{pod}/32"), "dev", "kpodb0", "scope", "link"]);
+    let before = w.snapshot();
+    let run = w.migrate_in_background(Node::A, &[]).join().expect("katactl thread");
+    assert_ne!(run.code, Some(0), "refused: {}", run.stdout);
+    let said = format!("{}{}", run.stdout, run.stderr);
+    assert!(
+        said.contains(&format!("VM address {pod} belongs to a pod on this node")) && said.contains("kpodb0"),
+        "the refusal names the address and the pod's link: {said}"
+    );
+    assert!(said.contains("FAILED_PRECONDITION") || said.contains("precondition"), "{said}");
+    let diff = w.snapshot().diff_from(&before);
+    assert!(diff.is_empty(), "nothing created or changed on either node:\n{}", diff.join("\n"));
+    assert_eq!(w.status(Node::A).as_deref(), Some("running"), "the VM runs on node-a");
+    assert_eq!(w.boot_id(), boot_id);
+    exec(&["ip", "link", "del", "kpodb0"]);
+    w.finish();
+}
+
+#[test]
 fn lab_fault_panic_in_the_destination_task_rolls_back() {
     let Some(w) = FaultLab::boot("fpd0", "", "dest-receiving=panic") else { return };
     let boot_id = w.boot_id();

@@ -222,7 +222,7 @@ async fn drive(
     // node (the DaemonSet names none; a node's uplink differs from node to node).
     let uplink = match (&tunnel_spec, &req.node_interface) {
         (None, Some(name)) => Some(node.link(name).await?.id),
-        (None, None) => node.uplink_to(req.dest_node).await?,
+        (None, None) => node.path_to(req.dest_node).await?.map(|p| p.link.id),
         _ => None,
     };
     let forward =
