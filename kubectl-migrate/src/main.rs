@@ -76,6 +76,26 @@ struct KubeFlags {
     /// The kubeconfig user to use.
     #[arg(long, global = true)]
     user: Option<String>,
+    /// The API server's address (https://HOST:PORT; HOST:PORT means https), instead of the
+    /// kubeconfig cluster's.
+    #[arg(short = 's', long, global = true, value_name = "URL", value_parser = parse_server)]
+    server: Option<hyper::Uri>,
+    /// Bearer token for the API server, instead of the kubeconfig user's credentials.
+    #[arg(long, global = true, value_name = "TOKEN")]
+    token: Option<String>,
+    /// User to impersonate (you need the impersonate permission on users).
+    #[arg(long = "as", global = true, value_name = "USER")]
+    as_user: Option<String>,
+    /// Group to impersonate; repeat for several (needs --as).
+    #[arg(long = "as-group", global = true, value_name = "GROUP", requires = "as_user")]
+    as_group: Vec<String>,
+    /// UID to impersonate (needs --as).
+    #[arg(long = "as-uid", global = true, value_name = "UID", requires = "as_user")]
+    as_uid: Option<String>,
+    /// How long to wait for each API server request before giving up, with a unit (10s, 1m);
+    /// 0 waits as long as it takes.
+    #[arg(long, global = true, value_name = "DURATION", default_value = "0", value_parser = parse_request_timeout)]
+    request_timeout: Duration,
     /// Namespace of the pod (default: the context's namespace).
     #[arg(short = 'n', long, global = true)]
     namespace: Option<String>,
@@ -107,7 +127,7 @@ struct PodArgs {
     /// Print the plan and change nothing.
     #[arg(long)]
     dry_run: bool,
-    /// Output format: text (progress and a table) or json (one document at the end).
+    /// Output format: text (progress and a table), json or yaml (one document at the end).
     #[arg(short, long, value_enum, default_value = "text")]
     output: Format,
     /// Cancel both sides (roll back) if the migration has not ended by then.
@@ -175,21 +195,71 @@ fn main() -> ExitCode {
     rt.block_on(run(cli)).into()
 }
 
+/// `--server`: a URL with an http or https scheme and a host, or HOST:PORT (https).
+fn parse_server(s: &str) -> Result<hyper::Uri, String> {
+    let full = if s.contains("://") { s.to_owned() } else { format!("https://{s}") };
+    let uri: hyper::Uri = full.parse().map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    match (uri.scheme_str(), uri.host()) {
+        (Some("http" | "https"), Some(h)) if !h.is_empty() => Ok(uri),
+        _ => Err(format!("{s:?}: expected https://HOST:PORT (or http://, or HOST:PORT)")),
+    }
+}
+
+/// `--request-timeout`: `0`, or a duration with its unit (kubectl's rule: a bare number is
+/// ambiguous).
+fn parse_request_timeout(s: &str) -> Result<Duration, String> {
+    let t = s.trim();
+    if t.chars().all(|c| c.is_ascii_digit()) && !t.is_empty() {
+        return if t.chars().all(|c| c == '0') {
+            Ok(Duration::ZERO)
+        } else {
+            Err(format!("{s:?} has no unit: say {t}s, {t}m or {t}h (0 for no limit)"))
+        };
+    }
+    parse_duration(t)
+}
+
 async fn client(flags: &KubeFlags) -> anyhow::Result<Client> {
     let options = KubeConfigOptions {
         context: flags.context.clone(),
         cluster: flags.cluster.clone(),
         user: flags.user.clone(),
     };
-    let mut config = if let Some(path) = &flags.kubeconfig {
+    let loaded = if let Some(path) = &flags.kubeconfig {
         let kubeconfig = Kubeconfig::read_from(path)
             .with_context(|| format!("cannot read kubeconfig {}", path.display()))?;
-        Config::from_custom_kubeconfig(kubeconfig, &options).await.context("invalid kubeconfig")?
+        Config::from_custom_kubeconfig(kubeconfig, &options).await.context("invalid kubeconfig")
     } else if options.context.is_some() || options.cluster.is_some() || options.user.is_some() {
-        Config::from_kubeconfig(&options).await.context("invalid kubeconfig")?
+        Config::from_kubeconfig(&options).await.context("invalid kubeconfig")
     } else {
-        Config::infer().await.context("no Kubernetes configuration (kubeconfig or in-cluster)")?
+        Config::infer().await.context("no Kubernetes configuration (kubeconfig or in-cluster)")
     };
+    let mut config = match (loaded, &flags.server) {
+        (Ok(c), _) => c,
+        // kubectl's --server (with --token) needs no kubeconfig at all.
+        (Err(_), Some(server)) if flags.kubeconfig.is_none() => Config::new(server.clone()),
+        (Err(e), _) => return Err(e),
+    };
+    if let Some(server) = &flags.server {
+        config.cluster_url = server.clone();
+    }
+    if let Some(token) = &flags.token {
+        let auth = &mut config.auth_info;
+        auth.token = Some(token.clone().into());
+        auth.token_file = None;
+        auth.username = None;
+        auth.password = None;
+        auth.exec = None;
+        auth.auth_provider = None;
+    }
+    if let Some(user) = &flags.as_user {
+        config.auth_info.impersonate = Some(user.clone());
+        config.auth_info.impersonate_uid.clone_from(&flags.as_uid);
+        config.auth_info.impersonate_groups = (!flags.as_group.is_empty()).then(|| flags.as_group.clone());
+    }
+    if !flags.request_timeout.is_zero() {
+        config.connect_timeout = Some(flags.request_timeout);
+    }
     if let Some(ns) = &flags.namespace {
         config.default_namespace.clone_from(ns);
     }
@@ -218,7 +288,8 @@ async fn migrate(flags: &KubeFlags, args: &PodArgs, interrupt: watch::Receiver<b
         Err(e) => return fail(Exit::Refused, e),
     };
     let namespace = flags.namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned());
-    let resolver = Resolver::new(client.clone(), flags.agent_namespace.clone());
+    let resolver = Resolver::new(client.clone(), flags.agent_namespace.clone())
+        .with_request_timeout(Some(flags.request_timeout));
     let stoppable = |interrupt: watch::Receiver<bool>| async move {
         let mut rx = interrupt;
         if rx.wait_for(|v| *v).await.is_err() {
@@ -283,12 +354,10 @@ async fn migrate(flags: &KubeFlags, args: &PodArgs, interrupt: watch::Receiver<b
         Err(e) => return fail(if e.is_refusal() { Exit::Refused } else { Exit::Failed }, e),
     };
     let summary = output::summarize(&plan, &report);
-    match args.output {
-        Format::Text => print!("\n{}", output::render_text(&summary)),
-        Format::Json => match serde_json::to_string_pretty(&summary) {
-            Ok(doc) => println!("{doc}"),
-            Err(e) => return fail(Exit::Failed, e),
-        },
+    match args.output.document(&summary) {
+        None => print!("\n{}", output::render_text(&summary)),
+        Some(Ok(doc)) => println!("{}", doc.trim_end()),
+        Some(Err(e)) => return fail(Exit::Failed, anyhow::anyhow!("cannot print the result: {e}")),
     }
     match &report.outcome {
         Outcome::Succeeded => Exit::Migrated,
@@ -337,14 +406,10 @@ async fn dry_run(
         Err(e) => Err(format!("{:#}", anyhow::Error::from(e))),
     };
     let sandbox_ref = sandbox.as_ref().map_err(String::as_str);
-    match args.output {
-        Format::Text => print!("{}", output::render_plan_text(resolved, options, sandbox_ref)),
-        Format::Json => {
-            match serde_json::to_string_pretty(&output::plan_view(resolved, options, sandbox_ref)) {
-                Ok(doc) => println!("{doc}"),
-                Err(e) => return fail(Exit::Failed, e),
-            }
-        }
+    match args.output.document(&output::plan_view(resolved, options, sandbox_ref)) {
+        None => print!("{}", output::render_plan_text(resolved, options, sandbox_ref)),
+        Some(Ok(doc)) => println!("{}", doc.trim_end()),
+        Some(Err(e)) => return fail(Exit::Failed, anyhow::anyhow!("cannot print the plan: {e}")),
     }
     Exit::Migrated
 }

@@ -25,6 +25,27 @@ pub enum Format {
     Text,
     /// One JSON document on stdout at the end, nothing else there.
     Json,
+    /// The same document as YAML.
+    Yaml,
+}
+
+impl Format {
+    /// The document `doc` in this machine format (`None` for text).
+    ///
+    /// # Errors
+    /// When the document does not serialize.
+    pub fn document<T: serde::Serialize>(self, doc: &T) -> Option<Result<String, String>> {
+        match self {
+            Format::Text => None,
+            Format::Json => Some(serde_json::to_string_pretty(doc).map_err(|e| e.to_string())),
+            // Through JSON's value: the same fields, names and order as -o json.
+            Format::Yaml => Some(
+                serde_json::to_value(doc)
+                    .map_err(|e| e.to_string())
+                    .and_then(|v| serde_saphyr::to_string(&v).map_err(|e| e.to_string())),
+            ),
+        }
+    }
 }
 
 /// Live progress of a running migration.
@@ -176,8 +197,8 @@ pub fn progress_for(format: Format, stdout_tty: bool, stderr_tty: bool) -> Box<d
     match (format, stdout_tty, stderr_tty) {
         (Format::Text, true, _) => Box::new(Bar::new(false)),
         (Format::Text, false, _) => Box::new(Lines::new(std::io::stdout())),
-        (Format::Json, _, true) => Box::new(Bar::new(true)),
-        (Format::Json, _, false) => Box::new(Silent),
+        (Format::Json | Format::Yaml, _, true) => Box::new(Bar::new(true)),
+        (Format::Json | Format::Yaml, _, false) => Box::new(Silent),
     }
 }
 

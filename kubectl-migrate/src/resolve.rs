@@ -140,13 +140,21 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    /// A request did not complete within `--request-timeout`.
+    #[error("Kubernetes API request to {what} did not complete within {after:?} (--request-timeout)")]
+    RequestTimeout {
+        /// What was requested.
+        what: String,
+        /// The limit.
+        after: std::time::Duration,
+    },
 }
 
 impl Error {
     /// Whether this refuses the request as given (exit code 2) rather than reporting a failure to
     /// find out (exit code 1).
     pub fn is_refusal(&self) -> bool {
-        !matches!(self, Error::Api { .. })
+        !matches!(self, Error::Api { .. } | Error::RequestTimeout { .. })
     }
 }
 
@@ -409,6 +417,7 @@ pub struct Resolved {
 pub struct Resolver {
     client: Client,
     agent_namespace: String,
+    request_timeout: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for Resolver {
@@ -428,7 +437,28 @@ fn api_error(what: String, e: kube::Error, not_found: impl FnOnce() -> Error) ->
 impl Resolver {
     /// A resolver using `client`, looking for agents in `agent_namespace`.
     pub fn new(client: Client, agent_namespace: String) -> Self {
-        Self { client, agent_namespace }
+        Self { client, agent_namespace, request_timeout: None }
+    }
+
+    /// Bounds every API request (kubectl's `--request-timeout`; `None` or zero: no bound).
+    #[must_use]
+    pub fn with_request_timeout(mut self, limit: Option<std::time::Duration>) -> Self {
+        self.request_timeout = limit.filter(|d| !d.is_zero());
+        self
+    }
+
+    /// Runs one API request within the request timeout.
+    async fn request<T>(
+        &self,
+        what: impl FnOnce() -> String,
+        call: impl std::future::Future<Output = Result<T, kube::Error>>,
+    ) -> Result<Result<T, kube::Error>, Error> {
+        match self.request_timeout {
+            Some(after) => tokio::time::timeout(after, call)
+                .await
+                .map_err(|_| Error::RequestTimeout { what: what(), after }),
+            None => Ok(call.await),
+        }
     }
 
     /// Resolves and checks pod `namespace/name` moving to node `to`.
@@ -443,22 +473,26 @@ impl Resolver {
         runtime_class: &str,
     ) -> Result<Resolved, Error> {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
-        let pod = pods.get(name).await.map_err(|e| {
-            api_error(format!("get pod {namespace}/{name}"), e, || Error::PodNotFound {
-                namespace: namespace.to_owned(),
-                name: name.to_owned(),
-            })
-        })?;
+        let pod =
+            self.request(|| format!("get pod {namespace}/{name}"), pods.get(name)).await?.map_err(|e| {
+                api_error(format!("get pod {namespace}/{name}"), e, || Error::PodNotFound {
+                    namespace: namespace.to_owned(),
+                    name: name.to_owned(),
+                })
+            })?;
         let pod = pod_facts(&pod, runtime_class)?;
 
         let nodes: Api<Node> = Api::all(self.client.clone());
-        let dest_node = nodes.get(to).await.map_err(|e| {
+        let dest_node = self.request(|| format!("get node {to}"), nodes.get(to)).await?.map_err(|e| {
             api_error(format!("get node {to}"), e, || Error::NodeNotFound { node: to.to_owned() })
         })?;
         let dest_address = destination_facts(&dest_node, &pod)?;
-        let source_node = nodes.get(&pod.node).await.map_err(|e| {
-            api_error(format!("get node {}", pod.node), e, || Error::NodeNotFound { node: pod.node.clone() })
-        })?;
+        let source_node =
+            self.request(|| format!("get node {}", pod.node), nodes.get(&pod.node)).await?.map_err(|e| {
+                api_error(format!("get node {}", pod.node), e, || Error::NodeNotFound {
+                    node: pod.node.clone(),
+                })
+            })?;
         let source_address = source_address(&source_node, &pod)?;
 
         let source_agent = self.agent_on(&pod.node).await?;
@@ -478,13 +512,14 @@ impl Resolver {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.agent_namespace);
         let params = ListParams::default().labels(AGENT_LABEL).fields(&format!("spec.nodeName={node}"));
         let ns = &self.agent_namespace;
-        let list = pods.list(&params).await.map_err(|e| {
-            api_error(format!("list agent pods in {ns}"), e, || Error::NoAgent {
-                node: node.to_owned(),
-                namespace: ns.clone(),
-                detail: format!("namespace {ns} not found"),
-            })
-        })?;
+        let list =
+            self.request(|| format!("list agent pods in {ns}"), pods.list(&params)).await?.map_err(|e| {
+                api_error(format!("list agent pods in {ns}"), e, || Error::NoAgent {
+                    node: node.to_owned(),
+                    namespace: ns.clone(),
+                    detail: format!("namespace {ns} not found"),
+                })
+            })?;
         pick_agent(&list.items, node, ns)
     }
 }

@@ -130,6 +130,19 @@ async fn a_full_migration_reaches_both_agents_in_order_and_prints_json() {
 }
 
 #[tokio::test]
+async fn yaml_output_is_the_json_document_as_yaml() {
+    let c = Cluster::start(Options::default()).await;
+    let run = c.run(&["pod", "web-0", "--to", "node-b", "-o", "yaml"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let doc: serde_json::Value = serde_saphyr::from_str(&run.stdout).expect("one YAML document on stdout");
+    assert_eq!(doc["result"], "succeeded", "{}", run.stdout);
+    assert_eq!(doc["pod"]["name"], "web-0");
+    assert_eq!(doc["destination"]["node"], "node-b");
+    assert!(doc["migrationId"].as_str().is_some_and(|id| id.starts_with("mig-")), "{doc:#}");
+    assert!(run.stdout.lines().any(|l| l.starts_with("result: ")), "YAML keys at the top: {}", run.stdout);
+}
+
+#[tokio::test]
 async fn the_run_ends_once_the_vm_runs_on_the_destination() {
     // The source forwards stragglers and never reports COMPLETED here.
     let c = Cluster::start(Options { source: support::source_success(true), ..Options::default() }).await;

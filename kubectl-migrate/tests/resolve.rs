@@ -125,6 +125,12 @@ async fn dry_run_json_is_one_document() {
     assert_eq!(doc["source"]["address"], "192.0.2.1");
     assert_eq!(doc["destination"]["agentPod"], "agent-b");
     assert_eq!(doc["options"]["downtimeLimitMs"], 25);
+    // -o yaml is the same document.
+    let run = c.run(&["pod", "web-0", "--to", "node-b", "--dry-run", "-o", "yaml"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(!run.stdout.trim_start().starts_with('{'), "YAML, not JSON: {}", run.stdout);
+    let yaml: serde_json::Value = serde_saphyr::from_str(&run.stdout).unwrap();
+    assert_eq!(yaml, doc, "{}", run.stdout);
 }
 
 #[tokio::test]
@@ -164,4 +170,131 @@ async fn kubectl_flags_choose_the_kubeconfig_context_and_namespace() {
     let run = c.run(&[&dry[..], &["--kubeconfig", "/nonexistent/kubeconfig"]].concat()).await;
     assert_eq!(run.code, Some(2), "{run:?}");
     assert!(run.stderr.contains("cannot read kubeconfig /nonexistent/kubeconfig"), "{}", run.stderr);
+}
+
+/// A ClusterRole that lets `ops` act as `alice`, and nothing else.
+const IMPERSONATE_ALICE: &str = "
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: act-as-alice}
+rules:
+  - apiGroups: ['']
+    resources: [users]
+    resourceNames: [alice]
+    verbs: [impersonate]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: ops-acts-as-alice}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: act-as-alice}
+subjects: [{kind: User, apiGroup: rbac.authorization.k8s.io, name: ops}]
+";
+
+#[tokio::test]
+async fn server_token_and_impersonation_flags_reach_the_api_server_as_kubectls_do() {
+    use support::rbac::{Rbac, UserInfo};
+    let c = Cluster::start(Options::default()).await;
+    {
+        let mut st = c.api.state.lock().unwrap();
+        let mut rbac = Rbac::from_deploy(&["rbac-kubectl-migrate.yaml", "agent-rbac.yaml"]);
+        rbac.bind("katamaran-migrator", Some("shop"), "alice");
+        rbac.add_yaml(IMPERSONATE_ALICE);
+        st.rbac = Some(rbac);
+        for (token, user) in [("alice-token", "alice"), ("ops-token", "ops"), ("nobody-token", "nobody")] {
+            st.tokens.insert(token.into(), UserInfo::user(user, &[]));
+        }
+    }
+    let server = format!("http://{}", c.api.addr);
+    let dry = ["pod", "web-0", "--to", "node-b", "--dry-run", "-n", "shop", "--server", &server];
+    // No kubeconfig at all: --server and --token are enough. alice may read her pod but not
+    // nodes (the migrator role): the API's refusal names her.
+    let without_kubeconfig = |extra: &[&str]| {
+        let mut cmd = c.command(&[&dry[..], extra].concat());
+        cmd.env("KUBECONFIG", "/nonexistent/kubeconfig");
+        cmd
+    };
+    let run = support::wait(without_kubeconfig(&["--token", "alice-token"]).spawn().unwrap()).await;
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(run.stderr.contains("User \"alice\" cannot get resource \"nodes\""), "{}", run.stderr);
+    let decisions = c.api.state.lock().unwrap().decisions.clone();
+    assert!(decisions.contains(&"alice get pods shop allowed".to_owned()), "{decisions:#?}");
+
+    // --as: ops may act as alice, and the API answers for alice.
+    c.api.state.lock().unwrap().decisions.clear();
+    let run =
+        support::wait(without_kubeconfig(&["--token", "ops-token", "--as", "alice"]).spawn().unwrap()).await;
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(run.stderr.contains("User \"alice\" cannot get resource \"nodes\""), "{}", run.stderr);
+    let decisions = c.api.state.lock().unwrap().decisions.clone();
+    assert_eq!(
+        decisions[..2],
+        ["ops impersonate users - allowed", "alice get pods shop allowed"],
+        "{decisions:#?}"
+    );
+    // ... a group it may not act as is refused before anything is read ...
+    let run = support::wait(
+        without_kubeconfig(&["--token", "ops-token", "--as", "alice", "--as-group", "admins"])
+            .spawn()
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(run.stderr.contains("User \"ops\" cannot impersonate resource \"groups\""), "{}", run.stderr);
+    // ... and someone without the right cannot act as alice at all.
+    let run =
+        support::wait(without_kubeconfig(&["--token", "nobody-token", "--as", "alice"]).spawn().unwrap())
+            .await;
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(run.stderr.contains("User \"nobody\" cannot impersonate resource \"users\""), "{}", run.stderr);
+
+    // --server and --token override the kubeconfig's (which has no token: anonymous, 401).
+    let run = c.run(&[&dry[..], &["--token", "wrong-token"]].concat()).await;
+    assert_ne!(run.code, Some(0), "{run:?}");
+    assert!(run.stderr.contains("Unauthorized"), "{}", run.stderr);
+}
+
+#[tokio::test]
+async fn connection_flags_refuse_bad_values_with_exit_2_naming_the_flag() {
+    let c = Cluster::start(Options::default()).await;
+    let dry = ["pod", "web-0", "--to", "node-b", "--dry-run"];
+    for (extra, want) in [
+        (&["--as-group", "admins"][..], "--as <USER>"),
+        (&["--as-uid", "42"][..], "--as <USER>"),
+        (&["--request-timeout", "5"][..], "has no unit: say 5s, 5m or 5h"),
+        (&["--request-timeout", "soon"][..], "--request-timeout"),
+        (&["--server", "ftp://example.com"][..], "expected https://HOST:PORT"),
+        (&["--server", "http://"][..], "--server"),
+    ] {
+        let run = c.run(&[&dry[..], extra].concat()).await;
+        assert_eq!(run.code, Some(2), "{extra:?}: {run:?}");
+        assert!(run.stderr.contains(want), "{extra:?}: want {want:?} in {}", run.stderr);
+    }
+    // 0 means no limit, as in kubectl.
+    assert_eq!(c.run(&[&dry[..], &["--request-timeout", "0"]].concat()).await.code, Some(0));
+}
+
+#[tokio::test]
+async fn request_timeout_bounds_an_api_server_that_does_not_answer() {
+    // Accepts connections and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = silent.local_addr().unwrap();
+    let _keep = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            held.push(conn);
+        }
+    });
+    let c = Cluster::start(Options::default()).await;
+    let server = format!("http://{addr}");
+    let started = std::time::Instant::now();
+    let run = c
+        .run(&["pod", "web-0", "--to", "node-b", "--dry-run", "--server", &server, "--request-timeout", "1s"])
+        .await;
+    assert_eq!(run.code, Some(1), "a failure to find out, not a refusal: {run:?}");
+    assert!(
+        run.stderr.contains("get pod shop/web-0 did not complete within 1s (--request-timeout)"),
+        "{}",
+        run.stderr
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(10), "{:?}", started.elapsed());
 }

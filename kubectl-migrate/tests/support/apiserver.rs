@@ -8,7 +8,9 @@
 //! - `Status` errors with the right `code` and `reason`;
 //! - authorization: with [`State::rbac`] set, a request carries a bearer token naming a user or
 //!   ServiceAccount ([`State::tokens`]); RBAC from deploy/ decides per verb, resource,
-//!   subresource and namespace; a denial is the API server's 403 — see [`rbac`];
+//!   subresource and namespace; a denial is the API server's 403 — see [`rbac`]; impersonation
+//!   headers (`Impersonate-User`, `-Group`, `-Uid`) are checked as the `impersonate` verb on
+//!   users, groups and uids, then the request is the impersonated user's;
 //! - `pods/{name}/portforward` as the real API server serves it to WebSocket clients:
 //!   subprotocol `v4.channel.k8s.io`, each port a data channel (0) and an error channel (1), each
 //!   channel opened by a frame holding the port number (little endian), then data frames
@@ -329,16 +331,83 @@ fn target(path: &str) -> Result<Target, ApiError> {
     Ok(Target { ty, namespace, name, subresource })
 }
 
-/// Authenticates and authorizes one request of verb `verb`.
-fn authorize(st: &mut State, token: Option<&str>, verb: &str, t: &Target) -> Result<(), ApiError> {
-    let Some(rbac) = &st.rbac else { return Ok(()) };
-    let user = match token {
+/// Who a request says it is: its bearer token and the impersonation headers
+/// (`Impersonate-User`, `Impersonate-Group` (repeated), `Impersonate-Uid`).
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    pub token: Option<String>,
+    pub as_user: Option<String>,
+    pub as_groups: Vec<String>,
+    pub as_uid: Option<String>,
+}
+
+impl Caller {
+    fn of(headers: &hyper::HeaderMap) -> Self {
+        let one = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        Self {
+            token: one(AUTHORIZATION.as_str()).and_then(|v| v.strip_prefix("Bearer ").map(str::to_owned)),
+            as_user: one("impersonate-user"),
+            as_groups: headers
+                .get_all("impersonate-group")
+                .iter()
+                .filter_map(|v| v.to_str().ok().map(str::to_owned))
+                .collect(),
+            as_uid: one("impersonate-uid"),
+        }
+    }
+}
+
+/// Authenticates the caller, then, when it impersonates, checks the `impersonate` verb on each
+/// user, group and uid it asks for (as the API server does) and answers for the impersonated
+/// user from there on.
+fn authenticate(st: &mut State, rbac: &Rbac, who: &Caller) -> Result<UserInfo, ApiError> {
+    let user = match &who.token {
         Some(t) => st.tokens.get(t).cloned(),
         None => st.anonymous.clone(),
     };
     let Some(user) = user else {
         return Err(ApiError::new(401, "Unauthorized", "Unauthorized"));
     };
+    let Some(as_user) = &who.as_user else {
+        if who.as_groups.is_empty() && who.as_uid.is_none() {
+            return Ok(user);
+        }
+        return Err(ApiError::new(
+            400,
+            "BadRequest",
+            "requested groups or uid impersonation without impersonating a user",
+        ));
+    };
+    let mut asked = vec![("", "users", as_user.clone())];
+    asked.extend(who.as_groups.iter().map(|g| ("", "groups", g.clone())));
+    asked.extend(who.as_uid.iter().map(|u| ("authentication.k8s.io", "uids", u.clone())));
+    for (group, resource, name) in asked {
+        let attrs = Attributes {
+            verb: "impersonate".into(),
+            group: group.into(),
+            resource: resource.into(),
+            subresource: None,
+            namespace: None,
+            name: Some(name),
+        };
+        let allowed = rbac.allows(&user, &attrs);
+        st.decisions.push(format!(
+            "{} impersonate {resource} - {}",
+            user.name,
+            if allowed { "allowed" } else { "denied" }
+        ));
+        if !allowed {
+            return Err(ApiError::new(403, "Forbidden", attrs.forbidden(&user)));
+        }
+    }
+    let groups: Vec<&str> = who.as_groups.iter().map(String::as_str).collect();
+    Ok(UserInfo::user(as_user, &groups))
+}
+
+/// Authenticates and authorizes one request of verb `verb`.
+fn authorize(st: &mut State, who: &Caller, verb: &str, t: &Target) -> Result<(), ApiError> {
+    let Some(rbac) = st.rbac.clone() else { return Ok(()) };
+    let user = authenticate(st, &rbac, who)?;
     let attrs = Attributes {
         verb: verb.to_owned(),
         group: t.ty.group.to_owned(),
@@ -369,12 +438,7 @@ async fn handle(state: Arc<Mutex<State>>, mut req: Request<Incoming>) -> Respons
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
     let method = req.method().clone();
-    let token = req
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_owned);
+    let caller = Caller::of(req.headers());
     let content_type = req.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
     let accept =
         req.headers().get(hyper::header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
@@ -402,11 +466,11 @@ async fn handle(state: Arc<Mutex<State>>, mut req: Request<Incoming>) -> Respons
     };
 
     if t.subresource.as_deref() == Some("portforward") {
-        return portforward(&state, &mut req, &t, token.as_deref(), &query);
+        return portforward(&state, &mut req, &t, &caller, &query);
     }
     {
         let mut st = state.lock().unwrap();
-        if let Err(e) = authorize(&mut st, token.as_deref(), verb, &t) {
+        if let Err(e) = authorize(&mut st, &caller, verb, &t) {
             return error(&e);
         }
     }
@@ -601,7 +665,7 @@ fn portforward(
     state: &Arc<Mutex<State>>,
     req: &mut Request<Incoming>,
     t: &Target,
-    token: Option<&str>,
+    caller: &Caller,
     query: &str,
 ) -> Response<Body> {
     let mut st = state.lock().unwrap();
@@ -618,7 +682,7 @@ fn portforward(
     }
     // The WebSocket upgrade is a GET, authorized as `get` and, from Kubernetes 1.35, `create`.
     for verb in ["get", "create"] {
-        if let Err(e) = authorize(&mut st, token, verb, t) {
+        if let Err(e) = authorize(&mut st, caller, verb, t) {
             return error(&e);
         }
     }
