@@ -519,3 +519,92 @@ fn the_fake_knows_every_cel_rule_of_the_crd() {
         assert!(known.is_ok(), "the fake does not evaluate {rule:?}");
     }
 }
+
+/// The node agent's Event reporter, under the agents' RBAC from deploy/: a source migration's
+/// start and end become `events.k8s.io/v1` Events regarding the Pod; a failure is a Warning with
+/// its reason; a client the RBAC refuses costs the migration nothing.
+#[tokio::test]
+async fn the_agent_reports_a_migrations_start_and_end_as_events_on_the_pod() {
+    use katamaran::kube_events::{EventReporter, PodRef, REPORTING_CONTROLLER};
+    use katamaran::migration::events::{CutoverTimes, Event as Progress, EventLog, Phase as Step};
+    use std::sync::Arc;
+    let api = server().await;
+    let pod = PodRef { namespace: "shop".into(), name: "web-0".into(), uid: "uid-web-0".into() };
+    let events_of = |api: &FakeApiServer| -> Vec<serde_json::Value> {
+        let state = api.state.lock().unwrap();
+        state
+            .store
+            .list(&support::store::Filter {
+                ty: support::store::find_type("events.k8s.io", "v1", "events").unwrap(),
+                namespace: Some("shop".into()),
+                labels: String::new(),
+                fields: String::new(),
+            })
+            .0
+    };
+    let wait_for = |n: usize| {
+        let api = &api;
+        async move {
+            for _ in 0..100 {
+                if events_of(api).len() >= n {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let reporter = Arc::new(EventReporter::new(client(&api, Some(AGENT)).await, "node-a"));
+
+    let log = EventLog::default();
+    reporter.follow(pod.clone(), "mig-1", "node-b", &log);
+    log.push(Progress::new(Step::Preparing, "preparing"));
+    log.push(Progress::new(Step::Ram, "pre-copy"));
+    let mut fwd = Progress::new(Step::Forwarding, "VM runs on node-b");
+    fwd.cutover = Some(CutoverTimes { downtime_ms: 31, ..CutoverTimes::default() });
+    log.push(fwd);
+    log.push(Progress::new(Step::Completed, "the forward ended"));
+    wait_for(2).await;
+    let mut events = events_of(&api);
+    events.sort_by_key(|e| e["eventTime"].as_str().unwrap_or_default().to_owned());
+    let reasons: Vec<&str> = events.iter().map(|e| e["reason"].as_str().unwrap()).collect();
+    assert_eq!(reasons, ["MigrationStarted", "MigrationCompleted"], "{events:#?}");
+    for e in &events {
+        assert_eq!(e["type"], "Normal");
+        assert_eq!(e["action"], "Migrate");
+        assert_eq!(e["reportingController"], REPORTING_CONTROLLER);
+        assert_eq!(e["reportingInstance"], "node-a");
+        assert_eq!(
+            e["regarding"],
+            json!({"apiVersion": "v1", "kind": "Pod", "namespace": "shop", "name": "web-0", "uid": "uid-web-0"})
+        );
+        let t = e["eventTime"].as_str().unwrap();
+        assert!(t.len() == 27 && t.ends_with('Z') && t.as_bytes()[19] == b'.', "a MicroTime: {t}");
+        assert!(e["metadata"]["name"].as_str().unwrap().starts_with("web-0."), "{e}");
+    }
+    assert_eq!(events[1]["note"], "the VM runs on node node-b; QEMU downtime 31 ms (migration mig-1)");
+    let decisions = api.state.lock().unwrap().decisions.clone();
+    let want =
+        "system:serviceaccount:katamaran-system:katamaran-agent create events.events.k8s.io shop allowed";
+    assert!(decisions.iter().any(|d| d == want), "{decisions:#?}");
+
+    // A failure: a Warning with the reason.
+    let log = EventLog::default();
+    reporter.follow(pod.clone(), "mig-2", "node-b", &log);
+    log.push(Progress::new(Step::Preparing, "preparing"));
+    log.push(Progress::new(Step::Failed, "destination QEMU exited (status 1)"));
+    wait_for(4).await;
+    let failed: Vec<serde_json::Value> =
+        events_of(&api).into_iter().filter(|e| e["reason"] == "MigrationFailed").collect();
+    assert_eq!(failed.len(), 1, "{failed:#?}");
+    assert_eq!(failed[0]["type"], "Warning");
+    assert_eq!(
+        failed[0]["note"],
+        "migration mig-2 failed, the VM runs here: destination QEMU exited (status 1)"
+    );
+
+    // alice may not create events: the reporter's call fails, and nothing else does.
+    let refused = EventReporter::new(client(&api, Some(ALICE)).await, "node-a");
+    let note = katamaran::kube_events::Note { warning: false, reason: "MigrationStarted", note: "x".into() };
+    let err = refused.record(&pod, &note).await.unwrap_err();
+    assert!(matches!(&err, kube::Error::Api(s) if s.code == 403), "{err:?}");
+}

@@ -10,6 +10,7 @@
 //! | [`cli`], [`convert`] | flags shared by the clients; engine ↔ wire type mapping |
 //! | [`host`] | the node's network namespace and VM cgroups as a pod-deployed agent reaches them |
 //! | [`node`] | one node's engine: sandboxes, migrations of either role, request validation |
+//! | [`kube_events`] | Kubernetes Events on the pods the node moves |
 //! | [`metrics`], [`observe`] | Prometheus metrics followed from the migrations' events; `/healthz`, `/readyz`, `/metrics` |
 //! | [`recovery`] | what a restarted agent does with its predecessor's unfinished migrations |
 //! | [`service`] | the ttrpc `Migration` service over a node, and root-only socket serving |
@@ -21,6 +22,7 @@ pub mod client;
 pub mod convert;
 pub mod dataplane;
 pub mod host;
+pub mod kube_events;
 pub mod metrics;
 pub mod migration;
 pub mod net;

@@ -122,6 +122,8 @@ pub struct Node {
     heartbeat: Heartbeat,
     /// What the migrations started or received by this process did.
     metrics: Arc<crate::metrics::Metrics>,
+    /// Where the source's migrations are told as Kubernetes Events, when the agent has a client.
+    events: std::sync::OnceLock<Arc<crate::kube_events::EventReporter>>,
 }
 
 fn invalid(msg: impl Into<String>) -> EngineError {
@@ -163,7 +165,15 @@ impl Node {
             incoming: Arc::default(),
             live: Arc::default(),
             metrics: Arc::default(),
+            events: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Records Kubernetes Events on the pods this node moves (set once, before serving).
+    pub fn report_events(&self, reporter: crate::kube_events::EventReporter) {
+        if self.events.set(Arc::new(reporter)).is_err() {
+            tracing::warn!("an event reporter was already set");
+        }
     }
 
     /// Whether the engine can work: its network namespace thread answers and the data listener,
@@ -719,6 +729,16 @@ impl Node {
         let state_dir = self.cfg.layout.katamaran_run.join("migrations").join(&req.migration_id);
         let qmp_socket = PathBuf::from(&sandbox.qmp_socket);
         let rec = self.register(&req.migration_id, &req.sandbox_id, Role::Source, dest_node)?;
+        if let (Some(reporter), false, false) =
+            (self.events.get(), sandbox.pod_name.is_empty(), sandbox.pod_namespace.is_empty())
+        {
+            let pod = crate::kube_events::PodRef {
+                namespace: sandbox.pod_namespace.clone(),
+                name: sandbox.pod_name.clone(),
+                uid: sandbox.pod_uid.clone(),
+            };
+            reporter.follow(pod, &req.migration_id, &dest_node.to_string(), &rec.log);
+        }
         let request = SourceRequest {
             migration_id: req.migration_id.clone(),
             sandbox_id: req.sandbox_id.clone(),

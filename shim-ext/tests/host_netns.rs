@@ -124,8 +124,12 @@ fn bad_host_paths_are_usage_errors_naming_the_flag() {
         ("--host-netns", "/nonexistent/ns/net"),
         ("--host-proc", "/nonexistent"),
         ("--state-dir", "relative/dir"),
+        ("--kubeconfig", "/nonexistent/kubeconfig"),
+        // Events required, and no API at hand (no kubeconfig, not in a pod).
+        ("--kube-events", "on"),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_katamaran-agent"))
+            .env_remove("KUBERNETES_SERVICE_HOST")
             .args(["node", "--root"])
             .arg(tmp.path())
             .arg("--socket")

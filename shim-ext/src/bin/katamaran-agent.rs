@@ -45,6 +45,8 @@ enum Mode {
         common: Common,
         #[command(flatten)]
         host: HostArgs,
+        #[command(flatten)]
+        kube: KubeArgs,
     },
     /// Serve one sandbox on <root>/run/katamaran/sandboxes/<id>.sock.
     Sandbox {
@@ -124,6 +126,76 @@ struct HostArgs {
     /// Memory limit of each incoming VM's cgroup, in bytes (default: none).
     #[arg(long, value_name = "BYTES")]
     vm_memory_max: Option<u64>,
+}
+
+/// Whether to record Kubernetes Events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum EventsMode {
+    /// When a Kubernetes API is at hand: --kubeconfig, or the pod's service account.
+    Auto,
+    /// Always; refuse to start without an API.
+    On,
+    /// Never.
+    Off,
+}
+
+/// The Kubernetes API, for Events on the pods this node moves.
+#[derive(Debug, Args)]
+struct KubeArgs {
+    /// Record Kubernetes Events (MigrationStarted, MigrationCompleted, MigrationFailed,
+    /// MigrationCancelled) on the pods this node moves.
+    #[arg(long, value_enum, default_value = "auto", value_name = "MODE")]
+    kube_events: EventsMode,
+    /// kubeconfig for the Kubernetes API (default: the pod's service account, when in a pod).
+    #[arg(long, value_name = "PATH")]
+    kubeconfig: Option<PathBuf>,
+    /// This node's name in Kubernetes (the Events' reporting instance; the DaemonSet passes
+    /// spec.nodeName). Default: the host name.
+    #[arg(long, env = "KATAMARAN_NODE_NAME", value_name = "NAME")]
+    node_name: Option<String>,
+}
+
+impl KubeArgs {
+    /// The reporter, or `None` when Events are off or (auto) no API is at hand.
+    async fn reporter(&self) -> anyhow::Result<Option<katamaran::kube_events::EventReporter>> {
+        if self.kube_events == EventsMode::Off {
+            return Ok(None);
+        }
+        let config = match &self.kubeconfig {
+            Some(path) => {
+                let file = kube::config::Kubeconfig::read_from(path)
+                    .map_err(|e| UsageError(format!("--kubeconfig {}: {e}", path.display())))?;
+                Some(
+                    kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                        .await
+                        .map_err(|e| UsageError(format!("--kubeconfig {}: {e}", path.display())))?,
+                )
+            }
+            None if std::env::var_os("KUBERNETES_SERVICE_HOST").is_some() => {
+                Some(kube::Config::incluster().context("the pod's service account")?)
+            }
+            None => None,
+        };
+        let Some(config) = config else {
+            if self.kube_events == EventsMode::On {
+                return Err(UsageError(
+                    "--kube-events on: no Kubernetes API (give --kubeconfig, or run in a pod)".into(),
+                )
+                .into());
+            }
+            tracing::info!("no Kubernetes API at hand: no Events recorded");
+            return Ok(None);
+        };
+        let client = kube::Client::try_from(config).context("build the Kubernetes client")?;
+        let node = match &self.node_name {
+            Some(n) => n.clone(),
+            None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_owned())
+                .unwrap_or_else(|_| "unknown".into()),
+        };
+        tracing::info!(%node, "recording Kubernetes Events");
+        Ok(Some(katamaran::kube_events::EventReporter::new(client, &node)))
+    }
 }
 
 impl HostArgs {
@@ -209,8 +281,10 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut host_netns = None;
+    let mut kube_args = None;
     let (common, only, exit_with_pid) = match cli.mode {
-        Mode::Node { common, host } => {
+        Mode::Node { common, host, kube } => {
+            kube_args = Some(kube);
             let placement = host.placement()?;
             tracing::info!(?placement, host_netns = ?host.host_netns, "how this agent reaches the host");
             set_process_config(placement);
@@ -251,6 +325,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     });
     let _pid_file = only.as_deref().map(|id| katamaran::shim::agent::PidFileGuard::new(&layout, id));
     let node = Arc::new(Node::new(cfg).context("start the engine")?);
+    if let Some(kube) = &kube_args {
+        if let Some(reporter) = kube.reporter().await? {
+            node.report_events(reporter);
+        }
+    }
     // Before serving: what a previous agent left unfinished is finished or rolled back first.
     node.recover().await;
     let mut endpoints = vec![Endpoint::Unix(bind_socket(&socket)?)];

@@ -145,6 +145,8 @@ pub struct NodeHost {
     pub host_ip: IpAddr,
     /// The pod's name (the container's hostname).
     pub pod_name: String,
+    /// `spec.nodeName`.
+    pub node_name: String,
     /// The cgroup the container gets (cgroupfs path), as kubelet's pod cgroup.
     pub cgroup: String,
 }
@@ -271,12 +273,11 @@ fn environment(c: &Container, host: &NodeHost) -> Result<Vec<(String, String)>, 
             (None, Some(from)) => match from.field_ref.as_ref().map(|f| f.field_path.as_str()) {
                 Some("status.hostIP") => host.host_ip.to_string(),
                 Some("metadata.name") => host.pod_name.clone(),
-                other => {
-                    return Err(DeployError::Unsupported(format!(
-                        "env {}: valueFrom {other:?} (status.hostIP and metadata.name are known)",
-                        var.name
-                    )))
-                }
+                Some("spec.nodeName") => host.node_name.clone(),
+                other => return Err(DeployError::Unsupported(format!(
+                    "env {}: valueFrom {other:?} (status.hostIP, metadata.name and spec.nodeName are known)",
+                    var.name
+                ))),
             },
             (None, None) => String::new(),
             (Some(_), Some(_)) => {
@@ -786,6 +787,7 @@ impl DeployedAgents {
                 init_pid: init.pid(),
                 host_ip: IpAddr::V4(node.addr_v4()),
                 pod_name: pod_name(node).to_owned(),
+                node_name: node.name().to_owned(),
                 // One level, so that runc removes it with the container.
                 cgroup: format!("/{}deployed-{}", lab.prefix(), node.name()),
             });
@@ -1008,6 +1010,7 @@ mod tests {
             init_pid: 4242,
             host_ip: "10.201.0.11".parse().unwrap(),
             pod_name: "katamaran-agent-a1b2c".into(),
+            node_name: "node-a".into(),
             cgroup: "/katamaran-lab/agent-a".into(),
         }
     }
@@ -1067,6 +1070,10 @@ mod tests {
         assert!(args.contains(&"--listen-tcp=127.0.0.1:10555".to_owned()), "{args:?}");
         let env = p.env().as_ref().unwrap();
         assert!(env.contains(&"HOST_IP=10.201.0.11".to_owned()), "{env:?}");
+        assert!(
+            env.contains(&"KATAMARAN_NODE_NAME=node-a".to_owned()),
+            "the node name from spec.nodeName: {env:?}"
+        );
         assert_eq!(env.last().unwrap(), "X=1");
         // hostPID: no PID namespace; not hostNetwork: a network namespace of its own.
         let ns: Vec<LinuxNamespaceType> =
