@@ -205,14 +205,13 @@ fn daemonset_is_what_kubectl_migrate_looks_for() {
     assert!(args.contains(&"--listen-tcp=127.0.0.1:10555"), "{args:?}");
     assert!(args.contains(&"--node-address=$(HOST_IP)"), "{args:?}");
     assert_eq!(agent["ports"][0]["containerPort"], 10555);
-    let probe: Vec<&str> = agent["readinessProbe"]["exec"]["command"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a.as_str().unwrap())
-        .collect();
-    let socket = format!("unix://{}", NodeLayout::default().agent_socket().display());
-    assert!(probe.contains(&socket.as_str()), "{probe:?}");
+    // Readiness and liveness ask the agent's own HTTP endpoint (--listen-http, on the pod's
+    // address where kubelet probes).
+    let http = args.iter().find_map(|a| a.strip_prefix("--listen-http=")).expect("--listen-http");
+    let port: u64 = http.rsplit(':').next().unwrap().parse().unwrap();
+    assert_eq!(agent["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(agent["readinessProbe"]["httpGet"]["port"], port);
+    assert_eq!(agent["livenessProbe"]["httpGet"]["path"], "/healthz");
 
     // The installer: from the generated ConfigMap, at the path the init container runs.
     let k = one("kustomization.yaml", "Kustomization");

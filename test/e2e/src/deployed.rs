@@ -274,10 +274,12 @@ fn environment(c: &Container, host: &NodeHost) -> Result<Vec<(String, String)>, 
                 Some("status.hostIP") => host.host_ip.to_string(),
                 Some("metadata.name") => host.pod_name.clone(),
                 Some("spec.nodeName") => host.node_name.clone(),
-                other => return Err(DeployError::Unsupported(format!(
+                other => {
+                    return Err(DeployError::Unsupported(format!(
                     "env {}: valueFrom {other:?} (status.hostIP, metadata.name and spec.nodeName are known)",
                     var.name
-                ))),
+                )))
+                }
             },
             (None, None) => String::new(),
             (Some(_), Some(_)) => {
