@@ -925,14 +925,19 @@ impl Node {
         // An address this node delivers to one of its own pods is in use here: taking it over
         // would cut that pod off. (A forward of an earlier move away routes it elsewhere.)
         for a in &vm_addrs {
-            if let Some(path) = self.node_ns.path_to(*a).await? {
-                if path.is_local_pod() {
-                    return Err(EngineError::Precondition(format!(
-                        "VM address {a} belongs to a pod on this node (routed straight to {} {}): refusing to take it over",
-                        path.link.kind.as_deref().unwrap_or("link"),
-                        path.link.id.name
-                    )));
-                }
+            let Some(path) = self.node_ns.path_to(*a).await? else { continue };
+            let pod = path.is_pod_route()
+                || (path.is_pod_subnet()
+                    && crate::net::PathTo::answers_on_bridge(
+                        *a,
+                        &self.node_ns.neighbours(&path.link.id).await?,
+                    ));
+            if pod {
+                return Err(EngineError::Precondition(format!(
+                    "VM address {a} belongs to a pod on this node (routed straight to {} {}): refusing to take it over",
+                    path.link.kind.as_deref().unwrap_or("link"),
+                    path.link.id.name
+                )));
             }
         }
         let source_state_dir = PathBuf::from(&src.qmp_socket)

@@ -432,15 +432,36 @@ mod tests {
                 "10.244.4.10/32".parse().unwrap(),
                 vec![route("10.244.4.10/32", Some("10.201.0.12"), 2)],
             )
-            .with_routes("10.244.5.0/24".parse().unwrap(), vec![route("10.244.5.0/24", None, 6)]);
-        let local = |a: &str| block_on(rec.path_to(a.parse().unwrap())).unwrap().map(|p| p.is_local_pod());
-        assert_eq!(local("10.244.1.10"), Some(true), "a calico-style pod route to its veth");
-        assert_eq!(local("10.244.2.7"), Some(true), "a pod subnet behind the node's bridge");
-        assert_eq!(local("10.244.3.10"), Some(false), "a forward into a tunnel");
-        assert_eq!(local("10.244.4.10"), Some(false), "a forward via another node, out of a veth uplink");
-        assert_eq!(local("10.244.5.9"), Some(false), "a subnet on a physical interface");
-        assert_eq!(local("192.0.2.9"), Some(false), "the default route has a next hop");
-        assert_eq!(local("fd00::1"), None, "no route at all");
+            .with_routes("10.244.5.0/24".parse().unwrap(), vec![route("10.244.5.0/24", None, 6)])
+            .with_routes("10.244.6.0/24".parse().unwrap(), vec![route("10.244.6.0/24", None, 2)]);
+        let path = |a: &str| block_on(rec.path_to(a.parse().unwrap())).unwrap();
+        let kinds = |a: &str| path(a).map(|p| (p.is_pod_route(), p.is_pod_subnet()));
+        assert_eq!(kinds("10.244.1.10"), Some((true, false)), "a calico-style pod route to its veth");
+        assert_eq!(kinds("10.244.2.7"), Some((false, true)), "a pod subnet behind the node's bridge");
+        assert_eq!(kinds("10.244.3.10"), Some((false, false)), "a forward into a tunnel");
+        assert_eq!(
+            kinds("10.244.4.10"),
+            Some((false, false)),
+            "a forward via another node, out of a veth uplink"
+        );
+        assert_eq!(kinds("10.244.5.9"), Some((false, false)), "a subnet on a physical interface");
+        assert_eq!(
+            kinds("10.244.6.9"),
+            Some((false, false)),
+            "a connected subnet on a veth uplink is no pod's"
+        );
+        assert_eq!(kinds("192.0.2.9"), Some((false, false)), "the default route has a next hop");
+        assert_eq!(kinds("fd00::1"), None, "no route at all");
+        // Behind the bridge, a pod is one that answers.
+        let seen = |ip: &str, mac: bool| NeighbourInfo {
+            ip: ip.parse().unwrap(),
+            mac: mac.then_some(MacAddr([2, 0, 0, 0, 0, 7])),
+            permanent: false,
+        };
+        let table = [seen("10.244.2.7", true), seen("10.244.2.8", false)];
+        assert!(PathTo::answers_on_bridge("10.244.2.7".parse().unwrap(), &table), "a live pod");
+        assert!(!PathTo::answers_on_bridge("10.244.2.8".parse().unwrap(), &table), "an unresolved entry");
+        assert!(!PathTo::answers_on_bridge("10.244.2.9".parse().unwrap(), &table), "no entry: a paused VM");
     }
 
     /// A cutover-shaped sequence, to show what engine tests can assert.

@@ -337,12 +337,23 @@ pub struct PathTo {
 }
 
 impl PathTo {
-    /// Whether the address is a local pod's here: the route delivers it straight (no next hop)
-    /// to a veth (a pod's end, as calico or cilium route each pod) or a bridge (a pod subnet
-    /// behind `cni0`, as the bridge and flannel CNIs do). A next hop, a tunnel or the node's
-    /// uplink lead elsewhere.
-    pub fn is_local_pod(&self) -> bool {
-        self.route.gateway.is_none() && matches!(self.link.kind.as_deref(), Some("veth" | "bridge"))
+    /// Whether the route is a local pod's own: a host route (/32, /128) straight (no next hop)
+    /// to a veth, as calico or cilium route each pod to its end of the pair. A next hop, a
+    /// tunnel, a subnet on the node's uplink lead elsewhere.
+    pub fn is_pod_route(&self) -> bool {
+        self.route.gateway.is_none() && self.route.dest.is_host() && self.link.kind.as_deref() == Some("veth")
+    }
+
+    /// Whether the route is a pod subnet behind a bridge (`cni0`, as the bridge and flannel CNIs
+    /// do): the address is a local pod's if it answers there ([`Self::answers_on_bridge`]).
+    pub fn is_pod_subnet(&self) -> bool {
+        self.route.gateway.is_none() && self.link.kind.as_deref() == Some("bridge")
+    }
+
+    /// Whether `addr` has a resolved neighbour entry among `neighbours` (the bridge's): a live
+    /// pod answered for it. A paused VM's address, whose pod no longer answers, has none.
+    pub fn answers_on_bridge(addr: IpAddr, neighbours: &[NeighbourInfo]) -> bool {
+        neighbours.iter().any(|n| n.ip == addr && n.mac.is_some())
     }
 }
 

@@ -295,29 +295,51 @@ fn lab_fault_source_agent_gone_before_its_control_stream_the_destination_gives_u
 
 #[test]
 fn lab_refuses_to_take_over_an_address_of_a_pod_on_the_destination() {
-    // node-b delivers the VM's address to a pod of its own (a CNI's route to that pod's veth):
-    // a move there would cut that pod off. PrepareIncoming refuses before it creates anything.
+    // node-b delivers the VM's address to a pod of its own: a move there would cut that pod off.
+    // PrepareIncoming refuses before it creates anything. Two CNI shapes: a host route to the
+    // pod's veth (calico), then a pod subnet behind a bridge where the address answers (flannel).
     let Some(w) = FaultLab::boot("fpo0", "", "") else { return };
     let boot_id = w.boot_id();
     let pod = katamaran_e2e::faults::POD.to_string();
     let exec = |args: &[&str]| w.lab.exec("node-b", args).expect("ip in node-b");
+    let refused_naming = |link: &str| {
+        let before = w.snapshot();
+        let run = w.migrate_in_background(Node::A, &[]).join().expect("katactl thread");
+        assert_ne!(run.code, Some(0), "refused: {}", run.stdout);
+        let said = format!("{}{}", run.stdout, run.stderr);
+        assert!(
+            said.contains(&format!("VM address {pod} belongs to a pod on this node")) && said.contains(link),
+            "the refusal names the address and the pod's link {link}: {said}"
+        );
+        assert!(said.contains("FAILED_PRECONDITION") || said.contains("precondition"), "{said}");
+        let diff = w.snapshot().diff_from(&before);
+        assert!(diff.is_empty(), "nothing created or changed on either node:\n{}", diff.join("\n"));
+        assert_eq!(w.status(Node::A).as_deref(), Some("running"), "the VM runs on node-a");
+        assert_eq!(w.boot_id(), boot_id);
+    };
     exec(&["ip", "link", "add", "kpodb0", "type", "veth", "peer", "name", "kpodb1"]);
     exec(&["ip", "link", "set", "kpodb0", "up"]);
     exec(&["ip", "route", "replace", &format!("{pod}/32"), "dev", "kpodb0", "scope", "link"]);
-    let before = w.snapshot();
-    let run = w.migrate_in_background(Node::A, &[]).join().expect("katactl thread");
-    assert_ne!(run.code, Some(0), "refused: {}", run.stdout);
-    let said = format!("{}{}", run.stdout, run.stderr);
-    assert!(
-        said.contains(&format!("VM address {pod} belongs to a pod on this node")) && said.contains("kpodb0"),
-        "the refusal names the address and the pod's link: {said}"
-    );
-    assert!(said.contains("FAILED_PRECONDITION") || said.contains("precondition"), "{said}");
-    let diff = w.snapshot().diff_from(&before);
-    assert!(diff.is_empty(), "nothing created or changed on either node:\n{}", diff.join("\n"));
-    assert_eq!(w.status(Node::A).as_deref(), Some("running"), "the VM runs on node-a");
-    assert_eq!(w.boot_id(), boot_id);
+    refused_naming("kpodb0");
     exec(&["ip", "link", "del", "kpodb0"]);
+
+    exec(&["ip", "link", "add", "kbrb0", "type", "bridge"]);
+    exec(&["ip", "link", "set", "kbrb0", "up"]);
+    exec(&["ip", "route", "replace", "10.244.1.0/24", "dev", "kbrb0", "scope", "link"]);
+    exec(&[
+        "ip",
+        "neigh",
+        "replace",
+        &pod,
+        "lladdr",
+        "02:00:00:00:00:07",
+        "dev",
+        "kbrb0",
+        "nud",
+        "reachable",
+    ]);
+    refused_naming("kbrb0");
+    exec(&["ip", "link", "del", "kbrb0"]);
     w.finish();
 }
 
