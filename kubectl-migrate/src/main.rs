@@ -5,10 +5,9 @@
 //! each node through `pods/portforward` ([`transport`]), drives the migration ([`orchestrate`])
 //! and shows progress and the result ([`output`]).
 
-mod orchestrate;
 mod output;
-mod resolve;
-mod transport;
+
+use katamaran::cluster::{orchestrate, resolve, transport};
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -338,7 +337,13 @@ async fn migrate(flags: &KubeFlags, args: &PodArgs, interrupt: watch::Receiver<b
         Ok(s) => s,
         Err((code, e)) => return fail(code, e),
     };
-    let plan = Plan { resolved, options, sandbox };
+    let migration_id = match orchestrate::new_migration_id() {
+        Ok(id) => id,
+        Err(e) => {
+            return fail(Exit::Failed, anyhow::Error::new(e).context("cannot generate the migration id"))
+        }
+    };
+    let plan = Plan { resolved, options, sandbox, migration_id };
     let settings = Settings {
         timeout: args.timeout,
         wait_forwarding: args.wait_forwarding,

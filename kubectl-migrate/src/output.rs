@@ -15,7 +15,7 @@ use katamaran::migration::options::{MigrationOptions, StorageMode};
 use katamaran_protos::v1 as pb;
 use serde::Serialize;
 
-use crate::orchestrate::{phase_name, Outcome, Plan, Report, Side};
+use crate::orchestrate::{phase_name, Outcome, Plan, Progress, Report, Side};
 use crate::resolve::{NodeEnd, Resolved};
 
 /// `-o`: how the result is printed.
@@ -46,16 +46,6 @@ impl Format {
             ),
         }
     }
-}
-
-/// Live progress of a running migration.
-pub trait Progress {
-    /// A remark of the client (prepared, cancelling, ...).
-    fn note(&mut self, line: &str);
-    /// An event from one side.
-    fn event(&mut self, side: Side, event: &pb::MigrationEvent);
-    /// The run is over: clear the bar, flush.
-    fn finish(&mut self);
 }
 
 /// Shows nothing (`-o json` without a terminal).
@@ -114,7 +104,7 @@ impl<W: Write> Lines<W> {
     }
 }
 
-impl<W: Write> Progress for Lines<W> {
+impl<W: Write + Send> Progress for Lines<W> {
     fn note(&mut self, line: &str) {
         let _ = writeln!(self.out, "{line}");
     }

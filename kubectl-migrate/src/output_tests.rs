@@ -135,6 +135,7 @@ fn plan() -> Plan {
         },
         options: MigrationOptions::default(),
         sandbox,
+        migration_id: "mig-0123456789ab".into(),
     }
 }
 

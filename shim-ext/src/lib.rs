@@ -7,6 +7,7 @@
 //! | [`migration`] | the state machine (source, destination, storage, compute, cutover) and its pure decisions |
 //! | [`net`] | netlink (links, routes, tunnels, qdiscs) and netns threads — the only syscall room |
 //! | [`client`] | reaching an endpoint; driving a migration between two endpoints |
+//! | [`cluster`] | the Kubernetes side: resolution, port-forward transport, the orchestration, the Migration controller |
 //! | [`cli`], [`convert`] | flags shared by the clients; engine ↔ wire type mapping |
 //! | [`host`] | the node's network namespace and VM cgroups as a pod-deployed agent reaches them |
 //! | [`node`] | one node's engine: sandboxes, migrations of either role, request validation |
@@ -19,6 +20,7 @@
 
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod convert;
 pub mod dataplane;
 pub mod host;

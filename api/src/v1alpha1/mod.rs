@@ -17,7 +17,7 @@ pub use options::{Options, ResolvedOptions, TunnelMode};
 pub use status::{
     condition, Cutover, Downtime, MigrationStatus, Owner, Phase, PhaseTiming, Progress, Summary,
 };
-pub use summary::summarize;
+pub use summary::{format_micros, summarize};
 
 /// The API group.
 pub const GROUP: &str = "katamaran.io";

@@ -128,7 +128,7 @@ struct HostArgs {
     vm_memory_max: Option<u64>,
 }
 
-/// Whether to record Kubernetes Events.
+/// Whether to use the Kubernetes API for a feature (Events, the controller).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum EventsMode {
     /// When a Kubernetes API is at hand: --kubeconfig, or the pod's service account.
@@ -139,7 +139,7 @@ enum EventsMode {
     Off,
 }
 
-/// The Kubernetes API, for Events on the pods this node moves.
+/// The Kubernetes API: Events on the pods this node moves, and the Migration controller.
 #[derive(Debug, Args)]
 struct KubeArgs {
     /// Record Kubernetes Events (MigrationStarted, MigrationCompleted, MigrationFailed,
@@ -153,12 +153,27 @@ struct KubeArgs {
     /// spec.nodeName). Default: the host name.
     #[arg(long, env = "KATAMARAN_NODE_NAME", value_name = "NAME")]
     node_name: Option<String>,
+    /// Reconcile Migration resources (katamaran.io/v1alpha1): drive the migrations of the pods
+    /// on this node, through the target node's agent.
+    #[arg(long, value_enum, default_value = "auto", value_name = "MODE")]
+    controller: EventsMode,
+    /// Namespace of the agents' pods (the controller reaches the target's agent there).
+    #[arg(long, default_value = "katamaran-system", value_name = "NAMESPACE")]
+    agent_namespace: String,
+    /// Port the agents serve the Migration service on inside their pods (their --listen-tcp).
+    #[arg(long, default_value_t = 10555, value_name = "PORT")]
+    agent_port: u16,
+    /// The RuntimeClass of the pods katamaran moves; Migrations of other pods are refused.
+    #[arg(long, default_value = "kata-katamaran", value_name = "NAME")]
+    runtime_class: String,
 }
 
 impl KubeArgs {
-    /// The reporter, or `None` when Events are off or (auto) no API is at hand.
-    async fn reporter(&self) -> anyhow::Result<Option<katamaran::kube_events::EventReporter>> {
-        if self.kube_events == EventsMode::Off {
+    /// The Kubernetes client and this node's name, when Events or the controller want one
+    /// and an API is at hand (`--kubeconfig`, or the pod's service account).
+    async fn client(&self) -> anyhow::Result<Option<(kube::Client, String)>> {
+        let modes = [("--kube-events", self.kube_events), ("--controller", self.controller)];
+        if modes.iter().all(|(_, m)| *m == EventsMode::Off) {
             return Ok(None);
         }
         let config = match &self.kubeconfig {
@@ -177,13 +192,15 @@ impl KubeArgs {
             None => None,
         };
         let Some(config) = config else {
-            if self.kube_events == EventsMode::On {
-                return Err(UsageError(
-                    "--kube-events on: no Kubernetes API (give --kubeconfig, or run in a pod)".into(),
-                )
+            if let Some((flag, _)) = modes.iter().find(|(_, m)| *m == EventsMode::On) {
+                return Err(UsageError(format!(
+                    "{flag} on: no Kubernetes API (give --kubeconfig, or run in a pod)"
+                ))
                 .into());
             }
-            tracing::info!("no Kubernetes API at hand: no Events recorded");
+            tracing::info!(
+                "no Kubernetes API at hand: no Events recorded, no Migration resources reconciled"
+            );
             return Ok(None);
         };
         let client = kube::Client::try_from(config).context("build the Kubernetes client")?;
@@ -193,8 +210,30 @@ impl KubeArgs {
                 .map(|h| h.trim().to_owned())
                 .unwrap_or_else(|_| "unknown".into()),
         };
-        tracing::info!(%node, "recording Kubernetes Events");
-        Ok(Some(katamaran::kube_events::EventReporter::new(client, &node)))
+        Ok(Some((client, node)))
+    }
+
+    /// The Event reporter, when Events are wanted.
+    fn reporter(&self, client: &kube::Client, node: &str) -> Option<katamaran::kube_events::EventReporter> {
+        (self.kube_events != EventsMode::Off).then(|| {
+            tracing::info!(%node, "recording Kubernetes Events");
+            katamaran::kube_events::EventReporter::new(client.clone(), node)
+        })
+    }
+
+    /// The controller's settings, when it is wanted.
+    fn controller(
+        &self,
+        node: &str,
+        socket: &std::path::Path,
+    ) -> Option<katamaran::cluster::controller::Config> {
+        (self.controller != EventsMode::Off).then(|| katamaran::cluster::controller::Config {
+            node_name: node.to_owned(),
+            agent_namespace: self.agent_namespace.clone(),
+            agent_port: self.agent_port,
+            runtime_class: self.runtime_class.clone(),
+            local_socket: socket.to_owned(),
+        })
     }
 }
 
@@ -325,8 +364,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     });
     let _pid_file = only.as_deref().map(|id| katamaran::shim::agent::PidFileGuard::new(&layout, id));
     let node = Arc::new(Node::new(cfg).context("start the engine")?);
-    if let Some(kube) = &kube_args {
-        if let Some(reporter) = kube.reporter().await? {
+    let kube_client = match &kube_args {
+        Some(kube) => kube.client().await?,
+        None => None,
+    };
+    if let (Some(kube), Some((client, name))) = (&kube_args, &kube_client) {
+        if let Some(reporter) = kube.reporter(client, name) {
             node.report_events(reporter);
         }
     }
@@ -354,6 +397,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let _ = http_stopped.await;
         }));
     }
+    let (controller_stop, controller_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let (Some(kube), Some((client, name))) = (&kube_args, &kube_client) {
+        if let Some(config) = kube.controller(name, &socket) {
+            tokio::spawn(katamaran::cluster::controller::run(client.clone(), config, async {
+                let _ = controller_stopped.await;
+            }));
+        }
+    }
     tracing::info!(socket = %socket.display(), sandbox = ?only, "serving katamaran.v1.Migration");
     let shutdown = async {
         let term = async {
@@ -374,6 +425,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     };
     let result = serve(MigrationService::new(node), endpoints, shutdown).await;
     let _ = http_stop.send(());
+    let _ = controller_stop.send(());
     let _ = std::fs::remove_file(&socket);
     tracing::info!("stopped");
     Ok(result?)

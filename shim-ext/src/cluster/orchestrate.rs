@@ -18,24 +18,24 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use katamaran::client::{new_migration_id, phase};
-use katamaran::convert::options_to_proto;
-use katamaran::dataplane::Secret;
-use katamaran::migration::options::MigrationOptions;
+pub use crate::client::new_migration_id;
+use crate::client::phase;
+use crate::convert::options_to_proto;
+use crate::dataplane::Secret;
+use crate::migration::options::MigrationOptions;
 use katamaran_protos::protobuf::MessageField;
 use katamaran_protos::v1 as pb;
 use tokio::sync::watch;
 
-use crate::output::Progress;
-use crate::resolve::Resolved;
-use crate::transport::{self, Agent, Events};
+use super::resolve::Resolved;
+use super::transport::{self, Agent, Events};
 
 /// A failure that ends the run before the migration is under way.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// No randomness for the migration id or the secret.
     #[error("cannot generate the migration id or secret")]
-    Random(#[source] katamaran::dataplane::Error),
+    Random(#[source] crate::dataplane::Error),
     /// The destination refused or failed `PrepareIncoming`.
     #[error("preparing the destination failed")]
     Prepare(#[source] transport::Error),
@@ -411,6 +411,16 @@ pub fn phase_name(p: pb::Phase) -> &'static str {
     }
 }
 
+/// Live progress of a running migration.
+pub trait Progress: Send {
+    /// A remark of the client (prepared, cancelling, ...).
+    fn note(&mut self, line: &str);
+    /// An event from one side.
+    fn event(&mut self, side: Side, event: &pb::MigrationEvent);
+    /// The run is over: clear the bar, flush.
+    fn finish(&mut self);
+}
+
 /// Knobs of one run.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -435,6 +445,9 @@ pub struct Plan {
     pub options: MigrationOptions,
     /// The source sandbox as `Inspect` returned it.
     pub sandbox: pb::Sandbox,
+    /// The migration's id on both nodes ([`new_migration_id`] for a one-off run; the agents'
+    /// controller derives it from the Migration's UID so that a restarted agent finds it again).
+    pub migration_id: String,
 }
 
 /// The record of a run, for the final table or JSON.
@@ -532,7 +545,7 @@ pub async fn run(
     mut interrupt: watch::Receiver<bool>,
     progress: &mut dyn Progress,
 ) -> Result<Report, Error> {
-    let migration_id = new_migration_id().map_err(Error::Random)?;
+    let migration_id = plan.migration_id.clone();
     let secret = Secret::generate().map_err(Error::Random)?;
     let options = options_to_proto(&plan.options);
     let started = Instant::now();
@@ -614,23 +627,41 @@ pub async fn run(
         return Err(Error::Start(e));
     }
 
-    let (mut src_events, mut dst_events) = match futures::future::try_join(
-        source.watch(&migration_id),
-        destination.watch(&migration_id),
-    )
-    .await
-    {
-        Ok(pair) => pair,
-        Err(e) => {
-            let reason = format!("kubectl migrate cannot watch the migration: {e}");
-            for (side, a) in [(Side::Source, source), (Side::Destination, destination)] {
-                if let Some(note) = cancel_quietly(side, a, &migration_id, &reason).await {
-                    tracing::warn!(%note);
+    follow(&migration_id, source, destination, settings, started, interrupt, progress, &mut report).await?;
+    Ok(report)
+}
+
+/// Watches a started migration on both agents until it is over, cancelling through the source
+/// on a failure, a stop or the timeout (counted from `started`), and fills `report` in. This is
+/// also how a restarted agent picks up a migration its predecessor started.
+///
+/// # Errors
+/// [`Error::Watch`] when a side's `Watch` cannot be opened (both sides were asked to cancel).
+#[allow(clippy::too_many_arguments)]
+pub async fn follow(
+    migration_id: &str,
+    source: &Agent,
+    destination: &Agent,
+    settings: &Settings,
+    started: Instant,
+    mut interrupt: watch::Receiver<bool>,
+    progress: &mut dyn Progress,
+    report: &mut Report,
+) -> Result<(), Error> {
+    let deadline = settings.timeout.map(|t| started + t);
+    let (mut src_events, mut dst_events) =
+        match futures::future::try_join(source.watch(migration_id), destination.watch(migration_id)).await {
+            Ok(pair) => pair,
+            Err(e) => {
+                let reason = format!("cannot watch the migration: {e}");
+                for (side, a) in [(Side::Source, source), (Side::Destination, destination)] {
+                    if let Some(note) = cancel_quietly(side, a, migration_id, &reason).await {
+                        tracing::warn!(%note);
+                    }
                 }
+                return Err(Error::Watch(e));
             }
-            return Err(Error::Watch(e));
-        }
-    };
+        };
 
     let mut tracker = Tracker::new(settings.wait_forwarding);
     let mut grace: Option<Instant> = None;
@@ -654,13 +685,13 @@ pub async fn run(
         };
         if !actions.is_empty() {
             grace.get_or_insert_with(|| Instant::now() + settings.cancel_grace);
-            apply(actions, &migration_id, source, destination, &mut tracker, progress).await;
+            apply(actions, migration_id, source, destination, &mut tracker, progress).await;
         }
     }
     report.outcome = tracker.outcome();
     report.tracker = tracker;
     report.elapsed = started.elapsed();
-    Ok(report)
+    Ok(())
 }
 
 async fn next(events: &mut Events) -> Result<Option<pb::MigrationEvent>, transport::Error> {
