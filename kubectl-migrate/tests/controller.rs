@@ -239,3 +239,137 @@ async fn a_migration_naming_a_pod_of_another_namespace_fails_and_a_cancelled_one
         other => panic!("alice may not create Migrations in bank: {other:?}"),
     }
 }
+
+/// The controller of node-a against the fake agents of `support::Cluster` (no RBAC): its own
+/// engine through a unix socket, node-b's agent through the API server's port-forward.
+async fn fake_cluster_controller(
+    c: &support::Cluster,
+    dir: &std::path::Path,
+) -> tokio::sync::oneshot::Sender<()> {
+    let socket = dir.join("agent-a.sock");
+    c.serve_unix("agent-a", &socket);
+    let kubeconfig = Kubeconfig::from_yaml(&c.api.kubeconfig()).unwrap();
+    let config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let config_a = Config {
+        node_name: "node-a".to_owned(),
+        agent_namespace: support::AGENT_NS.to_owned(),
+        agent_port: 10555,
+        runtime_class: support::CLASS.to_owned(),
+        local_socket: socket,
+    };
+    tokio::spawn(controller::run(Client::try_from(config).unwrap(), config_a, async {
+        let _ = stopped.await;
+    }));
+    stop
+}
+
+async fn shop(c: &support::Cluster) -> Api<Migration> {
+    let kubeconfig = Kubeconfig::from_yaml(&c.api.kubeconfig()).unwrap();
+    let config =
+        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.unwrap();
+    Api::namespaced(Client::try_from(config).unwrap(), "shop")
+}
+
+#[tokio::test]
+async fn a_migration_completes_with_the_phases_and_figures_of_both_nodes() {
+    let c = support::Cluster::start(support::Options::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let _a = fake_cluster_controller(&c, dir.path()).await;
+    let mut spec = MigrationSpec::new("web-0", "node-b");
+    spec.options.downtime = "40ms".into();
+    let migrations = shop(&c).await;
+    migrations.create(&PostParams::default(), &Migration::new("web-0-to-node-b", spec)).await.unwrap();
+    // Ended and let go: the terminal status comes first, the finalizer's removal right after.
+    let released = |m: &Migration| m.metadata.finalizers.as_ref().is_none_or(Vec::is_empty);
+    let m = wait_for(&migrations, "web-0-to-node-b", |m| {
+        m.is_some_and(|m| m.phase().is_terminal() && released(m))
+    })
+    .await
+    .unwrap();
+
+    let st = m.status.clone().unwrap();
+    assert_eq!(m.phase(), Phase::Completed, "{st:#?}");
+    assert_eq!(st.owner, Some(Owner::Destination));
+    let phases: Vec<Phase> = st.phases.iter().map(|p| p.phase).collect();
+    assert_eq!(phases, [Phase::Preparing, Phase::Storage, Phase::Ram, Phase::Cutover, Phase::Forwarding]);
+    let d = st.downtime.clone().unwrap();
+    // QEMU's 115 ms; the guest pause is node-a's STOP (3010 ms) to node-b's RESUME (3185 ms).
+    assert_eq!((d.qemu_microseconds, d.guest_pause_microseconds), (Some(115_000), Some(175_000)));
+    let cut = st.cutover.clone().unwrap();
+    assert_eq!(
+        (cut.route_swap_offset_microseconds, cut.plug_release_microseconds, cut.plug_drops),
+        (Some(104), Some(87), Some(3))
+    );
+    let p = st.progress.clone().unwrap();
+    assert_eq!((p.bytes_total, p.iteration), (512 << 20, 2), "the last RAM figures stay");
+    assert_eq!(st.summary.as_ref().map(|s| s.downtime.as_str()), Some("175ms"));
+
+    // The agents were driven in the engine's order, with the Migration's options and its id.
+    let calls = c.calls();
+    let at =
+        |call: &str| calls.iter().position(|x| x == call).unwrap_or_else(|| panic!("{call} in {calls:?}"));
+    assert!(at("node-a:ListSandboxes") < at("node-a:Inspect"));
+    assert!(at("node-a:Inspect") < at("node-b:PrepareIncoming"));
+    assert!(at("node-b:PrepareIncoming") < at("node-a:StartMigration"));
+    let id = format!("k8s-{}", m.metadata.uid.clone().unwrap());
+    for (node, call) in c.log.all() {
+        match call {
+            support::agent::Call::PrepareIncoming(r) => {
+                assert_eq!((node.as_str(), r.migration_id.as_str()), ("node-b", id.as_str()));
+                assert_eq!(r.options.downtime_limit_ms, 40, "{:?}", r.options);
+            }
+            support::agent::Call::StartMigration(r) => {
+                assert_eq!((r.migration_id.as_str(), r.sandbox_id.as_str()), (id.as_str(), "3f2a9c"));
+                assert_eq!(r.destination_node_address, "192.0.2.2");
+            }
+            _ => {}
+        }
+    }
+    let reasons: Vec<String> =
+        events_of(&c.api, "shop", "web-0-to-node-b").into_iter().map(|e| e.1).collect();
+    assert_eq!(reasons, ["MigrationStarted", "MigrationCompleted"]);
+    let note = &events_of(&c.api, "shop", "web-0-to-node-b")[1].2;
+    assert!(note.contains("guest pause 175ms") && note.contains("QEMU downtime 115ms"), "{note}");
+}
+
+#[tokio::test]
+async fn a_cancel_through_the_resource_rolls_back_before_the_commit() {
+    let c = support::Cluster::start(support::Options {
+        source: support::stuck_in_ram(),
+        destination: support::stuck_in_ram(),
+        ..support::Options::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let _a = fake_cluster_controller(&c, dir.path()).await;
+    let migrations = shop(&c).await;
+    migrations
+        .create(&PostParams::default(), &Migration::new("m", MigrationSpec::new("web-0", "node-b")))
+        .await
+        .unwrap();
+    wait_for(&migrations, "m", |m| m.is_some_and(|m| m.phase() == Phase::Ram)).await;
+
+    migrations
+        .patch(
+            "m",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"spec": {"cancel": true}})),
+        )
+        .await
+        .unwrap();
+    let m = wait_for(&migrations, "m", |m| m.is_some_and(|m| m.phase().is_terminal())).await.unwrap();
+    assert_eq!(m.phase(), Phase::Cancelled, "{:#?}", m.status);
+    assert_eq!(m.status.as_ref().unwrap().owner, Some(Owner::Source));
+    assert!(
+        m.status.as_ref().unwrap().message.as_deref().is_some_and(|s| s.contains("node-a")),
+        "{:#?}",
+        m.status
+    );
+    // The cancel went to the owner, the source, which told its destination.
+    let cancels: Vec<String> = c.calls().into_iter().filter(|x| x.ends_with(":Cancel")).collect();
+    assert_eq!(cancels, ["node-a:Cancel"]);
+    let reasons: Vec<String> = events_of(&c.api, "shop", "m").into_iter().map(|e| e.1).collect();
+    assert_eq!(reasons, ["MigrationStarted", "MigrationCancelled"]);
+}

@@ -430,6 +430,212 @@ fn lab_kubectl_migrate_reports_a_source_failing_in_preparing_at_once_and_node_b_
     lab.down().expect("lab down");
 }
 
+/// The Migration resource end to end: a user allowed to migrate in the pod's namespace creates
+/// a Migration; the agents, connected to the API server on the cluster network as their
+/// ServiceAccount (RBAC from deploy/), move the VM under the probe: the agent of node-a accepts
+/// and drives, reaching node-b's agent through a port-forward. The resource reports the phases,
+/// QEMU's downtime and the guest pause, Forwarding until the forward ends (released here), then
+/// Completed with its finalizer gone; Events on the Migration and the Pod say so.
+#[test]
+fn lab_a_migration_resource_moves_the_vm_under_the_probe_through_the_agents_controllers() {
+    use katamaran_api::v1alpha1::{Migration, MigrationSpec, Owner, Phase, FINALIZER};
+    use support::rbac::{Rbac, UserInfo};
+    let Some(()) = check(artifacts::require_vm_lab()) else { return };
+    let Some(_) = check(artifacts::ensure_guest_image().expect("hack/guest/build.sh failed")) else { return };
+    const ALICE: &str = "alice-token";
+    const AGENT: &str = "agent-token";
+
+    let (mut lab, _) = Lab::up(LabConfig::unique()).expect("lab up");
+    lab.probe_path().expect("the probe builds");
+    let paths = lab.sandbox(Node::A, POD, POD_V4, None).expect("sandbox web-0 on node-a");
+    lab.vm(Node::A, POD, &VmOptions { disks: Disks::Shared(1), ..VmOptions::default() })
+        .expect("the guest boots to KATAMARAN-GUEST-READY");
+    let identity = cri_identity(&paths.config_json);
+    let namespace = identity.1.clone();
+
+    // The cluster: the lab's pod and nodes, the RBAC of deploy/, alice a migrator in the pod's
+    // namespace; the API server also listens on the cluster network (the router's bridge).
+    let socket = |node: Node| agents::engine_dir(&lab, node).join("agent.sock");
+    let pods = ["katamaran-agent-a1b2c", "katamaran-agent-d3e4f"];
+    let mut state = lab_cluster(&identity, paths.ip, pods, |node| AgentBackend::Unix(socket(node)));
+    let mut rbac = Rbac::from_deploy(&["rbac-kubectl-migrate.yaml", "agent-rbac.yaml"]);
+    rbac.bind("katamaran-migrator", Some(&namespace), "alice");
+    state.rbac = Some(rbac);
+    state.tokens = HashMap::from([
+        (ALICE.to_owned(), UserInfo::user("alice", &[])),
+        (AGENT.to_owned(), UserInfo::service_account("katamaran-system", "katamaran-agent")),
+    ]);
+    let cluster = FakeCluster::serve(state, &namespace);
+    let on_cluster_network =
+        netns::in_netns(&lab.netns("router"), || Ok(std::net::TcpListener::bind("10.201.0.1:0")))
+            .expect("the router's namespace")
+            .expect("a listener on the router's bridge");
+    let api_addr = {
+        let _rt = cluster.rt.enter();
+        cluster.api.also_serve_on(on_cluster_network)
+    };
+    let kubeconfig = lab.scratch_path("agent-kubeconfig");
+    std::fs::write(&kubeconfig, FakeApiServer::kubeconfig_at(api_addr, "katamaran-system", Some(AGENT)))
+        .expect("the agents' kubeconfig");
+    let bins = agents::engine_bins().expect("the engine's release binaries");
+    let start = |node: Node| {
+        let args = [
+            "--kubeconfig".to_owned(),
+            kubeconfig.display().to_string(),
+            "--node-name".to_owned(),
+            node.name().to_owned(),
+            "--controller=on".to_owned(),
+            "--kube-events=on".to_owned(),
+        ];
+        Agent::start_with_args(&lab, node, &bins.agent, &[], &args)
+    };
+    let agents = [start(Node::A).expect("the node-a agent"), start(Node::B).expect("the node-b agent")];
+
+    let boot_id = page(&lab)["boot_id"].as_str().expect("the page has a boot_id").to_owned();
+    let probe = lab.spawn_probe(SocketAddr::new(IpAddr::V4(POD_V4), 7), RATE).expect("the probe starts");
+    let source_ns = format!("sb-node-a-{POD}");
+    agents::wait_for_rx(&lab, &source_ns, "eth0", BEFORE, TRAFFIC_WAIT)
+        .expect("the probe's packets reach the VM on node-a");
+
+    // Alice asks for the move.
+    let alice: kube::Api<Migration> = cluster.rt.block_on(async {
+        let config = kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::from_yaml(&cluster.api.kubeconfig_for(&namespace, Some(ALICE)))
+                .unwrap(),
+            &kube::config::KubeConfigOptions::default(),
+        )
+        .await
+        .unwrap();
+        kube::Api::namespaced(kube::Client::try_from(config).unwrap(), &namespace)
+    });
+    let mut spec = MigrationSpec::new(POD, "node-b");
+    spec.options.shared_storage = true;
+    let asked = Instant::now();
+    cluster
+        .rt
+        .block_on(alice.create(&kube::api::PostParams::default(), &Migration::new("web-0-to-node-b", spec)))
+        .expect("alice may create Migrations in the pod's namespace");
+    let until = |what: &str, done: &dyn Fn(&Migration) -> bool| -> Migration {
+        let deadline = Instant::now() + PLUGIN_DEADLINE;
+        loop {
+            let m = cluster.rt.block_on(alice.get("web-0-to-node-b")).expect("the Migration");
+            if done(&m) {
+                return m;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the Migration did not {what} within {PLUGIN_DEADLINE:?}: {:#?}\nnode-a agent:\n{}\nnode-b agent:\n{}",
+                m.status,
+                agents[0].log_tail(30),
+                agents[1].log_tail(30)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let moved = until("reach Forwarding", &|m| m.phase() == Phase::Forwarding || m.phase().is_terminal());
+    let took = asked.elapsed();
+    let arrived = agents::wait_for_rx(&lab, "node-b", "eth0", AFTER, TRAFFIC_WAIT);
+    let report = probe.stop(Duration::from_secs(10)).expect("the probe's report");
+    let st = moved.status.clone().expect("a status");
+    eprintln!(
+        "measured [Migration resource]: Forwarding {:.2} s after the create; QEMU downtime {:?} µs, guest pause {:?} µs, phases {:?}; probe {} sent, {} lost, {} duplicated, longest gap {:.1} ms",
+        took.as_secs_f64(),
+        st.downtime.as_ref().and_then(|d| d.qemu_microseconds),
+        st.downtime.as_ref().and_then(|d| d.guest_pause_microseconds),
+        st.phases.iter().map(|p| p.phase.as_str()).collect::<Vec<_>>(),
+        report.sent,
+        report.lost,
+        report.duplicated,
+        report.longest_gap_ms
+    );
+    assert_eq!(moved.phase(), Phase::Forwarding, "{st:#?}");
+    arrived.expect("the probe's traffic reaches node-b after the move");
+    assert_eq!((st.source_node.as_deref(), st.target_node.as_deref()), (Some("node-a"), Some("node-b")));
+    assert_eq!(st.owner, Some(Owner::Destination), "{st:#?}");
+    let kinds: Vec<(&str, &str)> =
+        st.conditions.iter().map(|c| (c.type_.as_str(), c.status.as_str())).collect();
+    for want in [("Accepted", "True"), ("Committed", "True"), ("Forwarding", "True")] {
+        assert!(kinds.contains(&want), "{want:?} in {kinds:?}");
+    }
+    let phases: Vec<Phase> = st.phases.iter().map(|p| p.phase).collect();
+    assert_eq!(phases.first(), Some(&Phase::Preparing), "{phases:?}");
+    assert!(phases.contains(&Phase::Ram) && phases.contains(&Phase::Cutover), "{phases:?}");
+    let downtime = st.downtime.clone().expect("downtime figures");
+    let pause = downtime.guest_pause_microseconds.expect("the guest pause, from both nodes' events");
+    assert!(pause > 0 && pause < 10_000_000, "a guest pause of {pause} µs");
+    assert!(downtime.qemu_microseconds.is_some_and(|q| q > 0), "{downtime:?}");
+    assert!(moved.metadata.finalizers.as_ref().is_some_and(|f| f.iter().any(|f| f == FINALIZER)));
+    assert!(report.sent >= 1500, "the probe ran through the move: {report:?}");
+    assert_eq!(
+        (report.lost, report.duplicated),
+        (0, 0),
+        "nothing lost or duplicated; lost runs {:?}",
+        report.loss_timeline
+    );
+    assert_eq!(page(&lab)["boot_id"], boot_id.as_str(), "the same VM answers, from node-b");
+
+    // The forward ends (an operator releases it, as one would once the cluster routes the pod
+    // to node-b): the Migration completes and lets go.
+    let id = format!("k8s-{}", moved.metadata.uid.clone().expect("a uid"));
+    let released = agents::katactl(
+        &bins.katactl,
+        &["-r", &agents[0].endpoint(), "release-forward", &id],
+        Duration::from_secs(30),
+    )
+    .expect("katactl runs");
+    assert_eq!(released.code, Some(0), "release-forward {id}: {released:?}");
+    // Ended and let go: the terminal status comes first, the finalizer's removal right after.
+    let released =
+        |m: &Migration| m.metadata.finalizers.as_ref().is_none_or(|f| f.iter().all(|f| f != FINALIZER));
+    let done = until("complete and release its finalizer", &|m| m.phase().is_terminal() && released(m));
+    assert_eq!(done.phase(), Phase::Completed, "{:#?}", done.status);
+    let st = done.status.clone().unwrap();
+    let forwarding = st.conditions.iter().find(|c| c.type_ == "Forwarding").expect("a Forwarding condition");
+    assert_eq!((forwarding.status.as_str(), forwarding.reason.as_str()), ("False", "ForwardReleased"));
+    assert!(st.completion_time.is_some());
+
+    // Events: on the Migration from the controller, on the Pod from the source's engine.
+    let events: Vec<(String, String, String)> = {
+        let state = cluster.api.state.lock().unwrap();
+        let (list, _) = state.store.list(&support::store::Filter {
+            ty: support::store::find_type("events.k8s.io", "v1", "events").unwrap(),
+            namespace: Some(namespace.clone()),
+            labels: String::new(),
+            fields: String::new(),
+        });
+        let s = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+        list.iter().map(|e| (s(&e["regarding"]["kind"]), s(&e["reason"]), s(&e["eventTime"]))).collect()
+    };
+    for kind in ["Migration", "Pod"] {
+        let mut of: Vec<&(String, String, String)> = events.iter().filter(|e| e.0 == kind).collect();
+        of.sort_by(|a, b| a.2.cmp(&b.2));
+        let reasons: Vec<&str> = of.iter().map(|e| e.1.as_str()).collect();
+        assert_eq!(reasons, ["MigrationStarted", "MigrationCompleted"], "Events on the {kind}: {events:#?}");
+    }
+    // The agents' calls were all allowed by deploy/'s RBAC, and the source reached the target's
+    // agent through the API server only.
+    let denied: Vec<String> = cluster
+        .api
+        .decisions()
+        .into_iter()
+        .filter(|d| d.contains("katamaran-agent") && !d.ends_with("allowed"))
+        .collect();
+    assert!(denied.is_empty(), "{denied:#?}");
+    let forwards: Vec<String> =
+        cluster.api.requests().into_iter().filter(|r| r.contains("/portforward")).collect();
+    assert_eq!(forwards.len(), 1, "one port-forward, to node-b's agent: {forwards:#?}");
+    assert!(forwards[0].contains(pods[1]), "{forwards:#?}");
+
+    cluster
+        .rt
+        .block_on(alice.delete("web-0-to-node-b", &kube::api::DeleteParams::default()))
+        .expect("delete");
+    drop(cluster);
+    drop(agents);
+    lab.down().expect("lab down");
+    assert_eq!(lab.leftovers(), Vec::<String>::new(), "down leaves nothing behind");
+}
+
 /// Output of a command run in an agent container, with a message naming it.
 fn ok_output(what: &str, out: std::process::Output) -> String {
     assert!(

@@ -121,12 +121,36 @@ pub struct FakeApiServer {
     pub addr: SocketAddr,
     pub state: Arc<Mutex<State>>,
     task: tokio::task::JoinHandle<()>,
+    more: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Drop for FakeApiServer {
     fn drop(&mut self) {
         self.task.abort();
+        for t in self.more.lock().unwrap().iter() {
+            t.abort();
+        }
     }
+}
+
+/// Accepts HTTP connections on `listener` for the server's `state`.
+fn serve(listener: TcpListener, state: Arc<Mutex<State>>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else { return };
+            let state = state.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(handle(state, req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    })
 }
 
 fn status(code: u16, reason: &str, message: String) -> Response<Body> {
@@ -201,24 +225,18 @@ impl FakeApiServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(state));
-        let shared = state.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((tcp, _)) = listener.accept().await else { return };
-                let state = shared.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let state = state.clone();
-                        async move { Ok::<_, Infallible>(handle(state, req).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), service)
-                        .with_upgrades()
-                        .await;
-                });
-            }
-        });
-        Self { addr, state, task }
+        let task = serve(listener, state.clone());
+        Self { addr, state, task, more: Mutex::new(Vec::new()) }
+    }
+
+    /// Serves the same objects on `listener` too (e.g. bound inside a lab namespace, where node
+    /// agents reach it as they reach a cluster's API server); returns its address.
+    pub fn also_serve_on(&self, listener: std::net::TcpListener) -> std::net::SocketAddr {
+        listener.set_nonblocking(true).unwrap();
+        let listener = TcpListener::from_std(listener).unwrap();
+        let addr = listener.local_addr().unwrap();
+        self.more.lock().unwrap().push(serve(listener, self.state.clone()));
+        addr
     }
 
     /// A kubeconfig pointing at this server: context `fake` (namespace `shop`, the current one)
@@ -235,6 +253,11 @@ impl FakeApiServer {
     /// [`Self::kubeconfig`] with `namespace` as the current context's namespace and the user
     /// presenting `token`.
     pub fn kubeconfig_for(&self, namespace: &str, token: Option<&str>) -> String {
+        Self::kubeconfig_at(self.addr, namespace, token)
+    }
+
+    /// [`Self::kubeconfig_for`] naming the server at `addr` (one of [`Self::also_serve_on`]'s).
+    pub fn kubeconfig_at(addr: std::net::SocketAddr, namespace: &str, token: Option<&str>) -> String {
         let user = match token {
             Some(t) => format!("{{token: {t}}}"),
             None => "{}".to_owned(),
@@ -244,8 +267,7 @@ impl FakeApiServer {
              clusters:\n- name: fake\n  cluster:\n    server: http://{addr}\n\
              contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: tester\n    namespace: {namespace}\n\
              - name: other\n  context:\n    cluster: fake\n    user: tester\n    namespace: default\n\
-             users:\n- name: tester\n  user: {user}\n",
-            addr = self.addr
+             users:\n- name: tester\n  user: {user}\n"
         )
     }
 

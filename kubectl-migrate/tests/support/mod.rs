@@ -207,6 +207,9 @@ pub struct Cluster {
     pub api: FakeApiServer,
     pub log: CallLog,
     pub kubeconfig: PathBuf,
+    /// Each fake agent's stream intake, by agent pod: a test can reach an agent directly, as
+    /// the agent's own controller reaches its engine.
+    pub intakes: HashMap<String, tokio::sync::mpsc::UnboundedSender<tokio::io::DuplexStream>>,
     // Kept for their lifetime: the ttrpc servers and the kubeconfig's directory.
     servers: Vec<Server>,
     dir: tempfile::TempDir,
@@ -236,6 +239,7 @@ impl Cluster {
         let log = CallLog::default();
         let mut servers = Vec::new();
         let mut agents = HashMap::new();
+        let mut intakes = HashMap::new();
         let mut src = FakeAgent::new("node-a", "192.0.2.1", log.clone(), vec![web_sandbox()], o.source);
         if let Some((kind, msg)) = o.refuse_start {
             src = src.refusing_start(kind, msg);
@@ -246,6 +250,7 @@ impl Cluster {
             ("agent-v6", FakeAgent::new("node-v6", "fd00:1::6", log.clone(), vec![], stuck_in_ram())),
         ] {
             let (tx, server) = agent.serve().await;
+            intakes.insert(pod.to_owned(), tx.clone());
             agents.insert(pod.to_owned(), AgentBackend::InProcess(tx));
             servers.push(server);
         }
@@ -281,7 +286,7 @@ impl Cluster {
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = dir.path().join("kubeconfig");
         std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
-        Self { api, log, kubeconfig, servers, dir }
+        Self { api, log, kubeconfig, intakes, servers, dir }
     }
 
     /// The plugin binary with `KUBECONFIG` pointing at the fake; killed if the test ends first.
@@ -301,6 +306,24 @@ impl Cluster {
     pub async fn run(&self, args: &[&str]) -> Run {
         let child = self.command(args).spawn().unwrap();
         wait(child).await
+    }
+
+    /// Serves agent pod `pod`'s fake agent on a unix socket at `path` as well (each connection
+    /// one ttrpc stream), as a real agent serves its node's socket.
+    pub fn serve_unix(&self, pod: &str, path: &std::path::Path) {
+        let intake = self.intakes[pod].clone();
+        let listener = tokio::net::UnixListener::bind(path).unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut unix, _)) = listener.accept().await {
+                let (mut near, far) = tokio::io::duplex(1 << 16);
+                if intake.send(far).is_err() {
+                    return;
+                }
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy_bidirectional(&mut unix, &mut near).await;
+                });
+            }
+        });
     }
 
     /// Calls received by agents, `node:Rpc`.

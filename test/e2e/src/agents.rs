@@ -308,6 +308,20 @@ impl Agent {
     /// # Errors
     /// As [`Agent::start`].
     pub fn start_with(lab: &Lab, node: Node, bin: &Path, env: &[(&str, String)]) -> Result<Self, AgentError> {
+        Self::start_with_args(lab, node, bin, env, &[])
+    }
+
+    /// [`Agent::start_with`] with extra arguments after the lab's own (e.g. `--kubeconfig`).
+    ///
+    /// # Errors
+    /// As [`Agent::start`].
+    pub fn start_with_args(
+        lab: &Lab,
+        node: Node,
+        bin: &Path,
+        env: &[(&str, String)],
+        args: &[String],
+    ) -> Result<Self, AgentError> {
         let root = lab.root().join(node.name());
         let socket = engine_dir(lab, node).join("agent.sock");
         let log = lab.scratch_path(&format!("agent-{}.log", node.name()));
@@ -338,6 +352,7 @@ impl Agent {
                 "--listen-http",
                 &std::net::SocketAddr::from(([127, 0, 0, 1], AGENT_HTTP_PORT)).to_string(),
             ])
+            .args(args)
             .env("KATAMARAN_LOG", level)
             .env(katamaran::sandbox::allowlist::ROOTS_ENV, roots)
             .env("NO_COLOR", "1")
