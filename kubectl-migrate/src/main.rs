@@ -1,11 +1,14 @@
 //! `kubectl migrate` — live-migrates a Kata pod's VM to another node with katamaran.
 //!
-//! kubectl runs any `kubectl-migrate` on `PATH` for `kubectl migrate ...`. This binary resolves
-//! the pod and nodes through the Kubernetes API ([`resolve`]), reaches the katamaran agent on
-//! each node through `pods/portforward` ([`transport`]), drives the migration ([`orchestrate`])
-//! and shows progress and the result ([`output`]).
+//! kubectl runs any `kubectl-migrate` on `PATH` for `kubectl migrate ...`. By default this binary
+//! creates a Migration resource and follows its status while the agents' controller migrates
+//! ([`resource`]); RBAC on `migrations.katamaran.io` decides who may. With `--direct` (cluster
+//! administrators debugging the agents) it resolves the pod and nodes itself ([`resolve`]),
+//! reaches the agent on each node through `pods/portforward` ([`transport`]) and drives the same
+//! orchestration the agents run ([`orchestrate`]), showing progress and the result ([`output`]).
 
 mod output;
+mod resource;
 
 use katamaran::cluster::{orchestrate, resolve, transport};
 
@@ -29,17 +32,27 @@ use crate::transport::Agent;
 
 const EXAMPLES: &str = "\
 Examples:
-  # Move pod web-0 of namespace shop to node node-b
+  # Move pod web-0 of namespace shop to node node-b (creates a Migration and follows it)
   kubectl migrate pod web-0 -n shop --to node-b
 
-  # Show the plan (nodes, addresses, agents, sandbox, options) and change nothing
-  kubectl migrate pod web-0 -n shop --to node-b --dry-run
+  # Have the API server check the request (RBAC, options) and change nothing
+  kubectl migrate pod web-0 -n shop --to node-b --dry-run=server
+
+  # Follow the Migrations of a namespace
+  kubectl get mig -n shop -w
+
+  # Cluster administrators: drive both agents from here through port-forwards; with --dry-run
+  # print the plan (nodes, addresses, agents, sandbox, options)
+  kubectl migrate pod web-0 -n shop --to node-b --direct --dry-run
 
   # Disks on shared storage, allow 100 ms of downtime, print one JSON document
   kubectl migrate pod web-0 --to node-b --shared-storage --downtime 100ms -o json
 
   # Roll back unless it is done within 10 minutes
   kubectl migrate pod web-0 --to node-b --timeout 10m
+
+Ctrl-C asks for the cancel through the Migration (spec.cancel) and reports whether it was
+honoured (before the commit point) or refused (the VM already belongs to the target node).
 
 Exit codes: 0 migrated, 1 the migration failed, 2 usage error or refused request,
 130 cancelled with Ctrl-C (both sides rolled back).";
@@ -123,16 +136,23 @@ struct PodArgs {
     /// Destination node.
     #[arg(long, value_name = "NODE")]
     to: String,
-    /// Print the plan and change nothing.
+    /// Change nothing: `client` prints the Migration that would be created (with --direct: the
+    /// plan, from the agents), `server` has the API server admit it (RBAC, validation) without
+    /// storing it. `--dry-run` alone means client.
+    #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "client", default_value = "none", value_name = "MODE")]
+    dry_run: resource::DryRun,
+    /// Drive the two agents from this process through pods/portforward (needs the
+    /// katamaran-debug role in the agents' namespace) instead of creating a Migration.
     #[arg(long)]
-    dry_run: bool,
+    direct: bool,
     /// Output format: text (progress and a table), json or yaml (one document at the end).
     #[arg(short, long, value_enum, default_value = "text")]
     output: Format,
     /// Cancel both sides (roll back) if the migration has not ended by then.
     #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
     timeout: Option<Duration>,
-    /// The RuntimeClass of katamaran-managed Kata pods; other pods are refused.
+    /// With --direct: the RuntimeClass of katamaran-managed Kata pods; other pods are refused
+    /// (the agents check their own --runtime-class otherwise).
     #[arg(long, default_value = "kata-katamaran", value_name = "NAME")]
     runtime_class: String,
     /// Also wait until the source stops forwarding (its route to the VM taken over, a
@@ -278,7 +298,144 @@ async fn run(cli: Cli) -> Exit {
         }
     });
     let Command::Pod(args) = &cli.command;
-    migrate(&cli.kube, args, rx).await
+    if args.direct {
+        migrate(&cli.kube, args, rx).await
+    } else {
+        migrate_through_resource(&cli.kube, args, rx).await
+    }
+}
+
+/// Creates a Migration and follows it until the VM runs on the target or the migration ended.
+async fn migrate_through_resource(
+    flags: &KubeFlags,
+    args: &PodArgs,
+    interrupt: watch::Receiver<bool>,
+) -> Exit {
+    use katamaran_api::v1alpha1::Migration;
+    use kube::ResourceExt;
+    let options = resource::options(&args.migrate.options());
+    if let Err(e) = options.resolve() {
+        return fail(Exit::Refused, e);
+    }
+    let m = resource::new_migration(&args.name, &args.to, options);
+    if args.dry_run == resource::DryRun::Client {
+        return print_document(args.output, &m, || {
+            format!(
+                "would create a Migration of pod {} to node {} (dry run, nothing sent)\n",
+                args.name, args.to
+            )
+        });
+    }
+    let client = match client(flags).await {
+        Ok(c) => c,
+        Err(e) => return fail(Exit::Refused, e),
+    };
+    let namespace = flags.namespace.clone().unwrap_or_else(|| client.default_namespace().to_owned());
+    let api: Api<Migration> = Api::namespaced(client, &namespace);
+    let request = resource::create(&api, &m, args.dry_run == resource::DryRun::Server);
+    let created = if flags.request_timeout.is_zero() {
+        request.await
+    } else {
+        match tokio::time::timeout(flags.request_timeout, request).await {
+            Ok(r) => r,
+            Err(_) => {
+                return fail(
+                    Exit::Failed,
+                    anyhow::anyhow!(
+                        "create Migration in {namespace}: no answer within --request-timeout {:?}",
+                        flags.request_timeout
+                    ),
+                )
+            }
+        }
+    };
+    let created = match created {
+        Ok(c) => c,
+        Err(kube::Error::Api(s)) if matches!(s.code, 400 | 403 | 404 | 409 | 422) => {
+            return fail(Exit::Refused, anyhow::anyhow!("create Migration in {namespace}: {}", s.message))
+        }
+        Err(e) => {
+            return fail(
+                Exit::Failed,
+                anyhow::Error::new(e).context(format!("create Migration in {namespace}")),
+            )
+        }
+    };
+    if args.dry_run == resource::DryRun::Server {
+        return print_document(args.output, &created, || {
+            format!(
+            "the API server admits a Migration of pod {namespace}/{} to node {} (dry run, nothing stored)\n",
+            args.name, args.to
+        )
+        });
+    }
+    let name = created.name_any();
+    eprintln!("Migration {namespace}/{name} created; following it (Ctrl-C asks for the cancel)");
+    let mut err = std::io::stderr();
+    let followed =
+        resource::follow(&api, &name, args.wait_forwarding, args.timeout, interrupt, &mut err).await;
+    let last = followed.migration.clone().unwrap_or(created);
+    let printed = print_document(args.output, &last, || format!("\n{}", resource::render(&last)));
+    if printed != Exit::Migrated {
+        return printed;
+    }
+    let status = last.status.clone().unwrap_or_default();
+    let source = status.source_node.clone().unwrap_or_else(|| "the source node".into());
+    match (&followed.verdict, followed.cancel_asked) {
+        (resource::Verdict::Moved, Some(_)) => {
+            eprintln!(
+                "the cancel was refused: the migration was past its commit point; the VM runs on {}",
+                args.to
+            );
+            Exit::Migrated
+        }
+        (resource::Verdict::Moved, None) => Exit::Migrated,
+        (resource::Verdict::Ended { phase: katamaran_api::v1alpha1::Phase::Pending, .. }, asked) => {
+            eprintln!("error: no katamaran agent took Migration {namespace}/{name}; it was deleted and nothing ran on any node");
+            if asked == Some("interrupted") {
+                Exit::Cancelled
+            } else {
+                Exit::Failed
+            }
+        }
+        (
+            resource::Verdict::Ended { phase: katamaran_api::v1alpha1::Phase::Cancelled, .. },
+            Some("interrupted"),
+        ) => {
+            eprintln!("cancelled: the cancel was honoured; the pod keeps running on {source}");
+            Exit::Cancelled
+        }
+        (resource::Verdict::Ended { refused: true, .. }, _) => {
+            eprintln!(
+                "error: Migration {namespace}/{name} was refused: {}",
+                status.message.unwrap_or_default()
+            );
+            Exit::Refused
+        }
+        (resource::Verdict::Ended { phase, .. }, asked) => {
+            let why = match asked {
+                Some("timeout") => format!(" (--timeout {:?} passed)", args.timeout.unwrap_or_default()),
+                _ => String::new(),
+            };
+            eprintln!(
+                "error: Migration {namespace}/{name} ended {}{why}: {}",
+                phase.as_str(),
+                status.message.unwrap_or_default()
+            );
+            Exit::Failed
+        }
+        (resource::Verdict::Running, _) => Exit::Failed,
+    }
+}
+
+/// Prints `doc` as `-o` says (text: `text()`); an unprintable document is a failure.
+fn print_document<T: serde::Serialize>(format: Format, doc: &T, text: impl FnOnce() -> String) -> Exit {
+    match format.document(doc) {
+        None => print!("{}", text()),
+        Some(Ok(d)) => println!("{}", d.trim_end()),
+        Some(Err(e)) => return fail(Exit::Failed, anyhow::anyhow!("cannot print the result: {e}")),
+    }
+    Exit::Migrated
 }
 
 async fn migrate(flags: &KubeFlags, args: &PodArgs, interrupt: watch::Receiver<bool>) -> Exit {
@@ -317,8 +474,14 @@ async fn migrate(flags: &KubeFlags, args: &PodArgs, interrupt: watch::Receiver<b
         async move { Agent::connect(&pods, &ns, &pod, &node, port).await }
     };
 
-    if args.dry_run {
-        return dry_run(args, &resolved, &options, connect(&resolved.source)).await;
+    match args.dry_run {
+        resource::DryRun::None => {}
+        resource::DryRun::Client => {
+            return dry_run(args, &resolved, &options, connect(&resolved.source)).await
+        }
+        resource::DryRun::Server => {
+            return fail(Exit::Refused, anyhow::anyhow!("--dry-run=server needs a Migration; drop --direct"))
+        }
     }
 
     let agents = tokio::select! {

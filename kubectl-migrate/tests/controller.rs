@@ -240,31 +240,6 @@ async fn a_migration_naming_a_pod_of_another_namespace_fails_and_a_cancelled_one
     }
 }
 
-/// The controller of node-a against the fake agents of `support::Cluster` (no RBAC): its own
-/// engine through a unix socket, node-b's agent through the API server's port-forward.
-async fn fake_cluster_controller(
-    c: &support::Cluster,
-    dir: &std::path::Path,
-) -> tokio::sync::oneshot::Sender<()> {
-    let socket = dir.join("agent-a.sock");
-    c.serve_unix("agent-a", &socket);
-    let kubeconfig = Kubeconfig::from_yaml(&c.api.kubeconfig()).unwrap();
-    let config =
-        kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default()).await.unwrap();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let config_a = Config {
-        node_name: "node-a".to_owned(),
-        agent_namespace: support::AGENT_NS.to_owned(),
-        agent_port: 10555,
-        runtime_class: support::CLASS.to_owned(),
-        local_socket: socket,
-    };
-    tokio::spawn(controller::run(Client::try_from(config).unwrap(), config_a, async {
-        let _ = stopped.await;
-    }));
-    stop
-}
-
 async fn shop(c: &support::Cluster) -> Api<Migration> {
     let kubeconfig = Kubeconfig::from_yaml(&c.api.kubeconfig()).unwrap();
     let config =
@@ -276,7 +251,7 @@ async fn shop(c: &support::Cluster) -> Api<Migration> {
 async fn a_migration_completes_with_the_phases_and_figures_of_both_nodes() {
     let c = support::Cluster::start(support::Options::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let _a = fake_cluster_controller(&c, dir.path()).await;
+    let _a = c.start_controller(dir.path()).await;
     let mut spec = MigrationSpec::new("web-0", "node-b");
     spec.options.downtime = "40ms".into();
     let migrations = shop(&c).await;
@@ -343,7 +318,7 @@ async fn a_cancel_through_the_resource_rolls_back_before_the_commit() {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let _a = fake_cluster_controller(&c, dir.path()).await;
+    let _a = c.start_controller(dir.path()).await;
     let migrations = shop(&c).await;
     migrations
         .create(&PostParams::default(), &Migration::new("m", MigrationSpec::new("web-0", "node-b")))

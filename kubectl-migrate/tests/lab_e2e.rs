@@ -249,7 +249,18 @@ impl FakeCluster {
         let kubeconfig = self.kubeconfig.to_str().expect("a UTF-8 path");
         run_plugin(
             &self.rt,
-            &["pod", POD, "--to", "node-b", "--shared-storage", "-o", "json", "--kubeconfig", kubeconfig],
+            &[
+                "pod",
+                "--direct",
+                POD,
+                "--to",
+                "node-b",
+                "--shared-storage",
+                "-o",
+                "json",
+                "--kubeconfig",
+                kubeconfig,
+            ],
             self.home.path(),
         )
     }

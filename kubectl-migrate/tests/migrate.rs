@@ -23,6 +23,7 @@ async fn a_full_migration_reaches_both_agents_in_order_and_prints_json() {
     let run = c
         .run(&[
             "pod",
+            "--direct",
             "web-0",
             "--to",
             "node-b",
@@ -132,7 +133,7 @@ async fn a_full_migration_reaches_both_agents_in_order_and_prints_json() {
 #[tokio::test]
 async fn yaml_output_is_the_json_document_as_yaml() {
     let c = Cluster::start(Options::default()).await;
-    let run = c.run(&["pod", "web-0", "--to", "node-b", "-o", "yaml"]).await;
+    let run = c.run(&["pod", "--direct", "web-0", "--to", "node-b", "-o", "yaml"]).await;
     assert_eq!(run.code, Some(0), "{run:?}");
     let doc: serde_json::Value = serde_saphyr::from_str(&run.stdout).expect("one YAML document on stdout");
     assert_eq!(doc["result"], "succeeded", "{}", run.stdout);
@@ -146,7 +147,7 @@ async fn yaml_output_is_the_json_document_as_yaml() {
 async fn the_run_ends_once_the_vm_runs_on_the_destination() {
     // The source forwards stragglers and never reports COMPLETED here.
     let c = Cluster::start(Options { source: support::source_success(true), ..Options::default() }).await;
-    let run = c.run(&["pod", "web-0", "--to", "node-b"]).await;
+    let run = c.run(&["pod", "--direct", "web-0", "--to", "node-b"]).await;
     assert_eq!(run.code, Some(0), "{run:?}");
     let out = &run.stdout;
     for want in [
@@ -177,7 +178,7 @@ async fn a_failing_destination_cancels_the_source_and_exits_1() {
         support::agent::Script { events: vec![support::event(Phase::PHASE_PREPARING, 0, "ready"), failed] };
     let c =
         Cluster::start(Options { source: support::stuck_in_ram(), destination, ..Options::default() }).await;
-    let run = c.run(&["pod", "web-0", "--to", "node-b", "-o", "json"]).await;
+    let run = c.run(&["pod", "--direct", "web-0", "--to", "node-b", "-o", "json"]).await;
     assert_eq!(run.code, Some(1), "{run:?}");
 
     let cancels: Vec<CancelRequest> = calls_of(&c, "node-a")
@@ -213,7 +214,7 @@ async fn a_source_that_refuses_to_start_leaves_nothing_on_the_destination() {
         ..Options::default()
     })
     .await;
-    let run = c.run(&["pod", "web-0", "--to", "node-b"]).await;
+    let run = c.run(&["pod", "--direct", "web-0", "--to", "node-b"]).await;
     assert_eq!(run.code, Some(2), "a refusal: {run:?}");
     assert!(
         run.stderr.contains("FAILED_PRECONDITION: sandbox 3f2a9c is already migrating"),
@@ -233,7 +234,7 @@ async fn ctrl_c_cancels_through_the_source_and_exits_130() {
         ..Options::default()
     })
     .await;
-    let child = c.command(&["pod", "web-0", "--to", "node-b"]).spawn().unwrap();
+    let child = c.command(&["pod", "--direct", "web-0", "--to", "node-b"]).spawn().unwrap();
     // Interrupt once both sides are being watched, i.e. the migration is under way.
     c.log
         .wait_until("both watches", |calls| {
@@ -272,7 +273,7 @@ async fn timeout_cancels_through_the_source_and_exits_1() {
         ..Options::default()
     })
     .await;
-    let run = c.run(&["pod", "web-0", "--to", "node-b", "--timeout", "1s", "-o", "json"]).await;
+    let run = c.run(&["pod", "--direct", "web-0", "--to", "node-b", "--timeout", "1s", "-o", "json"]).await;
     assert_eq!(run.code, Some(1), "{run:?}");
     let doc: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
     assert_eq!(doc["result"], "failed");

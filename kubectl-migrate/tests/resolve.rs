@@ -11,35 +11,35 @@ use support::{Cluster, Options};
 async fn every_refusal_exits_2_with_a_one_line_reason() {
     let c = Cluster::start(Options::default()).await;
     let table: &[(&[&str], &str)] = &[
-        (&["pod", "nope", "--to", "node-b"], "error: pod shop/nope not found"),
-        (&["pod", "web-0", "--to", "node-z"], "error: node \"node-z\" not found"),
-        (&["pod", "web-0", "--to", "node-a"], "error: pod shop/web-0 already runs on node node-a; choose another destination"),
-        (&["pod", "web-0", "--to", "node-notready"], "error: node node-notready is NotReady (KubeletNotReady: container runtime is down)"),
-        (&["pod", "web-0", "--to", "node-cordoned"], "error: node node-cordoned is cordoned (spec.unschedulable)"),
+        (&["pod", "--direct", "nope", "--to", "node-b"], "error: pod shop/nope not found"),
+        (&["pod", "--direct", "web-0", "--to", "node-z"], "error: node \"node-z\" not found"),
+        (&["pod", "--direct", "web-0", "--to", "node-a"], "error: pod shop/web-0 already runs on node node-a; choose another destination"),
+        (&["pod", "--direct", "web-0", "--to", "node-notready"], "error: node node-notready is NotReady (KubeletNotReady: container runtime is down)"),
+        (&["pod", "--direct", "web-0", "--to", "node-cordoned"], "error: node node-cordoned is cordoned (spec.unschedulable)"),
         (
-            &["pod", "web-0", "--to", "node-noagent"],
+            &["pod", "--direct", "web-0", "--to", "node-noagent"],
             "error: no katamaran agent on node node-noagent: no agent pod runs there \
              (label app.kubernetes.io/name=katamaran-agent in namespace katamaran-system)",
         ),
-        (&["pod", "web-0", "--to", "node-v6"], "error: node node-v6 has no IPv4 InternalIP, needed for the pod's address 10.244.1.7"),
+        (&["pod", "--direct", "web-0", "--to", "node-v6"], "error: node node-v6 has no IPv4 InternalIP, needed for the pod's address 10.244.1.7"),
         (
-            &["pod", "plain", "--to", "node-b"],
+            &["pod", "--direct", "plain", "--to", "node-b"],
             "error: pod shop/plain uses no runtime class (the node's default runtime, not Kata); \
              only pods of runtime class \"kata-katamaran\" can be migrated",
         ),
         (
-            &["pod", "other-kata", "--to", "node-b"],
+            &["pod", "--direct", "other-kata", "--to", "node-b"],
             "error: pod shop/other-kata uses runtime class \"kata-qemu\"; only pods of runtime class \"kata-katamaran\"",
         ),
-        (&["pod", "pending", "--to", "node-b"], "error: pod shop/pending is Pending, not Running"),
+        (&["pod", "--direct", "pending", "--to", "node-b"], "error: pod shop/pending is Pending, not Running"),
         (
-            &["pod", "orphan", "--to", "node-b"],
+            &["pod", "--direct", "orphan", "--to", "node-b"],
             "error: the katamaran agent on node node-a knows no Kata sandbox of pod shop/orphan (1 sandboxes listed)",
         ),
-        (&["pod", "web-0", "--to", "node-b", "--downtime", "60s"], "error: invalid downtime: 60s is outside 1ms..=10s"),
-        (&["pod", "web-0", "--to", "node-b", "--tunnel-mode", "ip6ip6"], "error: invalid tunnel-mode: ip6ip6 cannot carry the VM address 10.244.1.7"),
-        (&["pod", "web-0"], "the following required arguments were not provided"),
-        (&["pod", "web-0", "--to", "node-b", "--downtime", "soon"], "invalid value 'soon' for '--downtime <DURATION>'"),
+        (&["pod", "--direct", "web-0", "--to", "node-b", "--downtime", "60s"], "error: invalid downtime: 60s is outside 1ms..=10s"),
+        (&["pod", "--direct", "web-0", "--to", "node-b", "--tunnel-mode", "ip6ip6"], "error: invalid tunnel-mode: ip6ip6 cannot carry the VM address 10.244.1.7"),
+        (&["pod", "--direct", "web-0"], "the following required arguments were not provided"),
+        (&["pod", "--direct", "web-0", "--to", "node-b", "--downtime", "soon"], "invalid value 'soon' for '--downtime <DURATION>'"),
     ];
     for (args, want) in table {
         let run = c.run(args).await;
@@ -57,7 +57,7 @@ async fn every_refusal_exits_2_with_a_one_line_reason() {
 #[tokio::test]
 async fn a_user_without_portforward_rights_is_refused_with_the_api_message() {
     let c = Cluster::start(Options { forbid_portforward: true, ..Options::default() }).await;
-    let run = c.run(&["pod", "web-0", "--to", "node-b"]).await;
+    let run = c.run(&["pod", "--direct", "web-0", "--to", "node-b"]).await;
     assert_eq!(run.code, Some(2), "{run:?}");
     assert!(
         run.stderr.contains("cannot port-forward to katamaran agent katamaran-system/agent-"),
@@ -76,7 +76,7 @@ async fn a_user_without_portforward_rights_is_refused_with_the_api_message() {
 #[tokio::test]
 async fn an_agent_that_does_not_listen_fails_with_the_port_forward_error() {
     let c = Cluster::start(Options::default()).await;
-    let run = c.run(&["pod", "web-0", "--to", "node-down"]).await;
+    let run = c.run(&["pod", "--direct", "web-0", "--to", "node-down"]).await;
     // The upgrade succeeds, then the API server reports "connection refused" on the port's
     // error channel and closes; the first RPC to that agent (PrepareIncoming) carries it.
     assert_eq!(run.code, Some(1), "{run:?}");
@@ -92,7 +92,17 @@ async fn an_agent_that_does_not_listen_fails_with_the_port_forward_error() {
 async fn dry_run_prints_the_plan_and_changes_nothing() {
     let c = Cluster::start(Options::default()).await;
     let run = c
-        .run(&["pod", "web-0", "--to", "node-b", "--dry-run", "--downtime", "100ms", "--shared-storage"])
+        .run(&[
+            "pod",
+            "--direct",
+            "web-0",
+            "--to",
+            "node-b",
+            "--dry-run",
+            "--downtime",
+            "100ms",
+            "--shared-storage",
+        ])
         .await;
     assert_eq!(run.code, Some(0), "{run:?}");
     for want in [
@@ -116,7 +126,7 @@ async fn dry_run_prints_the_plan_and_changes_nothing() {
 #[tokio::test]
 async fn dry_run_json_is_one_document() {
     let c = Cluster::start(Options::default()).await;
-    let run = c.run(&["pod", "web-0", "--to", "node-b", "--dry-run", "-o", "json"]).await;
+    let run = c.run(&["pod", "--direct", "web-0", "--to", "node-b", "--dry-run", "-o", "json"]).await;
     assert_eq!(run.code, Some(0), "{run:?}");
     let doc: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
     assert_eq!(doc["dryRun"], true);
@@ -126,7 +136,7 @@ async fn dry_run_json_is_one_document() {
     assert_eq!(doc["destination"]["agentPod"], "agent-b");
     assert_eq!(doc["options"]["downtimeLimitMs"], 25);
     // -o yaml is the same document.
-    let run = c.run(&["pod", "web-0", "--to", "node-b", "--dry-run", "-o", "yaml"]).await;
+    let run = c.run(&["pod", "--direct", "web-0", "--to", "node-b", "--dry-run", "-o", "yaml"]).await;
     assert_eq!(run.code, Some(0), "{run:?}");
     assert!(!run.stdout.trim_start().starts_with('{'), "YAML, not JSON: {}", run.stdout);
     let yaml: serde_json::Value = serde_saphyr::from_str(&run.stdout).unwrap();
@@ -136,7 +146,7 @@ async fn dry_run_json_is_one_document() {
 #[tokio::test]
 async fn dry_run_reports_an_unreachable_source_agent_without_failing() {
     let c = Cluster::start(Options { forbid_portforward: true, ..Options::default() }).await;
-    let run = c.run(&["pod", "web-0", "--to", "node-b", "--dry-run"]).await;
+    let run = c.run(&["pod", "--direct", "web-0", "--to", "node-b", "--dry-run"]).await;
     assert_eq!(run.code, Some(0), "{run:?}");
     assert!(
         run.stdout.contains(
@@ -150,7 +160,7 @@ async fn dry_run_reports_an_unreachable_source_agent_without_failing() {
 #[tokio::test]
 async fn kubectl_flags_choose_the_kubeconfig_context_and_namespace() {
     let c = Cluster::start(Options::default()).await;
-    let dry = ["pod", "web-0", "--to", "node-b", "--dry-run"];
+    let dry = ["pod", "--direct", "web-0", "--to", "node-b", "--dry-run"];
     // The context's namespace (shop) is the default...
     assert_eq!(c.run(&dry).await.code, Some(0));
     // ... -n overrides it ...
@@ -205,7 +215,7 @@ async fn server_token_and_impersonation_flags_reach_the_api_server_as_kubectls_d
         }
     }
     let server = format!("http://{}", c.api.addr);
-    let dry = ["pod", "web-0", "--to", "node-b", "--dry-run", "-n", "shop", "--server", &server];
+    let dry = ["pod", "--direct", "web-0", "--to", "node-b", "--dry-run", "-n", "shop", "--server", &server];
     // No kubeconfig at all: --server and --token are enough. alice may read her pod but not
     // nodes (the migrator role): the API's refusal names her.
     let without_kubeconfig = |extra: &[&str]| {
@@ -256,7 +266,7 @@ async fn server_token_and_impersonation_flags_reach_the_api_server_as_kubectls_d
 #[tokio::test]
 async fn connection_flags_refuse_bad_values_with_exit_2_naming_the_flag() {
     let c = Cluster::start(Options::default()).await;
-    let dry = ["pod", "web-0", "--to", "node-b", "--dry-run"];
+    let dry = ["pod", "--direct", "web-0", "--to", "node-b", "--dry-run"];
     for (extra, want) in [
         (&["--as-group", "admins"][..], "--as <USER>"),
         (&["--as-uid", "42"][..], "--as <USER>"),
@@ -288,7 +298,18 @@ async fn request_timeout_bounds_an_api_server_that_does_not_answer() {
     let server = format!("http://{addr}");
     let started = std::time::Instant::now();
     let run = c
-        .run(&["pod", "web-0", "--to", "node-b", "--dry-run", "--server", &server, "--request-timeout", "1s"])
+        .run(&[
+            "pod",
+            "--direct",
+            "web-0",
+            "--to",
+            "node-b",
+            "--dry-run",
+            "--server",
+            &server,
+            "--request-timeout",
+            "1s",
+        ])
         .await;
     assert_eq!(run.code, Some(1), "a failure to find out, not a refusal: {run:?}");
     assert!(

@@ -326,6 +326,35 @@ impl Cluster {
         });
     }
 
+    /// Runs the agents' Migration controller in this process as node-a's agent: its own engine
+    /// is agent-a's fake (through a unix socket under `dir`), node-b's agent is reached through
+    /// the API server's port-forward. It stops when the returned sender is dropped.
+    pub async fn start_controller(&self, dir: &std::path::Path) -> tokio::sync::oneshot::Sender<()> {
+        let socket = dir.join("agent-a.sock");
+        self.serve_unix("agent-a", &socket);
+        let kubeconfig = kube::config::Kubeconfig::from_yaml(&self.api.kubeconfig()).unwrap();
+        let config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
+                .await
+                .unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let controller = katamaran::cluster::controller::Config {
+            node_name: "node-a".to_owned(),
+            agent_namespace: AGENT_NS.to_owned(),
+            agent_port: 10555,
+            runtime_class: CLASS.to_owned(),
+            local_socket: socket,
+        };
+        tokio::spawn(katamaran::cluster::controller::run(
+            kube::Client::try_from(config).unwrap(),
+            controller,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        stop
+    }
+
     /// Calls received by agents, `node:Rpc`.
     pub fn calls(&self) -> Vec<String> {
         self.log.names()
