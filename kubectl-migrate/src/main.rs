@@ -511,6 +511,7 @@ async fn migrate(flags: &KubeFlags, args: &PodArgs, interrupt: watch::Receiver<b
         timeout: args.timeout,
         wait_forwarding: args.wait_forwarding,
         cancel_grace: DEFAULT_CANCEL_GRACE,
+        stopped_by: orchestrate::KUBECTL_STOP,
     };
     let mut progress =
         output::progress_for(args.output, std::io::stdout().is_terminal(), std::io::stderr().is_terminal());

@@ -348,3 +348,43 @@ async fn a_cancel_through_the_resource_rolls_back_before_the_commit() {
     let reasons: Vec<String> = events_of(&c.api, "shop", "m").into_iter().map(|e| e.1).collect();
     assert_eq!(reasons, ["MigrationStarted", "MigrationCancelled"]);
 }
+
+#[tokio::test]
+async fn a_restarted_agent_ends_a_migration_its_engine_never_started_and_lets_it_go() {
+    // As a previous agent of node-a left it: accepted (finalizer, Preparing, its node), then the
+    // agent died before StartMigration; the engine has no migration of that id.
+    let c = support::Cluster::start(support::Options::default()).await;
+    let migrations = shop(&c).await;
+    let mut m = Migration::new("left", MigrationSpec::new("web-0", "node-b"));
+    m.metadata.finalizers = Some(vec![FINALIZER.to_owned()]);
+    migrations.create(&PostParams::default(), &m).await.unwrap();
+    let status = serde_json::json!({"status": {
+        "phase": "Preparing", "owner": "Source", "sourceNode": "node-a", "targetNode": "node-b",
+        "startTime": "2026-12-04T00:00:00Z",
+    }});
+    migrations
+        .patch_status("left", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&status))
+        .await
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let _a = c.start_controller(dir.path()).await;
+    let ended = wait_for(&migrations, "left", |m| {
+        m.is_some_and(|m| m.phase().is_terminal() && m.metadata.finalizers.as_ref().is_none_or(Vec::is_empty))
+    })
+    .await
+    .unwrap();
+    let st = ended.status.clone().unwrap();
+    assert_eq!((ended.phase(), st.owner), (Phase::Failed, Some(Owner::Source)), "{st:#?}");
+    assert!(
+        st.message.as_deref().is_some_and(|m| m.contains("restarted before the source started")),
+        "{st:#?}"
+    );
+    // It asked its own engine only, and started nothing anywhere.
+    let calls = c.calls();
+    assert_eq!(calls, ["node-a:Watch"], "{calls:?}");
+    assert_eq!(
+        events_of(&c.api, "shop", "left").into_iter().map(|e| e.1).collect::<Vec<_>>(),
+        ["MigrationFailed"]
+    );
+}

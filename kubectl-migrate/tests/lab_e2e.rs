@@ -445,8 +445,9 @@ fn lab_kubectl_migrate_reports_a_source_failing_in_preparing_at_once_and_node_b_
 /// a Migration; the agents, connected to the API server on the cluster network as their
 /// ServiceAccount (RBAC from deploy/), move the VM under the probe: the agent of node-a accepts
 /// and drives, reaching node-b's agent through a port-forward. The resource reports the phases,
-/// QEMU's downtime and the guest pause, Forwarding until the forward ends (released here), then
-/// Completed with its finalizer gone; Events on the Migration and the Pod say so.
+/// QEMU's downtime and the guest pause, Forwarding until the forward ends; node-a's agent is
+/// killed and restarted meanwhile and picks the Migration up again; after the release it is
+/// Completed with its finalizer gone, and Events on the Migration and the Pod say so.
 #[test]
 fn lab_a_migration_resource_moves_the_vm_under_the_probe_through_the_agents_controllers() {
     use katamaran_api::v1alpha1::{Migration, MigrationSpec, Owner, Phase, FINALIZER};
@@ -500,7 +501,7 @@ fn lab_a_migration_resource_moves_the_vm_under_the_probe_through_the_agents_cont
         ];
         Agent::start_with_args(&lab, node, &bins.agent, &[], &args)
     };
-    let agents = [start(Node::A).expect("the node-a agent"), start(Node::B).expect("the node-b agent")];
+    let mut agents = [start(Node::A).expect("the node-a agent"), start(Node::B).expect("the node-b agent")];
 
     let boot_id = page(&lab)["boot_id"].as_str().expect("the page has a boot_id").to_owned();
     let probe = lab.spawn_probe(SocketAddr::new(IpAddr::V4(POD_V4), 7), RATE).expect("the probe starts");
@@ -526,7 +527,7 @@ fn lab_a_migration_resource_moves_the_vm_under_the_probe_through_the_agents_cont
         .rt
         .block_on(alice.create(&kube::api::PostParams::default(), &Migration::new("web-0-to-node-b", spec)))
         .expect("alice may create Migrations in the pod's namespace");
-    let until = |what: &str, done: &dyn Fn(&Migration) -> bool| -> Migration {
+    let until = |what: &str, done: &dyn Fn(&Migration) -> bool, agents: &[Agent]| -> Migration {
         let deadline = Instant::now() + PLUGIN_DEADLINE;
         loop {
             let m = cluster.rt.block_on(alice.get("web-0-to-node-b")).expect("the Migration");
@@ -543,7 +544,8 @@ fn lab_a_migration_resource_moves_the_vm_under_the_probe_through_the_agents_cont
             std::thread::sleep(Duration::from_millis(100));
         }
     };
-    let moved = until("reach Forwarding", &|m| m.phase() == Phase::Forwarding || m.phase().is_terminal());
+    let moved =
+        until("reach Forwarding", &|m| m.phase() == Phase::Forwarding || m.phase().is_terminal(), &agents);
     let took = asked.elapsed();
     let arrived = agents::wait_for_rx(&lab, "node-b", "eth0", AFTER, TRAFFIC_WAIT);
     let report = probe.stop(Duration::from_secs(10)).expect("the probe's report");
@@ -585,6 +587,16 @@ fn lab_a_migration_resource_moves_the_vm_under_the_probe_through_the_agents_cont
     );
     assert_eq!(page(&lab)["boot_id"], boot_id.as_str(), "the same VM answers, from node-b");
 
+    // node-a's agent crashes while it forwards; the restarted one re-adopts the forward from its
+    // journal and picks the Migration up again.
+    agents[0].kill().expect("kill node-a's agent");
+    agents[0] = start(Node::A).expect("node-a's agent again");
+    assert_eq!(
+        cluster.rt.block_on(alice.get("web-0-to-node-b")).expect("the Migration").phase(),
+        Phase::Forwarding,
+        "a restart changes nothing the resource says"
+    );
+
     // The forward ends (an operator releases it, as one would once the cluster routes the pod
     // to node-b): the Migration completes and lets go.
     let id = format!("k8s-{}", moved.metadata.uid.clone().expect("a uid"));
@@ -598,7 +610,8 @@ fn lab_a_migration_resource_moves_the_vm_under_the_probe_through_the_agents_cont
     // Ended and let go: the terminal status comes first, the finalizer's removal right after.
     let released =
         |m: &Migration| m.metadata.finalizers.as_ref().is_none_or(|f| f.iter().all(|f| f != FINALIZER));
-    let done = until("complete and release its finalizer", &|m| m.phase().is_terminal() && released(m));
+    let done =
+        until("complete and release its finalizer", &|m| m.phase().is_terminal() && released(m), &agents);
     assert_eq!(done.phase(), Phase::Completed, "{:#?}", done.status);
     let st = done.status.clone().unwrap();
     let forwarding = st.conditions.iter().find(|c| c.type_ == "Forwarding").expect("a Forwarding condition");

@@ -41,6 +41,8 @@ use crate::migration::options::{MigrationOptions, StorageMode, TunnelMode as Eng
 pub const STATUS_EVERY: Duration = Duration::from_secs(1);
 /// After a failed reconcile, when to try again.
 const RETRY: Duration = Duration::from_secs(5);
+/// How often a restarted agent tries to follow a migration on its own engine (every [`RETRY`]).
+const PICK_UP_ATTEMPTS: u32 = 12;
 
 /// What the controller needs to know about its node.
 #[derive(Debug, Clone)]
@@ -136,8 +138,12 @@ pub async fn run(
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|r| async move {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "reconcile");
+            match r {
+                Ok(_) => {}
+                // Logged by error_policy already.
+                Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
+                // A watch that fails (no CRD, no RBAC, the API away) is retried with backoff.
+                Err(e) => tracing::warn!(error = %crate::migration::error::chain(&e), "watching Migrations"),
             }
         })
         .await;
@@ -569,8 +575,12 @@ async fn drive(
         }
     };
     let plan = Plan { resolved, options, sandbox, migration_id: id.clone() };
-    let settings =
-        Settings { timeout: None, wait_forwarding: true, cancel_grace: orchestrate::DEFAULT_CANCEL_GRACE };
+    let settings = Settings {
+        timeout: None,
+        wait_forwarding: true,
+        cancel_grace: orchestrate::DEFAULT_CANCEL_GRACE,
+        stopped_by: "the Migration (spec.cancel, or its deletion)",
+    };
     let (tx, rx) = mpsc::unbounded_channel();
     let writing = tokio::spawn(writer(migrations.clone(), name.clone(), builder, rx));
     let mut progress = ToWriter(tx);
@@ -700,42 +710,62 @@ async fn pick_up(
             return finish(ctx, migrations, m, b, reason::FAILED, &e).await;
         }
     };
-    let mut events = match source.watch(&id).await {
-        Ok(ev) => ev,
-        Err(e) if e.code() == Some(katamaran_protos::ttrpc::Code::NOT_FOUND) => {
-            // The agent stopped before the source started: the destination may have prepared.
-            // Its engine gives up on a source that never connects (its connect limit) and
-            // undoes what it made; nothing ran on the source.
-            let message = format!(
-                "the agent of node {} restarted before the source started; the VM stays there and the target gives up its preparation",
-                ctx.config.node_name
-            );
-            b.finish(Phase::Failed, Owner::Source, &message);
-            return finish(ctx, migrations, m, b, reason::FAILED, &message).await;
-        }
-        Err(e) => return Err(Error::Malformed(format!("{name}: {e}"))),
-    };
+    let not_started = format!(
+        "the agent of node {} restarted before the source started; the VM stays there and the target gives up its preparation",
+        ctx.config.node_name
+    );
+    let is_not_found =
+        |e: &super::transport::Error| e.code() == Some(katamaran_protos::ttrpc::Code::NOT_FOUND);
     let mut tracker = orchestrate::Tracker::new(true);
     let mut cancel_sent = false;
-    loop {
-        tokio::select! {
-            r = events.next() => match r {
-                Ok(Some(e)) => {
-                    b.event(Side::Source, &e);
-                    let p = crate::client::phase(&e);
-                    tracker.on_event(Side::Source, e);
-                    if p.is_terminal() { break; }
-                    if b.take_urgent() {
-                        write_status(migrations, &name, b.status()).await?;
-                    }
+    let mut attempts = 0u32;
+    'follow: loop {
+        // A NOT_FOUND (at once, or as the stream's first answer) means the engine never started
+        // the migration: the destination may have prepared, and its engine gives up on a source
+        // that never connects (its connect limit), undoing what it made.
+        let mut events = match source.watch(&id).await {
+            Ok(ev) => ev,
+            Err(e) if is_not_found(&e) => {
+                b.finish(Phase::Failed, Owner::Source, &not_started);
+                return finish(ctx, migrations, m, b, reason::FAILED, &not_started).await;
+            }
+            Err(e) => {
+                attempts += 1;
+                if attempts >= PICK_UP_ATTEMPTS {
+                    let message = format!("cannot follow the migration on this node's engine: {e}");
+                    b.finish(Phase::Failed, Owner::Source, &message);
+                    return finish(ctx, migrations, m, b, reason::FAILED, &message).await;
                 }
-                Ok(None) | Err(_) => break,
-            },
-            asked = async { cancel.wait_for(|c| *c).await.is_ok() }, if !cancel_sent => {
-                cancel_sent = true;
-                if asked {
-                    let answer = source.cancel(&id, "cancelled through the Migration").await.map_err(|e| e.to_string());
-                    tracker.on_cancel_answer(Side::Source, answer);
+                tokio::time::sleep(RETRY).await;
+                continue 'follow;
+            }
+        };
+        loop {
+            tokio::select! {
+                r = events.next() => match r {
+                    Ok(Some(e)) => {
+                        b.event(Side::Source, &e);
+                        let p = crate::client::phase(&e);
+                        tracker.on_event(Side::Source, e);
+                        if p.is_terminal() {
+                            break 'follow;
+                        }
+                        if b.take_urgent() {
+                            write_status(migrations, &name, b.status()).await?;
+                        }
+                    }
+                    Err(e) if is_not_found(&e) && tracker.events(Side::Source).is_empty() => {
+                        b.finish(Phase::Failed, Owner::Source, &not_started);
+                        return finish(ctx, migrations, m, b, reason::FAILED, &not_started).await;
+                    }
+                    Ok(None) | Err(_) => break 'follow,
+                },
+                asked = async { cancel.wait_for(|c| *c).await.is_ok() }, if !cancel_sent => {
+                    cancel_sent = true;
+                    if asked {
+                        let answer = source.cancel(&id, "cancelled through the Migration").await.map_err(|e| e.to_string());
+                        tracker.on_cancel_answer(Side::Source, answer);
+                    }
                 }
             }
         }

@@ -1,14 +1,16 @@
-//! One migration driven from the client: the two agents are told what to do, in order, and
-//! watched until the VM runs on the destination, or until both sides have undone their work.
+//! One migration driven between two agents: they are told what to do, in order, and watched
+//! until the VM runs on the destination, or until both sides have undone their work. The source
+//! agent's Migration controller runs it (its own engine as the source), and so does `kubectl
+//! migrate --direct` from a workstation: one orchestration, two callers.
 //!
 //! ```text
-//! kubectl migrate        destination agent                 source agent
+//! driver                 destination agent                 source agent
 //!   │ ListSandboxes, Inspect ───────────────────────────────────▶│
 //!   │ PrepareIncoming ───────▶│ (id, secret, argv, options)      │
 //!   │ StartMigration ───────────────────────────────────────────▶│ (same id, secret, options)
 //!   │ Watch ─────────────────▶│              Watch ──────────────▶│
 //!   │◀══ events, merged ══════╪══════════════════════════════════╡
-//!   │ on a FAILED/CANCELLED side, on Ctrl-C or --timeout: Cancel the side(s) still running,
+//!   │ on a FAILED/CANCELLED side, on a stop or the timeout: Cancel through the source,
 //!   │ then wait (bounded by the cancel grace) for their terminal events
 //! ```
 //!
@@ -147,7 +149,11 @@ pub struct Tracker {
     stop: Option<Stop>,
     first_failure: Option<(Side, String, String)>,
     notes: Vec<String>,
+    stopped_by: &'static str,
 }
+
+/// [`Tracker::stopped_by`]'s default.
+pub const KUBECTL_STOP: &str = "the user (Ctrl-C in kubectl migrate)";
 
 fn error_kind_name(e: &pb::MigrationEvent) -> String {
     match e.result.error_kind.enum_value() {
@@ -175,7 +181,16 @@ impl Tracker {
             stop: None,
             first_failure: None,
             notes: Vec::new(),
+            stopped_by: KUBECTL_STOP,
         }
+    }
+
+    /// Who a stop ([`Stop::Interrupted`]) comes from, for the cancel's reason (default: Ctrl-C
+    /// in `kubectl migrate`).
+    #[must_use]
+    pub fn stopped_by(mut self, who: &'static str) -> Self {
+        self.stopped_by = who;
+        self
     }
 
     fn side(&mut self, side: Side) -> &mut SideState {
@@ -298,7 +313,7 @@ impl Tracker {
             return Vec::new();
         }
         let reason = match stop {
-            Stop::Interrupted => "cancelled by the user (Ctrl-C in kubectl migrate)".to_owned(),
+            Stop::Interrupted => format!("cancelled by {}", self.stopped_by),
             Stop::TimedOut(t) => format!("kubectl migrate --timeout {t:?} passed"),
         };
         // Through the owner: the source decides and tells the destination.
@@ -430,6 +445,8 @@ pub struct Settings {
     pub wait_forwarding: bool,
     /// After a cancel, how long to wait for the sides' terminal events.
     pub cancel_grace: Duration,
+    /// Who a stop comes from, in the cancel's reason (see [`Tracker::stopped_by`]).
+    pub stopped_by: &'static str,
 }
 
 /// Default bound on the wait for terminal events after a cancel: the agents undo QEMU, NBD
@@ -562,7 +579,7 @@ pub async fn run(
         destination_sandbox_id: None,
         source_address: source_address.clone(),
         destination_address: None,
-        tracker: Tracker::new(settings.wait_forwarding),
+        tracker: Tracker::new(settings.wait_forwarding).stopped_by(settings.stopped_by),
         outcome: Outcome::Succeeded,
         elapsed: Duration::ZERO,
     };
@@ -590,8 +607,8 @@ pub async fn run(
         Prepared::Answered(Err(e)) => return Err(Error::Prepare(e)),
         Prepared::Stopped(stop) => {
             // PrepareIncoming may have got far on the node; Cancel undoes whatever it created.
-            let reason = "kubectl migrate stopped before the migration started";
-            if let Some(note) = cancel_quietly(Side::Destination, destination, &migration_id, reason).await {
+            let reason = format!("cancelled by {} before the migration started", settings.stopped_by);
+            if let Some(note) = cancel_quietly(Side::Destination, destination, &migration_id, &reason).await {
                 report.tracker.note(note);
             }
             report.tracker.on_stop(stop);
@@ -663,14 +680,14 @@ pub async fn follow(
             }
         };
 
-    let mut tracker = Tracker::new(settings.wait_forwarding);
+    let mut tracker = Tracker::new(settings.wait_forwarding).stopped_by(settings.stopped_by);
     let mut grace: Option<Instant> = None;
     while !tracker.done() {
         let actions = tokio::select! {
             r = next(&mut src_events), if tracker.is_open(Side::Source) => feed(&mut tracker, Side::Source, r, progress),
             r = next(&mut dst_events), if tracker.is_open(Side::Destination) => feed(&mut tracker, Side::Destination, r, progress),
             () = interrupted(&mut interrupt), if tracker.stop().is_none() => {
-                progress.note("interrupted: cancelling both sides (Ctrl-C again to quit without waiting)");
+                progress.note(&format!("cancelling through the source, as {} asked", settings.stopped_by));
                 tracker.on_stop(Stop::Interrupted)
             }
             () = at(deadline), if tracker.stop().is_none() => {
