@@ -388,3 +388,29 @@ async fn a_restarted_agent_ends_a_migration_its_engine_never_started_and_lets_it
         ["MigrationFailed"]
     );
 }
+
+#[tokio::test]
+async fn deleting_a_running_migration_cancels_it_through_the_source_then_it_goes() {
+    let c = support::Cluster::start(support::Options {
+        source: support::stuck_in_ram(),
+        destination: support::stuck_in_ram(),
+        ..support::Options::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let _a = c.start_controller(dir.path()).await;
+    let migrations = shop(&c).await;
+    migrations
+        .create(&PostParams::default(), &Migration::new("m", MigrationSpec::new("web-0", "node-b")))
+        .await
+        .unwrap();
+    wait_for(&migrations, "m", |m| m.is_some_and(|m| m.phase() == Phase::Ram)).await;
+
+    migrations.delete("m", &DeleteParams::default()).await.unwrap();
+    // The finalizer holds the object until the source undid its part and the destination's.
+    wait_for(&migrations, "m", |m| m.is_none()).await;
+    let calls = c.calls();
+    assert!(calls.contains(&"node-a:Cancel".to_owned()), "cancelled through the source: {calls:?}");
+    let reasons: Vec<String> = events_of(&c.api, "shop", "m").into_iter().map(|e| e.1).collect();
+    assert_eq!(reasons, ["MigrationStarted", "MigrationCancelled"]);
+}

@@ -441,8 +441,8 @@ fn lab_kubectl_migrate_reports_a_source_failing_in_preparing_at_once_and_node_b_
     lab.down().expect("lab down");
 }
 
-/// The Migration resource end to end: a user allowed to migrate in the pod's namespace creates
-/// a Migration; the agents, connected to the API server on the cluster network as their
+/// The Migration resource end to end: `kubectl migrate`, run by a user allowed to migrate in the
+/// pod's namespace, creates a Migration and follows it; the agents, connected to the API server on the cluster network as their
 /// ServiceAccount (RBAC from deploy/), move the VM under the probe: the agent of node-a accepts
 /// and drives, reaching node-b's agent through a port-forward. The resource reports the phases,
 /// QEMU's downtime and the guest pause, Forwarding until the forward ends; node-a's agent is
@@ -450,7 +450,7 @@ fn lab_kubectl_migrate_reports_a_source_failing_in_preparing_at_once_and_node_b_
 /// Completed with its finalizer gone, and Events on the Migration and the Pod say so.
 #[test]
 fn lab_a_migration_resource_moves_the_vm_under_the_probe_through_the_agents_controllers() {
-    use katamaran_api::v1alpha1::{Migration, MigrationSpec, Owner, Phase, FINALIZER};
+    use katamaran_api::v1alpha1::{Migration, Owner, Phase, FINALIZER};
     use support::rbac::{Rbac, UserInfo};
     let Some(()) = check(artifacts::require_vm_lab()) else { return };
     let Some(_) = check(artifacts::ensure_guest_image().expect("hack/guest/build.sh failed")) else { return };
@@ -520,17 +520,52 @@ fn lab_a_migration_resource_moves_the_vm_under_the_probe_through_the_agents_cont
         .unwrap();
         kube::Api::namespaced(kube::Client::try_from(config).unwrap(), &namespace)
     });
-    let mut spec = MigrationSpec::new(POD, "node-b");
-    spec.options.shared_storage = true;
-    let asked = Instant::now();
-    cluster
-        .rt
-        .block_on(alice.create(&kube::api::PostParams::default(), &Migration::new("web-0-to-node-b", spec)))
-        .expect("alice may create Migrations in the pod's namespace");
+    // `kubectl migrate` as alice: it creates the Migration and follows it until the VM runs on
+    // node-b, then prints the resource.
+    let alice_kubeconfig = lab.scratch_path("alice-kubeconfig");
+    std::fs::write(&alice_kubeconfig, cluster.api.kubeconfig_for(&namespace, Some(ALICE)))
+        .expect("kubeconfig");
+    let run = run_plugin(
+        &cluster.rt,
+        &[
+            "pod",
+            POD,
+            "--to",
+            "node-b",
+            "--shared-storage",
+            "-o",
+            "json",
+            "--kubeconfig",
+            alice_kubeconfig.to_str().expect("a UTF-8 path"),
+        ],
+        cluster.home.path(),
+    );
+    assert_eq!(
+        run.code,
+        Some(0),
+        "kubectl-migrate exits 0\nstdout:\n{}\nstderr:\n{}\nnode-a agent:\n{}\nnode-b agent:\n{}",
+        run.stdout,
+        run.stderr,
+        agents[0].log_tail(30),
+        agents[1].log_tail(30)
+    );
+    let took = run.elapsed;
+    let moved: Migration = serde_json::from_str(&run.stdout)
+        .unwrap_or_else(|e| panic!("stdout is the Migration as JSON ({e}):\n{}", run.stdout));
+    let name = moved.metadata.name.clone().expect("a name");
+    assert!(name.starts_with("web-0-to-node-b-"), "{name}");
+    assert!(moved.spec.options.shared_storage);
+    for phase in ["Preparing", "Ram", "Forwarding"] {
+        assert!(
+            run.stderr.lines().any(|l| l.starts_with(phase)),
+            "a progress line for {phase}:\n{}",
+            run.stderr
+        );
+    }
     let until = |what: &str, done: &dyn Fn(&Migration) -> bool, agents: &[Agent]| -> Migration {
         let deadline = Instant::now() + PLUGIN_DEADLINE;
         loop {
-            let m = cluster.rt.block_on(alice.get("web-0-to-node-b")).expect("the Migration");
+            let m = cluster.rt.block_on(alice.get(&name)).expect("the Migration");
             if done(&m) {
                 return m;
             }
@@ -544,14 +579,11 @@ fn lab_a_migration_resource_moves_the_vm_under_the_probe_through_the_agents_cont
             std::thread::sleep(Duration::from_millis(100));
         }
     };
-    let moved =
-        until("reach Forwarding", &|m| m.phase() == Phase::Forwarding || m.phase().is_terminal(), &agents);
-    let took = asked.elapsed();
     let arrived = agents::wait_for_rx(&lab, "node-b", "eth0", AFTER, TRAFFIC_WAIT);
     let report = probe.stop(Duration::from_secs(10)).expect("the probe's report");
     let st = moved.status.clone().expect("a status");
     eprintln!(
-        "measured [Migration resource]: Forwarding {:.2} s after the create; QEMU downtime {:?} µs, guest pause {:?} µs, phases {:?}; probe {} sent, {} lost, {} duplicated, longest gap {:.1} ms",
+        "measured [Migration resource]: kubectl migrate exited {:.2} s after it started, the VM on node-b; QEMU downtime {:?} µs, guest pause {:?} µs, phases {:?}; probe {} sent, {} lost, {} duplicated, longest gap {:.1} ms",
         took.as_secs_f64(),
         st.downtime.as_ref().and_then(|d| d.qemu_microseconds),
         st.downtime.as_ref().and_then(|d| d.guest_pause_microseconds),
@@ -592,7 +624,7 @@ fn lab_a_migration_resource_moves_the_vm_under_the_probe_through_the_agents_cont
     agents[0].kill().expect("kill node-a's agent");
     agents[0] = start(Node::A).expect("node-a's agent again");
     assert_eq!(
-        cluster.rt.block_on(alice.get("web-0-to-node-b")).expect("the Migration").phase(),
+        cluster.rt.block_on(alice.get(&name)).expect("the Migration").phase(),
         Phase::Forwarding,
         "a restart changes nothing the resource says"
     );
@@ -650,10 +682,7 @@ fn lab_a_migration_resource_moves_the_vm_under_the_probe_through_the_agents_cont
     assert_eq!(forwards.len(), 1, "one port-forward, to node-b's agent: {forwards:#?}");
     assert!(forwards[0].contains(pods[1]), "{forwards:#?}");
 
-    cluster
-        .rt
-        .block_on(alice.delete("web-0-to-node-b", &kube::api::DeleteParams::default()))
-        .expect("delete");
+    cluster.rt.block_on(alice.delete(&name, &kube::api::DeleteParams::default())).expect("delete");
     drop(cluster);
     drop(agents);
     lab.down().expect("lab down");
