@@ -313,6 +313,11 @@ async fn migrate_through_resource(
 ) -> Exit {
     use katamaran_api::v1alpha1::Migration;
     use kube::ResourceExt;
+    for (what, name) in [("pod", &args.name), ("--to node", &args.to)] {
+        if let Err(e) = resource::check_name(what, name) {
+            return fail(Exit::Refused, anyhow::anyhow!(e));
+        }
+    }
     let options = resource::options(&args.migrate.options());
     if let Err(e) = options.resolve() {
         return fail(Exit::Refused, e);

@@ -68,7 +68,28 @@ pub fn bandwidth(bytes: u64) -> String {
     bytes.to_string()
 }
 
+/// Checks a pod or node name the way the API server will (a DNS-1123 subdomain), so that a bad
+/// one is refused before any request, naming the argument.
+///
+/// # Errors
+/// A sentence naming `what` and the rule.
+pub fn check_name(what: &str, name: &str) -> Result<(), String> {
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(label_ok) {
+        return Err(format!(
+            "{what} {name:?} is not a valid Kubernetes name (lowercase letters, digits, '-' and '.', at most 253 characters)"
+        ));
+    }
+    Ok(())
+}
+
 /// The Migration the plugin creates: a name the API server completes (`<pod>-to-<node>-xxxxx`).
+/// `pod` and `node` are names [`check_name`] accepts.
 pub fn new_migration(pod: &str, node: &str, options: Options) -> Migration {
     let mut spec = MigrationSpec::new(pod, node);
     spec.options = options;
@@ -77,7 +98,7 @@ pub fn new_migration(pod: &str, node: &str, options: Options) -> Migration {
     // Names are at most 253 characters; the API server adds 5.
     let mut prefix = format!("{pod}-to-{node}-");
     if prefix.len() > 240 {
-        prefix = format!("{}-", &pod[..pod.len().min(200)]);
+        prefix = format!("{}-", pod.get(..pod.len().min(200)).unwrap_or("migration"));
     }
     m.metadata.generate_name = Some(prefix);
     m

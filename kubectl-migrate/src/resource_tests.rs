@@ -115,3 +115,14 @@ fn lines_come_on_a_phase_change_and_progress_at_most_every_two_seconds() {
     done.status.as_mut().unwrap().message = Some("the VM runs on node-b".into());
     assert_eq!(lines.line(&done, t0 + Duration::from_secs(2)).unwrap(), "Forwarding — the VM runs on node-b");
 }
+
+#[test]
+fn names_are_checked_as_the_api_server_checks_them() {
+    for ok in ["web-0", "a", "node-b.example.com", &"a".repeat(253)] {
+        assert_eq!(check_name("pod", ok), Ok(()), "{ok}");
+    }
+    for bad in ["", "Web", "web_0", "-web", "web-", "a..b", "wéb", &"a".repeat(254), "web 0"] {
+        let e = check_name("--to node", bad).unwrap_err();
+        assert!(e.starts_with("--to node ") && e.contains("not a valid Kubernetes name"), "{bad}: {e}");
+    }
+}

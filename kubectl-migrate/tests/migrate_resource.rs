@@ -151,6 +151,15 @@ async fn dry_runs_change_nothing_and_server_dry_run_asks_the_api_server() {
     let bad = c.run(&["pod", "web-0", "--to", "node-b", "--dry-run=later"]).await;
     assert_eq!(bad.code, Some(2));
     assert!(bad.stderr.contains("--dry-run"), "{}", bad.stderr);
+    let badname = c.run(&["pod", "Web_0", "--to", "node-b"]).await;
+    assert_eq!(badname.code, Some(2));
+    assert!(badname.stderr.contains("pod \"Web_0\" is not a valid Kubernetes name"), "{}", badname.stderr);
+    let badopt = c.run(&["pod", "web-0", "--to", "node-b", "--tunnel-idle-timeout", "2d"]).await;
+    assert_eq!(badopt.code, Some(2), "{}", badopt.stderr);
+    assert!(
+        c.api.requests().iter().all(|r| !r.starts_with("POST ") || r.contains("dryRun")),
+        "refused before any request"
+    );
     let direct = c.run(&["pod", "web-0", "--to", "node-b", "--direct", "--dry-run=server"]).await;
     assert_eq!(direct.code, Some(2));
     assert!(direct.stderr.contains("--dry-run=server needs a Migration"), "{}", direct.stderr);

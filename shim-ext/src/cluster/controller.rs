@@ -41,6 +41,10 @@ use crate::migration::options::{MigrationOptions, StorageMode, TunnelMode as Eng
 pub const STATUS_EVERY: Duration = Duration::from_secs(1);
 /// After a failed reconcile, when to try again.
 const RETRY: Duration = Duration::from_secs(5);
+/// Tries to write a migration's end before leaving it to the periodic reconcile.
+const FINISH_TRIES: u32 = 3;
+/// How often a Migration this agent drives is reconciled without a change.
+const RESYNC: Duration = Duration::from_secs(60);
 /// How often a restarted agent tries to follow a migration on its own engine (every [`RETRY`]).
 const PICK_UP_ATTEMPTS: u32 = 12;
 
@@ -71,9 +75,13 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
-    /// The Migration has no namespace or UID (the API server always sets them).
-    #[error("Migration {0} has no namespace or uid")]
+    /// The Migration has no namespace or UID (the API server always sets them), or a UID that
+    /// is no valid migration id.
+    #[error("Migration {0} has no namespace or a usable uid")]
     Malformed(String),
+    /// The task writing a migration's status ended abnormally.
+    #[error("the status writer of Migration {0} stopped")]
+    Writer(String),
 }
 
 fn api(what: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
@@ -184,12 +192,16 @@ async fn reconcile(m: Arc<Migration>, ctx: Arc<Ctx>) -> Result<Action, Error> {
                 }
             }
         }
-        return Ok(Action::await_change());
+        // Looked at again now and then: a task that could not write its end leaves the
+        // Migration non-terminal with no task, which the branch below picks up.
+        return Ok(Action::requeue(RESYNC));
     }
     if phase != Phase::Pending {
-        // Accepted by an agent that is not running it: this node's predecessor (a restart).
+        // Accepted by an agent that is not running it: this node's predecessor (a restart), or
+        // a task of this one that ended without writing the end.
         if mine_by_status {
             spawn(&ctx, &m, &uid, Mode::PickUp);
+            return Ok(Action::requeue(RESYNC));
         }
         return Ok(Action::await_change());
     }
@@ -269,7 +281,7 @@ async fn reconcile(m: Arc<Migration>, ctx: Arc<Ctx>) -> Result<Action, Error> {
             .map_err(api(format!("add the finalizer to Migration {ns}/{name}")))?;
     }
     spawn(&ctx, &m, &uid, Mode::Start(Box::new(engine_options(&options))));
-    Ok(Action::await_change())
+    Ok(Action::requeue(RESYNC))
 }
 
 async fn remove_finalizer(migrations: &Api<Migration>, m: &Migration) -> Result<(), Error> {
@@ -586,7 +598,7 @@ async fn drive(
     let mut progress = ToWriter(tx);
     let report = orchestrate::run(&plan, &source, &destination, &settings, cancel, &mut progress).await;
     drop(progress);
-    let builder = writing.await.map_err(|_| Error::Malformed(name.clone()))?;
+    let builder = writing.await.map_err(|_| Error::Writer(name.clone()))?;
     conclude(ctx, migrations, m, builder, report.map_err(|e| format!("{:#}", anyhow_chain(&e)))).await
 }
 
@@ -677,7 +689,16 @@ async fn finish(
     event: &'static str,
     message: &str,
 ) -> Result<(), Error> {
-    write_status(migrations, &m.name_any(), b.status()).await?;
+    // The end must reach the API: a few tries, then the periodic reconcile picks it up again.
+    let mut tries = 0;
+    while let Err(e) = write_status(migrations, &m.name_any(), b.status()).await {
+        tries += 1;
+        if tries >= FINISH_TRIES {
+            return Err(e);
+        }
+        tracing::warn!(migration = %m.name_any(), error = %crate::migration::error::chain(&e), "cannot write the Migration's end; retrying");
+        tokio::time::sleep(RETRY).await;
+    }
     record(&ctx.client, &ctx.config.node_name, m, event != reason::COMPLETED, event, message).await;
     // The finalizer goes now that nothing runs; a failure here is retried by the reconcile the
     // status change triggers.
