@@ -11,6 +11,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use katamaran::cluster::orchestrate::{at, interrupted};
 use katamaran::migration::options::{MigrationOptions, StorageMode, TunnelMode as EngineTunnel};
 use katamaran_api::units;
 use katamaran_api::v1alpha1::{
@@ -301,19 +302,6 @@ async fn withdraw_unclaimed(
     false
 }
 
-async fn fired(rx: &mut watch::Receiver<bool>) {
-    if rx.wait_for(|v| *v).await.is_err() {
-        std::future::pending::<()>().await;
-    }
-}
-
-async fn at(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d.into()).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// Follows Migration `name` until [`verdict`] is final, printing lines to `out`. Ctrl-C
 /// (`interrupt`) or `timeout` ask for the cancel through the resource (`spec.cancel`) and keep
 /// following to see whether it was honoured.
@@ -388,7 +376,7 @@ pub async fn follow(
                     );
                 }
             }
-            () = fired(&mut interrupt), if cancel_asked.is_none() => {
+            () = interrupted(&mut interrupt), if cancel_asked.is_none() => {
                 cancel_asked = Some("interrupted");
                 let _ = writeln!(out, "interrupted: asking for the cancel through Migration {name} (Ctrl-C again to quit without waiting)");
                 if withdraw_unclaimed(api, name, last.as_ref(), out).await {

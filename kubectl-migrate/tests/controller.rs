@@ -309,8 +309,10 @@ async fn a_migration_completes_with_the_phases_and_figures_of_both_nodes() {
     assert!(note.contains("guest pause 175ms") && note.contains("QEMU downtime 115ms"), "{note}");
 }
 
-#[tokio::test]
-async fn a_cancel_through_the_resource_rolls_back_before_the_commit() {
+/// Migration `m` of web-0 running on fake agents that stay in RAM until cancelled, with node-a's
+/// controller: the cluster, the controller's directory and stop switch, the Migrations of shop.
+async fn migration_in_ram(
+) -> (support::Cluster, tempfile::TempDir, tokio::sync::oneshot::Sender<()>, Api<Migration>) {
     let c = support::Cluster::start(support::Options {
         source: support::stuck_in_ram(),
         destination: support::stuck_in_ram(),
@@ -318,13 +320,19 @@ async fn a_cancel_through_the_resource_rolls_back_before_the_commit() {
     })
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let _a = c.start_controller(dir.path()).await;
+    let stop = c.start_controller(dir.path()).await;
     let migrations = shop(&c).await;
     migrations
         .create(&PostParams::default(), &Migration::new("m", MigrationSpec::new("web-0", "node-b")))
         .await
         .unwrap();
     wait_for(&migrations, "m", |m| m.is_some_and(|m| m.phase() == Phase::Ram)).await;
+    (c, dir, stop, migrations)
+}
+
+#[tokio::test]
+async fn a_cancel_through_the_resource_rolls_back_before_the_commit() {
+    let (c, _dir, _a, migrations) = migration_in_ram().await;
 
     migrations
         .patch(
@@ -391,20 +399,7 @@ async fn a_restarted_agent_ends_a_migration_its_engine_never_started_and_lets_it
 
 #[tokio::test]
 async fn deleting_a_running_migration_cancels_it_through_the_source_then_it_goes() {
-    let c = support::Cluster::start(support::Options {
-        source: support::stuck_in_ram(),
-        destination: support::stuck_in_ram(),
-        ..support::Options::default()
-    })
-    .await;
-    let dir = tempfile::tempdir().unwrap();
-    let _a = c.start_controller(dir.path()).await;
-    let migrations = shop(&c).await;
-    migrations
-        .create(&PostParams::default(), &Migration::new("m", MigrationSpec::new("web-0", "node-b")))
-        .await
-        .unwrap();
-    wait_for(&migrations, "m", |m| m.is_some_and(|m| m.phase() == Phase::Ram)).await;
+    let (c, _dir, _a, migrations) = migration_in_ram().await;
 
     migrations.delete("m", &DeleteParams::default()).await.unwrap();
     // The finalizer holds the object until the source undid its part and the destination's.

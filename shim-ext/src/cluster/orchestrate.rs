@@ -486,15 +486,17 @@ pub struct Report {
     pub elapsed: Duration,
 }
 
-/// Resolves when Ctrl-C was pressed (the flag turns true).
-async fn interrupted(rx: &mut watch::Receiver<bool>) {
+/// Resolves when the stop flag turns true (Ctrl-C, a cancel asked for); never once the sender
+/// is gone.
+pub async fn interrupted(rx: &mut watch::Receiver<bool>) {
     if rx.wait_for(|v| *v).await.is_err() {
         // The signal task is gone: no interrupt can come any more.
         std::future::pending::<()>().await;
     }
 }
 
-async fn at(deadline: Option<Instant>) {
+/// Resolves at `deadline`; never without one.
+pub async fn at(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d.into()).await,
         None => std::future::pending().await,
