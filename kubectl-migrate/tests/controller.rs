@@ -409,3 +409,32 @@ async fn deleting_a_running_migration_cancels_it_through_the_source_then_it_goes
     let reasons: Vec<String> = events_of(&c.api, "shop", "m").into_iter().map(|e| e.1).collect();
     assert_eq!(reasons, ["MigrationStarted", "MigrationCancelled"]);
 }
+
+#[tokio::test]
+async fn a_migration_left_with_a_finalizer_before_any_node_took_it_is_let_go() {
+    // The pod's agent added its finalizer and stopped before it wrote anything: a deletion, and
+    // a Migration that ends without a source, must not hang on it.
+    let c = support::Cluster::start(support::Options::default()).await;
+    let migrations = shop(&c).await;
+    let held = |name: &str, pod: &str| {
+        let mut m = Migration::new(name, MigrationSpec::new(pod, "node-b"));
+        m.metadata.finalizers = Some(vec![FINALIZER.to_owned()]);
+        m
+    };
+    migrations.create(&PostParams::default(), &held("deleted", "web-0")).await.unwrap();
+    migrations.delete("deleted", &DeleteParams::default()).await.unwrap();
+    assert!(migrations.get_opt("deleted").await.unwrap().is_some(), "the finalizer holds it");
+    migrations.create(&PostParams::default(), &held("gone-pod", "nope")).await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let _a = c.start_controller(dir.path()).await;
+    let _b = agent_controller(&c.api, "node-b", dir.path().join("none.sock")).await;
+    wait_for(&migrations, "deleted", |m| m.is_none()).await;
+    let failed = wait_for(&migrations, "gone-pod", |m| {
+        m.is_some_and(|m| m.phase().is_terminal() && m.metadata.finalizers.as_ref().is_none_or(Vec::is_empty))
+    })
+    .await
+    .unwrap();
+    assert_eq!(failed.phase(), Phase::Failed);
+    assert!(c.calls().is_empty(), "no agent was asked for anything: {:?}", c.calls());
+}

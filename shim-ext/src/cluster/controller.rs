@@ -178,8 +178,11 @@ async fn reconcile(m: Arc<Migration>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let has_finalizer = m.finalizers().iter().any(|f| f == FINALIZER);
     let migrations: Api<Migration> = Api::namespaced(ctx.client.clone(), &ns);
 
+    // No node took it (no source in the status): nothing ran anywhere. A finalizer on it was
+    // added by the pod's agent just before it stopped; any agent may take it off.
+    let unclaimed = status.source_node.is_none();
     if phase.is_terminal() {
-        if mine_by_status && has_finalizer && !is_running(&ctx, &uid) {
+        if (mine_by_status || unclaimed) && has_finalizer && !is_running(&ctx, &uid) {
             remove_finalizer(&migrations, &m).await?;
         }
         return Ok(Action::await_change());
@@ -195,6 +198,13 @@ async fn reconcile(m: Arc<Migration>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         // Looked at again now and then: a task that could not write its end leaves the
         // Migration non-terminal with no task, which the branch below picks up.
         return Ok(Action::requeue(RESYNC));
+    }
+    if phase == Phase::Pending && m.metadata.deletion_timestamp.is_some() {
+        // Deleted before any node took it: nothing to undo.
+        if has_finalizer {
+            remove_finalizer(&migrations, &m).await?;
+        }
+        return Ok(Action::await_change());
     }
     if phase != Phase::Pending {
         // Accepted by an agent that is not running it: this node's predecessor (a restart), or
@@ -220,9 +230,6 @@ async fn reconcile(m: Arc<Migration>, ctx: Arc<Ctx>) -> Result<Action, Error> {
         }
     };
     if pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) != Some(me.as_str()) {
-        return Ok(Action::await_change());
-    }
-    if m.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
     if m.spec.cancel {
