@@ -396,7 +396,9 @@ async fn migrate_through_resource(
         }
         (resource::Verdict::Moved, None) => Exit::Migrated,
         (resource::Verdict::Ended { phase: katamaran_api::v1alpha1::Phase::Pending, .. }, asked) => {
-            eprintln!("error: no katamaran agent took Migration {namespace}/{name}; it was deleted and nothing ran on any node");
+            eprintln!(
+                "error: no katamaran agent took Migration {namespace}/{name} as far as its status shows; it was deleted (an agent that took it meanwhile cancels what it started)"
+            );
             if asked == Some("interrupted") {
                 Exit::Cancelled
             } else {
@@ -517,6 +519,7 @@ async fn migrate(flags: &KubeFlags, args: &PodArgs, interrupt: watch::Receiver<b
         wait_forwarding: args.wait_forwarding,
         cancel_grace: DEFAULT_CANCEL_GRACE,
         stopped_by: orchestrate::KUBECTL_STOP,
+        stop_hint: " (Ctrl-C again to quit without waiting)",
     };
     let mut progress =
         output::progress_for(args.output, std::io::stdout().is_terminal(), std::io::stderr().is_terminal());

@@ -287,8 +287,7 @@ async fn withdraw_unclaimed(
         // cancel what it started.
         match api.delete(name, &kube::api::DeleteParams::default()).await {
             Ok(_) => {
-                let _ =
-                    writeln!(out, "no katamaran agent had taken Migration {name}: deleted it; nothing ran");
+                let _ = writeln!(out, "no katamaran agent had reported taking Migration {name}: deleted it");
                 return true;
             }
             Err(e) => {

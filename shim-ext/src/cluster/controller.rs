@@ -599,6 +599,7 @@ async fn drive(
         wait_forwarding: true,
         cancel_grace: orchestrate::DEFAULT_CANCEL_GRACE,
         stopped_by: "the Migration (spec.cancel, or its deletion)",
+        stop_hint: "",
     };
     let (tx, rx) = mpsc::unbounded_channel();
     let writing = tokio::spawn(writer(migrations.clone(), name.clone(), builder, rx));

@@ -447,6 +447,8 @@ pub struct Settings {
     pub cancel_grace: Duration,
     /// Who a stop comes from, in the cancel's reason (see [`Tracker::stopped_by`]).
     pub stopped_by: &'static str,
+    /// Appended to the note a stop prints (e.g. how to quit without waiting); may be empty.
+    pub stop_hint: &'static str,
 }
 
 /// Default bound on the wait for terminal events after a cancel: the agents undo QEMU, NBD
@@ -689,7 +691,10 @@ pub async fn follow(
             r = next(&mut src_events), if tracker.is_open(Side::Source) => feed(&mut tracker, Side::Source, r, progress),
             r = next(&mut dst_events), if tracker.is_open(Side::Destination) => feed(&mut tracker, Side::Destination, r, progress),
             () = interrupted(&mut interrupt), if tracker.stop().is_none() => {
-                progress.note(&format!("cancelling through the source, as {} asked", settings.stopped_by));
+                progress.note(&format!(
+                    "cancelling through the source, as {} asked{}",
+                    settings.stopped_by, settings.stop_hint
+                ));
                 tracker.on_stop(Stop::Interrupted)
             }
             () = at(deadline), if tracker.stop().is_none() => {
