@@ -513,7 +513,7 @@ async fn migrate(flags: &KubeFlags, args: &PodArgs, interrupt: watch::Receiver<b
             return fail(Exit::Failed, anyhow::Error::new(e).context("cannot generate the migration id"))
         }
     };
-    let plan = Plan { resolved, options, sandbox, migration_id };
+    let plan = Plan { route: orchestrate::Route::of(&resolved), options, sandbox, migration_id };
     let settings = Settings {
         timeout: args.timeout,
         wait_forwarding: args.wait_forwarding,
@@ -530,7 +530,7 @@ async fn migrate(flags: &KubeFlags, args: &PodArgs, interrupt: watch::Receiver<b
         Ok(r) => r,
         Err(e) => return fail(if e.is_refusal() { Exit::Refused } else { Exit::Failed }, e),
     };
-    let summary = output::summarize(&plan, &report);
+    let summary = output::summarize(&resolved, &plan, &report);
     match args.output.document(&summary) {
         None => print!("\n{}", output::render_text(&summary)),
         Some(Ok(doc)) => println!("{}", doc.trim_end()),
@@ -539,10 +539,7 @@ async fn migrate(flags: &KubeFlags, args: &PodArgs, interrupt: watch::Receiver<b
     match &report.outcome {
         Outcome::Succeeded => Exit::Migrated,
         Outcome::Cancelled => {
-            eprintln!(
-                "cancelled: both sides rolled back; the pod keeps running on {}",
-                plan.resolved.source.node
-            );
+            eprintln!("cancelled: both sides rolled back; the pod keeps running on {}", resolved.source.node);
             Exit::Cancelled
         }
         Outcome::Failed { message, .. } => {

@@ -580,7 +580,7 @@ fn last_nonzero(events: &[&pb::MigrationEvent], f: impl Fn(&pb::MigrationEvent) 
 }
 
 /// The final document of a run.
-pub fn summarize(plan: &Plan, report: &Report) -> Summary {
+pub fn summarize(resolved: &Resolved, plan: &Plan, report: &Report) -> Summary {
     let src = report.tracker.events(Side::Source);
     let dst = report.tracker.events(Side::Destination);
     let all: Vec<&pb::MigrationEvent> = src.iter().chain(dst).collect();
@@ -609,17 +609,17 @@ pub fn summarize(plan: &Plan, report: &Report) -> Summary {
             report.migration_id
         ));
     }
-    let mut destination = end_view(&plan.resolved.destination);
+    let mut destination = end_view(&resolved.destination);
     if let Some(a) = &report.destination_address {
         destination.address.clone_from(a);
     }
-    let mut source = end_view(&plan.resolved.source);
+    let mut source = end_view(&resolved.source);
     source.address.clone_from(&report.source_address);
     Summary {
         migration_id: report.migration_id.clone(),
         result,
         error,
-        pod: pod_view(&plan.resolved),
+        pod: pod_view(resolved),
         sandbox_id: plan.sandbox.id.clone(),
         destination_sandbox_id: report.destination_sandbox_id.clone(),
         source,

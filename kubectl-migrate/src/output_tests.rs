@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use katamaran::migration::options::TunnelMode;
 
 use super::*;
-use crate::orchestrate::Tracker;
+use crate::orchestrate::{Route, Tracker};
 use crate::resolve::PodFacts;
 
 const MS: u64 = 1_000_000;
@@ -112,27 +112,27 @@ fn a_failure_line_carries_the_error() {
     assert_eq!(describe(&e), "migration failed; QEMU exited with status 1");
 }
 
-fn plan() -> Plan {
+fn resolved() -> Resolved {
     let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    Resolved {
+        pod: PodFacts {
+            namespace: "shop".into(),
+            name: "web-0".into(),
+            uid: "uid-1".into(),
+            node: "node-a".into(),
+            ips: vec![ip("10.244.1.7")],
+            runtime_class: "kata-katamaran".into(),
+        },
+        source: NodeEnd { node: "node-a".into(), address: ip("192.0.2.1"), agent_pod: "agent-a".into() },
+        destination: NodeEnd { node: "node-b".into(), address: ip("192.0.2.2"), agent_pod: "agent-b".into() },
+    }
+}
+
+fn plan() -> Plan {
     let mut sandbox = pb::Sandbox::new();
     sandbox.id = "3f2a9c".into();
     Plan {
-        resolved: Resolved {
-            pod: PodFacts {
-                namespace: "shop".into(),
-                name: "web-0".into(),
-                uid: "uid-1".into(),
-                node: "node-a".into(),
-                ips: vec![ip("10.244.1.7")],
-                runtime_class: "kata-katamaran".into(),
-            },
-            source: NodeEnd { node: "node-a".into(), address: ip("192.0.2.1"), agent_pod: "agent-a".into() },
-            destination: NodeEnd {
-                node: "node-b".into(),
-                address: ip("192.0.2.2"),
-                agent_pod: "agent-b".into(),
-            },
-        },
+        route: Route::of(&resolved()),
         options: MigrationOptions::default(),
         sandbox,
         migration_id: "mig-0123456789ab".into(),
@@ -169,18 +169,20 @@ fn completed_report() -> Report {
     assert!(t.done());
     Report {
         migration_id: "mig-0123456789ab".into(),
+        sandbox_id: "3f2a9c".into(),
         destination_sandbox_id: Some("3f2a9c-incoming".into()),
         source_address: "192.0.2.1".into(),
         destination_address: Some("192.0.2.2".into()),
         outcome: t.outcome(),
         tracker: t,
+        events: Vec::new(),
         elapsed: Duration::from_millis(3300),
     }
 }
 
 #[test]
 fn the_summary_has_the_figures_a_person_checks() {
-    let s = summarize(&plan(), &completed_report());
+    let s = summarize(&resolved(), &plan(), &completed_report());
     assert_eq!(s.result, "succeeded");
     assert_eq!(s.error, None);
     assert_eq!(s.downtime_ms, Some(115));
@@ -224,7 +226,7 @@ fn a_failure_names_the_side_and_kind() {
     let mut r = completed_report();
     r.outcome =
         Outcome::Failed { side: Some(Side::Destination), kind: "QEMU".into(), message: "QEMU exited".into() };
-    let s = summarize(&plan(), &r);
+    let s = summarize(&resolved(), &plan(), &r);
     assert_eq!(s.result, "failed");
     assert!(render_text(&s).contains("result                  failed on the destination (QEMU): QEMU exited"));
     assert!(!s.notes.iter().any(|n| n.contains("keeps forwarding")));
@@ -232,7 +234,6 @@ fn a_failure_names_the_side_and_kind() {
 
 #[test]
 fn the_plan_shows_nodes_agents_sandbox_and_options() {
-    let p = plan();
     let mut sb = pb::Sandbox::new();
     sb.id = "3f2a9c".into();
     sb.qemu_version = "7.2.0".into();
@@ -245,7 +246,7 @@ fn the_plan_shows_nodes_agents_sandbox_and_options() {
         max_bandwidth: Some(1 << 30),
         ..Default::default()
     };
-    let text = render_plan_text(&p.resolved, &o, Ok(&sb));
+    let text = render_plan_text(&resolved(), &o, Ok(&sb));
     for want in [
         "Dry run: nothing was changed.",
         "pod:           shop/web-0 (uid uid-1)",
@@ -260,11 +261,11 @@ fn the_plan_shows_nodes_agents_sandbox_and_options() {
         assert!(text.contains(want), "missing {want:?} in\n{text}");
     }
     let idle = MigrationOptions { tunnel_idle_timeout: std::time::Duration::from_secs(30), ..o.clone() };
-    let text = render_plan_text(&p.resolved, &idle, Ok(&sb));
+    let text = render_plan_text(&resolved(), &idle, Ok(&sb));
     assert!(text.contains("tunnel auto → ipip removed after 30s idle"), "{text}");
-    let text = render_plan_text(&p.resolved, &o, Err("agent unreachable"));
+    let text = render_plan_text(&resolved(), &o, Err("agent unreachable"));
     assert!(text.contains("sandbox:       unknown (agent unreachable)"), "{text}");
-    let json = serde_json::to_value(plan_view(&p.resolved, &o, Err("x"))).unwrap();
+    let json = serde_json::to_value(plan_view(&resolved(), &o, Err("x"))).unwrap();
     assert_eq!(json["dryRun"], true);
     assert_eq!(json["sandbox"], serde_json::Value::Null);
     assert_eq!(json["sandboxError"], "x");

@@ -9,10 +9,14 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use katamaran::cli::{parse_duration, MigrateFlags};
-use katamaran::client::{self, ctx, phase, Side};
+use katamaran::client::{self, ctx, phase};
+use katamaran::cluster::orchestrate::{self, Outcome, Plan, Progress, Report, Route, Settings, Side};
+use katamaran::cluster::transport::Agent;
+use katamaran::migration::options::MigrationOptions;
 use katamaran::qmp::QmpClient;
 use katamaran_protos::protobuf::MessageDyn;
 use katamaran_protos::v1 as pb;
+use tokio::sync::watch;
 
 const AFTER_HELP: &str = "\
 Examples:
@@ -281,52 +285,102 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate { id, to, source_address, migration_id, flags } => {
-            let source = client::connect(&cli.runtime_endpoint).await?;
-            let dest = client::connect(&to).await?;
-            let plan = client::Plan {
-                sandbox_id: id,
-                migration_id: match migration_id {
-                    Some(m) => m,
-                    None => client::new_migration_id()?,
-                },
-                options: flags.options(),
-                source_address,
-                rpc_timeout: cli.timeout,
-            };
-            let ctrl_c = async {
-                if tokio::signal::ctrl_c().await.is_err() {
-                    std::future::pending::<()>().await;
-                }
-            };
-            let summary = match client::drive(
-                &source,
-                &dest,
-                &plan,
-                |side, ev| {
-                    if let Err(e) = print_event(json, side, ev) {
-                        tracing::warn!(error = %e, "cannot print event");
-                    }
-                },
-                ctrl_c,
-            )
-            .await
-            {
-                Err(e @ client::ClientError::CancelledBeforeStart) => {
-                    eprintln!("katactl: {e}");
-                    return Ok(ExitCode::from(130));
-                }
-                other => other?,
-            };
-            print_summary(json, &summary)?;
-            Ok(if summary.cancelled_by_caller {
-                ExitCode::from(130)
-            } else if summary.succeeded() {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            migrate(&cli.runtime_endpoint, &to, id, source_address, migration_id, flags.options(), json).await
         }
     }
+}
+
+/// Who a Ctrl-C comes from, in the cancel's reason.
+const KATACTL_STOP: &str = "the user (Ctrl-C in katactl migrate)";
+
+/// `katactl migrate`: the one orchestration (`katamaran::cluster::orchestrate`) between this
+/// node's agent and the destination's, events as lines (or JSON lines) on stdout, remarks on
+/// stderr, the summary last.
+async fn migrate(
+    source_endpoint: &str,
+    destination_endpoint: &str,
+    sandbox_id: String,
+    source_address: Option<std::net::IpAddr>,
+    migration_id: Option<String>,
+    options: MigrationOptions,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let migration_id = match migration_id {
+        Some(m) => {
+            katamaran::dataplane::handshake::validate_migration_id(&m)
+                .map_err(|e| UsageError(format!("--migration-id {m:?}: {e}")))?;
+            m
+        }
+        None => client::new_migration_id()?,
+    };
+    let source = Agent::over_client(client::connect(source_endpoint).await?, source_endpoint);
+    let destination = Agent::over_client(client::connect(destination_endpoint).await?, destination_endpoint);
+    let sandbox = match source.inspect(&sandbox_id).await {
+        Ok(s) => s,
+        Err(e) if e.is_refusal() => return Err(UsageError(e.to_string()).into()),
+        Err(e) => return Err(e.into()),
+    };
+    let plan = Plan {
+        route: Route {
+            subject: format!("sandbox {}", short(&sandbox.id)),
+            source_node: source_endpoint.to_owned(),
+            destination_node: destination_endpoint.to_owned(),
+            source_address,
+            destination_address: None,
+        },
+        options,
+        sandbox,
+        migration_id,
+    };
+    let settings = Settings {
+        timeout: None,
+        wait_forwarding: false,
+        cancel_grace: orchestrate::DEFAULT_CANCEL_GRACE,
+        stopped_by: KATACTL_STOP,
+        stop_hint: " (Ctrl-C again to quit without waiting)",
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            let _ = stop_tx.send(true);
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("katactl: quit without waiting; the agents finish the cancel on their own");
+                std::process::exit(130);
+            }
+        }
+    });
+    let mut lines = Lines { json };
+    let report = match orchestrate::run(&plan, &source, &destination, &settings, stop_rx, &mut lines).await {
+        Ok(r) => r,
+        Err(e) if e.is_refusal() => return Err(UsageError(format!("{:#}", anyhow::Error::new(e))).into()),
+        Err(e) => return Err(e.into()),
+    };
+    for note in report.tracker.notes() {
+        eprintln!("katactl: {note}");
+    }
+    print_summary(json, &report)?;
+    Ok(match report.outcome {
+        Outcome::Succeeded => ExitCode::SUCCESS,
+        Outcome::Cancelled => ExitCode::from(130),
+        Outcome::Failed { .. } => ExitCode::FAILURE,
+    })
+}
+
+/// Events on stdout as they come, remarks on stderr.
+struct Lines {
+    json: bool,
+}
+
+impl Progress for Lines {
+    fn note(&mut self, line: &str) {
+        eprintln!("katactl: {line}");
+    }
+    fn event(&mut self, side: Side, event: &pb::MigrationEvent) {
+        if let Err(e) = print_event(self.json, side, event) {
+            tracing::warn!(error = %e, "cannot print event");
+        }
+    }
+    fn finish(&mut self) {}
 }
 
 fn rpc(name: &'static str) -> impl FnOnce(katamaran_protos::ttrpc::Error) -> client::ClientError {
@@ -386,15 +440,22 @@ fn print_event(json: bool, side: Side, ev: &pb::MigrationEvent) -> anyhow::Resul
     Ok(())
 }
 
-fn print_summary(json: bool, s: &client::Summary) -> anyhow::Result<()> {
+fn print_summary(json: bool, s: &Report) -> anyhow::Result<()> {
     let src = s.cutover(Side::Source);
     let dst = s.cutover(Side::Destination);
+    let result = match s.outcome {
+        Outcome::Succeeded => "completed",
+        Outcome::Cancelled => "cancelled",
+        Outcome::Failed { .. } => "failed",
+    };
     if json {
         let v = serde_json::json!({
             "migration_id": s.migration_id,
-            "sandbox_id": s.sandbox.id,
+            "sandbox_id": s.sandbox_id,
             "succeeded": s.succeeded(),
+            "result": result,
             "error": s.failure(),
+            "notes": s.tracker.notes(),
             "total_ms": s.elapsed.as_millis() as u64,
             "downtime_ms": src.map(|c| c.downtime_ms).unwrap_or_default(),
             "stop_to_route_swap_us": src.map(|c| c.route_swap_latency_nanos as f64 / 1e3),
@@ -406,7 +467,7 @@ fn print_summary(json: bool, s: &client::Summary) -> anyhow::Result<()> {
         return Ok(());
     }
     println!();
-    println!("migration {}  sandbox {}", s.migration_id, short(&s.sandbox.id));
+    println!("migration {}  sandbox {}", s.migration_id, short(&s.sandbox_id));
     for (p, d) in s.phase_durations(Side::Source) {
         println!("  {:<12} {:>9.1} ms", phase_name(p), d.as_secs_f64() * 1e3);
     }
@@ -424,9 +485,8 @@ fn print_summary(json: bool, s: &client::Summary) -> anyhow::Result<()> {
     }
     println!("  {:<28} {:>9.1} ms", "total", s.elapsed.as_secs_f64() * 1e3);
     match s.failure() {
-        None if s.succeeded() => println!("result: completed"),
-        Some(f) => println!("result: FAILED — {f}"),
-        None => println!("result: incomplete"),
+        None => println!("result: {result}"),
+        Some(f) => println!("result: {} — {f}", result.to_uppercase()),
     }
     Ok(())
 }

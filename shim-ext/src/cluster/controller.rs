@@ -593,7 +593,7 @@ async fn drive(
             return finish(ctx, migrations, m, builder, reason::FAILED, &message).await;
         }
     };
-    let plan = Plan { resolved, options, sandbox, migration_id: id.clone() };
+    let plan = Plan { route: orchestrate::Route::of(&resolved), options, sandbox, migration_id: id.clone() };
     let settings = Settings {
         timeout: None,
         wait_forwarding: true,
@@ -802,6 +802,8 @@ async fn pick_up(
     let last = tracker.events(Side::Source).last().map(crate::client::phase);
     let report = Report {
         migration_id: id.clone(),
+        sandbox_id: String::new(),
+        events: Vec::new(),
         destination_sandbox_id: None,
         source_address: String::new(),
         destination_address: None,

@@ -21,10 +21,10 @@ use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 pub use crate::client::new_migration_id;
-use crate::client::phase;
+use crate::client::{phase, vm_addresses};
 use crate::convert::options_to_proto;
 use crate::dataplane::Secret;
-use crate::migration::options::MigrationOptions;
+use crate::migration::options::{MigrationOptions, OptionsError};
 use katamaran_protos::protobuf::MessageField;
 use katamaran_protos::v1 as pb;
 use tokio::sync::watch;
@@ -38,6 +38,18 @@ pub enum Error {
     /// No randomness for the migration id or the secret.
     #[error("cannot generate the migration id or secret")]
     Random(#[source] crate::dataplane::Error),
+    /// The source sandbox lacks what the migration needs (addresses of the VM or of its node).
+    #[error("source sandbox {sandbox}: {what}")]
+    Sandbox {
+        /// Sandbox id.
+        sandbox: String,
+        /// What is missing or wrong.
+        what: String,
+    },
+    /// The options are invalid, or do not fit the addresses the agents reported (then the
+    /// destination was cancelled).
+    #[error("invalid migration options")]
+    Options(#[source] OptionsError),
     /// The destination refused or failed `PrepareIncoming`.
     #[error("preparing the destination failed")]
     Prepare(#[source] transport::Error),
@@ -54,6 +66,7 @@ impl Error {
     pub fn is_refusal(&self) -> bool {
         match self {
             Error::Prepare(e) | Error::Start(e) => e.is_refusal(),
+            Error::Sandbox { .. } | Error::Options(_) => true,
             Error::Random(_) | Error::Watch(_) => false,
         }
     }
@@ -426,14 +439,22 @@ pub fn phase_name(p: pb::Phase) -> &'static str {
     }
 }
 
-/// Live progress of a running migration.
-pub trait Progress: Send {
+/// Live progress of a running migration. The agent's controller needs a `Send` one (its run is
+/// a task); a test harness may act on events with whatever it holds.
+pub trait Progress {
     /// A remark of the client (prepared, cancelling, ...).
     fn note(&mut self, line: &str);
     /// An event from one side.
     fn event(&mut self, side: Side, event: &pb::MigrationEvent);
     /// The run is over: clear the bar, flush.
     fn finish(&mut self);
+}
+
+/// No progress: for a caller that reads only the [`Report`].
+impl Progress for () {
+    fn note(&mut self, _line: &str) {}
+    fn event(&mut self, _side: Side, _event: &pb::MigrationEvent) {}
+    fn finish(&mut self) {}
 }
 
 /// Knobs of one run.
@@ -455,11 +476,40 @@ pub struct Settings {
 /// exports, routes and the plug, which takes seconds, not minutes.
 pub const DEFAULT_CANCEL_GRACE: Duration = Duration::from_secs(60);
 
+/// What moves between which nodes, as the run names them and falls back on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// What moves, for the first line: `pod default/web`, `sandbox 0123…`.
+    pub subject: String,
+    /// The node the VM leaves.
+    pub source_node: String,
+    /// The node it goes to.
+    pub destination_node: String,
+    /// The source node's address for the destination when the source agent reports none (the
+    /// node's InternalIP, or `katactl migrate --source-address`).
+    pub source_address: Option<IpAddr>,
+    /// The destination node's address when its agent reports none.
+    pub destination_address: Option<IpAddr>,
+}
+
+impl Route {
+    /// The route of a pod resolved through the API server.
+    pub fn of(resolved: &Resolved) -> Self {
+        Self {
+            subject: format!("pod {}", resolved.pod.key()),
+            source_node: resolved.source.node.clone(),
+            destination_node: resolved.destination.node.clone(),
+            source_address: Some(resolved.source.address),
+            destination_address: Some(resolved.destination.address),
+        }
+    }
+}
+
 /// What was migrated and how, checked before anything is touched.
 #[derive(Debug, Clone)]
 pub struct Plan {
-    /// Pod, nodes, agents.
-    pub resolved: Resolved,
+    /// What moves, between which nodes.
+    pub route: Route,
     /// Validated options.
     pub options: MigrationOptions,
     /// The source sandbox as `Inspect` returned it.
@@ -474,18 +524,75 @@ pub struct Plan {
 pub struct Report {
     /// Migration id.
     pub migration_id: String,
+    /// The source sandbox.
+    pub sandbox_id: String,
     /// Incoming sandbox on the destination, once prepared.
     pub destination_sandbox_id: Option<String>,
     /// Source node address sent to the destination.
     pub source_address: String,
     /// Destination node address sent to the source.
     pub destination_address: Option<String>,
-    /// The decisions and events.
+    /// The decisions and each side's events.
     pub tracker: Tracker,
+    /// Every event of both sides in arrival order.
+    pub events: Vec<(Side, pb::MigrationEvent)>,
     /// How it ended.
     pub outcome: Outcome,
     /// From `PrepareIncoming` to the end.
     pub elapsed: Duration,
+}
+
+impl Report {
+    /// The event that ended `side`'s part: its terminal event, or for the source FORWARDING
+    /// (the VM runs on the destination; the forward lives on without the caller).
+    pub fn terminal(&self, side: Side) -> Option<&pb::MigrationEvent> {
+        self.tracker.events(side).iter().rev().find(|e| {
+            let p = phase(e);
+            p.is_terminal() || (side == Side::Source && p == pb::Phase::PHASE_FORWARDING)
+        })
+    }
+
+    /// The latest cutover times `side` reported.
+    pub fn cutover(&self, side: Side) -> Option<&pb::CutoverTimes> {
+        self.tracker.events(side).iter().rev().find_map(|e| e.cutover.as_ref())
+    }
+
+    /// Time `side` spent in each phase, from its events' timestamps, in phase order.
+    pub fn phase_durations(&self, side: Side) -> Vec<(pb::Phase, Duration)> {
+        let mut out: Vec<(pb::Phase, Duration)> = Vec::new();
+        for w in self.tracker.events(side).windows(2) {
+            let (a, b) = (&w[0], &w[1]);
+            let d = Duration::from_nanos(b.timestamp_unix_nanos.saturating_sub(a.timestamp_unix_nanos));
+            let p = phase(a);
+            match out.last_mut() {
+                Some((last, acc)) if *last == p => *acc += d,
+                _ => out.push((p, d)),
+            }
+        }
+        out
+    }
+
+    /// Whether the VM runs on the destination.
+    pub fn succeeded(&self) -> bool {
+        self.outcome == Outcome::Succeeded
+    }
+
+    /// Why it did not succeed, as one line (`None` on success).
+    pub fn failure(&self) -> Option<String> {
+        match &self.outcome {
+            Outcome::Succeeded => None,
+            Outcome::Cancelled => Some("cancelled; both sides rolled back".into()),
+            Outcome::Failed { side: Some(side), kind, message } => {
+                Some(format!("{}: {kind}: {message}", side.name()))
+            }
+            Outcome::Failed { side: None, kind, message } => Some(format!("{kind}: {message}")),
+        }
+    }
+
+    /// Whether the caller stopped it (an interrupt or the timeout), whatever came of that.
+    pub fn stopped(&self) -> bool {
+        self.tracker.stop().is_some()
+    }
 }
 
 /// Resolves when the stop flag turns true (Ctrl-C, a cancel asked for); never once the sender
@@ -512,13 +619,13 @@ fn agent<'a>(side: Side, source: &'a Agent, destination: &'a Agent) -> &'a Agent
     }
 }
 
-async fn apply(
+async fn apply<P: Progress + ?Sized>(
     actions: Vec<Action>,
     id: &str,
     source: &Agent,
     destination: &Agent,
     tracker: &mut Tracker,
-    progress: &mut dyn Progress,
+    progress: &mut P,
 ) {
     for Action::Cancel { side, .. } in &actions {
         progress.note(&format!(
@@ -558,13 +665,13 @@ enum Prepared {
 /// # Errors
 /// [`Error`] when the migration could not be started; everything that happens once it runs is
 /// in the [`Report`].
-pub async fn run(
+pub async fn run<P: Progress + ?Sized>(
     plan: &Plan,
     source: &Agent,
     destination: &Agent,
     settings: &Settings,
     mut interrupt: watch::Receiver<bool>,
-    progress: &mut dyn Progress,
+    progress: &mut P,
 ) -> Result<Report, Error> {
     let migration_id = plan.migration_id.clone();
     let secret = Secret::generate().map_err(Error::Random)?;
@@ -573,25 +680,31 @@ pub async fn run(
     let deadline = settings.timeout.map(|t| started + t);
     // The agent knows which of its node's addresses carries migration traffic; the Kubernetes
     // InternalIP is the fallback for agents that do not say.
-    let source_address = if plan.sandbox.node_address.parse::<IpAddr>().is_ok() {
-        plan.sandbox.node_address.clone()
-    } else {
-        plan.resolved.source.address.to_string()
+    let sandbox_fault = |what: String| Error::Sandbox { sandbox: plan.sandbox.id.clone(), what };
+    let vm_addrs = vm_addresses(&plan.sandbox).map_err(|e| sandbox_fault(e.to_string()))?;
+    let Some(source_ip) = plan.sandbox.node_address.parse::<IpAddr>().ok().or(plan.route.source_address)
+    else {
+        return Err(sandbox_fault(
+            "the source agent reports no node address; give the source node's address".into(),
+        ));
     };
+    // Whatever can be checked without the destination's address is, before anything exists.
+    plan.options.validate(&vm_addrs, None).map_err(Error::Options)?;
+    let source_address = source_ip.to_string();
     let mut report = Report {
         migration_id: migration_id.clone(),
+        sandbox_id: plan.sandbox.id.clone(),
         destination_sandbox_id: None,
         source_address: source_address.clone(),
         destination_address: None,
         tracker: Tracker::new(settings.wait_forwarding).stopped_by(settings.stopped_by),
+        events: Vec::new(),
         outcome: Outcome::Succeeded,
         elapsed: Duration::ZERO,
     };
     progress.note(&format!(
         "migration {migration_id}: {} from {} to {}",
-        plan.resolved.pod.key(),
-        plan.resolved.source.node,
-        plan.resolved.destination.node
+        plan.route.subject, plan.route.source_node, plan.route.destination_node
     ));
 
     let mut prep = pb::PrepareIncomingRequest::new();
@@ -601,8 +714,10 @@ pub async fn run(
     prep.source_qemu_argv = plan.sandbox.qemu_argv.clone();
     prep.options = MessageField::some(options.clone());
     prep.source_node_address = source_address;
+    let prepare = destination.prepare_incoming(&prep);
+    tokio::pin!(prepare);
     let prepared = tokio::select! {
-        r = destination.prepare_incoming(&prep) => Prepared::Answered(r),
+        r = &mut prepare => Prepared::Answered(r),
         () = interrupted(&mut interrupt) => Prepared::Stopped(Stop::Interrupted),
         () = at(deadline) => Prepared::Stopped(Stop::TimedOut(settings.timeout.unwrap_or_default())),
     };
@@ -610,10 +725,20 @@ pub async fn run(
         Prepared::Answered(Ok(p)) => p,
         Prepared::Answered(Err(e)) => return Err(Error::Prepare(e)),
         Prepared::Stopped(stop) => {
-            // PrepareIncoming may have got far on the node; Cancel undoes whatever it created.
+            // The destination is the only side that knows the migration: Cancel makes its
+            // preparation give up and undo itself. A preparation that finished before the
+            // cancel reached it is registered by then, and is cancelled again.
             let reason = format!("cancelled by {} before the migration started", settings.stopped_by);
             if let Some(note) = cancel_quietly(Side::Destination, destination, &migration_id, &reason).await {
                 report.tracker.note(note);
+            }
+            let finished = tokio::time::timeout(settings.cancel_grace, &mut prepare).await;
+            if matches!(finished, Ok(Ok(_))) {
+                if let Some(note) =
+                    cancel_quietly(Side::Destination, destination, &migration_id, &reason).await
+                {
+                    report.tracker.note(note);
+                }
             }
             report.tracker.on_stop(stop);
             report.outcome = report.tracker.outcome();
@@ -622,11 +747,26 @@ pub async fn run(
         }
     };
     report.destination_sandbox_id = Some(prepared.destination_sandbox_id.clone());
-    let destination_address = if prepared.destination_node_address.parse::<IpAddr>().is_ok() {
-        prepared.destination_node_address.clone()
-    } else {
-        plan.resolved.destination.address.to_string()
+    let Some(destination_ip) =
+        prepared.destination_node_address.parse::<IpAddr>().ok().or(plan.route.destination_address)
+    else {
+        let reason = "the destination reported no node address";
+        let _ = cancel_quietly(Side::Destination, destination, &migration_id, reason).await;
+        return Err(Error::Prepare(transport::Error::Rpc {
+            rpc: "PrepareIncoming",
+            node: destination.node().to_owned(),
+            code: None,
+            detail: format!("{reason} ({:?})", prepared.destination_node_address),
+        }));
     };
+    // The addresses the agents will use, not the ones the caller guessed: a tunnel mode of the
+    // wrong family, or two names for one node, is refused before the source starts.
+    if let Err(e) = plan.options.validate(&vm_addrs, Some((source_ip, destination_ip))) {
+        let reason = format!("invalid options: {e}");
+        let _ = cancel_quietly(Side::Destination, destination, &migration_id, &reason).await;
+        return Err(Error::Options(e));
+    }
+    let destination_address = destination_ip.to_string();
     report.destination_address = Some(destination_address.clone());
     progress.note(&format!(
         "destination prepared: incoming sandbox {} at {destination_address}",
@@ -659,14 +799,14 @@ pub async fn run(
 /// # Errors
 /// [`Error::Watch`] when a side's `Watch` cannot be opened (both sides were asked to cancel).
 #[allow(clippy::too_many_arguments)]
-pub async fn follow(
+pub async fn follow<P: Progress + ?Sized>(
     migration_id: &str,
     source: &Agent,
     destination: &Agent,
     settings: &Settings,
     started: Instant,
     mut interrupt: watch::Receiver<bool>,
-    progress: &mut dyn Progress,
+    progress: &mut P,
     report: &mut Report,
 ) -> Result<(), Error> {
     let deadline = settings.timeout.map(|t| started + t);
@@ -688,8 +828,12 @@ pub async fn follow(
     let mut grace: Option<Instant> = None;
     while !tracker.done() {
         let actions = tokio::select! {
-            r = next(&mut src_events), if tracker.is_open(Side::Source) => feed(&mut tracker, Side::Source, r, progress),
-            r = next(&mut dst_events), if tracker.is_open(Side::Destination) => feed(&mut tracker, Side::Destination, r, progress),
+            r = next(&mut src_events), if tracker.is_open(Side::Source) => {
+                feed(&mut tracker, &mut report.events, Side::Source, r, progress)
+            }
+            r = next(&mut dst_events), if tracker.is_open(Side::Destination) => {
+                feed(&mut tracker, &mut report.events, Side::Destination, r, progress)
+            }
             () = interrupted(&mut interrupt), if tracker.stop().is_none() => {
                 progress.note(&format!(
                     "cancelling through the source, as {} asked{}",
@@ -722,15 +866,17 @@ async fn next(events: &mut Events) -> Result<Option<pb::MigrationEvent>, transpo
     events.next().await
 }
 
-fn feed(
+fn feed<P: Progress + ?Sized>(
     tracker: &mut Tracker,
+    arrivals: &mut Vec<(Side, pb::MigrationEvent)>,
     side: Side,
     r: Result<Option<pb::MigrationEvent>, transport::Error>,
-    progress: &mut dyn Progress,
+    progress: &mut P,
 ) -> Vec<Action> {
     match r {
         Ok(Some(event)) => {
             progress.event(side, &event);
+            arrivals.push((side, event.clone()));
             tracker.on_event(side, event)
         }
         Ok(None) => tracker.on_stream_end(side, None),

@@ -199,3 +199,63 @@ fn the_grace_running_out_is_noted_per_side() {
     assert!(t.notes()[0].starts_with("the source did not confirm"), "{:?}", t.notes());
     assert_eq!(t.outcome(), Outcome::Cancelled);
 }
+
+fn report_of(t: Tracker) -> Report {
+    Report {
+        migration_id: "mig-0123456789ab".into(),
+        sandbox_id: "sb".into(),
+        destination_sandbox_id: None,
+        source_address: "192.0.2.1".into(),
+        destination_address: None,
+        outcome: t.outcome(),
+        tracker: t,
+        events: Vec::new(),
+        elapsed: Duration::ZERO,
+    }
+}
+
+fn at(phase: pb::Phase, seq: u64, ms: u64) -> pb::MigrationEvent {
+    let mut e = ev(phase, seq);
+    e.timestamp_unix_nanos = ms * 1_000_000;
+    e
+}
+
+#[test]
+fn a_report_reads_phase_times_ends_and_figures_from_each_side() {
+    let mut t = Tracker::new(false);
+    for (i, (p, ms)) in
+        [(PHASE_PREPARING, 0), (PHASE_RAM, 10), (PHASE_RAM, 30), (PHASE_CUTOVER, 50)].into_iter().enumerate()
+    {
+        t.on_event(Side::Source, at(p, i as u64 + 1, ms));
+    }
+    let mut fwd = at(PHASE_FORWARDING, 5, 51);
+    fwd.cutover.mut_or_insert_default().downtime_ms = 31;
+    t.on_event(Side::Source, fwd);
+    let r = report_of(t.clone());
+    assert_eq!(
+        r.phase_durations(Side::Source),
+        vec![
+            (PHASE_PREPARING, Duration::from_millis(10)),
+            (PHASE_RAM, Duration::from_millis(40)),
+            (PHASE_CUTOVER, Duration::from_millis(1)),
+        ]
+    );
+    assert_eq!(
+        r.terminal(Side::Source).map(phase),
+        Some(PHASE_FORWARDING),
+        "forwarding ends the source's part"
+    );
+    assert_eq!(r.cutover(Side::Source).map(|c| c.downtime_ms), Some(31));
+    assert!(r.terminal(Side::Destination).is_none());
+    assert!(!r.succeeded(), "the destination never completed");
+    assert!(r.failure().is_some_and(|f| f.contains("LOST")), "{:?}", r.failure());
+
+    t.on_event(Side::Destination, ev(PHASE_COMPLETED, 1));
+    let r = report_of(t.clone());
+    assert!(r.succeeded() && r.failure().is_none() && !r.stopped());
+
+    let mut t = Tracker::new(false);
+    t.on_event(Side::Destination, failed(1, pb::ErrorKind::ERROR_KIND_QEMU, "QEMU exited"));
+    let r = report_of(t);
+    assert_eq!(r.failure().as_deref(), Some("destination: QEMU: QEMU exited"));
+}

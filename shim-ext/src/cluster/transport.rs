@@ -156,6 +156,12 @@ impl Agent {
         Self { node: node.to_owned(), client, forward_error: watch::channel(None).1, forwarder: None }
     }
 
+    /// Speaks through a client already connected ([`crate::client::connect`]: a node's unix
+    /// socket); `node` names it in lines and errors.
+    pub fn over_client(client: pb::MigrationClient, node: &str) -> Self {
+        Self { node: node.to_owned(), client, forward_error: watch::channel(None).1, forwarder: None }
+    }
+
     /// The node this agent runs on.
     pub fn node(&self) -> &str {
         &self.node

@@ -1,11 +1,14 @@
 //! One katamaran migration in a fresh lab: guest on node-a, agents on both nodes, the probe
-//! from the client, `client::drive` from this process, numbers from its `Summary`.
+//! from the client, the orchestration every caller uses (`katamaran::cluster::orchestrate`) from
+//! this process, numbers from its `Report`.
 
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use katamaran::client::{self, Plan, Side, Summary};
+use katamaran::client;
+use katamaran::cluster::orchestrate::{self, Plan, Report, Route, Settings, Side};
+use katamaran::cluster::transport::Agent as AgentClient;
 use katamaran::migration::options::{MigrationOptions, StorageMode};
 use katamaran::qmp::{MigrationInfo, QmpClient, QmpConfig};
 use katamaran_e2e::{Node, ProbeReport};
@@ -42,26 +45,41 @@ fn measure(rt: &Runtime, cfg: &RunConfig, case: &Case, run: &mut Run) -> anyhow:
     // counts only after its first echo came back).
     std::thread::sleep(cfg.before);
 
-    let plan = Plan {
-        sandbox_id: ID.to_owned(),
-        migration_id: client::new_migration_id()?,
-        options: MigrationOptions {
-            storage: match case.storage {
-                Storage::Shared => StorageMode::Shared,
-                Storage::Local => StorageMode::Local,
-            },
-            ..MigrationOptions::default()
+    let options = MigrationOptions {
+        storage: match case.storage {
+            Storage::Shared => StorageMode::Shared,
+            Storage::Local => StorageMode::Local,
         },
-        source_address: None,
-        rpc_timeout: Duration::from_secs(30),
+        ..MigrationOptions::default()
+    };
+    let settings = Settings {
+        timeout: Some(cfg.timeout),
+        wait_forwarding: false,
+        cancel_grace: orchestrate::DEFAULT_CANCEL_GRACE,
+        stopped_by: "the benchmark",
+        stop_hint: "",
     };
     let (src_ep, dst_ep) = (agents.0.endpoint.clone(), agents.1.endpoint.clone());
     let drive_started = SystemTime::now();
     let driven = rt.block_on(async {
-        let src = client::connect(&src_ep).await?;
-        let dst = client::connect(&dst_ep).await?;
-        let summary = client::drive(&src, &dst, &plan, |_, _| {}, tokio::time::sleep(cfg.timeout)).await?;
-        anyhow::Ok(summary)
+        let src = AgentClient::over_client(client::connect(&src_ep).await?, "node-a");
+        let dst = AgentClient::over_client(client::connect(&dst_ep).await?, "node-b");
+        let plan = Plan {
+            route: Route {
+                subject: format!("sandbox {ID}"),
+                source_node: "node-a".into(),
+                destination_node: "node-b".into(),
+                source_address: None,
+                destination_address: None,
+            },
+            options,
+            sandbox: src.inspect(ID).await?,
+            migration_id: client::new_migration_id()?,
+        };
+        // Never set: the benchmark stops a run only by its timeout.
+        let (_stop, never) = tokio::sync::watch::channel(false);
+        let report = orchestrate::run(&plan, &src, &dst, &settings, never, &mut ()).await?;
+        anyhow::Ok(report)
     });
     std::thread::sleep(cfg.after);
     let report = probe.stop(Duration::from_secs(15)).context("the probe did not report")?;
@@ -78,7 +96,7 @@ fn measure(rt: &Runtime, cfg: &RunConfig, case: &Case, run: &mut Run) -> anyhow:
         }
     };
     record_summary(run, &summary, drive_started);
-    run.ok = summary.succeeded() && !summary.cancelled_by_caller;
+    run.ok = summary.succeeded() && !summary.stopped();
     if !run.ok {
         run.error =
             Some(summary.failure().unwrap_or_else(|| format!("did not finish within {:?}", cfg.timeout)));
@@ -136,7 +154,7 @@ pub fn record_qemu(run: &mut Run, info: &MigrationInfo) {
     }
 }
 
-fn record_summary(run: &mut Run, s: &Summary, started: SystemTime) {
+fn record_summary(run: &mut Run, s: &Report, started: SystemTime) {
     run.set(m::TOTAL_MS, Some(ms(s.elapsed)));
     let start_ns = started.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()) as f64;
     for (side, e) in &s.events {

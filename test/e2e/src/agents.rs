@@ -1,6 +1,6 @@
 //! The migration engine in the lab: a node agent (`katamaran-agent node`) inside each node's
-//! namespace, migrations driven between them through [`katamaran::client::drive`] (typed
-//! results, an action at a chosen event), and what a migration test checks afterwards: a
+//! namespace, migrations driven between them through [`katamaran::cluster::orchestrate::run`],
+//! the one orchestration every caller uses (typed results, an action at a chosen event), and what a migration test checks afterwards: a
 //! [`Snapshot`] of everything the engine may create on a node, traffic counters, the
 //! destination's disk images and QEMU.
 //!
@@ -16,7 +16,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use katamaran::client::{self, ClientError, Plan, Side, Summary};
+use katamaran::client::{self, ClientError};
+use katamaran::cluster::orchestrate::{self, Plan, Progress, Report, Route, Settings, Side};
+use katamaran::cluster::transport::{self, Agent as AgentClient};
 use katamaran::migration::MigrationOptions;
 use katamaran_protos::ttrpc;
 use katamaran_protos::v1 as pb;
@@ -131,9 +133,12 @@ pub enum AgentError {
     /// No migration id could be generated.
     #[error("could not generate a migration id")]
     MigrationId(#[source] katamaran::dataplane::Error),
-    /// The driver refused or failed before both sides were being watched.
+    /// The source agent could not describe the sandbox.
+    #[error("inspecting the sandbox on the source failed")]
+    Inspect(#[source] Box<transport::Error>),
+    /// The orchestration refused or failed before both sides were being watched.
     #[error("the migration did not start")]
-    Drive(#[source] ClientError),
+    Drive(#[source] Box<orchestrate::Error>),
     /// A migration did not end in time.
     #[error("the migration did not end within {0:?}")]
     MigrationDeadline(Duration),
@@ -518,8 +523,8 @@ impl fmt::Debug for Action {
 /// A driven migration.
 #[derive(Debug, Clone)]
 pub struct Migration {
-    /// What the driver saw.
-    pub summary: Summary,
+    /// What the orchestration saw and decided.
+    pub summary: Report,
     /// The event at which the trigger fired, if it did.
     pub triggered_at: Option<(Side, pb::MigrationEvent)>,
 }
@@ -684,47 +689,73 @@ impl Engine {
         trigger: Option<Trigger>,
         deadline: Duration,
     ) -> Result<Migration, AgentError> {
+        let (source, destination) = (
+            AgentClient::over_client(self.client(from).clone(), from.name()),
+            AgentClient::over_client(self.client(other(from)).clone(), other(from).name()),
+        );
+        let sandbox = self.rt.block_on(source.inspect(id)).map_err(|e| AgentError::Inspect(Box::new(e)))?;
         let plan = Plan {
-            sandbox_id: id.to_owned(),
-            migration_id: client::new_migration_id().map_err(AgentError::MigrationId)?,
+            route: Route {
+                subject: format!("sandbox {id}"),
+                source_node: from.name().to_owned(),
+                destination_node: other(from).name().to_owned(),
+                source_address: None,
+                destination_address: None,
+            },
             options,
-            source_address: None,
-            rpc_timeout: RPC_TIMEOUT,
+            sandbox,
+            migration_id: client::new_migration_id().map_err(AgentError::MigrationId)?,
         };
-        let (cancel_tx, cancel_rx) = tokio::sync::oneshot::channel::<()>();
-        let mut cancel_tx = Some(cancel_tx);
-        let mut trigger = trigger;
-        let mut triggered_at = None;
-        let on_event = |side: Side, ev: &pb::MigrationEvent| {
-            let Some(t) = trigger.as_mut() else { return };
-            if triggered_at.is_some() || !(t.when)(side, ev) {
-                return;
-            }
-            triggered_at = Some((side, ev.clone()));
-            match t.action.take() {
-                Some(Action::Cancel) => {
-                    if let Some(tx) = cancel_tx.take() {
-                        let _ = tx.send(());
-                    }
-                }
-                Some(Action::Run(f)) => f(),
-                None => {}
-            }
+        let settings = Settings {
+            timeout: None,
+            wait_forwarding: false,
+            cancel_grace: orchestrate::DEFAULT_CANCEL_GRACE,
+            stopped_by: "the lab test",
+            stop_hint: "",
         };
-        let cancel = async move {
-            // A dropped sender (no cancel asked for) must not read as a cancel.
-            if cancel_rx.await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        };
-        let drive = client::drive(self.client(from), self.client(other(from)), &plan, on_event, cancel);
+        let (cancel, stop) = tokio::sync::watch::channel(false);
+        let mut acting = Acting { trigger, cancel, triggered_at: None };
+        let run = orchestrate::run(&plan, &source, &destination, &settings, stop, &mut acting);
         let summary = self
             .rt
-            .block_on(async { tokio::time::timeout(deadline, drive).await })
+            .block_on(async { tokio::time::timeout(deadline, run).await })
             .map_err(|_| AgentError::MigrationDeadline(deadline))?
-            .map_err(AgentError::Drive)?;
+            .map_err(|e| AgentError::Drive(Box::new(e)))?;
+        let triggered_at = acting.triggered_at;
         Ok(Migration { summary, triggered_at })
     }
+}
+
+/// The test's [`Trigger`] acting on the orchestration's events: a cancel goes through the same
+/// stop signal as a user's Ctrl-C.
+struct Acting {
+    trigger: Option<Trigger>,
+    cancel: tokio::sync::watch::Sender<bool>,
+    triggered_at: Option<(Side, pb::MigrationEvent)>,
+}
+
+impl Progress for Acting {
+    fn note(&mut self, line: &str) {
+        eprintln!("orchestration: {line}");
+    }
+
+    fn event(&mut self, side: Side, event: &pb::MigrationEvent) {
+        let Some(t) = self.trigger.as_mut() else { return };
+        if self.triggered_at.is_some() || !(t.when)(side, event) {
+            return;
+        }
+        self.triggered_at = Some((side, event.clone()));
+        match t.action.take() {
+            Some(Action::Cancel) => {
+                // The receiver lives as long as the run that reads it.
+                let _ = self.cancel.send(true);
+            }
+            Some(Action::Run(f)) => f(),
+            None => {}
+        }
+    }
+
+    fn finish(&mut self) {}
 }
 
 /// When the source node's VM route moved to the destination, relative to QEMU's STOP: after it
@@ -780,7 +811,7 @@ impl CutoverNumbers {
     ///
     /// # Errors
     /// When a side reported no cutover times or an instant is missing (zero).
-    pub fn of(summary: &Summary) -> Result<Self, String> {
+    pub fn of(summary: &Report) -> Result<Self, String> {
         let src = summary.cutover(Side::Source).ok_or("the source reported no cutover times")?;
         let dst = summary.cutover(Side::Destination).ok_or("the destination reported no cutover times")?;
         let instants = [
@@ -831,7 +862,7 @@ impl fmt::Display for CutoverNumbers {
 }
 
 /// One line per event, for messages: side, phase, message, and the RAM or storage figures.
-pub fn timeline(summary: &Summary) -> String {
+pub fn timeline(summary: &Report) -> String {
     let start = summary.events.first().map_or(0, |(_, e)| e.timestamp_unix_nanos);
     let mut out = String::new();
     for (side, e) in &summary.events {

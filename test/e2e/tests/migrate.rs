@@ -1,6 +1,6 @@
 //! The migration engine in the two-node lab: real QEMU (TCG) guests in Kata-shaped sandboxes
 //! moved from node-a to node-b by the node agents (`katamaran-agent node`), driven through
-//! `katamaran::client::drive` (or `katactl`), while the probe sends 1000 UDP datagrams per second
+//! `katamaran::cluster::orchestrate` (or `katactl`), while the probe sends 1000 UDP datagrams per second
 //! at the guest.
 //!
 //! Each test brings its own lab up and down, its agents are killed by a guard, and it asserts
@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Duration;
 
-use katamaran::client::{Side, Summary};
+use katamaran::cluster::orchestrate::{Report, Side};
 use katamaran::migration::{MigrationOptions, StorageMode};
 use katamaran_e2e::agents::{self, CutoverNumbers, Engine, Migration, Snapshot, Trigger};
 use katamaran_e2e::{artifacts, netns, reports, Lab, LabConfig, Node, ProbeReport, RunningProbe, Skip};
@@ -148,11 +148,11 @@ fn options(storage: StorageMode) -> MigrationOptions {
 }
 
 /// The phase a side ended in (UNSPECIFIED when it never reported an end).
-fn end(s: &Summary, side: Side) -> pb::Phase {
+fn end(s: &Report, side: Side) -> pb::Phase {
     s.terminal(side).map_or(pb::Phase::PHASE_UNSPECIFIED, agents::phase)
 }
 
-fn end_message(s: &Summary, side: Side) -> String {
+fn end_message(s: &Report, side: Side) -> String {
     s.terminal(side)
         .map(|e| {
             if e.result.error_message.is_empty() {
@@ -475,7 +475,7 @@ fn lab_migrate_cancel_during_storage_leaves_nothing_behind() {
         .map(|d| format!("{} {}/{} MiB", d.drive_id, d.done_bytes >> 20, d.total_bytes >> 20))
         .collect();
     eprintln!("measured [cancel in storage]: cancelled at {} after {:?}", copied.join(", "), s.elapsed);
-    assert!(!s.succeeded() && s.cancelled_by_caller);
+    assert!(!s.succeeded() && s.stopped());
     assert_eq!(end(s, Side::Source), pb::Phase::PHASE_CANCELLED, "{}", end_message(s, Side::Source));
     assert_eq!(
         end(s, Side::Destination),
@@ -508,7 +508,7 @@ fn lab_migrate_cancel_during_ram_precopy_leaves_nothing_behind_and_a_retry_succe
     let at = fired(&m, "a RAM pre-copy progress event");
     let ram = at.ram.as_ref().map(|r| (r.transferred_bytes >> 20, r.total_bytes >> 20)).unwrap_or_default();
     eprintln!("measured [cancel in RAM]: cancelled at {}/{} MiB of RAM after {:?}", ram.0, ram.1, s.elapsed);
-    assert!(!s.succeeded() && s.cancelled_by_caller);
+    assert!(!s.succeeded() && s.stopped());
     assert_eq!(end(s, Side::Source), pb::Phase::PHASE_CANCELLED, "{}", end_message(s, Side::Source));
     assert_eq!(
         end(s, Side::Destination),
@@ -565,7 +565,7 @@ fn lab_migrate_destination_qemu_killed_in_precopy_fails_cleanly_on_both_sides() 
     fired(&m, "a RAM pre-copy progress event");
     let pid = killed.get().expect("the destination QEMU was found and killed");
     eprintln!("measured [dest QEMU killed]: failure {:?} after {:?}", s.failure(), s.elapsed);
-    assert!(!s.succeeded() && !s.cancelled_by_caller);
+    assert!(!s.succeeded() && !s.stopped());
     assert_eq!(end(s, Side::Destination), pb::Phase::PHASE_FAILED, "{}", end_message(s, Side::Destination));
     let dest_msg = end_message(s, Side::Destination);
     assert!(dest_msg.contains("QEMU"), "the destination says its QEMU went away: {dest_msg}");
