@@ -27,7 +27,12 @@ Examples:
   katactl qmp /run/vc/vm/ID/extra-monitor.sock query-status
   katactl qmp /run/vc/vm/ID/extra-monitor.sock migrate-set-parameters '{\"downtime-limit\": 50}'
 
-Exit codes: 0 success, 1 failure, 2 usage error or refused request.";
+`katactl migrate` runs the same orchestration as the agents' Migration controller and
+`kubectl migrate --direct`: events on stdout (one JSON object per line with -o json, then the
+summary), remarks on stderr. Ctrl-C cancels through the source (the owner until the commit;
+past it the cancel is refused and the move completes); a second Ctrl-C quits without waiting.
+
+Exit codes: 0 success, 1 failure, 2 usage error or refused request, 130 cancelled.";
 
 #[derive(Debug, Parser)]
 #[command(name = "katactl", version, about = "Debug client for katamaran node agents and sandbox extensions", after_help = AFTER_HELP)]
@@ -68,7 +73,8 @@ enum Command {
     },
     /// List migrations this endpoint takes part in.
     Migrations,
-    /// Migrate a sandbox from this endpoint to another node's agent, and watch it to the end.
+    /// Migrate a sandbox from this endpoint to another node's agent, and watch it until the VM
+    /// runs there (the source's forward goes on without katactl) or both sides rolled back.
     Migrate {
         /// Sandbox id (on the endpoint given by --runtime-endpoint).
         id: String,
