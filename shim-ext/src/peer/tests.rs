@@ -150,10 +150,16 @@ async fn an_expired_certificate_is_refused_on_either_side() {
     let (a, b) = (agent(&ca, "node-a"), agent(&ca, "node-b"));
     let (client, _) = handshake(&a, "node-b", &expired("node-b")).await;
     let msg = chain(&client.unwrap_err());
-    assert!(msg.contains("invalid peer certificate") && msg.contains("certificate expired"), "server's expired: {msg}");
+    assert!(
+        msg.contains("invalid peer certificate") && msg.contains("certificate expired"),
+        "server's expired: {msg}"
+    );
     let (_, server) = handshake(&expired("node-a"), "node-b", &b).await;
     let msg = chain(&server.unwrap_err());
-    assert!(msg.contains("invalid peer certificate") && msg.contains("certificate expired"), "client's expired: {msg}");
+    assert!(
+        msg.contains("invalid peer certificate") && msg.contains("certificate expired"),
+        "client's expired: {msg}"
+    );
 }
 
 #[tokio::test]
