@@ -305,14 +305,11 @@ impl Cluster {
                 agent_pod("agent-cordoned", "node-cordoned"),
             ],
             agents,
+            secrets: vec![ca_secret(&ca)],
             forbid_portforward: o.forbid_portforward,
             ..State::default()
         };
         let api = FakeApiServer::start(state).await;
-        {
-            let secrets = store::find_type("", "v1", "secrets").unwrap();
-            api.state.lock().unwrap().store.insert(&secrets, serde_json::to_value(ca_secret(&ca)).unwrap());
-        }
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = dir.path().join("kubeconfig");
         std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
