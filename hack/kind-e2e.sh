@@ -204,6 +204,9 @@ step "loading images and applying deploy/"
 kind load docker-image --name "$cluster" "$image" "$TOOLS_IMAGE"
 kubectl label node "$src" katamaran.io/e2e=source --overwrite
 kubectl label node "$dst" katamaran.io/e2e=destination --overwrite
+# The agents' CA (docs/INSTALL.md step 2): the DaemonSet's pods mount it and start only with it.
+kubectl apply -f deploy/namespace.yaml
+"$bins"/katamaran-agent ca init | kubectl apply -f -
 kubectl apply -k deploy/
 kubectl -n katamaran-system rollout status daemonset/katamaran-agent --timeout="${WAIT_INSTALL}s"
 for w in "${workers[@]}"; do

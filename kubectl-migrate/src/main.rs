@@ -4,7 +4,9 @@
 //! creates a Migration resource and follows its status while the agents' controller migrates
 //! ([`resource`]); RBAC on `migrations.katamaran.io` decides who may. With `--direct` (cluster
 //! administrators debugging the agents) it resolves the pod and nodes itself ([`resolve`]),
-//! reaches the agent on each node through `pods/portforward` ([`transport`]) and drives the same
+//! reaches the agent on each node through `pods/portforward` with mutual TLS, as an
+//! administrator's identity minted from the agents' CA (read from its Secret) ([`transport`],
+//! [`katamaran::peer`]), and drives the same
 //! orchestration the agents run ([`orchestrate`]), showing progress and the result ([`output`]).
 
 mod output;
@@ -19,8 +21,11 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use katamaran::cli::{parse_duration, MigrateFlags};
+use katamaran::peer::{
+    ClusterCa, PeerName, PeerTls, ADMIN_CERT_LIFETIME, CA_CERT_FILE, CA_KEY_FILE, CA_SECRET,
+};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 use tokio::sync::watch;
@@ -141,8 +146,9 @@ struct PodArgs {
     /// storing it. `--dry-run` alone means client.
     #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "client", default_value = "none", value_name = "MODE")]
     dry_run: resource::DryRun,
-    /// Drive the two agents from this process through pods/portforward (needs the
-    /// katamaran-debug role in the agents' namespace) instead of creating a Migration.
+    /// Drive the two agents from this process through pods/portforward and mutual TLS (needs
+    /// the katamaran-debug role in the agents' namespace: port-forward, and the agents' CA
+    /// Secret to mint a one-hour administrator certificate) instead of creating a Migration.
     #[arg(long)]
     direct: bool,
     /// Output format: text (progress and a table), json or yaml (one document at the end).
@@ -474,25 +480,32 @@ async fn migrate(flags: &KubeFlags, args: &PodArgs, interrupt: watch::Receiver<b
     {
         return fail(Exit::Refused, e);
     }
+    if args.dry_run == resource::DryRun::Server {
+        return fail(Exit::Refused, anyhow::anyhow!("--dry-run=server needs a Migration; drop --direct"));
+    }
+    // The agents accept callers with an identity from the cluster CA only.
+    let tls = admin_identity(&client, &flags.agent_namespace).await;
     let pods: Api<Pod> = Api::namespaced(client, &flags.agent_namespace);
-    let connect = |end: &resolve::NodeEnd| {
+    let connect = |end: &resolve::NodeEnd, tls: PeerTls| {
         let (pods, ns, port) = (pods.clone(), flags.agent_namespace.clone(), flags.agent_port);
         let (pod, node) = (end.agent_pod.clone(), end.node.clone());
-        async move { Agent::connect(&pods, &ns, &pod, &node, port).await }
+        async move { Agent::connect(&pods, &ns, &pod, &node, port, &tls).await }
     };
 
-    match args.dry_run {
-        resource::DryRun::None => {}
-        resource::DryRun::Client => {
-            return dry_run(args, &resolved, &options, connect(&resolved.source)).await
-        }
-        resource::DryRun::Server => {
-            return fail(Exit::Refused, anyhow::anyhow!("--dry-run=server needs a Migration; drop --direct"))
-        }
+    if args.dry_run == resource::DryRun::Client {
+        let agent = match tls {
+            Ok(tls) => connect(&resolved.source, tls).await.map_err(anyhow::Error::from),
+            Err((_, e)) => Err(e),
+        };
+        return dry_run(args, &resolved, &options, agent).await;
     }
+    let tls = match tls {
+        Ok(tls) => tls,
+        Err((code, e)) => return fail(code, e),
+    };
 
     let agents = tokio::select! {
-        r = futures::future::try_join(connect(&resolved.source), connect(&resolved.destination)) => r,
+        r = futures::future::try_join(connect(&resolved.source, tls.clone()), connect(&resolved.destination, tls)) => r,
         () = stoppable(interrupt.clone()) => return fail(Exit::Cancelled, anyhow::anyhow!("interrupted; nothing was changed")),
     };
     let (source, destination) = match agents {
@@ -549,6 +562,33 @@ async fn migrate(flags: &KubeFlags, args: &PodArgs, interrupt: watch::Receiver<b
     }
 }
 
+/// An administrator's identity (`admin.katamaran.io`, one hour) minted from the agents' CA,
+/// read from its Secret: who may read that Secret (cluster administrators, through
+/// katamaran-debug) may call the agents.
+async fn admin_identity(client: &Client, namespace: &str) -> Result<PeerTls, (Exit, anyhow::Error)> {
+    let what = format!("Secret {namespace}/{CA_SECRET}");
+    let secret = Api::<Secret>::namespaced(client.clone(), namespace).get(CA_SECRET).await.map_err(|e| {
+        let code = match &e {
+            kube::Error::Api(s) if s.code == 403 || s.code == 404 => Exit::Refused,
+            _ => Exit::Failed,
+        };
+        let hint = "--direct calls the agents with an identity from their CA: it needs `get` on that Secret \
+                    (the katamaran-debug role) and the CA made at install (`katamaran-agent ca init`)";
+        (code, anyhow::Error::new(e).context(format!("cannot read the agents' CA, {what} ({hint})")))
+    })?;
+    let data = secret.data.unwrap_or_default();
+    let field = |key: &str| {
+        data.get(key)
+            .and_then(|b| std::str::from_utf8(&b.0).ok())
+            .map(str::to_owned)
+            .ok_or_else(|| (Exit::Failed, anyhow::anyhow!("{what} has no {key} in its data")))
+    };
+    let ca = ClusterCa::from_pem(&field(CA_CERT_FILE)?, &field(CA_KEY_FILE)?, &what)
+        .map_err(|e| (Exit::Failed, anyhow::Error::new(e)))?;
+    PeerTls::issue(ca, PeerName::Admin, ADMIN_CERT_LIFETIME)
+        .map_err(|e| (Exit::Failed, anyhow::Error::new(e)))
+}
+
 /// Lists the source agent's sandboxes and inspects the pod's.
 async fn find_sandbox(
     source: &Agent,
@@ -566,10 +606,10 @@ async fn dry_run(
     args: &PodArgs,
     resolved: &Resolved,
     options: &katamaran::migration::options::MigrationOptions,
-    connect: impl std::future::Future<Output = Result<Agent, transport::Error>>,
+    agent: Result<Agent, anyhow::Error>,
 ) -> Exit {
     // Reading the sandbox list changes nothing; an unreachable agent is reported, not fatal.
-    let sandbox = match connect.await {
+    let sandbox = match agent {
         Ok(agent) => match agent.list_sandboxes().await {
             Ok(list) => match resolve::match_sandbox(&list, &resolved.pod) {
                 Ok(s) => Ok(s.clone()),
@@ -577,7 +617,7 @@ async fn dry_run(
             },
             Err(e) => Err(format!("{:#}", anyhow::Error::from(e))),
         },
-        Err(e) => Err(format!("{:#}", anyhow::Error::from(e))),
+        Err(e) => Err(format!("{e:#}")),
     };
     let sandbox_ref = sandbox.as_ref().map_err(String::as_str);
     match args.output.document(&output::plan_view(resolved, options, sandbox_ref)) {

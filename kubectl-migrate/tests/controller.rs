@@ -87,6 +87,11 @@ async fn agent_controller(
         agent_port: 10555,
         runtime_class: support::CLASS.to_owned(),
         local_socket: socket,
+        // Its own CA: these controllers never reach another agent through a port-forward.
+        tls: support::identity(
+            &katamaran::peer::ClusterCa::generate(Duration::from_secs(3600)).unwrap(),
+            katamaran::peer::PeerName::node(node).unwrap(),
+        ),
     };
     tokio::spawn(controller::run(client(api, AGENT).await, config, async {
         let _ = stopped.await;
@@ -437,4 +442,36 @@ async fn a_migration_left_with_a_finalizer_before_any_node_took_it_is_let_go() {
     .unwrap();
     assert_eq!(failed.phase(), Phase::Failed);
     assert!(c.calls().is_empty(), "no agent was asked for anything: {:?}", c.calls());
+}
+
+#[tokio::test]
+async fn a_target_agent_with_another_nodes_certificate_fails_the_migration_before_anything_starts() {
+    // agent-b, the pod the API server forwards to for node-b, presents node-c's identity: not
+    // the agent of the node the controller resolved.
+    let c = support::Cluster::start(support::Options {
+        destination_presents: Some("node-c"),
+        ..support::Options::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let _a = c.start_controller(dir.path()).await;
+    let migrations = shop(&c).await;
+    migrations
+        .create(&PostParams::default(), &Migration::new("m", MigrationSpec::new("web-0", "node-b")))
+        .await
+        .unwrap();
+    let m = wait_for(&migrations, "m", |m| m.is_some_and(|m| m.phase().is_terminal())).await.unwrap();
+    let status = m.status.as_ref().unwrap();
+    assert_eq!(m.phase(), Phase::Failed, "{status:#?}");
+    assert_eq!(status.owner, Some(Owner::Source));
+    let message = status.message.as_deref().unwrap_or_default();
+    assert!(
+        message.contains("mutual TLS with the katamaran agent of node node-b failed")
+            && message.contains("not valid for name \"node-b.agent.katamaran.io\""),
+        "the message names the node and the TLS reason: {message}"
+    );
+    // The source was only read; node-b's agent was never called.
+    assert_eq!(c.calls(), ["node-a:ListSandboxes", "node-a:Inspect"]);
+    let reasons: Vec<String> = events_of(&c.api, "shop", "m").into_iter().map(|e| e.1).collect();
+    assert_eq!(reasons, ["MigrationStarted", "MigrationFailed"]);
 }

@@ -6,6 +6,7 @@
 mod support;
 
 use k8s_openapi::api::core::v1::{Node, Pod};
+use katamaran::peer::PeerName;
 use katamaran_protos::ttrpc::r#async::transport::Socket;
 use katamaran_protos::ttrpc::{self, context};
 use katamaran_protos::v1::{ListSandboxesRequest, MigrationClient};
@@ -55,8 +56,11 @@ async fn kube_reads_objects_lists_and_errors() {
 async fn a_port_forward_carries_ttrpc_to_the_fake_agent() {
     let c = Cluster::start(Options::default()).await;
     let pods = Api::<Pod>::namespaced(client(&c).await, support::AGENT_NS);
+    // Mutual TLS first, as node-a's agent serves it; an administrator's identity from the CA.
+    let admin = support::identity(&c.ca, PeerName::Admin);
     let mut pf = pods.portforward("agent-a", &[10555]).await.unwrap();
     let stream = pf.take_stream(10555).unwrap();
+    let stream = admin.connect(stream, "node-a").await.unwrap();
     let agent = MigrationClient::new(ttrpc::r#async::Client::new(Socket::new(stream)));
     let list = agent
         .list_sandboxes(context::with_duration(support::RUN_TIMEOUT), &ListSandboxesRequest::new())
@@ -65,6 +69,19 @@ async fn a_port_forward_carries_ttrpc_to_the_fake_agent() {
     assert_eq!(list.sandboxes.len(), 1);
     assert_eq!(list.sandboxes[0].id, "3f2a9c");
     assert_eq!(c.calls(), ["node-a:ListSandboxes"]);
+
+    // Plain ttrpc through the same port-forward: the agent's TLS front never answers it.
+    let mut pf = pods.portforward("agent-a", &[10555]).await.unwrap();
+    let stream = pf.take_stream(10555).unwrap();
+    let agent = MigrationClient::new(ttrpc::r#async::Client::new(Socket::new(stream)));
+    let r = agent
+        .list_sandboxes(
+            context::with_duration(std::time::Duration::from_secs(12)),
+            &ListSandboxesRequest::new(),
+        )
+        .await;
+    assert!(r.is_err(), "{r:?}");
+    assert_eq!(c.calls(), ["node-a:ListSandboxes"], "the service never saw the plain call");
 
     // Nothing listening in the pod: the API server says so on the port's error channel.
     let mut pf = pods.portforward("agent-down", &[10555]).await.unwrap();

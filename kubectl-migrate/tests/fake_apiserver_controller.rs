@@ -608,3 +608,28 @@ async fn the_agent_reports_a_migrations_start_and_end_as_events_on_the_pod() {
     let err = refused.record(&pod, &note).await.unwrap_err();
     assert!(matches!(&err, kube::Error::Api(s) if s.code == 403), "{err:?}");
 }
+
+async fn secrets(api: &FakeApiServer, token: &str) -> Api<k8s_openapi::api::core::v1::Secret> {
+    Api::namespaced(client(api, Some(token)).await, support::AGENT_NS)
+}
+
+#[tokio::test]
+async fn only_administrators_read_the_agents_ca() {
+    let api = server().await;
+    {
+        let secrets = support::store::find_type("", "v1", "secrets").unwrap();
+        let ca = katamaran::peer::ClusterCa::generate(std::time::Duration::from_secs(3600)).unwrap();
+        let secret = serde_json::to_value(support::ca_secret(&ca)).unwrap();
+        api.state.lock().unwrap().store.insert(&secrets, secret);
+    }
+    // katamaran-debug (kubectl migrate --direct): the CA, and no other Secret.
+    let ca = secrets(&api, OPS).await.get(katamaran::peer::CA_SECRET).await.unwrap();
+    assert!(ca.data.unwrap().contains_key(katamaran::peer::CA_KEY_FILE));
+    let (code, _, _) = api_error(secrets(&api, OPS).await.get("other").await);
+    assert_eq!(code, 403);
+    // Migrators and the agents (they mount it) may not read it.
+    for token in [ALICE, AGENT] {
+        let (code, _, _) = api_error(secrets(&api, token).await.get(katamaran::peer::CA_SECRET).await);
+        assert_eq!(code, 403, "{token}");
+    }
+}

@@ -30,6 +30,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
+use katamaran::peer::ClusterCa;
 use katamaran_e2e::agents::{self, Agent};
 use katamaran_e2e::{artifacts, netns, Disks, Lab, LabConfig, Node, ProbeReport, Skip, VmOptions};
 use serde_json::{json, Value};
@@ -199,6 +200,7 @@ fn lab_cluster(
     identity: &(String, String, String),
     ip: Ipv4Addr,
     agent_pods: [&str; 2],
+    ca: &ClusterCa,
     backend: impl Fn(Node) -> AgentBackend,
 ) -> State {
     let (name, namespace, uid) = identity;
@@ -216,8 +218,43 @@ fn lab_cluster(
             (agent_pods[0].to_owned(), backend(Node::A)),
             (agent_pods[1].to_owned(), backend(Node::B)),
         ]),
+        secrets: vec![support::ca_secret(ca)],
         ..State::default()
     }
+}
+
+/// The agents' CA written where the lab's agents read it (`--peer-ca-dir`).
+fn lab_ca(lab: &Lab) -> (ClusterCa, std::path::PathBuf) {
+    let ca = ClusterCa::generate(Duration::from_secs(24 * 3600)).expect("the agents' CA");
+    let dir = lab.scratch_path("agent-ca");
+    ca.write_dir(&dir).expect("the CA files");
+    (ca, dir)
+}
+
+/// The control path as deployed: mutual TLS on 127.0.0.1:10555 in the node's namespace, as node
+/// `node` (add `--node-name` unless the caller gives it).
+fn tls_args(ca_dir: &std::path::Path) -> Vec<String> {
+    vec!["--listen-tcp=127.0.0.1:10555".to_owned(), format!("--peer-ca-dir={}", ca_dir.display())]
+}
+
+/// Port-forwards to a lab agent reach its TLS listener in the node's namespace, as kubelet dials
+/// a pod's port.
+fn tls_backend(lab: &Lab, node: Node) -> AgentBackend {
+    AgentBackend::PodNetns(std::path::PathBuf::from(format!("/run/netns/{}", lab.netns(node.name()))))
+}
+
+/// An agent started directly in the lab, serving the control path with mutual TLS.
+fn start_tls_agent(
+    lab: &Lab,
+    node: Node,
+    bin: &std::path::Path,
+    ca_dir: &std::path::Path,
+    env: &[(&str, String)],
+) -> Agent {
+    let mut args = tls_args(ca_dir);
+    args.push(format!("--node-name={}", node.name()));
+    Agent::start_with_args(lab, node, bin, env, &args)
+        .unwrap_or_else(|e| panic!("the {} agent serves its socket and TLS: {e}", node.name()))
 }
 
 /// The fake API server on workers of its own (it relays while the test's thread waits on the
@@ -279,18 +316,18 @@ fn lab_kubectl_migrate_moves_the_pod_vm_to_node_b_under_probe_and_loses_nothing(
         .vm(Node::A, POD, &VmOptions { disks: Disks::Shared(1), ..VmOptions::default() })
         .expect("the guest boots to KATAMARAN-GUEST-READY");
     let bins = agents::engine_bins().expect("the engine's release binaries");
+    let (ca, ca_dir) = lab_ca(&lab);
     let agents = [
-        Agent::start(&lab, Node::A, &bins.agent).expect("the node-a agent serves its socket"),
-        Agent::start(&lab, Node::B, &bins.agent).expect("the node-b agent serves its socket"),
+        start_tls_agent(&lab, Node::A, &bins.agent, &ca_dir, &[]),
+        start_tls_agent(&lab, Node::B, &bins.agent, &ca_dir, &[]),
     ];
 
     // The cluster as the API server describes it.
     let identity = cri_identity(&paths.config_json);
     let (name, namespace, uid) = identity.clone();
     assert_eq!(name, POD, "the lab names the pod after the sandbox");
-    let socket = |node: Node| agents::engine_dir(&lab, node).join("agent.sock");
     let pods = ["katamaran-agent-a1b2c", "katamaran-agent-d3e4f"];
-    let state = lab_cluster(&identity, paths.ip, pods, |node| AgentBackend::Unix(socket(node)));
+    let state = lab_cluster(&identity, paths.ip, pods, &ca, |node| tls_backend(&lab, node));
     let cluster = FakeCluster::serve(state, &namespace);
 
     // Traffic flows to the VM on node-a.
@@ -404,14 +441,14 @@ fn lab_kubectl_migrate_reports_a_source_failing_in_preparing_at_once_and_node_b_
     let before = Snapshot::take(&lab, &[&source_ns]).expect("snapshot before");
     let bins = agents::engine_bins().expect("the engine's release binaries");
     let fail = [("KATAMARAN_FAILPOINTS", "source-preparing=return".to_owned())];
+    let (ca, ca_dir) = lab_ca(&lab);
     let agents = [
-        Agent::start_with(&lab, Node::A, &bins.agent, &fail).expect("the node-a agent serves its socket"),
-        Agent::start(&lab, Node::B, &bins.agent).expect("the node-b agent serves its socket"),
+        start_tls_agent(&lab, Node::A, &bins.agent, &ca_dir, &fail),
+        start_tls_agent(&lab, Node::B, &bins.agent, &ca_dir, &[]),
     ];
     let identity = cri_identity(&paths.config_json);
-    let socket = |node: Node| agents::engine_dir(&lab, node).join("agent.sock");
     let pods = ["katamaran-agent-a1b2c", "katamaran-agent-d3e4f"];
-    let state = lab_cluster(&identity, paths.ip, pods, |node| AgentBackend::Unix(socket(node)));
+    let state = lab_cluster(&identity, paths.ip, pods, &ca, |node| tls_backend(&lab, node));
     let cluster = FakeCluster::serve(state, &identity.1);
 
     let run = cluster.migrate_to_node_b();
@@ -467,9 +504,9 @@ fn lab_a_migration_resource_moves_the_vm_under_the_probe_through_the_agents_cont
 
     // The cluster: the lab's pod and nodes, the RBAC of deploy/, alice a migrator in the pod's
     // namespace; the API server also listens on the cluster network (the router's bridge).
-    let socket = |node: Node| agents::engine_dir(&lab, node).join("agent.sock");
+    let (ca, ca_dir) = lab_ca(&lab);
     let pods = ["katamaran-agent-a1b2c", "katamaran-agent-d3e4f"];
-    let mut state = lab_cluster(&identity, paths.ip, pods, |node| AgentBackend::Unix(socket(node)));
+    let mut state = lab_cluster(&identity, paths.ip, pods, &ca, |node| tls_backend(&lab, node));
     let mut rbac = Rbac::from_deploy(&["rbac-kubectl-migrate.yaml", "agent-rbac.yaml"]);
     rbac.bind("katamaran-migrator", Some(&namespace), "alice");
     state.rbac = Some(rbac);
@@ -498,7 +535,10 @@ fn lab_a_migration_resource_moves_the_vm_under_the_probe_through_the_agents_cont
             node.name().to_owned(),
             "--controller=on".to_owned(),
             "--kube-events=on".to_owned(),
-        ];
+        ]
+        .into_iter()
+        .chain(tls_args(&ca_dir))
+        .collect::<Vec<_>>();
         Agent::start_with_args(&lab, node, &bins.agent, &[], &args)
     };
     let mut agents = [start(Node::A).expect("the node-a agent"), start(Node::B).expect("the node-b agent")];
@@ -749,7 +789,8 @@ fn lab_deployed_agents_in_containers_move_the_vm_and_keep_it_through_kills_and_q
     let identity = cri_identity(&paths.config_json);
     let backend = |node: Node| AgentBackend::PodNetns(deployed.agent_netns(node).expect("the agent runs"));
     let pods = [deployed::pod_name(Node::A), deployed::pod_name(Node::B)];
-    let cluster = FakeCluster::serve(lab_cluster(&identity, paths.ip, pods, backend), &identity.1);
+    let cluster =
+        FakeCluster::serve(lab_cluster(&identity, paths.ip, pods, deployed.ca(), backend), &identity.1);
 
     let boot_id = page(&lab)["boot_id"].as_str().expect("the page has a boot_id").to_owned();
     let probe = lab.spawn_probe(SocketAddr::new(IpAddr::V4(POD_V4), 7), RATE).expect("the probe starts");

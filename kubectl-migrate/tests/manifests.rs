@@ -78,11 +78,18 @@ fn people_get_migrations_in_their_namespace_and_nothing_on_the_agents() {
             "katamaran.io/migrations watch"
         ])
     );
-    // Port-forward to the agents is the administrators' debugging path, in its own role only.
+    // Port-forward to the agents is the administrators' debugging path, in its own role only,
+    // with the agents' CA Secret (and no other Secret) to mint a client certificate.
     assert_eq!(
         grants(&d, "katamaran-debug"),
-        sorted(&["pods get", "pods list", "pods/portforward create", "pods/portforward get"])
+        sorted(&["pods get", "pods list", "pods/portforward create", "pods/portforward get", "secrets get"])
     );
+    let debug = d.iter().find(|x| x["metadata"]["name"] == "katamaran-debug").unwrap();
+    for rule in debug["rules"].as_array().unwrap() {
+        if rule["resources"].as_array().unwrap().iter().any(|r| r == "secrets") {
+            assert_eq!(rule["resourceNames"], serde_json::json!([katamaran::peer::CA_SECRET]), "{rule}");
+        }
+    }
     for role in ["katamaran-migrator", "katamaran-migration-viewer"] {
         assert!(
             !grants(&d, role).iter().any(|g| g.contains("portforward") || g.starts_with("nodes")),

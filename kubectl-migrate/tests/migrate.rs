@@ -281,3 +281,41 @@ async fn timeout_cancels_through_the_source_and_exits_1() {
     let cancels: Vec<String> = c.calls().into_iter().filter(|n| n.ends_with(":Cancel")).collect();
     assert_eq!(cancels, ["node-a:Cancel"], "through the source only: {:?}", c.calls());
 }
+
+#[tokio::test]
+async fn direct_refuses_a_target_agent_without_tls_before_anything_starts() {
+    // Whatever answers behind node-b's port-forward speaks plain ttrpc: not an agent of this
+    // cluster as far as the plugin can tell.
+    let c = Cluster::start(Options { destination_presents: None, ..Options::default() }).await;
+    let run = c.run(&["pod", "--direct", "web-0", "--to", "node-b"]).await;
+    assert_eq!(run.code, Some(1), "{run:?}");
+    assert!(
+        run.stderr.contains("mutual TLS with the katamaran agent of node node-b failed"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        !c.calls().iter().any(|x| x.ends_with(":PrepareIncoming") || x.ends_with(":StartMigration")),
+        "{:?}",
+        c.calls()
+    );
+}
+
+#[tokio::test]
+async fn direct_needs_the_agents_ca() {
+    let c = Cluster::start(Options::default()).await;
+    {
+        let secrets = support::store::find_type("", "v1", "secrets").unwrap();
+        let mut st = c.api.state.lock().unwrap();
+        st.store.delete(&secrets, Some(support::AGENT_NS), katamaran::peer::CA_SECRET).unwrap();
+    }
+    let run = c.run(&["pod", "--direct", "web-0", "--to", "node-b"]).await;
+    assert_eq!(run.code, Some(2), "{run:?}");
+    assert!(
+        run.stderr.contains("cannot read the agents' CA, Secret katamaran-system/katamaran-agent-ca")
+            && run.stderr.contains("katamaran-agent ca init"),
+        "{}",
+        run.stderr
+    );
+    assert!(c.calls().is_empty(), "{:?}", c.calls());
+}

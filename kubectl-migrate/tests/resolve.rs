@@ -78,14 +78,19 @@ async fn an_agent_that_does_not_listen_fails_with_the_port_forward_error() {
     let c = Cluster::start(Options::default()).await;
     let run = c.run(&["pod", "--direct", "web-0", "--to", "node-down"]).await;
     // The upgrade succeeds, then the API server reports "connection refused" on the port's
-    // error channel and closes; the first RPC to that agent (PrepareIncoming) carries it.
+    // error channel and closes; the TLS handshake with that agent, before any RPC, carries it.
     assert_eq!(run.code, Some(1), "{run:?}");
     assert!(
-        run.stderr.contains("PrepareIncoming on the katamaran agent of node node-down failed"),
+        run.stderr.contains("mutual TLS with the katamaran agent of node node-down failed"),
         "{}",
         run.stderr
     );
     assert!(run.stderr.contains("connection refused"), "{}", run.stderr);
+    assert!(
+        c.calls().iter().all(|call| !call.contains("PrepareIncoming") && !call.contains("StartMigration")),
+        "{:?}",
+        c.calls()
+    );
 }
 
 #[tokio::test]

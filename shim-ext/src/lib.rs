@@ -11,6 +11,7 @@
 //! | [`cli`], [`convert`] | flags shared by the clients; engine ↔ wire type mapping |
 //! | [`host`] | the node's network namespace and VM cgroups as a pod-deployed agent reaches them |
 //! | [`node`] | one node's engine: sandboxes, migrations of either role, request validation |
+//! | [`peer`] | agents authenticate each other: the cluster CA, node certificates, mutual TLS on the control path |
 //! | [`kube_events`] | Kubernetes Events on the pods the node moves |
 //! | [`metrics`], [`observe`] | Prometheus metrics followed from the migrations' events; `/healthz`, `/readyz`, `/metrics` |
 //! | [`recovery`] | what a restarted agent does with its predecessor's unfinished migrations |
@@ -30,6 +31,7 @@ pub mod migration;
 pub mod net;
 pub mod node;
 pub mod observe;
+pub mod peer;
 pub mod pidfd;
 pub mod qmp;
 pub mod recovery;

@@ -5,6 +5,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
+use futures::StreamExt;
+
 use katamaran_protos::protobuf::EnumOrUnknown;
 use katamaran_protos::ttrpc::{self, r#async::TtrpcContext};
 use katamaran_protos::v1 as pb;
@@ -12,6 +14,7 @@ use katamaran_protos::v1 as pb;
 use crate::convert::{error_kind_to_proto, event_to_proto, phase_to_proto};
 use crate::migration::error::{chain, EngineError};
 use crate::node::Node;
+use crate::peer::PeerTls;
 
 /// The service over a node engine.
 #[derive(Debug, Clone)]
@@ -194,11 +197,19 @@ pub fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, ServeError> 
 /// Where the service listens.
 #[derive(Debug)]
 pub enum Endpoint {
-    /// A root-only unix socket ([`bind_socket`]).
+    /// A root-only unix socket ([`bind_socket`]): local callers (katactl, the agent's own
+    /// controller), authorised by the file's mode.
     Unix(tokio::net::UnixListener),
-    /// TCP, for the node agent inside its (non-host-network) pod: bound to 127.0.0.1 there, it is
-    /// reachable only through the API server's `pods/portforward`, which RBAC guards.
-    Tcp(tokio::net::TcpListener),
+    /// TCP, for the node agent inside its (non-host-network) pod, reached through the API
+    /// server's `pods/portforward`: mutual TLS only. A connection whose client certificate does
+    /// not chain to the cluster CA is closed after the handshake and never reaches ttrpc
+    /// ([`crate::peer::authenticated`]).
+    Tcp {
+        /// The listener (127.0.0.1 in the agent's pod).
+        listener: tokio::net::TcpListener,
+        /// This agent's identity and the CA it trusts.
+        tls: PeerTls,
+    },
 }
 
 /// Serves `service` on every endpoint until `shutdown` resolves.
@@ -212,11 +223,20 @@ pub async fn serve(
 ) -> Result<(), ServeError> {
     let service = Arc::new(service);
     let mut servers = Vec::new();
+    // Kept until the end: dropping one stops its accept loop.
+    let mut acceptors = Vec::new();
     // A ttrpc server runs one listener; one server per endpoint shares the service.
     for ep in endpoints {
         let listener = match ep {
             Endpoint::Unix(l) => ttrpc::r#async::transport::Listener::from(l),
-            Endpoint::Tcp(l) => ttrpc::r#async::transport::Listener::from(l),
+            Endpoint::Tcp { listener, tls } => {
+                let (streams, acceptor) =
+                    crate::peer::authenticated(crate::peer::tcp_connections(listener), tls);
+                acceptors.push(acceptor);
+                // ttrpc's accept loop ends when its stream does, and its stop_listen then panics:
+                // the stream stays open until the server is stopped.
+                ttrpc::r#async::transport::Listener::new(streams.chain(futures::stream::pending()))
+            }
         };
         let mut server = ttrpc::r#async::Server::new()
             .add_listener(listener)
@@ -228,6 +248,7 @@ pub async fn serve(
     for server in &mut servers {
         stop(server).await;
     }
+    drop(acceptors);
     Ok(())
 }
 

@@ -204,6 +204,21 @@ fn daemonset_is_what_kubectl_migrate_looks_for() {
     assert_eq!(args[0], "node");
     assert!(args.contains(&"--listen-tcp=127.0.0.1:10555"), "{args:?}");
     assert!(args.contains(&"--node-address=$(HOST_IP)"), "{args:?}");
+    // ... mutual TLS only: the cluster CA from its Secret, read-only and root-only, and the node
+    // name its certificate carries.
+    let ca_dir = args.iter().find_map(|a| a.strip_prefix("--peer-ca-dir=")).expect("--peer-ca-dir");
+    let (volume, _, _) = m.iter().find(|(_, p, _)| p == ca_dir).expect("the CA directory is mounted");
+    let ca_mount =
+        agent["volumeMounts"].as_array().unwrap().iter().find(|v| v["mountPath"] == ca_dir).unwrap();
+    assert_eq!(ca_mount["readOnly"], true);
+    let ca_volume =
+        spec["volumes"].as_array().unwrap().iter().find(|v| v["name"] == volume.as_str()).unwrap();
+    assert_eq!(ca_volume["secret"]["secretName"], katamaran::peer::CA_SECRET);
+    assert_eq!(ca_volume["secret"]["defaultMode"], 0o400);
+    assert!(ca_volume["secret"]["items"].is_null(), "both files, under their own names: {ca_volume}");
+    let node_name =
+        agent["env"].as_array().unwrap().iter().find(|e| e["name"] == "KATAMARAN_NODE_NAME").unwrap();
+    assert_eq!(node_name["valueFrom"]["fieldRef"]["fieldPath"], "spec.nodeName");
     assert_eq!(agent["ports"][0]["containerPort"], 10555);
     // Readiness and liveness ask the agent's own HTTP endpoint (--listen-http, on the pod's
     // address where kubelet probes).

@@ -37,7 +37,7 @@ use hyper::header::{
 };
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod, Secret};
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 use tokio::net::{TcpListener, UnixStream};
@@ -98,6 +98,8 @@ pub struct State {
     pub pods: Vec<Pod>,
     /// Seeded into [`Self::store`] when the server starts.
     pub nodes: Vec<Node>,
+    /// Seeded into [`Self::store`] when the server starts (the agents' CA).
+    pub secrets: Vec<Secret>,
     /// Agent pod name → what its port-forward leads to (a pod without an entry: refused).
     pub agents: HashMap<String, AgentBackend>,
     /// Answer 403 to port-forward requests (a user without `create pods/portforward`).
@@ -221,6 +223,10 @@ impl FakeApiServer {
         }
         for n in std::mem::take(&mut state.nodes) {
             state.store.insert(&nodes, serde_json::to_value(n).unwrap());
+        }
+        let secrets = store::find_type("", "v1", "secrets").unwrap();
+        for s in std::mem::take(&mut state.secrets) {
+            state.store.insert(&secrets, serde_json::to_value(s).unwrap());
         }
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -10,6 +10,10 @@
 //! node-v6             Ready, only an IPv6 InternalIP, agent-v6
 //! node-down           Ready, agent-down whose port-forward is refused (nothing listens)
 //! ```
+//!
+//! The agents' CA is in the Secret `katamaran-system/katamaran-agent-ca`; behind each port-forward
+//! the fake agent serves mutual TLS as its node's identity from it, as a real agent's TCP
+//! endpoint does ([`Options::destination_presents`] changes node-b's).
 
 #![allow(dead_code, clippy::unwrap_used)]
 
@@ -25,7 +29,10 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, Pod};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Node, Pod, Secret};
+use k8s_openapi::ByteString;
+use katamaran::peer::{ClusterCa, PeerName, PeerTls};
 use katamaran_protos::ttrpc::r#async::Server;
 use katamaran_protos::v1::*;
 use serde_json::json;
@@ -207,9 +214,11 @@ pub struct Cluster {
     pub api: FakeApiServer,
     pub log: CallLog,
     pub kubeconfig: PathBuf,
-    /// Each fake agent's stream intake, by agent pod: a test can reach an agent directly, as
-    /// the agent's own controller reaches its engine.
+    /// Each fake agent's stream intake, by agent pod (plain ttrpc): a test can reach an agent
+    /// directly, as the agent's own controller reaches its engine.
     pub intakes: HashMap<String, tokio::sync::mpsc::UnboundedSender<tokio::io::DuplexStream>>,
+    /// The agents' CA, as in its Secret.
+    pub ca: ClusterCa,
     // Kept for their lifetime: the ttrpc servers and the kubeconfig's directory.
     servers: Vec<Server>,
     dir: tempfile::TempDir,
@@ -221,6 +230,9 @@ pub struct Options {
     pub destination: Script,
     pub forbid_portforward: bool,
     pub refuse_start: Option<(ErrorKind, &'static str)>,
+    /// Whose certificate agent-b (node-b's agent) presents behind its port-forward; `None`: it
+    /// speaks plain ttrpc, no TLS.
+    pub destination_presents: Option<&'static str>,
 }
 
 impl Default for Options {
@@ -230,6 +242,7 @@ impl Default for Options {
             destination: destination_success(),
             forbid_portforward: false,
             refuse_start: None,
+            destination_presents: Some("node-b"),
         }
     }
 }
@@ -244,14 +257,27 @@ impl Cluster {
         if let Some((kind, msg)) = o.refuse_start {
             src = src.refusing_start(kind, msg);
         }
-        for (pod, agent) in [
-            ("agent-a", src),
-            ("agent-b", FakeAgent::new("node-b", "192.0.2.2", log.clone(), vec![], o.destination)),
-            ("agent-v6", FakeAgent::new("node-v6", "fd00:1::6", log.clone(), vec![], stuck_in_ram())),
+        let ca = ClusterCa::generate(Duration::from_secs(3600)).unwrap();
+        for (pod, presents, agent) in [
+            ("agent-a", Some("node-a"), src),
+            (
+                "agent-b",
+                o.destination_presents,
+                FakeAgent::new("node-b", "192.0.2.2", log.clone(), vec![], o.destination),
+            ),
+            (
+                "agent-v6",
+                Some("node-v6"),
+                FakeAgent::new("node-v6", "fd00:1::6", log.clone(), vec![], stuck_in_ram()),
+            ),
         ] {
             let (tx, server) = agent.serve().await;
             intakes.insert(pod.to_owned(), tx.clone());
-            agents.insert(pod.to_owned(), AgentBackend::InProcess(tx));
+            let front = match presents {
+                Some(node) => tls_front(identity(&ca, PeerName::node(node).unwrap()), tx),
+                None => tx,
+            };
+            agents.insert(pod.to_owned(), AgentBackend::InProcess(front));
             servers.push(server);
         }
         agents.insert("agent-down".to_owned(), AgentBackend::Refused);
@@ -279,6 +305,7 @@ impl Cluster {
                 agent_pod("agent-cordoned", "node-cordoned"),
             ],
             agents,
+            secrets: vec![ca_secret(&ca)],
             forbid_portforward: o.forbid_portforward,
             ..State::default()
         };
@@ -286,7 +313,7 @@ impl Cluster {
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = dir.path().join("kubeconfig");
         std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
-        Self { api, log, kubeconfig, intakes, servers, dir }
+        Self { api, log, kubeconfig, intakes, ca, servers, dir }
     }
 
     /// The plugin binary with `KUBECONFIG` pointing at the fake; killed if the test ends first.
@@ -344,6 +371,7 @@ impl Cluster {
             agent_port: 10555,
             runtime_class: CLASS.to_owned(),
             local_socket: socket,
+            tls: identity(&self.ca, PeerName::node("node-a").unwrap()),
         };
         tokio::spawn(katamaran::cluster::controller::run(
             kube::Client::try_from(config).unwrap(),
@@ -359,6 +387,56 @@ impl Cluster {
     pub fn calls(&self) -> Vec<String> {
         self.log.names()
     }
+}
+
+/// An identity from `ca` (24 h).
+pub fn identity(ca: &ClusterCa, name: PeerName) -> PeerTls {
+    let ca = ClusterCa::from_pem(ca.cert_pem(), ca.key_pem(), "test CA").unwrap();
+    PeerTls::issue(ca, name, katamaran::peer::NODE_CERT_LIFETIME).unwrap()
+}
+
+/// The Secret `katamaran-agent-ca` holding `ca`, as the API server returns it.
+pub fn ca_secret(ca: &ClusterCa) -> Secret {
+    let mut s = Secret::default();
+    s.metadata.name = Some(katamaran::peer::CA_SECRET.to_owned());
+    s.metadata.namespace = Some(AGENT_NS.to_owned());
+    s.type_ = Some("Opaque".to_owned());
+    s.data = Some(
+        [
+            (katamaran::peer::CA_CERT_FILE.to_owned(), ByteString(ca.cert_pem().as_bytes().to_vec())),
+            (katamaran::peer::CA_KEY_FILE.to_owned(), ByteString(ca.key_pem().as_bytes().to_vec())),
+        ]
+        .into(),
+    );
+    s
+}
+
+/// A mutual-TLS front for a fake agent, as a real agent's TCP endpoint: each stream sent to the
+/// returned sender is authenticated as `tls` (the library's own acceptor) and its plaintext
+/// handed to `intake`.
+pub fn tls_front(
+    tls: PeerTls,
+    intake: tokio::sync::mpsc::UnboundedSender<tokio::io::DuplexStream>,
+) -> tokio::sync::mpsc::UnboundedSender<tokio::io::DuplexStream> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<tokio::io::DuplexStream>();
+    let incoming = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|s| ((s, "port-forward".to_owned()), rx))
+    });
+    let (streams, acceptor) = katamaran::peer::authenticated(incoming, tls);
+    tokio::spawn(async move {
+        let _acceptor = acceptor;
+        let mut streams = std::pin::pin!(streams);
+        while let Some(Ok(mut tls)) = streams.next().await {
+            let (mut near, far) = tokio::io::duplex(1 << 20);
+            if intake.send(far).is_err() {
+                return;
+            }
+            tokio::spawn(async move {
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut near).await;
+            });
+        }
+    });
+    tx
 }
 
 pub async fn wait(child: tokio::process::Child) -> Run {

@@ -66,6 +66,7 @@ pub const TYPES: &[ResourceType] = &[
     rt("", "v1", "nodes", "Node", false, true),
     rt("", "v1", "events", "Event", true, false),
     rt("", "v1", "namespaces", "Namespace", false, true),
+    rt("", "v1", "secrets", "Secret", true, false),
     rt("events.k8s.io", "v1", "events", "Event", true, false),
     rt("katamaran.io", "v1alpha1", "migrations", "Migration", true, true),
 ];

@@ -12,17 +12,22 @@ use katamaran::host::netns::check_net_namespace;
 use katamaran::host::placement::{set_process_config, PlacementConfig, Policy};
 use katamaran::migration::error::chain;
 use katamaran::node::{Node, NodeConfig};
+use katamaran::peer::{ClusterCa, PeerName, PeerTls};
 use katamaran::sandbox::NodeLayout;
 use katamaran::service::{bind_socket, serve, Endpoint, MigrationService};
 
 const AFTER_HELP: &str = "\
 Examples:
+  # Once per cluster, at install time: the CA the agents authenticate each other with, as the
+  # Secret the DaemonSet mounts (whoever holds its key can act as any agent):
+  katamaran-agent ca init | kubectl apply -f -
   # The node agent (destination role, listing, source role for any local sandbox):
   katamaran-agent node --node-address 10.0.0.12
   # From a pod that is not hostNetwork (hostPID): node work in the host's namespace and VM
-  # cgroups in the host's hierarchies, the control listener in the pod's own namespace:
+  # cgroups in the host's hierarchies, the control listener (mutual TLS) in the pod's own namespace:
   katamaran-agent node --node-address 10.0.0.12 --host-netns /proc/1/ns/net --host-proc /proc/1 \
-    --listen-tcp 127.0.0.1:10555 --listen-http 0.0.0.0:10557
+    --listen-tcp 127.0.0.1:10555 --peer-ca-dir /etc/katamaran/ca --node-name node-b \
+    --listen-http 0.0.0.0:10557
   # Two lab nodes on one machine, each with its own root:
   katamaran-agent node --root /run/katamaran-lab/node-b --node-address 10.201.0.12
   # The extension of one sandbox:
@@ -48,6 +53,9 @@ enum Mode {
         #[command(flatten)]
         kube: KubeArgs,
     },
+    /// The cluster CA the agents authenticate each other with.
+    #[command(subcommand)]
+    Ca(CaCommand),
     /// Serve one sandbox on <root>/run/katamaran/sandboxes/<id>.sock.
     Sandbox {
         /// The sandbox id.
@@ -60,6 +68,39 @@ enum Mode {
         #[command(flatten)]
         common: Common,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum CaCommand {
+    /// Make a new CA (ECDSA P-256) and print it as the Secret katamaran-agent-ca on stdout, for
+    /// `kubectl apply -f -` (or write ca.crt and ca.key into --out-dir). Whoever holds ca.key
+    /// can act as any agent: keep it in that Secret only. Rotation: docs/INSTALL.md.
+    Init {
+        /// Namespace of the Secret (the agents' namespace).
+        #[arg(long, default_value = "katamaran-system", value_name = "NAMESPACE", value_parser = parse_namespace)]
+        namespace: String,
+        /// How long the CA is valid, in days.
+        #[arg(long, default_value_t = katamaran::peer::DEFAULT_CA_DAYS, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=36500))]
+        days: u32,
+        /// Write ca.crt and ca.key (mode 0600) into this directory (created 0700) instead of
+        /// printing the Secret; existing files are never replaced.
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
+}
+
+/// A namespace name: a DNS-1123 label.
+fn parse_namespace(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-');
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err("not a namespace name (a DNS-1123 label: lowercase letters, digits and '-', at most 63)".into())
+    }
 }
 
 #[derive(Debug, Args)]
@@ -90,10 +131,20 @@ struct Common {
     /// Socket path (default: the layout's agent or sandbox socket).
     #[arg(long)]
     socket: Option<PathBuf>,
-    /// Also serve on this TCP address — only for the node agent in its own pod network
-    /// namespace (127.0.0.1:10555), where the API server's port-forward is the only way in.
+    /// Also serve on this TCP address, mutual TLS only (needs --peer-ca-dir) — only for the
+    /// node agent in its own pod network namespace (127.0.0.1:10555), where the API server's
+    /// port-forward is the only way in.
     #[arg(long, value_name = "ADDR")]
     listen_tcp: Option<std::net::SocketAddr>,
+    /// The cluster CA the agents authenticate each other with: a directory holding ca.crt (one
+    /// or more CA certificates, PEM, all trusted) and ca.key (the key of the CA that signs).
+    /// The DaemonSet mounts the Secret katamaran-agent-ca here (/etc/katamaran/ca); make it
+    /// once with `katamaran-agent ca init | kubectl apply -f -`. The agent issues itself a 24 h
+    /// certificate for <node>.agent.katamaran.io (--node-name), re-issued at half-life: it serves
+    /// --listen-tcp with it and the controller calls other agents with it. Required with
+    /// --listen-tcp and with --controller on.
+    #[arg(long, value_name = "DIR")]
+    peer_ca_dir: Option<PathBuf>,
     /// Serve /healthz, /readyz and Prometheus /metrics over HTTP on this address (e.g.
     /// 0.0.0.0:10557 in the agent's pod: the kubelet's probes and Prometheus reach the pod's
     /// address). Read-only: no secrets, no pod or migration ids.
@@ -149,8 +200,9 @@ struct KubeArgs {
     /// kubeconfig for the Kubernetes API (default: the pod's service account, when in a pod).
     #[arg(long, value_name = "PATH")]
     kubeconfig: Option<PathBuf>,
-    /// This node's name in Kubernetes (the Events' reporting instance; the DaemonSet passes
-    /// spec.nodeName). Default: the host name.
+    /// This node's name in Kubernetes (the Events' reporting instance and the name in this
+    /// agent's certificate, <node>.agent.katamaran.io; the DaemonSet passes spec.nodeName).
+    /// Default: the host name.
     #[arg(long, env = "KATAMARAN_NODE_NAME", value_name = "NAME")]
     node_name: Option<String>,
     /// Reconcile Migration resources (katamaran.io/v1alpha1): drive the migrations of the pods
@@ -204,13 +256,17 @@ impl KubeArgs {
             return Ok(None);
         };
         let client = kube::Client::try_from(config).context("build the Kubernetes client")?;
-        let node = match &self.node_name {
+        Ok(Some((client, self.node_name())))
+    }
+
+    /// `--node-name`, or the host name.
+    fn node_name(&self) -> String {
+        match &self.node_name {
             Some(n) => n.clone(),
             None => std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_owned())
                 .unwrap_or_else(|_| "unknown".into()),
-        };
-        Ok(Some((client, node)))
+        }
     }
 
     /// The Event reporter, when Events are wanted.
@@ -226,13 +282,25 @@ impl KubeArgs {
         &self,
         node: &str,
         socket: &std::path::Path,
+        tls: Option<&PeerTls>,
     ) -> Option<katamaran::cluster::controller::Config> {
-        (self.controller != EventsMode::Off).then(|| katamaran::cluster::controller::Config {
+        if self.controller == EventsMode::Off {
+            return None;
+        }
+        let Some(tls) = tls else {
+            // `on` without a CA was refused at start.
+            tracing::warn!(
+                "no --peer-ca-dir: Migration resources are not reconciled (other agents cannot be reached)"
+            );
+            return None;
+        };
+        Some(katamaran::cluster::controller::Config {
             node_name: node.to_owned(),
             agent_namespace: self.agent_namespace.clone(),
             agent_port: self.agent_port,
             runtime_class: self.runtime_class.clone(),
             local_socket: socket.to_owned(),
+            tls: tls.clone(),
         })
     }
 }
@@ -284,6 +352,9 @@ fn main() -> ExitCode {
             return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
         }
     };
+    if let Mode::Ca(cmd) = cli.mode {
+        return ca(cmd);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("KATAMARAN_LOG").unwrap_or_else(|_| "info".into()),
@@ -318,6 +389,45 @@ fn main() -> ExitCode {
     }
 }
 
+/// `katamaran-agent ca ...`.
+fn ca(cmd: CaCommand) -> ExitCode {
+    let CaCommand::Init { namespace, days, out_dir } = cmd;
+    let ca = match ClusterCa::generate(std::time::Duration::from_secs(u64::from(days) * 24 * 3600)) {
+        Ok(ca) => ca,
+        Err(e) => {
+            eprintln!("katamaran-agent: {}", chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    match out_dir {
+        Some(dir) => match ca.write_dir(&dir) {
+            Ok(()) => {
+                eprintln!("katamaran-agent: wrote {}/ca.crt and ca.key (0600)", dir.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("katamaran-agent: --out-dir: {}", chain(&e));
+                ExitCode::FAILURE
+            }
+        },
+        None => {
+            print!("{}", ca.secret_manifest(&namespace));
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+/// This node's peer identity from `--peer-ca-dir`, when given.
+fn peer_tls(dir: Option<&std::path::Path>, node: &str) -> anyhow::Result<Option<PeerTls>> {
+    let Some(dir) = dir else { return Ok(None) };
+    let name = PeerName::node(node).map_err(|e| UsageError(format!("--node-name: {e}")))?;
+    let ca = ClusterCa::load(dir).map_err(|e| anyhow::anyhow!("--peer-ca-dir: {}", chain(&e)))?;
+    let tls = PeerTls::issue(ca, name, katamaran::peer::NODE_CERT_LIFETIME)
+        .map_err(|e| anyhow::anyhow!("--peer-ca-dir: {}", chain(&e)))?;
+    tracing::info!(identity = %tls.name(), dir = %dir.display(), "peer certificate issued from the cluster CA");
+    Ok(Some(tls))
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let mut host_netns = None;
     let mut kube_args = None;
@@ -332,9 +442,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Mode::Sandbox { id, exit_with_pid, common } => {
             katamaran::sandbox::validate_sandbox_id(&id)?;
+            if common.listen_tcp.is_some() || common.peer_ca_dir.is_some() {
+                return Err(UsageError(
+                    "--listen-tcp and --peer-ca-dir are for the node agent (katamaran-agent node)".into(),
+                )
+                .into());
+            }
             (common, Some(id), exit_with_pid)
         }
+        // Handled before the runtime starts.
+        Mode::Ca(_) => return Ok(()),
     };
+    if common.listen_tcp.is_some() && common.peer_ca_dir.is_none() {
+        return Err(UsageError(
+            "--listen-tcp needs --peer-ca-dir: the TCP endpoint serves mutual TLS only (make the CA with \
+             `katamaran-agent ca init`)"
+                .into(),
+        )
+        .into());
+    }
+    if kube_args.as_ref().is_some_and(|k| k.controller == EventsMode::On) && common.peer_ca_dir.is_none() {
+        return Err(UsageError(
+            "--controller on needs --peer-ca-dir: the controller reaches other agents with mutual TLS".into(),
+        )
+        .into());
+    }
+    let node_name = kube_args.as_ref().map(KubeArgs::node_name);
+    let tls = match &node_name {
+        Some(node) => peer_tls(common.peer_ca_dir.as_deref(), node)?,
+        None => None,
+    };
+    let renewal = tls.as_ref().map(PeerTls::spawn_renewal);
     let mut layout = NodeLayout::under(&common.root);
     if let Some(dir) = common.state_dir {
         if !dir.is_absolute() {
@@ -376,16 +514,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     // Before serving: what a previous agent left unfinished is finished or rolled back first.
     node.recover().await;
     let mut endpoints = vec![Endpoint::Unix(bind_socket(&socket)?)];
-    if let Some(addr) = common.listen_tcp {
+    if let (Some(addr), Some(tls)) = (common.listen_tcp, &tls) {
         if !addr.ip().is_loopback() {
             return Err(UsageError(format!(
-                "--listen-tcp {addr}: only a loopback address is allowed (the control path is unauthenticated TCP; port-forward reaches loopback)"
+                "--listen-tcp {addr}: only a loopback address is allowed (the control path is reached through the API server's port-forward, which reaches loopback)"
             ))
             .into());
         }
         let l = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("bind {addr}"))?;
-        tracing::info!(%addr, "serving on TCP for port-forward");
-        endpoints.push(Endpoint::Tcp(l));
+        tracing::info!(%addr, identity = %tls.name(), "serving on TCP for port-forward, mutual TLS");
+        endpoints.push(Endpoint::Tcp { listener: l, tls: tls.clone() });
     }
     let (http_stop, http_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(addr) = common.listen_http {
@@ -399,7 +537,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let (controller_stop, controller_stopped) = tokio::sync::oneshot::channel::<()>();
     if let (Some(kube), Some((client, name))) = (&kube_args, &kube_client) {
-        if let Some(config) = kube.controller(name, &socket) {
+        if let Some(config) = kube.controller(name, &socket, tls.as_ref()) {
             tokio::spawn(katamaran::cluster::controller::run(client.clone(), config, async {
                 let _ = controller_stopped.await;
             }));
@@ -426,6 +564,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let result = serve(MigrationService::new(node), endpoints, shutdown).await;
     let _ = http_stop.send(());
     let _ = controller_stop.send(());
+    if let Some(r) = renewal {
+        r.abort();
+    }
     let _ = std::fs::remove_file(&socket);
     tracing::info!("stopped");
     Ok(result?)

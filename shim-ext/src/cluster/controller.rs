@@ -2,8 +2,9 @@
 //! all namespaces). The agent of the node the pod runs on drives its Migrations: it accepts one
 //! (finalizer, `status` Preparing with the nodes and `owner: Source`), resolves the pod and the
 //! target's agent, and runs [`orchestrate::run`] between its own service (its unix socket) and
-//! the target's agent (`pods/portforward` through the API server, as the agent's ServiceAccount:
-//! the API server authenticates both ends and RBAC allows only agents and cluster admins). The
+//! the target's agent (`pods/portforward` through the API server, as the agent's ServiceAccount,
+//! RBAC allowing only agents and cluster admins; then mutual TLS as this node's identity from
+//! the cluster CA, the target's certificate naming the target node, [`crate::peer`]). The
 //! events of both nodes become the status ([`super::status::StatusBuilder`]); the end becomes a
 //! terminal phase, an Event on the Migration, and the finalizer's removal.
 //!
@@ -61,6 +62,9 @@ pub struct Config {
     pub runtime_class: String,
     /// This agent's own unix socket (the source side is driven through it).
     pub local_socket: std::path::PathBuf,
+    /// This node's identity (`<node>.agent.katamaran.io`) and the cluster CA: the target's
+    /// agent is reached with it, and must present the target node's identity.
+    pub tls: crate::peer::PeerTls,
 }
 
 /// A failed reconcile (retried).
@@ -568,6 +572,7 @@ async fn drive(
             &resolved.destination.agent_pod,
             &resolved.destination.node,
             ctx.config.agent_port,
+            &ctx.config.tls,
         )
         .await
         .map_err(|e| format!("{:#}", anyhow_chain(&e)))?;

@@ -1,6 +1,8 @@
 //! The control path to a node: a Kubernetes `pods/portforward` stream into the node's agent pod,
-//! and ttrpc over that stream (DESIGN.md decision 8). No other route to a node exists, so every
-//! call is authorised by the API server's RBAC and nothing listens on the node's network.
+//! mutual TLS over that stream, and ttrpc over TLS (DESIGN.md decision 8). No other route to a
+//! node exists: the API server's RBAC decides who may open the stream, and the TLS handshake
+//! ([`crate::peer`]) that the caller holds an identity from the cluster CA and that the agent
+//! answering is the one of the node the caller resolved, not any pod that listens on the port.
 //!
 //! [`Agent`] wraps the generated `MigrationClient` with per-call deadlines and errors that name
 //! the RPC, the node and, when the port-forward itself broke, the error the API server sent on
@@ -18,6 +20,8 @@ use kube::api::Portforwarder;
 use kube::Api;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
+
+use crate::peer::PeerTls;
 
 /// Deadline of the quick RPCs (list, inspect, start, cancel): they do no long work on the node.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -51,6 +55,21 @@ pub enum Error {
         node: String,
         /// Port asked for.
         port: u16,
+    },
+    /// The TLS handshake with the agent failed: it is not the agent of `node` (another node's,
+    /// or no agent), it does not trust our identity, or the port-forward broke.
+    #[error(
+        "mutual TLS with the katamaran agent of node {node} failed{}",
+        forward.as_ref().map(|m| format!(" (port-forward: {m})")).unwrap_or_default()
+    )]
+    Tls {
+        /// Node of the agent.
+        node: String,
+        /// The port-forward's own error, if it sent one.
+        forward: Option<String>,
+        /// The handshake's reason.
+        #[source]
+        source: crate::peer::Error,
     },
     /// An RPC failed; `detail` holds the status code and message, or the transport failure.
     #[error("{rpc} on the katamaran agent of node {node} failed: {detail}")]
@@ -112,16 +131,18 @@ impl Drop for Agent {
 }
 
 impl Agent {
-    /// Opens `pods/portforward` to `pod` (the agent on `node`) and speaks ttrpc on `port`.
+    /// Opens `pods/portforward` to `pod` (the agent on `node`), authenticates it with mutual TLS
+    /// as `tls` (its certificate must name `node`) and speaks ttrpc on `port`.
     ///
     /// # Errors
-    /// [`Error::PortForward`] or [`Error::NoStream`].
+    /// [`Error::PortForward`], [`Error::NoStream`] or [`Error::Tls`].
     pub async fn connect(
         pods: &Api<Pod>,
         namespace: &str,
         pod: &str,
         node: &str,
         port: u16,
+        tls: &PeerTls,
     ) -> Result<Self, Error> {
         let mut forwarder = pods.portforward(pod, &[port]).await.map_err(|source| Error::PortForward {
             namespace: namespace.to_owned(),
@@ -134,7 +155,7 @@ impl Agent {
             node: node.to_owned(),
             port,
         })?;
-        let (tx, rx) = watch::channel(None);
+        let (tx, mut rx) = watch::channel(None);
         if let Some(error) = forwarder.take_error(port) {
             tokio::spawn(async move {
                 if let Some(message) = error.await {
@@ -144,13 +165,28 @@ impl Agent {
                 }
             });
         }
+        let stream = match tls.connect(stream, node).await {
+            Ok(s) => s,
+            Err(source) => {
+                // A port-forward that broke (nothing listens in the pod) shows up as a closed
+                // stream; the API server's reason comes on the error channel a moment later.
+                let forward =
+                    match tokio::time::timeout(FORWARD_ERROR_WAIT, rx.wait_for(Option::is_some)).await {
+                        Ok(Ok(m)) => m.clone(),
+                        _ => None,
+                    };
+                forwarder.abort();
+                return Err(Error::Tls { node: node.to_owned(), forward, source });
+            }
+        };
         let mut agent = Self::over_stream(stream, node);
         agent.forward_error = rx;
         agent.forwarder = Some(forwarder);
         Ok(agent)
     }
 
-    /// Speaks ttrpc over any byte stream (the port-forward, or a test's in-memory pipe).
+    /// Speaks ttrpc over any byte stream, unauthenticated: a root-only unix socket (the local
+    /// agent), or a test's in-memory pipe.
     pub fn over_stream(stream: impl AsyncRead + AsyncWrite + Send + Sync + 'static, node: &str) -> Self {
         let client = pb::MigrationClient::new(TtrpcClient::new(Socket::new(stream)));
         Self { node: node.to_owned(), client, forward_error: watch::channel(None).1, forwarder: None }
@@ -160,6 +196,24 @@ impl Agent {
     /// socket); `node` names it in lines and errors.
     pub fn over_client(client: pb::MigrationClient, node: &str) -> Self {
         Self { node: node.to_owned(), client, forward_error: watch::channel(None).1, forwarder: None }
+    }
+
+    /// Authenticates the agent of `node` over `stream` with mutual TLS as `tls`, then speaks
+    /// ttrpc over it.
+    ///
+    /// # Errors
+    /// [`Error::Tls`].
+    pub async fn over_tls_stream(
+        stream: impl AsyncRead + AsyncWrite + Send + Sync + Unpin + 'static,
+        node: &str,
+        tls: &PeerTls,
+    ) -> Result<Self, Error> {
+        let stream = tls.connect(stream, node).await.map_err(|source| Error::Tls {
+            node: node.to_owned(),
+            forward: None,
+            source,
+        })?;
+        Ok(Self::over_stream(stream, node))
     }
 
     /// The node this agent runs on.

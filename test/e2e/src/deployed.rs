@@ -229,6 +229,8 @@ pub struct Extras {
     pub binds: Vec<(PathBuf, bool)>,
     /// Environment appended after the manifest's.
     pub env: Vec<(String, String)>,
+    /// The Secrets the manifest's `secret` volumes name: Secret name → (key, content).
+    pub secrets: HashMap<String, Vec<(String, Vec<u8>)>>,
 }
 
 /// Kubernetes `$(VAR)` expansion of `s` with `env`: a defined variable is replaced, `$$` is a
@@ -402,6 +404,43 @@ fn propagation(mode: Option<&str>) -> Result<&'static str, DeployError> {
     }
 }
 
+/// A `secret` volume as kubelet makes it: a directory of the pod's with one file per key of the
+/// Secret (from [`Extras::secrets`]), mode `defaultMode` (0644 by default).
+fn secret_volume(
+    host: &NodeHost,
+    volume: &str,
+    secret: &k8s_openapi::api::core::v1::SecretVolumeSource,
+    extras: &Extras,
+) -> Result<PathBuf, DeployError> {
+    use std::os::unix::fs::PermissionsExt;
+    let name = secret.secret_name.clone().unwrap_or_default();
+    if secret.items.is_some() {
+        return Err(DeployError::Unsupported(format!("items of secret volume {volume}")));
+    }
+    let files = extras.secrets.get(&name).ok_or_else(|| {
+        DeployError::Missing(format!("Secret {name:?} (volume {volume}) in the lab's extras"))
+    })?;
+    let dir = host
+        .root
+        .join("var/lib/kubelet/pods")
+        .join(&host.pod_name)
+        .join("volumes/kubernetes.io~secret")
+        .join(volume);
+    let err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| DeployError::HostPath { path, source }
+    };
+    std::fs::create_dir_all(&dir).map_err(err(&dir))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).map_err(err(&dir))?;
+    let mode = secret.default_mode.and_then(|m| u32::try_from(m).ok()).unwrap_or(0o644);
+    for (key, content) in files {
+        let path = dir.join(key);
+        std::fs::write(&path, content).map_err(err(&path))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).map_err(err(&path))?;
+    }
+    Ok(dir)
+}
+
 /// The runtime spec of container `name` of the DaemonSet on `host`, from `image`, with the
 /// lab's `extras`. Creates the `DirectoryOrCreate` host directories, as kubelet does.
 ///
@@ -442,7 +481,7 @@ pub fn runtime_spec(
     let env: Vec<String> =
         std::iter::once(IMAGE_PATH.to_owned()).chain(env.iter().map(|(k, v)| format!("{k}={v}"))).collect();
 
-    // Volumes: hostPath only (the agent container mounts nothing else).
+    // Volumes: hostPath, and secret (the agents' CA) made from the lab's extras.
     let mut volume_mounts = Vec::new();
     let mut shared = false;
     let mut slave = false;
@@ -453,6 +492,12 @@ pub fn runtime_spec(
             .flatten()
             .find(|v| v.name == vm.name)
             .ok_or_else(|| DeployError::Missing(format!("volume {:?} mounted by {name}", vm.name)))?;
+        if let Some(secret) = &volume.secret {
+            let source = secret_volume(host, &volume.name, secret, extras)?;
+            let ro = if vm.read_only.unwrap_or(false) { "ro" } else { "rw" };
+            volume_mounts.push(bind(Path::new(&vm.mount_path), &source, &[ro, "rprivate"])?);
+            continue;
+        }
         let hp = volume
             .host_path
             .as_ref()
@@ -712,6 +757,9 @@ pub enum DeployedLabError {
     /// A lab helper failed.
     #[error(transparent)]
     Lab(#[from] crate::LabError),
+    /// The agents' CA could not be made.
+    #[error("the agents' CA")]
+    Ca(#[from] katamaran::peer::Error),
     /// An agent container has no running task.
     #[error("the {node} agent container does not run")]
     NotRunning {
@@ -748,6 +796,7 @@ pub struct DeployedAgents {
     manifest: DaemonSet,
     image: Image,
     extras: Extras,
+    ca: katamaran::peer::ClusterCa,
     logs: PathBuf,
     execs: std::sync::atomic::AtomicU32,
 }
@@ -801,12 +850,20 @@ impl DeployedAgents {
         let guest = crate::artifacts::guest_dir();
         let storage = lab.root().join("shared");
         let roots = std::env::join_paths([&guest, &storage]).unwrap_or_default();
+        // The cluster's agent CA, as `katamaran-agent ca init` makes it: the Secret the
+        // manifest mounts (both nodes' agents trust it; tests mint clients from it).
+        let ca = katamaran::peer::ClusterCa::generate(std::time::Duration::from_secs(24 * 3600))?;
+        let ca_files = vec![
+            (katamaran::peer::CA_CERT_FILE.to_owned(), ca.cert_pem().as_bytes().to_vec()),
+            (katamaran::peer::CA_KEY_FILE.to_owned(), ca.key_pem().as_bytes().to_vec()),
+        ];
         let extras = Extras {
             binds: vec![(guest, false), (storage, true)],
             env: vec![
                 (katamaran::sandbox::allowlist::ROOTS_ENV.to_owned(), roots.to_string_lossy().into_owned()),
                 ("NO_COLOR".to_owned(), "1".to_owned()),
             ],
+            secrets: HashMap::from([(katamaran::peer::CA_SECRET.to_owned(), ca_files)]),
         };
         let logs = lab.root().join("containers");
         std::fs::create_dir_all(&logs)
@@ -820,6 +877,7 @@ impl DeployedAgents {
             manifest,
             image,
             extras,
+            ca,
             logs,
             execs: std::sync::atomic::AtomicU32::new(0),
         };
@@ -827,6 +885,11 @@ impl DeployedAgents {
             me.start_agent(node)?;
         }
         Ok(me)
+    }
+
+    /// The agents' CA (the Secret their manifest mounts).
+    pub fn ca(&self) -> &katamaran::peer::ClusterCa {
+        &self.ca
     }
 
     fn index(node: crate::Node) -> usize {
@@ -1021,7 +1084,12 @@ mod tests {
         // `type: Directory` volumes must exist on the node (Kata's and containerd's).
         std::fs::create_dir_all(dir.join("node-a/run/containerd")).unwrap();
         let image = Image { rootfs: dir.join("rootfs"), base: vec![PathBuf::from("/usr/lib")] };
-        let extras = Extras { binds: vec![(dir.join("guest"), false)], env: vec![("X".into(), "1".into())] };
+        let ca = vec![("ca.crt".to_owned(), b"CERT".to_vec()), ("ca.key".to_owned(), b"KEY".to_vec())];
+        let extras = Extras {
+            binds: vec![(dir.join("guest"), false)],
+            env: vec![("X".into(), "1".into())],
+            secrets: HashMap::from([("katamaran-agent-ca".to_owned(), ca)]),
+        };
         runtime_spec(&manifest(), AGENT_CONTAINER, &host(dir), &image, &extras).unwrap()
     }
 
@@ -1070,6 +1138,18 @@ mod tests {
         assert!(args.contains(&"--node-address=10.201.0.11".to_owned()), "{args:?}");
         assert!(args.contains(&"--host-netns=/proc/4242/ns/net".to_owned()), "{args:?}");
         assert!(args.contains(&"--listen-tcp=127.0.0.1:10555".to_owned()), "{args:?}");
+        assert!(args.contains(&"--peer-ca-dir=/etc/katamaran/ca".to_owned()), "{args:?}");
+        // The CA Secret as kubelet makes its volume: the pod's directory, root-only files.
+        let ca = mount(&s, "/etc/katamaran/ca");
+        let source = ca.source().as_ref().unwrap();
+        assert!(source.starts_with(dir.join("node-a/var/lib/kubelet/pods")), "{source:?}");
+        assert!(ca.options().as_ref().unwrap().contains(&"ro".to_owned()));
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let key = source.join("ca.key");
+            assert_eq!(std::fs::read(&key).unwrap(), b"KEY");
+            assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o400);
+        }
         let env = p.env().as_ref().unwrap();
         assert!(env.contains(&"HOST_IP=10.201.0.11".to_owned()), "{env:?}");
         assert!(
