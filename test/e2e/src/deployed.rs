@@ -42,9 +42,10 @@ pub const AGENT_CONTAINER: &str = "agent";
 pub const MACHINE_WIDE: [&str; 3] = ["/proc", "/dev", "/run/netns"];
 /// `PATH` of debian:12-slim, the image's base.
 const IMAGE_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
-/// What of this machine's root stands for the image's base: merged `/usr` (Debian 12), `/etc`.
-const IMAGE_BASE: [&str; 7] =
-    ["/usr/bin", "/usr/sbin", "/usr/lib", "/usr/lib64", "/usr/libexec", "/usr/share", "/etc"];
+/// What of this machine's root stands for the image's base, bound read-only: merged `/usr` (Debian 12);
+/// `/etc` is copied into the root ([`Image::build`]).
+const IMAGE_BASE: [&str; 6] =
+    ["/usr/bin", "/usr/sbin", "/usr/lib", "/usr/lib64", "/usr/libexec", "/usr/share"];
 
 /// Why the manifest could not become a runtime spec.
 #[derive(Debug, thiserror::Error)]
@@ -203,7 +204,20 @@ impl Image {
         };
         let bin = dir.join("usr/local/bin");
         std::fs::create_dir_all(&bin).map_err(err(&bin))?;
-        for sub in ["proc", "sys", "dev", "run", "var", "tmp", "opt", "root"] {
+        // The host's /etc is copied, not bound: the image's own directories under it (the CA
+        // Secret's mount point) must exist in this root, which is mounted read-only.
+        let etc = dir.join("etc");
+        if !etc.exists() {
+            let copied = std::process::Command::new("cp").arg("-a").arg("/etc").arg(&etc).status();
+            match copied {
+                Ok(s) if s.success() => {}
+                Ok(s) => return Err(err(&etc)(std::io::Error::other(format!("cp -a /etc: {s}")))),
+                Err(e) => return Err(err(&etc)(e)),
+            }
+        }
+        // Mount points of the DaemonSet's volumes that the base image does not have: the real
+        // image has them too (deploy/image/Dockerfile).
+        for sub in ["proc", "sys", "dev", "run", "var", "tmp", "opt", "root", "etc/katamaran/ca"] {
             let d = dir.join(sub);
             std::fs::create_dir_all(&d).map_err(err(&d))?;
         }
