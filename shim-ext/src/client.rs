@@ -9,8 +9,6 @@ use std::time::Duration;
 use katamaran_protos::ttrpc;
 use katamaran_protos::v1 as pb;
 
-use crate::migration::options::OptionsError;
-
 /// Failures of a client.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -36,9 +34,6 @@ pub enum ClientError {
         /// The ttrpc error (its status carries the server's message).
         source: ttrpc::Error,
     },
-    /// The request is wrong before anything was touched.
-    #[error(transparent)]
-    Options(#[from] OptionsError),
     /// The sandbox description lacks something the migration needs.
     #[error("source sandbox {sandbox}: {what}")]
     Sandbox {
@@ -53,7 +48,7 @@ impl ClientError {
     /// Whether the caller made a usage error (exit code 2) rather than the migration failing.
     pub fn is_usage(&self) -> bool {
         match self {
-            ClientError::Endpoint(_) | ClientError::Options(_) | ClientError::Sandbox { .. } => true,
+            ClientError::Endpoint(_) | ClientError::Sandbox { .. } => true,
             ClientError::Rpc { source: ttrpc::Error::RpcStatus(s), .. } => {
                 matches!(
                     s.code(),
