@@ -292,16 +292,9 @@ async fn client(flags: &KubeFlags) -> anyhow::Result<Client> {
 }
 
 async fn run(cli: Cli) -> Exit {
-    let (tx, rx) = watch::channel(false);
-    tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            // Nobody listening any more means the run is over; nothing to stop.
-            let _ = tx.send(true);
-        }
-        if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("interrupted again: quitting without waiting for the agents");
-            std::process::exit(Exit::Cancelled as i32);
-        }
+    let rx = orchestrate::stop_on_ctrl_c(|| {
+        eprintln!("interrupted again: quitting without waiting for the agents");
+        std::process::exit(Exit::Cancelled as i32);
     });
     let Command::Pod(args) = &cli.command;
     if args.direct {

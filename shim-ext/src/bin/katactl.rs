@@ -16,7 +16,6 @@ use katamaran::migration::options::MigrationOptions;
 use katamaran::qmp::QmpClient;
 use katamaran_protos::protobuf::MessageDyn;
 use katamaran_protos::v1 as pb;
-use tokio::sync::watch;
 
 const AFTER_HELP: &str = "\
 Examples:
@@ -327,13 +326,7 @@ async fn migrate(
         Err(e) => return Err(e.into()),
     };
     let plan = Plan {
-        route: Route {
-            subject: format!("sandbox {}", short(&sandbox.id)),
-            source_node: source_endpoint.to_owned(),
-            destination_node: destination_endpoint.to_owned(),
-            source_address,
-            destination_address: None,
-        },
+        route: Route { source_address, ..Route::of_sandbox(short(&sandbox.id), &source, &destination) },
         options,
         sandbox,
         migration_id,
@@ -345,15 +338,9 @@ async fn migrate(
         stopped_by: KATACTL_STOP,
         stop_hint: " (Ctrl-C again to quit without waiting)",
     };
-    let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            let _ = stop_tx.send(true);
-            if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("katactl: quit without waiting; the agents finish the cancel on their own");
-                std::process::exit(130);
-            }
-        }
+    let stop_rx = orchestrate::stop_on_ctrl_c(|| {
+        eprintln!("katactl: quit without waiting; the agents finish the cancel on their own");
+        std::process::exit(130);
     });
     let mut lines = Lines { json };
     let report = match orchestrate::run(&plan, &source, &destination, &settings, stop_rx, &mut lines).await {

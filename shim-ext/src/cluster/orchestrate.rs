@@ -503,6 +503,18 @@ impl Route {
             destination_address: Some(resolved.destination.address),
         }
     }
+
+    /// The route of a sandbox between two agents reached directly (katactl, the lab, the
+    /// benchmark): named as the agents are, with the node addresses they report.
+    pub fn of_sandbox(sandbox_id: &str, source: &Agent, destination: &Agent) -> Self {
+        Self {
+            subject: format!("sandbox {sandbox_id}"),
+            source_node: source.node().to_owned(),
+            destination_node: destination.node().to_owned(),
+            source_address: None,
+            destination_address: None,
+        }
+    }
 }
 
 /// What was migrated and how, checked before anything is touched.
@@ -602,6 +614,22 @@ pub async fn interrupted(rx: &mut watch::Receiver<bool>) {
         // The signal task is gone: no interrupt can come any more.
         std::future::pending::<()>().await;
     }
+}
+
+/// A stop flag for [`run`] turned on by the first Ctrl-C; a second one calls `on_second` (a
+/// binary quits there without waiting for the agents' cancel).
+pub fn stop_on_ctrl_c(on_second: impl FnOnce() + Send + 'static) -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            // Nobody listening any more means the run is over; nothing to stop.
+            let _ = tx.send(true);
+            if tokio::signal::ctrl_c().await.is_ok() {
+                on_second();
+            }
+        }
+    });
+    rx
 }
 
 /// Resolves at `deadline`; never without one.

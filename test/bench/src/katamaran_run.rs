@@ -65,13 +65,7 @@ fn measure(rt: &Runtime, cfg: &RunConfig, case: &Case, run: &mut Run) -> anyhow:
         let src = AgentClient::over_client(client::connect(&src_ep).await?, "node-a");
         let dst = AgentClient::over_client(client::connect(&dst_ep).await?, "node-b");
         let plan = Plan {
-            route: Route {
-                subject: format!("sandbox {ID}"),
-                source_node: "node-a".into(),
-                destination_node: "node-b".into(),
-                source_address: None,
-                destination_address: None,
-            },
+            route: Route::of_sandbox(ID, &src, &dst),
             options,
             sandbox: src.inspect(ID).await?,
             migration_id: client::new_migration_id()?,

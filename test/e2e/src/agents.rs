@@ -695,13 +695,7 @@ impl Engine {
         );
         let sandbox = self.rt.block_on(source.inspect(id)).map_err(|e| AgentError::Inspect(Box::new(e)))?;
         let plan = Plan {
-            route: Route {
-                subject: format!("sandbox {id}"),
-                source_node: from.name().to_owned(),
-                destination_node: other(from).name().to_owned(),
-                source_address: None,
-                destination_address: None,
-            },
+            route: Route::of_sandbox(id, &source, &destination),
             options,
             sandbox,
             migration_id: client::new_migration_id().map_err(AgentError::MigrationId)?,
