@@ -798,6 +798,11 @@ where
     let mut frame = vec![1u8];
     frame.extend_from_slice(msg.as_bytes());
     let _ = tx.send(Message::binary(frame)).await;
+    // A kubelet's dial takes a while, so the client's first bytes are usually on their way when
+    // the reason comes. Holding the close until they arrive (or the client leaves) keeps that
+    // order here: kube's client drops a reason that is still queued when one of its writes meets
+    // an already closed connection (the transport reports that case on its own).
+    let _ = tokio::time::timeout(Duration::from_secs(2), rx.next()).await;
     let _ = tx.send(Message::Close(None)).await;
 }
 

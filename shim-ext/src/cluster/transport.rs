@@ -29,6 +29,8 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 pub const PREPARE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long a failed call waits for the port-forward's error message to explain it.
 const FORWARD_ERROR_WAIT: Duration = Duration::from_millis(500);
+/// What an error carries when the port-forward ended without the API server giving a reason.
+const FORWARD_CLOSED: &str = "the API server closed the port-forward without giving a reason";
 
 /// A failure on the control path.
 #[derive(Debug, thiserror::Error)]
@@ -158,11 +160,13 @@ impl Agent {
         let (tx, mut rx) = watch::channel(None);
         if let Some(error) = forwarder.take_error(port) {
             tokio::spawn(async move {
-                if let Some(message) = error.await {
-                    tracing::debug!(%message, "port-forward reported an error");
-                    // No receiver left means the agent is gone already; nothing to tell.
-                    let _ = tx.send(Some(message));
-                }
+                // `None`: the forwarding task ended without a reason from the API server (the
+                // connection closed; kube's client also drops a queued reason when one of its
+                // writes meets the closed connection first).
+                let message = error.await.unwrap_or_else(|| FORWARD_CLOSED.to_owned());
+                tracing::debug!(%message, "port-forward ended");
+                // No receiver left means the agent is gone already; nothing to tell.
+                let _ = tx.send(Some(message));
             });
         }
         let stream = match tls.connect(stream, node).await {
