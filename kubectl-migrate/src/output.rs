@@ -371,6 +371,8 @@ pub struct OptionsView {
     pub storage_timeout_ms: u128,
     /// RAM deadline.
     pub ram_timeout_ms: u128,
+    /// RAM and disks cross the network unencrypted.
+    pub plain_streams: bool,
 }
 
 /// The options for display.
@@ -387,6 +389,7 @@ pub fn options_view(o: &MigrationOptions) -> OptionsView {
         plug_limit_bytes: o.plug_limit,
         storage_timeout_ms: o.storage_timeout.as_millis(),
         ram_timeout_ms: o.ram_timeout.as_millis(),
+        plain_streams: o.plain_streams,
     }
 }
 
@@ -405,7 +408,7 @@ fn options_line(o: &MigrationOptions, pod: &Resolved) -> String {
     };
     format!(
         "downtime {}, auto-downtime {}, bandwidth {}, multifd {}, auto-converge {}, tunnel {tunnel} \
-         {lifetime}, plug limit {}, disks {}, storage timeout {}, RAM timeout {}",
+         {lifetime}, plug limit {}, disks {}, storage timeout {}, RAM timeout {}, streams {}",
         compact(o.downtime_limit),
         onoff(o.auto_downtime),
         o.max_bandwidth.map_or("uncapped".to_owned(), |b| format!("{}/s", bytes(b))),
@@ -415,6 +418,7 @@ fn options_line(o: &MigrationOptions, pod: &Resolved) -> String {
         if o.storage == StorageMode::Shared { "shared" } else { "mirrored over NBD" },
         compact(o.storage_timeout),
         compact(o.ram_timeout),
+        if o.plain_streams { "plain (unencrypted)" } else { "TLS" },
     )
 }
 

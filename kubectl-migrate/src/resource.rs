@@ -56,6 +56,7 @@ pub fn options(o: &MigrationOptions) -> Options {
         plug_limit_bytes: o.plug_limit.map(i64::from),
         storage_timeout: units::format_duration(o.storage_timeout),
         ram_timeout: units::format_duration(o.ram_timeout),
+        plain_streams: o.plain_streams,
     }
 }
 

@@ -23,6 +23,7 @@ fn the_flags_become_the_resources_options_and_back_unchanged() {
         plug_limit: Some(1 << 20),
         storage_timeout: Duration::from_secs(600),
         ram_timeout: Duration::from_millis(1500),
+        plain_streams: true,
     };
     let r = options(&o);
     assert_eq!((r.downtime.as_str(), r.bandwidth.as_deref()), ("2.5ms", Some("500Mi")));

@@ -18,6 +18,27 @@ fn position(names: &[String], call: &str) -> usize {
 }
 
 #[tokio::test]
+async fn plain_streams_reach_both_agents_and_no_credentials_travel() {
+    let c = Cluster::start(Options::default()).await;
+    let run = c.run(&["pod", "--direct", "web-0", "--to", "node-b", "--plain-streams", "--dry-run"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    assert!(run.stdout.contains("streams plain (unencrypted)"), "the plan says so: {}", run.stdout);
+    let run = c.run(&["pod", "--direct", "web-0", "--to", "node-b", "--plain-streams"]).await;
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let prep = calls_of(&c, "node-b").into_iter().find_map(|c| match c {
+        Call::PrepareIncoming(p) => Some(p),
+        _ => None,
+    });
+    let start = calls_of(&c, "node-a").into_iter().find_map(|c| match c {
+        Call::StartMigration(s) => Some(s),
+        _ => None,
+    });
+    let (prep, start) = (prep.expect("PrepareIncoming"), start.expect("StartMigration"));
+    assert!(prep.options.plain_streams && start.options.plain_streams);
+    assert!(start.stream_tls.is_none(), "no credentials with plain streams: {:?}", start.stream_tls);
+}
+
+#[tokio::test]
 async fn a_full_migration_reaches_both_agents_in_order_and_prints_json() {
     let c = Cluster::start(Options::default()).await;
     let run = c
@@ -85,6 +106,16 @@ async fn a_full_migration_reaches_both_agents_in_order_and_prints_json() {
     assert_eq!(start.destination_node_address, "192.0.2.2");
     assert_eq!(start.endpoints.ram_endpoint, "192.0.2.2:40001");
     assert_eq!(start.endpoints.nbd_endpoints[0].drive_id, "drive-0");
+    assert!(!o.plain_streams, "encrypted streams by default");
+    assert_eq!(
+        start.stream_tls.ca_pem,
+        format!("ca of {}", prep.migration_id),
+        "the destination's stream credentials reach the source unchanged"
+    );
+    assert_eq!(
+        (start.stream_tls.cert_pem.as_str(), start.stream_tls.key_pem.as_str()),
+        ("client cert", "client key")
+    );
     for (_, call) in c.log.all() {
         if let Call::Watch(w) = call {
             assert_eq!(w.migration_id, prep.migration_id);

@@ -90,6 +90,11 @@ pub struct MigrateFlags {
     /// Deadline for RAM pre-copy.
     #[arg(long, value_parser = parse_duration, default_value = "30m", value_name = "DURATION")]
     pub ram_timeout: Duration,
+    /// Send guest RAM and disk contents unencrypted, for networks where nobody else can read or
+    /// alter node-to-node traffic. By default both QEMUs run TLS on every data stream with
+    /// credentials made for this migration; either way the streams are authenticated.
+    #[arg(long)]
+    pub plain_streams: bool,
 }
 
 impl MigrateFlags {
@@ -107,6 +112,7 @@ impl MigrateFlags {
             plug_limit: self.plug_limit,
             storage_timeout: self.storage_timeout,
             ram_timeout: self.ram_timeout,
+            plain_streams: self.plain_streams,
         }
     }
 }

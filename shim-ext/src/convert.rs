@@ -5,6 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use katamaran_protos::protobuf::{EnumOrUnknown, MessageField};
 use katamaran_protos::v1 as pb;
 
+use crate::dataplane::tls::StreamCredentials;
 use crate::migration::events::{self, ErrorKind, Event, Phase, Role};
 use crate::migration::options::{MigrationOptions, OptionsError, StorageMode, TunnelMode};
 
@@ -46,6 +47,7 @@ pub fn options_to_proto(o: &MigrationOptions) -> pb::MigrationOptions {
     p.plug_limit_bytes = o.plug_limit.map_or(0, u64::from);
     p.storage_timeout_ms = ms(o.storage_timeout);
     p.ram_timeout_ms = ms(o.ram_timeout);
+    p.plain_streams = o.plain_streams;
     p
 }
 
@@ -89,7 +91,22 @@ pub fn options_from_proto(p: &pb::MigrationOptions) -> Result<MigrationOptions, 
         plug_limit,
         storage_timeout: from_ms(p.storage_timeout_ms, d.storage_timeout),
         ram_timeout: from_ms(p.ram_timeout_ms, d.ram_timeout),
+        plain_streams: p.plain_streams,
     })
+}
+
+/// Stream credentials for the wire.
+pub fn stream_tls_to_proto(c: &StreamCredentials) -> pb::StreamTls {
+    let mut p = pb::StreamTls::new();
+    p.ca_pem = c.ca_pem.clone();
+    p.cert_pem = c.cert_pem.clone();
+    p.key_pem = c.key_pem.clone();
+    p
+}
+
+/// Stream credentials from the wire, unchecked ([`StreamCredentials::validate`] checks them).
+pub fn stream_tls_from_proto(p: &pb::StreamTls) -> StreamCredentials {
+    StreamCredentials { ca_pem: p.ca_pem.clone(), cert_pem: p.cert_pem.clone(), key_pem: p.key_pem.clone() }
 }
 
 /// Phase for the wire.
@@ -208,8 +225,13 @@ mod tests {
             plug_limit: Some(1 << 20),
             storage_timeout: Duration::from_secs(60),
             ram_timeout: Duration::from_secs(120),
+            plain_streams: true,
         };
         assert_eq!(options_from_proto(&options_to_proto(&o)).expect("back"), o);
+        assert!(
+            !options_from_proto(&pb::MigrationOptions::new()).expect("zero").plain_streams,
+            "TLS by default"
+        );
         let defaults = options_from_proto(&pb::MigrationOptions::new()).expect("zero");
         assert_eq!(defaults.downtime_limit, Duration::from_millis(25), "zero means engine default");
         assert_eq!(defaults.tunnel_mode, TunnelMode::Auto);

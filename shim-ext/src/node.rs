@@ -723,6 +723,18 @@ impl Node {
             }
         }
         let options = options_from_proto(req.options.as_ref().ok_or_else(|| invalid("missing options"))?)?;
+        let stream_tls = match (options.plain_streams, req.stream_tls.as_ref()) {
+            (true, None) => None,
+            (true, Some(_)) => return Err(invalid("stream TLS credentials given with plain streams")),
+            (false, None) => return Err(invalid(
+                "missing stream TLS credentials (pass PrepareIncoming's stream_tls, or choose plain streams)",
+            )),
+            (false, Some(p)) => {
+                let creds = crate::convert::stream_tls_from_proto(p);
+                creds.validate(crate::dataplane::tls::Endpoint::Client)?;
+                Some(creds)
+            }
+        };
         let sandbox = self.inspect(&req.sandbox_id).await?;
         let vm_addrs = crate::client::vm_addresses(&sandbox).map_err(|e| invalid(e.to_string()))?;
         options.validate(&vm_addrs, Some((source_node, dest_node)))?;
@@ -751,6 +763,7 @@ impl Node {
             ram_endpoint,
             nbd_endpoints,
             secret,
+            stream_tls,
             options,
             state_dir: state_dir.clone(),
             node_interface: self.cfg.node_interface.clone(),
@@ -1033,6 +1046,9 @@ impl Node {
             eps.nbd_endpoints.push(e);
         }
         resp.endpoints = MessageField::some(eps);
+        if let Some(creds) = &incoming.client_tls {
+            resp.stream_tls = MessageField::some(crate::convert::stream_tls_to_proto(creds));
+        }
         if let Ok(mut m) = self.incoming.lock() {
             m.insert(
                 src.id.clone(),

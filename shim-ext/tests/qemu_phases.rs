@@ -324,7 +324,7 @@ async fn destination_exports_and_releases_every_disk() {
     .await;
     let address = NbdAddress::Unix("/run/kmr/nbd.sock".into());
     let disks = [disk("drive-0", "#block133"), disk("drive-1", "#block456")];
-    let exports = storage::export_disks(&qmp, &address, &disks).await.expect("exports");
+    let exports = storage::export_disks(&qmp, &address, &disks, None).await.expect("exports");
     assert_eq!(exports.export_name("drive-1"), Some("drive-1"));
     assert_eq!(exports.exports().len(), 2);
     let cleanup_copy = exports.clone();
@@ -361,7 +361,7 @@ async fn exports_fall_back_to_nbd_server_add_and_roll_back_on_failure() {
     .await;
     let address = NbdAddress::Fd("nbd-listener".into());
     let disks = [disk("drive-0", "#block1"), disk("drive-1", "#block2")];
-    let error = storage::export_disks(&qmp, &address, &disks).await.expect_err("second fails");
+    let error = storage::export_disks(&qmp, &address, &disks, None).await.expect_err("second fails");
     assert_eq!(error.to_string(), "cannot export drive drive-1 over NBD");
     finish(server).await;
 }
@@ -412,7 +412,7 @@ async fn mirror_reports_progress_and_completes_consistently() {
     .await;
     let mut events = bus.subscribe();
     let address = NbdAddress::Unix("/run/kmr/nbd.sock".into());
-    let job = mirror::start_mirror(&qmp, &disk("drive-0", "#block133"), &address, "drive-0")
+    let job = mirror::start_mirror(&qmp, &disk("drive-0", "#block133"), &address, "drive-0", None)
         .await
         .expect("started");
     let jobs = [job];
@@ -467,7 +467,7 @@ async fn a_failing_mirror_names_its_drive_and_abort_cleans_up() {
     .await;
     let mut events = bus.subscribe();
     let address = NbdAddress::Unix("/run/kmr/nbd.sock".into());
-    let job = mirror::start_mirror(&qmp, &disk("drive-0", "#block133"), &address, "drive-0")
+    let job = mirror::start_mirror(&qmp, &disk("drive-0", "#block133"), &address, "drive-0", None)
         .await
         .expect("started");
     let jobs = [job];
@@ -526,14 +526,114 @@ async fn bus_latency_over_a_qmp_connection() {
 const DISK_SIZE: usize = 32 << 20;
 const QEMU_WAIT: Duration = Duration::from_secs(120);
 
-/// The whole local-storage sequence between two QEMUs, with guest-style writes before, during
-/// and after the mirror; the destination's image must end up byte-identical.
+/// The whole local-storage sequence between two QEMUs over TLS (the default), with guest-style
+/// writes before, during and after the mirror; the destination's image must end up
+/// byte-identical, and nothing of the guest's disk or RAM crosses the wire readable.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_storage_migration_between_two_qemus() {
-    let Some(mut pair) = qemu_pair::QemuPair::launch(DISK_SIZE).await else { return };
+    let Some(seen) = storage_and_ram_between_two_qemus(Streams::Tls).await else { return };
+    for (what, marker) in [("disk", DISK_MARKER), ("RAM", RAM_MARKER), ("disk write", &[0xa2; 4096][..])] {
+        assert!(!contains(&seen, marker), "the {what} marker crossed the TLS streams in clear");
+    }
+}
+
+/// The same with plain streams (the opt-out): the markers the TLS run looks for are on the
+/// wire, so that run's check can fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_streams_carry_the_guests_disk_and_ram_in_clear() {
+    let Some(seen) = storage_and_ram_between_two_qemus(Streams::Plain).await else { return };
+    for (what, marker) in [("disk", DISK_MARKER), ("RAM", RAM_MARKER), ("disk write", &[0xa2; 4096][..])] {
+        assert!(contains(&seen, marker), "the {what} marker is not in the plain streams");
+    }
+}
+
+/// In sector 0 of the source image ([`qemu_pair::pattern`]).
+const DISK_MARKER: &[u8] = b"katamaran qemu_phases test image";
+/// In the guest's RAM: the firmware copies itself there.
+const RAM_MARKER: &[u8] = b"SeaBIOS";
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Streams {
+    Tls,
+    Plain,
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A unix-socket relay in front of `target` that records every byte going from the source to
+/// the destination: what an observer on the wire between the nodes would read.
+struct Tap {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    task: JoinHandle<()>,
+}
+
+impl Tap {
+    fn start(listen: &std::path::Path, target: std::path::PathBuf) -> Self {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::UnixListener::bind(listen).expect("bind the tap");
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = seen.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let (target, record) = (target.clone(), record.clone());
+                tokio::spawn(async move {
+                    let outbound = tokio::net::UnixStream::connect(&target).await.expect("tap target");
+                    let (mut from_source, mut to_source) = inbound.into_split();
+                    let (mut from_destination, mut to_destination) = outbound.into_split();
+                    let up = async {
+                        let mut buf = vec![0u8; 64 << 10];
+                        while let Ok(n @ 1..) = from_source.read(&mut buf).await {
+                            record.lock().expect("tap lock").extend_from_slice(&buf[..n]);
+                            if to_destination.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to_destination.shutdown().await;
+                    };
+                    let down = async {
+                        let _ = tokio::io::copy(&mut from_destination, &mut to_source).await;
+                        let _ = to_source.shutdown().await;
+                    };
+                    tokio::join!(up, down);
+                });
+            }
+        });
+        Self { seen, task }
+    }
+
+    fn take(self) -> Vec<u8> {
+        self.task.abort();
+        std::mem::take(&mut *self.seen.lock().expect("tap lock"))
+    }
+}
+
+/// Runs storage and RAM between two QEMUs, the source reaching the destination's NBD server
+/// and migration socket through taps; returns what the taps saw going to the destination.
+async fn storage_and_ram_between_two_qemus(streams: Streams) -> Option<Vec<u8>> {
+    use katamaran::dataplane::tls::{CredentialPair, Endpoint};
+    use katamaran::migration::qemu::tls;
+    let mut pair = qemu_pair::QemuPair::launch(DISK_SIZE).await?;
     let (src, dst) = (&pair.source, &pair.destination);
     let src_features = QemuFeatures::discover(&src.qmp).await.expect("source features");
     let dst_features = QemuFeatures::discover(&dst.qmp).await.expect("destination features");
+    let (src_tls, dst_tls) = match streams {
+        Streams::Plain => (None, None),
+        Streams::Tls => {
+            let creds = CredentialPair::generate("qemu-phases").expect("credentials");
+            let d = tls::add(&dst.qmp, &pair.path("tls-dst"), "m-1", Endpoint::Server, &creds.server)
+                .await
+                .unwrap_or_else(|e| panic!("server credentials: {e:#}\n{}", dst.qemu.log()));
+            let s = tls::add(&src.qmp, &pair.path("tls-src"), "m-1", Endpoint::Client, &creds.client)
+                .await
+                .unwrap_or_else(|e| panic!("client credentials: {e:#}\n{}", src.qemu.log()));
+            assert!(!pair.path("tls-dst").exists() && !pair.path("tls-src").exists(), "key files removed");
+            (Some(s), Some(d))
+        }
+    };
+    tls::use_for_migration(&dst.qmp, dst_tls.as_ref()).await.expect("destination TLS parameters");
+    tls::use_for_migration(&src.qmp, src_tls.as_ref()).await.expect("source TLS parameters");
 
     let src_disks = list_disks(&src.qmp).await.expect("source disks");
     let dst_disks = list_disks(&dst.qmp).await.expect("destination disks");
@@ -547,14 +647,20 @@ async fn local_storage_migration_between_two_qemus() {
 
     // Storage: destination exports, source mirrors.
     let nbd = NbdAddress::from(pair.path("nbd.sock"));
-    let exports = storage::export_disks(&dst.qmp, &nbd, &targets).await.expect("export");
+    let exports = storage::export_disks(&dst.qmp, &nbd, &targets, dst_tls.as_ref()).await.expect("export");
+    let nbd_tap = Tap::start(&pair.path("nbd-tap.sock"), pair.path("nbd.sock"));
+    let via_tap = NbdAddress::from(pair.path("nbd-tap.sock"));
     src.guest_write(0xa1, 0, 4096).await;
     let mut src_jobs_events = src.bus.subscribe();
     let started = Instant::now();
     let mut jobs = Vec::new();
     for (source, _) in &pairs {
         let name = exports.export_name(&source.drive_id).expect("exported");
-        jobs.push(mirror::start_mirror(&src.qmp, source, &nbd, name).await.expect("mirror"));
+        jobs.push(
+            mirror::start_mirror(&src.qmp, source, &via_tap, name, src_tls.as_ref())
+                .await
+                .unwrap_or_else(|e| panic!("mirror: {e:#}\n{}\n{}", src.qemu.log(), dst.qemu.log())),
+        );
     }
     src.guest_write(0xa2, 5 << 20, 65_536).await;
     let mut polls = 0;
@@ -577,10 +683,13 @@ async fn local_storage_migration_between_two_qemus() {
     let mut dst_migration = dst.bus.subscribe();
     let mut dst_resume = dst.bus.subscribe();
     compute::start_incoming(&dst.qmp, &mig).await.expect("migrate-incoming");
+    let ram_tap = Tap::start(&pair.path("mig-tap.sock"), pair.path("mig.sock"));
     compute::configure(&src.qmp, &src_features, &ram).await.expect("configure");
     let mut src_migration = src.bus.subscribe();
     let started = Instant::now();
-    compute::start_outgoing(&src.qmp, &mig).await.expect("migrate");
+    compute::start_outgoing(&src.qmp, &format!("unix:{}", pair.path("mig-tap.sock").display()))
+        .await
+        .expect("migrate");
     src.guest_write(0xa4, 30 << 20, 65_536).await;
     compute::wait_status(&src.qmp, &mut src_migration, MigrationStatus::PreSwitchover, QEMU_WAIT)
         .await
@@ -617,13 +726,22 @@ async fn local_storage_migration_between_two_qemus() {
     assert!(!nodes.iter().any(|n| n.starts_with("kmr-")), "left behind: {nodes:?}");
     assert_eq!(dst.qmp.execute("query-block-exports", None).await.expect("exports"), json!([]));
 
+    if let Some(creds) = &dst_tls {
+        tls::remove(&dst.qmp, creds).await;
+        let objects =
+            dst.qmp.execute("qom-list", Some(json!({ "path": "/objects" }))).await.expect("objects");
+        assert!(!objects.to_string().contains(&creds.id), "credentials left in the running VM: {objects}");
+    }
+    let mut seen = nbd_tap.take();
+    seen.extend(ram_tap.take());
     eprintln!(
-        "QEMU {}: mirror of {} MiB ready in {mirror_time:?} ({polls} progress reports); RAM to \
-         pre-switchover {ram_time:?}; pause work {pause_work:?} (mirrors settled {settled:?}); \
-         QEMU downtime {:?}; migrate -> destination running {total:?}",
+        "QEMU {} ({streams:?} streams): mirror of {} MiB ready in {mirror_time:?} ({polls} progress \
+         reports); RAM to pre-switchover {ram_time:?}; pause work {pause_work:?} (mirrors settled \
+         {settled:?}); QEMU downtime {:?}; migrate -> destination running {total:?}; {} MiB on the wire",
         src_features.version(),
         DISK_SIZE >> 20,
         info.downtime,
+        seen.len() >> 20,
     );
 
     pair.source.qemu.kill();
@@ -634,6 +752,7 @@ async fn local_storage_migration_between_two_qemus() {
         assert_eq!(source[offset], byte, "guest write at {offset} reached the source image");
     }
     assert_eq!(qemu_pair::first_difference(&source, &destination), None, "images differ");
+    Some(seen)
 }
 
 /// Cancelling during the mirror leaves no job and no NBD node on the source and no export on
@@ -644,9 +763,9 @@ async fn cancel_during_mirror_leaves_nothing_behind() {
     let (src, dst) = (&pair.source, &pair.destination);
     let nbd = NbdAddress::from(pair.path("nbd.sock"));
     let targets = list_disks(&dst.qmp).await.expect("destination disks");
-    let exports = storage::export_disks(&dst.qmp, &nbd, &targets).await.expect("export");
+    let exports = storage::export_disks(&dst.qmp, &nbd, &targets, None).await.expect("export");
     let disks = list_disks(&src.qmp).await.expect("source disks");
-    let job = mirror::start_mirror(&src.qmp, &disks[0], &nbd, qemu_pair::DRIVE).await.expect("mirror");
+    let job = mirror::start_mirror(&src.qmp, &disks[0], &nbd, qemu_pair::DRIVE, None).await.expect("mirror");
     // Throttle the copy so the job is certainly still running when the cancel comes.
     src.qmp
         .execute("block-job-set-speed", Some(json!({"device": job.job_id, "speed": 1 << 20})))

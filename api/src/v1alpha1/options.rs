@@ -122,6 +122,10 @@ pub struct Options {
         "message": "ramTimeout must be positive"
     }]))]
     pub ram_timeout: String,
+    /// Send guest RAM and disk contents unencrypted, for networks where nobody else can read or
+    /// alter node-to-node traffic; by default both QEMUs run TLS on every data stream.
+    #[serde(default)]
+    pub plain_streams: bool,
 }
 
 fn default_downtime() -> String {
@@ -150,6 +154,7 @@ impl Default for Options {
             plug_limit_bytes: None,
             storage_timeout: default_phase_timeout(),
             ram_timeout: default_phase_timeout(),
+            plain_streams: false,
         }
     }
 }
@@ -179,6 +184,8 @@ pub struct ResolvedOptions {
     pub storage_timeout: Duration,
     /// RAM phase deadline.
     pub ram_timeout: Duration,
+    /// Unencrypted data streams.
+    pub plain_streams: bool,
 }
 
 /// An option the API server would reject.
@@ -273,6 +280,7 @@ impl Options {
             plug_limit,
             storage_timeout: duration_in("storageTimeout", &self.storage_timeout, positive)?,
             ram_timeout: duration_in("ramTimeout", &self.ram_timeout, positive)?,
+            plain_streams: self.plain_streams,
         })
     }
 }
@@ -290,7 +298,7 @@ mod tests {
             (r.storage_timeout, r.ram_timeout),
             (Duration::from_secs(1800), Duration::from_secs(1800))
         );
-        assert!(r.auto_converge && !r.shared_storage && !r.auto_downtime);
+        assert!(r.auto_converge && !r.shared_storage && !r.auto_downtime && !r.plain_streams);
         assert_eq!(
             (r.bandwidth, r.multifd_channels, r.plug_limit, r.tunnel_idle_timeout),
             (None, None, None, None)
@@ -306,7 +314,8 @@ mod tests {
         let o: Options = serde_json::from_value(serde_json::json!({
             "sharedStorage": true, "downtime": "100ms", "autoDowntime": true, "bandwidth": "1Gi",
             "multifdChannels": 4, "autoConverge": false, "tunnelMode": "ip6gre",
-            "tunnelIdleTimeout": "5m", "plugLimitBytes": 1048576, "storageTimeout": "1h", "ramTimeout": "90s"
+            "tunnelIdleTimeout": "5m", "plugLimitBytes": 1048576, "storageTimeout": "1h", "ramTimeout": "90s",
+            "plainStreams": true
         }))
         .unwrap();
         let r = o.resolve().unwrap();
@@ -324,6 +333,7 @@ mod tests {
                 plug_limit: Some(1 << 20),
                 storage_timeout: Duration::from_secs(3600),
                 ram_timeout: Duration::from_secs(90),
+                plain_streams: true,
             }
         );
         assert_eq!(serde_json::to_value(&o).unwrap()["tunnelMode"], "ip6gre");

@@ -227,6 +227,14 @@ impl katamaran_protos::v1::Migration for FakeAgent {
         e.nbd_endpoints.push(nbd);
         r.endpoints = MessageField::some(e);
         r.destination_node_address = self.address.clone();
+        if !req.options.plain_streams {
+            // The agent's credentials are opaque to the caller, which only carries them on.
+            let mut tls = StreamTls::new();
+            tls.ca_pem = format!("ca of {}", req.migration_id);
+            tls.cert_pem = "client cert".into();
+            tls.key_pem = "client key".into();
+            r.stream_tls = MessageField::some(tls);
+        }
         Ok(r)
     }
 

@@ -121,6 +121,7 @@ pub fn engine_options(r: &ResolvedOptions) -> MigrationOptions {
         plug_limit: r.plug_limit,
         storage_timeout: r.storage_timeout,
         ram_timeout: r.ram_timeout,
+        plain_streams: r.plain_streams,
     }
 }
 
@@ -860,8 +861,8 @@ mod tests {
             (d.storage, d.downtime_limit, d.auto_converge, d.tunnel_mode, d.tunnel_idle_timeout)
         );
         assert_eq!(
-            (o.storage_timeout, o.ram_timeout, o.max_bandwidth),
-            (d.storage_timeout, d.ram_timeout, d.max_bandwidth)
+            (o.storage_timeout, o.ram_timeout, o.max_bandwidth, o.plain_streams),
+            (d.storage_timeout, d.ram_timeout, d.max_bandwidth, d.plain_streams)
         );
     }
 }

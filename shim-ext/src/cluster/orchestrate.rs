@@ -808,6 +808,9 @@ pub async fn run<P: Progress + ?Sized>(
     start.destination_node_address = destination_address;
     start.endpoints = prepared.endpoints.clone();
     start.options = MessageField::some(options);
+    // The source QEMU's stream credentials go from one agent to the other through this
+    // authenticated channel only; the source refuses a start without them unless plain.
+    start.stream_tls = prepared.stream_tls.clone();
     if let Err(e) = source.start_migration(&start).await {
         let reason = format!("the source refused to start: {e}");
         if let Some(note) = cancel_quietly(Side::Destination, destination, &migration_id, &reason).await {

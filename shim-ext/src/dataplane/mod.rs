@@ -16,6 +16,7 @@
 pub mod handshake;
 pub mod listener;
 pub mod relay;
+pub mod tls;
 
 pub use handshake::{Secret, StreamKey};
 pub use listener::{DataListener, Expected};

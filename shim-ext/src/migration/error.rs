@@ -38,6 +38,9 @@ pub enum EngineError {
     /// A data stream failed.
     #[error(transparent)]
     Data(#[from] crate::dataplane::Error),
+    /// The stream TLS credentials could not be made, were refused or could not be written.
+    #[error(transparent)]
+    StreamTls(#[from] crate::dataplane::tls::TlsError),
     /// Sandbox discovery failed.
     #[error(transparent)]
     Sandbox(#[from] crate::sandbox::Error),
@@ -120,7 +123,11 @@ impl EngineError {
     pub fn kind(&self) -> ErrorKind {
         use QemuError as Q;
         match self {
-            EngineError::Invalid(_) | EngineError::Options(_) => ErrorKind::InvalidArgument,
+            EngineError::Invalid(_)
+            | EngineError::Options(_)
+            | EngineError::StreamTls(crate::dataplane::tls::TlsError::Invalid(_)) => {
+                ErrorKind::InvalidArgument
+            }
             EngineError::Sandbox(e) if e.is_invalid_request() => ErrorKind::InvalidArgument,
             EngineError::NotFound(_) | EngineError::Sandbox(_) => ErrorKind::NotFound,
             EngineError::Precondition(_) | EngineError::Protocol(_) => ErrorKind::FailedPrecondition,
@@ -154,6 +161,7 @@ impl EngineError {
             | EngineError::DestinationFailed(_) => ErrorKind::Network,
             EngineError::Io { .. }
             | EngineError::Journal(_)
+            | EngineError::StreamTls(_)
             | EngineError::Panicked(_)
             | EngineError::RolledBackAfterRestart
             | EngineError::Injected { .. } => ErrorKind::Internal,

@@ -128,6 +128,9 @@ pub struct MigrationOptions {
     pub storage_timeout: Duration,
     /// Deadline for RAM pre-copy to complete.
     pub ram_timeout: Duration,
+    /// RAM and disk contents cross the network unencrypted (authenticated by the stream secret
+    /// only); by default both QEMUs run TLS on every data stream.
+    pub plain_streams: bool,
 }
 
 /// katamaran's default downtime limit: tight enough that a TCP peer sees one retransmit at most.
@@ -159,6 +162,7 @@ impl Default for MigrationOptions {
             plug_limit: None,
             storage_timeout: DEFAULT_STORAGE_TIMEOUT,
             ram_timeout: DEFAULT_RAM_TIMEOUT,
+            plain_streams: false,
         }
     }
 }

@@ -45,6 +45,7 @@ use super::network::{self, IncomingNet, IncomingSpec};
 use super::options::{MigrationOptions, StorageMode};
 use super::protocol::DestState;
 use super::qemu::{self, compute, storage, EventBus, NbdAddress, QemuFeatures, RamConfig};
+use crate::dataplane::tls::{CredentialPair, Endpoint, StreamCredentials};
 use crate::dataplane::{DataListener, Secret};
 use crate::net::{self, MacAddr, NetnsHandle, NetnsRoots, TunnelSpec};
 use crate::qmp::{QmpClient, QmpConfig};
@@ -128,6 +129,10 @@ pub struct DestEnv {
 pub struct Incoming {
     /// Endpoints for the source.
     pub endpoints: (SocketAddr, BTreeMap<String, SocketAddr>),
+    /// The source QEMU's stream credentials (`None`: plain streams).
+    pub client_tls: Option<StreamCredentials>,
+    /// This QEMU's stream credentials object, removed once the VM runs here.
+    tls: Option<qemu::TlsCreds>,
     /// State directory.
     pub state_dir: PathBuf,
     /// Netns file.
@@ -355,6 +360,18 @@ pub async fn prepare(
     let features = QemuFeatures::discover(&qmp).await?;
     let ram = RamConfig::from_options(&req.options);
     compute::configure_incoming(&qmp, &features, &ram).await?;
+    // Encrypted streams: this side makes the migration's credentials and serves with them; the
+    // client side goes back to the caller for the source.
+    let (tls, client_tls) = if req.options.plain_streams {
+        (None, None)
+    } else {
+        let pair = CredentialPair::generate(&req.migration_id)?;
+        let creds =
+            qemu::tls::add(&qmp, &state_dir.join("tls"), &req.migration_id, Endpoint::Server, &pair.server)
+                .await?;
+        qemu::tls::use_for_migration(&qmp, Some(&creds)).await?;
+        (Some(creds), Some(pair.client))
+    };
 
     // Streams.
     let mut streams = vec![ctl::STREAM.to_owned(), "ram".to_owned()];
@@ -371,8 +388,13 @@ pub async fn prepare(
                 "the destination QEMU does not have every source drive".into(),
             ));
         }
-        let exports =
-            storage::export_disks(&qmp, &NbdAddress::Unix(state_dir.join("nbd.sock")), &to_export).await?;
+        let exports = storage::export_disks(
+            &qmp,
+            &NbdAddress::Unix(state_dir.join("nbd.sock")),
+            &to_export,
+            tls.as_ref(),
+        )
+        .await?;
         {
             let (q, b, e) = (qmp.clone(), bus.clone(), exports.clone());
             cleanup.push("stop NBD exports", move || async move {
@@ -417,6 +439,8 @@ pub async fn prepare(
     });
     Ok(Incoming {
         endpoints: (data_addr, nbd_endpoints),
+        client_tls,
+        tls,
         state_dir,
         netns,
         qemu_pid,

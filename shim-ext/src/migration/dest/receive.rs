@@ -189,6 +189,10 @@ pub async fn receive(
                         let mut e = Event::new(Phase::Cutover, "VM resumed here; plug released");
                         e.cutover = Some(times.clone());
                         log.push(e);
+                        // The streams are done; a later migration of this VM brings its own.
+                        if let Some(creds) = &inc.tls {
+                            crate::migration::qemu::tls::remove(&inc.qmp, creds).await;
+                        }
                         break;
                     }
                     EventKind::Migration(status) => match status {

@@ -56,6 +56,20 @@ pub enum QemuError {
         source: QmpError,
     },
 
+    /// QEMU refused the stream TLS credentials (`object-add` of `tls-creds-x509`).
+    #[error("QEMU refused the stream TLS credentials {id}")]
+    TlsCreds {
+        /// The object id.
+        id: String,
+        /// QEMU's answer.
+        #[source]
+        source: QmpError,
+    },
+
+    /// The files of the stream TLS credentials could not be written or removed.
+    #[error(transparent)]
+    TlsFiles(crate::dataplane::tls::TlsError),
+
     /// `migrate-set-parameters` failed.
     #[error("cannot set migration parameters {parameters}")]
     SetParameters {

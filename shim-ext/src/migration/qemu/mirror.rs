@@ -27,6 +27,7 @@ use super::bus::{EventBus, Subscription, WaitError};
 use super::disks::DiskInfo;
 use super::error::QemuError;
 use super::storage::{qemu_id, NbdAddress};
+use super::tls::TlsCreds;
 
 /// How often `query-block-jobs` is polled for progress while mirrors copy.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
@@ -100,6 +101,7 @@ pub async fn start_mirror(
     disk: &DiskInfo,
     address: &NbdAddress,
     export_name: &str,
+    tls: Option<&TlsCreds>,
 ) -> Result<MirrorJob, QemuError> {
     let job = MirrorJob {
         drive_id: disk.drive_id.clone(),
@@ -107,12 +109,18 @@ pub async fn start_mirror(
         target_node: qemu_id("kmr-nbd-", &disk.drive_id),
         export_name: export_name.to_owned(),
     };
-    let target = json!({
+    let mut target = json!({
         "driver": "nbd",
         "node-name": job.target_node,
         "server": address.to_qapi(),
         "export": export_name,
     });
+    if let Some(creds) = tls {
+        target["tls-creds"] = json!(creds.id);
+        if let Some(name) = creds.hostname() {
+            target["tls-hostname"] = json!(name);
+        }
+    }
     qmp.execute("blockdev-add", Some(target))
         .await
         .map_err(|source| QemuError::TargetAdd { drive: job.drive_id.clone(), source })?;

@@ -7,14 +7,16 @@
 //! ```text
 //!  source QEMU                               destination QEMU (-incoming defer)
 //!  ───────────                               ──────────────────────────────────
+//!  tls::add (client)                         tls::add (server): object-add tls-creds-x509
 //!                                            list_disks, export_disks
-//!                                              nbd-server-start, block-export-add ×N
+//!                                              nbd-server-start (tls-creds), block-export-add ×N
 //!  list_disks, start_mirror ×N
-//!    blockdev-add nbd ─────── NBD ─────────▶ (export, writable)
+//!    blockdev-add nbd (tls-creds) ── NBD ──▶ (export, writable)
 //!    blockdev-mirror sync=full
 //!  wait_ready  (BLOCK_JOB_READY ×N)
 //!                                            configure_incoming, start_incoming
 //!  configure (pause-before-switchover)         migrate-set-capabilities, migrate-incoming
+//!  tls::use_for_migration                    tls::use_for_migration (before migrate-incoming)
 //!  start_outgoing  ─────────── RAM ────────▶
 //!  wait_status(pre-switchover)   ◀── vCPUs stopped: downtime starts
 //!  complete_consistent
@@ -37,6 +39,7 @@
 //! | `disks.rs` | [`DiskInfo`] from `query-block` |
 //! | `storage.rs` | destination: NBD server and exports |
 //! | `mirror.rs` | source: NBD client nodes and mirror jobs |
+//! | `tls.rs` | [`TlsCreds`]: the stream TLS credentials object of a migration |
 //! | `error.rs` | [`QemuError`] |
 
 pub mod bus;
@@ -46,6 +49,7 @@ mod error;
 pub mod features;
 pub mod mirror;
 pub mod storage;
+pub mod tls;
 
 pub use bus::{EventBus, Subscription, WaitError};
 pub use compute::{MigrationEnd, RamConfig};
@@ -54,3 +58,4 @@ pub use error::QemuError;
 pub use features::QemuFeatures;
 pub use mirror::MirrorJob;
 pub use storage::{NbdAddress, NbdExports};
+pub use tls::TlsCreds;

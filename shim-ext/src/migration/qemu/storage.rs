@@ -21,6 +21,7 @@ use crate::qmp::{ErrorClass, QmpClient};
 use super::bus::{EventBus, WaitError};
 use super::disks::DiskInfo;
 use super::error::QemuError;
+use super::tls::TlsCreds;
 
 /// Where an NBD server listens or an NBD client connects.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,8 +142,9 @@ impl NbdExports {
     }
 }
 
-/// Starts QEMU's NBD server on `address` and exports every disk writable, named after its
-/// drive id. On failure, whatever was created is removed again before the error is returned.
+/// Starts QEMU's NBD server on `address` (TLS only, with `tls`) and exports every disk
+/// writable, named after its drive id. On failure, whatever was created is removed again
+/// before the error is returned.
 ///
 /// # Errors
 ///
@@ -151,8 +153,13 @@ pub async fn export_disks(
     qmp: &QmpClient,
     address: &NbdAddress,
     disks: &[DiskInfo],
+    tls: Option<&TlsCreds>,
 ) -> Result<NbdExports, QemuError> {
-    qmp.execute("nbd-server-start", Some(json!({ "addr": address.to_qapi_legacy() })))
+    let mut server = json!({ "addr": address.to_qapi_legacy() });
+    if let Some(creds) = tls {
+        server["tls-creds"] = json!(creds.id);
+    }
+    qmp.execute("nbd-server-start", Some(server))
         .await
         .map_err(|source| QemuError::NbdServerStart { address: address.to_string(), source })?;
     let mut exports = NbdExports {

@@ -2,7 +2,8 @@
 //! ownership protocol ([`super::protocol`]) as its coordinator.
 //!
 //! ```text
-//!  PREPARING  discover QEMU features; pre-create the tunnel; record the VM routes (journal)
+//!  PREPARING  discover QEMU features; pre-create the tunnel; record the VM routes (journal);
+//!             the stream TLS credentials into QEMU (unless plain streams)
 //!  STORAGE    (local disks) NBD relay per disk ─▶ blockdev-mirror ─▶ every job READY   storage.rs
 //!  RAM        migrate caps/params (return-path) ─▶ RAM stream fd ─▶ migrate fd:        ram.rs
 //!             converged: routes swapped ─▶ 2 ms ─▶ stop (STOP → route swap as fallback)
@@ -42,6 +43,7 @@ use super::network::{self, SourceForward};
 use super::options::{MigrationOptions, StorageMode, TunnelMode};
 use super::protocol::{Action, SourceInput, SourceState};
 use super::qemu::{self, DiskInfo, EventBus, QemuFeatures};
+use crate::dataplane::tls::{Endpoint, StreamCredentials};
 use crate::dataplane::{self, relay, Secret, StreamKey};
 use crate::net::{NetOps, NetnsHandle, TunnelSpec};
 use crate::qmp::QmpClient;
@@ -74,6 +76,8 @@ pub struct SourceRequest {
     pub nbd_endpoints: BTreeMap<String, SocketAddr>,
     /// Per-migration secret.
     pub secret: Secret,
+    /// This QEMU's credentials for the encrypted streams (validated); `None`: plain streams.
+    pub stream_tls: Option<StreamCredentials>,
     /// Options.
     pub options: MigrationOptions,
     /// Where this migration keeps its sockets (0700).
@@ -236,6 +240,23 @@ async fn drive(
         s.tunnel = forward.tunnel.as_ref().map(|t| (t.index, t.name.clone()));
         s.ctl_endpoint = Some(req.ram_endpoint);
     })?;
+    check_cancel(cancel)?;
+
+    // Encrypted streams: the credentials the destination made, for the RAM and NBD streams.
+    let tls = match &req.stream_tls {
+        Some(c) => {
+            let scratch = req.state_dir.join("tls");
+            let creds = qemu::tls::add(qmp, &scratch, &req.migration_id, Endpoint::Client, c).await?;
+            let (q, cr) = (qmp.clone(), creds.clone());
+            cleanup.push("remove the stream TLS credentials", move || async move {
+                qemu::tls::remove(&q, &cr).await;
+                Ok::<(), String>(())
+            });
+            Some(creds)
+        }
+        None => None,
+    };
+    qemu::tls::use_for_migration(qmp, tls.as_ref()).await?;
     check_cancel(cancel)?;
 
     // Control stream first: its connect time is the RTT sample for --auto-downtime.

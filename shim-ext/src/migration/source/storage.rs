@@ -4,14 +4,15 @@
 use std::time::Duration;
 
 use super::{peer_message, spawn_stream_relay, SourceEnv, SourceRequest};
+use crate::dataplane::tls::Endpoint;
 use crate::migration::ctl::Ctl;
 use crate::migration::error::EngineError;
 use crate::migration::events::{Event, Phase};
 use crate::migration::options::MigrationOptions;
-use crate::migration::qemu::{self, mirror, DiskInfo, EventBus, MirrorJob, NbdAddress};
+use crate::migration::qemu::{self, mirror, DiskInfo, EventBus, MirrorJob, NbdAddress, TlsCreds};
 use crate::qmp::QmpClient;
 
-/// Mirrors `disks` to the destination; returns the jobs once every one is ready.
+/// Mirrors `disks` to the destination (over TLS unless the streams are plain); returns the jobs once every one is ready.
 ///
 /// # Errors
 /// A mirror's failure, [`EngineError::Cancelled`], the control stream's end.
@@ -26,6 +27,8 @@ pub(super) async fn mirror(
 ) -> Result<Vec<MirrorJob>, EngineError> {
     let (log, cleanup) = (&env.log, &env.cleanup);
     log.push(Event::new(Phase::Storage, format!("mirroring {} disk(s) to {}", disks.len(), req.dest_node)));
+    // The credentials object the run added when the streams are encrypted.
+    let tls = req.stream_tls.as_ref().map(|_| TlsCreds::of(&req.migration_id, Endpoint::Client));
     let mut jobs = Vec::new();
     for disk in disks {
         let path = req.state_dir.join(format!("nbd-{}.sock", qemu::storage::qemu_id("", &disk.drive_id)));
@@ -34,7 +37,9 @@ pub(super) async fn mirror(
             .get(&disk.drive_id)
             .ok_or_else(|| EngineError::Invalid(format!("no NBD endpoint for {}", disk.drive_id)))?;
         spawn_stream_relay(&env.node, req, endpoint, &format!("nbd:{}", disk.drive_id), &path, cleanup)?;
-        let job = mirror::start_mirror(qmp, disk, &NbdAddress::Unix(path.clone()), &disk.drive_id).await?;
+        let job =
+            mirror::start_mirror(qmp, disk, &NbdAddress::Unix(path.clone()), &disk.drive_id, tls.as_ref())
+                .await?;
         if let Some(speed) = options.max_bandwidth {
             // --bandwidth caps the storage streams too.
             qmp.execute(
