@@ -6,7 +6,7 @@
 #
 #   hack/bench.sh [--quick] [katamaran-bench options]
 #
-#   (no options)          the default cases, 3 runs each (about 10 minutes on 2 quiet CPUs)
+#   (no options)          the default cases, 3 runs each (about 15 minutes on 2 quiet CPUs)
 #   --quick               one run of 128m-idle-shared-1000 and short micro-benchmarks (~1 min)
 #   --runs N              runs per case and driver
 #   --cases LIST          default | all | names like 512m-dirty-local-5000, comma-separated

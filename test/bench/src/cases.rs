@@ -1,6 +1,8 @@
 //! The benchmark's cases — guest size, guest workload, storage, probe rate — and `--cases`.
 //!
-//! A case is named `<mem>m-<idle|dirty>-<shared|local>-<pps>`, e.g. `512m-dirty-shared-1000`.
+//! A case is named `<mem>m-<idle|dirty>-<shared|local>-<pps>[-plain]`, e.g.
+//! `512m-dirty-shared-1000`; `-plain` runs katamaran with unencrypted streams (`--plain-streams`)
+//! instead of the default TLS. Bare QEMU always sends plain streams.
 
 use std::fmt;
 
@@ -37,6 +39,8 @@ pub struct Case {
     pub storage: Storage,
     /// Probe rate, packets per second.
     pub rate_pps: u32,
+    /// katamaran's RAM and NBD streams unencrypted (the opt-out), not TLS.
+    pub plain_streams: bool,
 }
 
 impl fmt::Display for Case {
@@ -49,7 +53,13 @@ impl fmt::Display for Case {
             Storage::Shared => "shared",
             Storage::Local => "local",
         };
-        write!(f, "{}m-{w}-{s}-{}", self.mem_mib, self.rate_pps)
+        write!(
+            f,
+            "{}m-{w}-{s}-{}{}",
+            self.mem_mib,
+            self.rate_pps,
+            if self.plain_streams { "-plain" } else { "" }
+        )
     }
 }
 
@@ -70,11 +80,17 @@ impl std::str::FromStr for Case {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = |why: &str| {
-            CaseError(format!("case {s:?}: {why} (expected <mem>m-<idle|dirty>-<shared|local>-<pps>)"))
+            CaseError(format!(
+                "case {s:?}: {why} (expected <mem>m-<idle|dirty>-<shared|local>-<pps>[-plain])"
+            ))
         };
-        let parts: Vec<&str> = s.split('-').collect();
+        let (s_case, plain_streams) = match s.strip_suffix("-plain") {
+            Some(rest) => (rest, true),
+            None => (s, false),
+        };
+        let parts: Vec<&str> = s_case.split('-').collect();
         let [mem, workload, storage, rate] = parts.as_slice() else {
-            return Err(bad("four parts separated by '-'"));
+            return Err(bad("four parts separated by '-', then optionally -plain"));
         };
         let mem_mib = mem
             .strip_suffix('m')
@@ -92,7 +108,7 @@ impl std::str::FromStr for Case {
             _ => return Err(bad("storage shared or local")),
         };
         let rate_pps = rate.parse::<u32>().ok().filter(|r| *r > 0).ok_or_else(|| bad("a positive rate"))?;
-        Ok(Case { mem_mib, workload, storage, rate_pps })
+        Ok(Case { mem_mib, workload, storage, rate_pps, plain_streams })
     }
 }
 
@@ -103,7 +119,7 @@ pub fn matrix() -> Vec<Case> {
         for workload in [Workload::Idle, Workload::Dirty] {
             for storage in [Storage::Shared, Storage::Local] {
                 for rate_pps in [1000, 5000] {
-                    out.push(Case { mem_mib, workload, storage, rate_pps });
+                    out.push(Case { mem_mib, workload, storage, rate_pps, plain_streams: false });
                 }
             }
         }
@@ -111,17 +127,25 @@ pub fn matrix() -> Vec<Case> {
     out
 }
 
-/// The default selection: a base case and one step away from it along each axis, so that the
-/// whole run stays near ten minutes on two cores (the full matrix takes about three times as
-/// long).
+/// The default selection: a base case and one step away from it along each axis — the last
+/// two show what TLS costs on RAM and on a mirrored disk — so that the whole run stays near a
+/// quarter of an hour on two cores (the full matrix takes about three times as long).
 pub fn defaults() -> Vec<Case> {
-    let base = Case { mem_mib: 128, workload: Workload::Idle, storage: Storage::Shared, rate_pps: 1000 };
+    let base = Case {
+        mem_mib: 128,
+        workload: Workload::Idle,
+        storage: Storage::Shared,
+        rate_pps: 1000,
+        plain_streams: false,
+    };
     vec![
         base,
         Case { mem_mib: 512, ..base },
         Case { mem_mib: 512, workload: Workload::Dirty, ..base },
         Case { storage: Storage::Local, ..base },
         Case { rate_pps: 5000, ..base },
+        Case { mem_mib: 512, workload: Workload::Dirty, plain_streams: true, ..base },
+        Case { storage: Storage::Local, plain_streams: true, ..base },
     ]
 }
 
@@ -168,8 +192,17 @@ mod tests {
         let c: Case = "512m-dirty-local-5000".parse().expect("valid");
         assert_eq!(
             c,
-            Case { mem_mib: 512, workload: Workload::Dirty, storage: Storage::Local, rate_pps: 5000 }
+            Case {
+                mem_mib: 512,
+                workload: Workload::Dirty,
+                storage: Storage::Local,
+                rate_pps: 5000,
+                plain_streams: false
+            }
         );
+        let plain: Case = "128m-idle-local-1000-plain".parse().expect("valid");
+        assert!(plain.plain_streams && plain.storage == Storage::Local);
+        assert_eq!(plain.to_string(), "128m-idle-local-1000-plain");
     }
 
     #[test]
@@ -181,6 +214,7 @@ mod tests {
             ("128m-idle-nfs-1000", "storage"),
             ("128m-idle-shared-0", "rate"),
             ("128m-idle-shared", "four parts"),
+            ("128m-idle-shared-1000-tls", "four parts"),
         ] {
             let err = bad.parse::<Case>().expect_err(bad).to_string();
             assert!(err.contains(why) && err.contains(bad), "{bad}: {err}");
@@ -206,6 +240,9 @@ mod tests {
         assert!(d.iter().any(|c| c.workload == Workload::Dirty));
         assert!(d.iter().any(|c| c.storage == Storage::Local));
         assert!(d.iter().any(|c| c.rate_pps == 5000));
+        for c in d.iter().filter(|c| c.plain_streams) {
+            assert!(d.contains(&Case { plain_streams: false, ..*c }), "{c} has its TLS twin");
+        }
         assert_eq!(dirty_working_set_mib(128), 64);
     }
 }

@@ -50,6 +50,7 @@ fn measure(rt: &Runtime, cfg: &RunConfig, case: &Case, run: &mut Run) -> anyhow:
             Storage::Shared => StorageMode::Shared,
             Storage::Local => StorageMode::Local,
         },
+        plain_streams: case.plain_streams,
         ..MigrationOptions::default()
     };
     let settings = Settings {
