@@ -12,7 +12,7 @@ const TICK: Duration = Duration::from_millis(10);
 const MIB: usize = 1 << 20;
 
 /// What to dirty.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct DirtyConfig {
     /// Size of the working set, MiB.
     pub mb: usize,
@@ -20,6 +20,9 @@ pub struct DirtyConfig {
     pub rate_mb_per_s: Option<f64>,
     /// Stop after this long (default: until stopped).
     pub duration: Option<Duration>,
+    /// What the working set holds, repeated (zeros when empty): a recognisable guest memory
+    /// for a capture on the wire. Dirtying changes one byte per page, so all other copies stay.
+    pub fill: Vec<u8>,
 }
 
 /// Why dirtying could not start.
@@ -36,23 +39,36 @@ pub enum DirtyError {
     Alloc(usize),
 }
 
-/// Dirties one byte in each page of the working set, round and round, at the configured rate.
-/// Returns the bytes' worth of pages dirtied.
+/// The working set: `cfg.mb` MiB, zero or `cfg.fill` repeated.
+fn working_set(cfg: &DirtyConfig) -> Result<Vec<u8>, DirtyError> {
+    let len = cfg.mb.checked_mul(MIB).ok_or(DirtyError::Alloc(cfg.mb))?;
+    let mut memory = Vec::new();
+    memory.try_reserve_exact(len).map_err(|_| DirtyError::Alloc(cfg.mb))?;
+    memory.resize(len, 0u8);
+    if !cfg.fill.is_empty() {
+        for (byte, value) in memory.iter_mut().zip(cfg.fill.iter().cycle()) {
+            *byte = *value;
+        }
+    }
+    Ok(memory)
+}
+
+/// Dirties one byte in each page of the working set, round and round, at the configured rate;
+/// `ready` runs once the working set is allocated and filled. Returns the bytes' worth of pages
+/// dirtied.
 ///
 /// # Errors
 /// [`DirtyError`] for an empty working set, a non-positive rate or a failed allocation.
-pub fn run_dirty(cfg: &DirtyConfig, stop: &AtomicBool) -> Result<u64, DirtyError> {
+pub fn run_dirty(cfg: &DirtyConfig, stop: &AtomicBool, ready: impl FnOnce()) -> Result<u64, DirtyError> {
     if cfg.mb == 0 {
         return Err(DirtyError::Empty);
     }
     if cfg.rate_mb_per_s.is_some_and(|r| r.is_nan() || r <= 0.0) {
         return Err(DirtyError::Rate);
     }
-    let len = cfg.mb.checked_mul(MIB).ok_or(DirtyError::Alloc(cfg.mb))?;
-    let mut memory = Vec::new();
-    memory.try_reserve_exact(len).map_err(|_| DirtyError::Alloc(cfg.mb))?;
-    memory.resize(len, 0u8);
-    let pages = len / PAGE;
+    let mut memory = working_set(cfg)?;
+    let pages = memory.len() / PAGE;
+    ready();
     // Pages per tick; unthrottled means a whole pass per tick.
     let per_tick = cfg
         .rate_mb_per_s
@@ -92,20 +108,40 @@ mod tests {
 
     #[test]
     fn dirties_at_about_the_requested_rate() {
-        let cfg =
-            DirtyConfig { mb: 4, rate_mb_per_s: Some(20.0), duration: Some(Duration::from_millis(300)) };
-        let bytes = run_dirty(&cfg, &AtomicBool::new(false)).unwrap();
+        let cfg = DirtyConfig {
+            mb: 4,
+            rate_mb_per_s: Some(20.0),
+            duration: Some(Duration::from_millis(300)),
+            fill: Vec::new(),
+        };
+        let bytes = run_dirty(&cfg, &AtomicBool::new(false), || ()).unwrap();
         let mb = bytes as f64 / MIB as f64;
         // 20 MiB/s for 0.3 s is 6 MiB; pacing is per 10 ms tick.
         assert!((5.0..7.5).contains(&mb), "dirtied {mb} MiB");
     }
 
     #[test]
+    fn the_working_set_holds_the_fill_and_ready_follows_it() {
+        let cfg = DirtyConfig {
+            mb: 1,
+            rate_mb_per_s: None,
+            duration: Some(Duration::from_millis(20)),
+            fill: b"MARK".to_vec(),
+        };
+        let memory = working_set(&cfg).unwrap();
+        assert_eq!(memory.len(), MIB);
+        assert_eq!(memory.windows(4).step_by(4).filter(|w| *w == b"MARK").count(), MIB / 4);
+        let mut seen = false;
+        run_dirty(&cfg, &AtomicBool::new(false), || seen = true).unwrap();
+        assert!(seen, "ready runs once the working set is filled");
+    }
+
+    #[test]
     fn rejects_nonsense() {
         let stop = AtomicBool::new(false);
-        let cfg = DirtyConfig { mb: 0, rate_mb_per_s: None, duration: None };
-        assert!(matches!(run_dirty(&cfg, &stop), Err(DirtyError::Empty)));
-        let cfg = DirtyConfig { mb: 1, rate_mb_per_s: Some(0.0), duration: None };
-        assert!(matches!(run_dirty(&cfg, &stop), Err(DirtyError::Rate)));
+        let cfg = DirtyConfig { mb: 0, rate_mb_per_s: None, duration: None, fill: Vec::new() };
+        assert!(matches!(run_dirty(&cfg, &stop, || ()), Err(DirtyError::Empty)));
+        let cfg = DirtyConfig { mb: 1, rate_mb_per_s: Some(0.0), duration: None, fill: Vec::new() };
+        assert!(matches!(run_dirty(&cfg, &stop, || ()), Err(DirtyError::Rate)));
     }
 }

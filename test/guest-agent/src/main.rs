@@ -30,7 +30,7 @@ usage: katamaran-guest SUBCOMMAND [OPTIONS]
                verify a disk log; exit 0 when ok, 1 on any error
   disk-compare --prefix SRC --full DST [--json] [--record-size 4096]
                SRC's log must be a byte-identical prefix of DST's; exit 0 when it is, 1 if not
-  dirty-mem    --mb N [--rate-mb-per-s R] [--duration 60s]
+  dirty-mem    --mb N [--rate-mb-per-s R] [--duration 60s] [--fill TEXT]
                keep N MiB of memory dirty, R MiB/s (default: as fast as possible)
 
 --ready-file is created once the service is up (the guest's init waits for it).
@@ -193,17 +193,24 @@ fn disk_compare(rest: &[String]) -> Result<Outcome, Failure> {
 }
 
 fn dirty_mem(rest: &[String]) -> Result<Outcome, Failure> {
-    let args = Args::parse(rest, &[value("mb"), value("rate-mb-per-s"), value("duration")])?;
+    let args = Args::parse(rest, &[value("mb"), value("rate-mb-per-s"), value("duration"), value("fill")])?;
     let mb = args.required("mb").and_then(|_| args.parse_or("mb", 0usize, "a number of MiB"))?;
     let rate =
         args.get("rate-mb-per-s").map(|_| args.parse_or("rate-mb-per-s", 0f64, "a number")).transpose()?;
-    let cfg = DirtyConfig { mb, rate_mb_per_s: rate, duration: args.duration("duration")? };
+    let fill = args.get("fill").map(|f| f.as_bytes().to_vec()).unwrap_or_default();
+    let cfg = DirtyConfig { mb, rate_mb_per_s: rate, duration: args.duration("duration")?, fill };
     eprintln!(
         "katamaran-guest dirty-mem: {mb} MiB at {} (uptime {} ms)",
         rate.map_or("full speed".to_owned(), |r| format!("{r} MiB/s")),
         sys::uptime_ms().unwrap_or(0)
     );
-    let bytes = run_dirty(&cfg, &AtomicBool::new(false)).map_err(run_err)?;
+    let filled = cfg.fill.len();
+    let bytes = run_dirty(&cfg, &AtomicBool::new(false), || {
+        if filled > 0 {
+            eprintln!("katamaran-guest dirty-mem: working set filled ({mb} MiB)");
+        }
+    })
+    .map_err(run_err)?;
     eprintln!("katamaran-guest dirty-mem: dirtied {} MiB", bytes >> 20);
     Ok(Outcome::Ok)
 }
