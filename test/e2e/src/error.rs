@@ -67,6 +67,14 @@ pub enum LabError {
         #[source]
         source: std::io::Error,
     },
+    /// A packet capture could not start or failed.
+    #[error("packet capture in {netns}: {detail}")]
+    Capture {
+        /// The namespace.
+        netns: String,
+        /// What failed.
+        detail: String,
+    },
     /// The thread that ran code inside a namespace panicked.
     #[error("the thread inside network namespace {name} panicked")]
     NetnsThread {

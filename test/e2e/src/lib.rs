@@ -7,10 +7,12 @@
 
 pub mod agents;
 pub mod artifacts;
+pub mod capture;
 pub mod containerd;
 pub mod deployed;
 mod error;
 pub mod faults;
+pub mod flood;
 mod lab;
 pub mod netns;
 pub mod reports;
