@@ -21,6 +21,8 @@ use std::time::Duration;
 use katamaran::cluster::orchestrate::{Report, Side};
 use katamaran::migration::{MigrationOptions, StorageMode};
 use katamaran_e2e::agents::{self, CutoverNumbers, Engine, Migration, Snapshot, Trigger};
+use katamaran_e2e::capture::{Capture, Streams};
+use katamaran_e2e::flood::Flood;
 use katamaran_e2e::{artifacts, netns, reports, Lab, LabConfig, Node, ProbeReport, RunningProbe, Skip};
 use katamaran_protos::v1 as pb;
 use katamaran_test_skip::{skip, Tier};
@@ -83,6 +85,79 @@ impl World {
         Some(Self { engine, lab, id, findings: Findings::default() })
     }
 
+    /// [`World::boot`] without IPv6, with a guest that fills [`MARKED_MIB`] MiB of its memory
+    /// with [`RAM_MARKER`] (`katamaran-guest dirty-mem --fill`, started from the kernel command
+    /// line through `test/bench/qemu-append.sh` as the benchmark starts its workload) and
+    /// returns once the guest says the memory is filled.
+    ///
+    /// With `hold`, node-a's agent holds every migration at that fail point until
+    /// [`World::release`] (the lab builds the agents with fail points).
+    fn boot_marked(id: &'static str, disks: &str, disk_size: &str, hold: Option<&str>) -> Option<Self> {
+        check(artifacts::require_vm_lab())?;
+        check(artifacts::ensure_guest_image().expect("hack/guest/build.sh failed"))?;
+        let (lab, _) = Lab::up(LabConfig::unique()).expect("lab up");
+        lab.probe_path().expect("the probe builds");
+        let paths = lab.sandbox(Node::A, id, POD_V4, None).expect("sandbox on node-a");
+        let append = format!(
+            "rdinit=/bin/sh -- -c \"mount -t devtmpfs devtmpfs /dev; \
+             (while [ ! -e /run/katamaran/ready/http ]; do sleep 1; done; \
+             exec /bin/katamaran-guest dirty-mem --mb {MARKED_MIB} --rate-mb-per-s 1 --fill {RAM_MARKER} \
+             >/dev/console 2>&1)& exec /init\""
+        );
+        let out = lab
+            .command()
+            .args(["vm", "node-a", id, "--disks", disks, "--disk-size", disk_size, "--timeout", "180"])
+            .env("KMR_QEMU", artifacts::workspace_root().join("test/bench/qemu-append.sh"))
+            .env("KMR_BENCH_APPEND", &append)
+            .output()
+            .expect("lab.sh vm runs");
+        assert!(out.status.success(), "lab.sh vm (marked guest): {}", String::from_utf8_lossy(&out.stderr));
+        let filled = "katamaran-guest dirty-mem: working set filled";
+        let until = std::time::Instant::now() + Duration::from_secs(90);
+        while !std::fs::read_to_string(&paths.console).unwrap_or_default().contains(filled) {
+            assert!(
+                std::time::Instant::now() < until,
+                "the guest did not print {filled:?}; console:\n{}",
+                std::fs::read_to_string(&paths.console).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let holds = lab.root().join(".lab/failpoints");
+        std::fs::create_dir_all(&holds).expect("the fail point directory");
+        let env_a: Vec<(&str, String)> = hold
+            .map(|point| {
+                vec![
+                    ("KATAMARAN_FAILPOINTS", format!("{point}=hold")),
+                    ("KATAMARAN_FAILPOINT_DIR", holds.display().to_string()),
+                ]
+            })
+            .unwrap_or_default();
+        let engine = Engine::start_with(&lab, &env_a, &[]).expect("both node agents serve their sockets");
+        Some(Self { engine, lab, id, findings: Findings::default() })
+    }
+
+    /// Waits until node-a's agent holds the migration at fail point `point` (see
+    /// [`World::boot_marked`]).
+    fn wait_held(&self, point: &str) {
+        let held = self.lab.root().join(format!(".lab/failpoints/{point}.held"));
+        let until = std::time::Instant::now() + Duration::from_secs(60);
+        while !held.exists() {
+            assert!(std::time::Instant::now() < until, "the migration never reached fail point {point}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Lets a migration held at `point` go on.
+    fn release(&self, point: &str) {
+        std::fs::write(self.lab.root().join(format!(".lab/failpoints/{point}.go")), b"").expect("release");
+    }
+
+    /// Starts capturing what node-a sends node-b over TCP (the data streams).
+    fn capture(&self) -> Capture {
+        Capture::start(&self.lab.netns("node-a"), Node::A.addr_v4(), Node::B.addr_v4())
+            .expect("packet capture in node-a")
+    }
+
     /// The source sandbox's namespace (lab name without the prefix).
     fn source_ns(&self) -> String {
         format!("sb-node-a-{}", self.id)
@@ -141,6 +216,29 @@ impl World {
         lab.down().expect("lab down");
         assert_eq!(lab.leftovers(), Vec::<String>::new(), "down leaves nothing behind");
     }
+}
+
+/// What the marked guest fills its memory with: guest RAM an observer on the wire recognises.
+const RAM_MARKER: &str = "KMR-GUEST-RAM-MARKER-5e1f7a";
+/// How much of it.
+const MARKED_MIB: u32 = 16;
+/// Every disk record of the guest's writers starts with it (hack/guest/README.md).
+const DISK_MARKER: &[u8] = b"KTMRDSK1";
+/// node-b's data listener (the agents' default `--data-port`).
+const DATA_PORT: u16 = 10556;
+/// Idle connections opened to it during the move.
+const FLOOD: usize = 10_000;
+
+/// How many times each marker crossed the wire, and how much did.
+fn wire(seen: &Streams) -> String {
+    format!(
+        "{} MiB over {} connections ({} frames): RAM marker ×{}, disk marker ×{}",
+        seen.bytes() >> 20,
+        seen.connections.len(),
+        seen.frames,
+        seen.count(RAM_MARKER.as_bytes()),
+        seen.count(DISK_MARKER)
+    )
 }
 
 fn options(storage: StorageMode) -> MigrationOptions {
@@ -300,19 +398,22 @@ fn assert_metrics_after_one_move(w: &World) {
     );
 }
 
+/// Two local disks over plain streams (`--plain-streams`): every write arrives, and an observer
+/// on the node network reads the guest's memory and disk records, which is what the TLS test
+/// checks cannot be read by default.
 #[test]
 fn lab_migrate_local_storage_two_disks_keeps_every_write() {
-    let Some(w) = World::boot("disk0", "local:2", "64M", false) else { return };
+    let Some(w) = World::boot_marked("disk0", "local:2", "64M", None) else { return };
     let tool = artifacts::guest_tool().expect("the guest tool (disk-check) builds");
     let source_images = w.lab.paths(Node::A, w.id).expect("paths").disks;
     assert_eq!(source_images.len(), 2, "{source_images:?}");
     let boot_id = w.page(POD_V4.into())["boot_id"].as_str().expect("boot_id").to_owned();
     let probe = w.probe(POD_V4.into());
 
-    let m = w
-        .engine
-        .migrate(Node::A, w.id, options(StorageMode::Local), None, MIGRATION_DEADLINE)
-        .expect("the migration runs");
+    let capture = w.capture();
+    let plain = MigrationOptions { plain_streams: true, ..options(StorageMode::Local) };
+    let m = w.engine.migrate(Node::A, w.id, plain, None, MIGRATION_DEADLINE).expect("the migration runs");
+    let seen = capture.stop().expect("the capture");
     let n = cutover(&w, &m);
     assert!(
         n.phases.iter().any(|(p, _)| *p == pb::Phase::PHASE_STORAGE),
@@ -321,9 +422,16 @@ fn lab_migrate_local_storage_two_disks_keeps_every_write() {
     agents::wait_for_rx(&w.lab, "node-b", "eth0", AFTER, TRAFFIC_WAIT).expect("traffic reaches node-b");
     let r = probe.stop(Duration::from_secs(10)).expect("probe report");
     eprintln!(
-        "measured [local:2]: {n}; probe sent {} lost {} dup {} longest gap {:.1} ms",
-        r.sent, r.lost, r.duplicated, r.longest_gap_ms
+        "measured [local:2, plain streams]: {n}; probe sent {} lost {} dup {} longest gap {:.1} ms; wire: {}",
+        r.sent,
+        r.lost,
+        r.duplicated,
+        r.longest_gap_ms,
+        wire(&seen)
     );
+    w.claim(seen.count(RAM_MARKER.as_bytes()) > 0 && seen.count(DISK_MARKER) > 0, || {
+        format!("plain streams carry the guest's memory and disk records readable: {}", wire(&seen))
+    });
     w.expect_no_loss(&r, 1500, &format!("cutover: {n}"));
     assert_moved(&w, &boot_id);
 
@@ -358,6 +466,82 @@ fn lab_migrate_local_storage_two_disks_keeps_every_write() {
         assert!(cmp.full_records > cmp.prefix_records, "disk {i}: the writer went on on node-b: {cmp:?}");
     }
     w.finish();
+}
+
+/// The default, TLS streams: an observer on the node network reads nothing of the guest's
+/// memory or disks, and 10 000 idle connections opened to node-b's data listener while the VM
+/// moves change nothing (the listener drops what passes its handshake caps).
+#[test]
+fn lab_migrate_over_tls_shows_the_wire_nothing_and_a_connection_flood_changes_nothing() {
+    let Some(w) = World::boot_marked("tls0", "local:1", "64M", Some("source-storage")) else { return };
+    let w = Rc::new(w);
+    let boot_id = w.page(POD_V4.into())["boot_id"].as_str().expect("boot_id").to_owned();
+    let probe = w.probe(POD_V4.into());
+    let capture = w.capture();
+    // node-b's data listener opens with the first PrepareIncoming. node-a holds the move once
+    // its mirror runs (`source-storage`); the flood opens all its connections then, and the
+    // move goes on (the RAM stream connects, the VM cuts over) with all of them held open.
+    let flood: Rc<RefCell<Option<Flood>>> = Rc::default();
+    let start_flood = {
+        let (flood, world) = (flood.clone(), w.clone());
+        move || {
+            world.wait_held("source-storage");
+            let target = SocketAddr::new(Node::B.addr_v4().into(), DATA_PORT);
+            let f = Flood::start(&world.lab.netns("client"), target, FLOOD);
+            let until = std::time::Instant::now() + Duration::from_secs(60);
+            while !f.done_opening() && std::time::Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            *flood.borrow_mut() = Some(f);
+            world.release("source-storage");
+        }
+    };
+    let m = w
+        .engine
+        .migrate(
+            Node::A,
+            w.id,
+            options(StorageMode::Local),
+            Some(Trigger::run_when(|_, _| true, start_flood)),
+            MIGRATION_DEADLINE,
+        )
+        .expect("the migration runs");
+    let flood = flood.take().expect("the flood started with the move");
+    let during = flood.opened();
+    let seen = capture.stop().expect("the capture");
+    let n = cutover(&w, &m);
+    agents::wait_for_rx(&w.lab, "node-b", "eth0", AFTER, TRAFFIC_WAIT).expect("traffic reaches node-b");
+    let r = probe.stop(Duration::from_secs(10)).expect("probe report");
+    let flooded = flood.stop(Duration::from_secs(30)).expect("the flood");
+    let metrics = agents::agent_http(&w.lab, Node::B, "/metrics").expect("node-b's metrics");
+    let dropped = agents::metric(&metrics, "katamaran_data_listener_dropped_total").unwrap_or(0.0);
+    eprintln!(
+        "measured [local:1, TLS, flood]: {n}; probe sent {} lost {} dup {} longest gap {:.1} ms; wire: {}; \
+         flood {flooded:?} ({during} open when the move ended), node-b dropped {dropped}",
+        r.sent,
+        r.lost,
+        r.duplicated,
+        r.longest_gap_ms,
+        wire(&seen)
+    );
+    w.expect_no_loss(&r, 1500, &format!("cutover: {n}"));
+    assert_moved(&w, &boot_id);
+    w.claim(seen.bytes() > 64 << 20, || {
+        format!("the capture saw the streams (the guest's RAM at least): {}", wire(&seen))
+    });
+    w.claim(seen.count(RAM_MARKER.as_bytes()) == 0 && seen.count(DISK_MARKER) == 0, || {
+        format!("nothing of the guest is readable on the wire: {}", wire(&seen))
+    });
+    w.claim(flooded.attempted == FLOOD && during * 10 >= FLOOD * 9, || {
+        format!(
+            "the flood held most of its {FLOOD} connections open while the VM moved ({during}): {flooded:?}"
+        )
+    });
+    // Per peer, 80 handshakes may wait (docs/SECURITY.md); every other idle connection is dropped.
+    w.claim(dropped >= (flooded.opened.saturating_sub(80)) as f64, || {
+        format!("node-b dropped {dropped} of the flood's {} connections", flooded.opened)
+    });
+    Rc::try_unwrap(w).ok().expect("the trigger, the world's other holder, is gone").finish();
 }
 
 #[test]
