@@ -21,6 +21,8 @@ while (($#)); do
     esac
 done
 
+# apt reads relative Dir:: paths from /, not from here.
+prefix=$(realpath -m "$prefix")
 apt_dir=$prefix/apt
 root=$prefix/root
 mkdir -p "$apt_dir/lists/partial" "$apt_dir/archives/partial" "$apt_dir/etc"
@@ -34,6 +36,11 @@ opts=(
     -o "APT::Sandbox::User=root"
 )
 apt-get "${opts[@]}" -qq update >&2
+# apt-get update succeeds even when an index could not be fetched.
+if ! compgen -G "$apt_dir/lists/*bookworm-backports*Packages*" >/dev/null; then
+    echo "qemu-backports: no package index for bookworm-backports in $apt_dir/lists (network?)" >&2
+    exit 1
+fi
 packages=(qemu-system-x86 qemu-system-common qemu-system-data)
 (cd "$apt_dir/archives" && rm -f ./*.deb && apt-get "${opts[@]}" -qq download "${packages[@]/%//bookworm-backports}" >&2)
 rm -rf "$root.new"

@@ -80,7 +80,16 @@ fn rich_options() -> MigrationOptions {
     o.plug_limit_bytes = 8 << 20;
     o.storage_timeout_ms = 120_000;
     o.ram_timeout_ms = 600_000;
+    o.plain_streams = true;
     o
+}
+
+fn rich_stream_tls() -> StreamTls {
+    let mut t = StreamTls::new();
+    t.ca_pem = "-----BEGIN CERTIFICATE-----\nca\n-----END CERTIFICATE-----\n".into();
+    t.cert_pem = "-----BEGIN CERTIFICATE-----\nleaf\n-----END CERTIFICATE-----\n".into();
+    t.key_pem = "-----BEGIN PRIVATE KEY-----\nkey\n-----END PRIVATE KEY-----\n".into();
+    t
 }
 
 fn rich_endpoints() -> DestinationEndpoints {
@@ -110,6 +119,7 @@ fn rich_prepare_response() -> PrepareIncomingResponse {
     r.destination_sandbox_id = "3f2a9c-incoming".into();
     r.endpoints = MessageField::some(rich_endpoints());
     r.destination_node_address = "192.0.2.20".into();
+    r.stream_tls = MessageField::some(rich_stream_tls());
     r
 }
 
@@ -121,6 +131,7 @@ fn rich_start_request() -> StartMigrationRequest {
     r.destination_node_address = "192.0.2.20".into();
     r.endpoints = MessageField::some(rich_endpoints());
     r.options = MessageField::some(rich_options());
+    r.stream_tls = MessageField::some(rich_stream_tls());
     r
 }
 

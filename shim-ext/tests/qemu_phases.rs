@@ -571,6 +571,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 /// the destination: what an observer on the wire between the nodes would read.
 struct Tap {
     seen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     task: JoinHandle<()>,
 }
 
@@ -579,9 +580,11 @@ impl Tap {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::UnixListener::bind(listen).expect("bind the tap");
         let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let record = seen.clone();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (record, count) = (seen.clone(), accepted.clone());
         let task = tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let (target, record) = (target.clone(), record.clone());
                 tokio::spawn(async move {
                     let outbound = tokio::net::UnixStream::connect(&target).await.expect("tap target");
@@ -605,7 +608,12 @@ impl Tap {
                 });
             }
         });
-        Self { seen, task }
+        Self { seen, accepted, task }
+    }
+
+    /// Connections accepted so far.
+    fn connections(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn take(self) -> Vec<u8> {
@@ -758,6 +766,56 @@ async fn storage_and_ram_between_two_qemus(streams: Streams) -> Option<Vec<u8>> 
     }
     assert_eq!(qemu_pair::first_difference(&source, &destination), None, "images differ");
     Some(seen)
+}
+
+/// Multifd RAM over TLS between two QEMUs: every channel (the main one and two multifd ones)
+/// runs its own TLS session, the migration completes, and the tap in front of the destination
+/// sees none of the guest's RAM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multifd_ram_over_tls_between_two_qemus() {
+    use katamaran::dataplane::tls::{CredentialPair, Endpoint};
+    use katamaran::migration::qemu::tls;
+    let Some(pair) = qemu_pair::QemuPair::launch(DISK_SIZE).await else { return };
+    let (src, dst) = (&pair.source, &pair.destination);
+    let src_features = QemuFeatures::discover(&src.qmp).await.expect("source features");
+    let dst_features = QemuFeatures::discover(&dst.qmp).await.expect("destination features");
+    let creds = CredentialPair::generate("multifd").expect("credentials");
+    let d = tls::add(&dst.qmp, &pair.path("tls-dst"), "m-2", Endpoint::Server, &creds.server)
+        .await
+        .expect("server credentials");
+    let s = tls::add(&src.qmp, &pair.path("tls-src"), "m-2", Endpoint::Client, &creds.client)
+        .await
+        .expect("client credentials");
+    tls::use_for_migration(&dst.qmp, Some(&d)).await.expect("destination TLS parameters");
+    tls::use_for_migration(&src.qmp, Some(&s)).await.expect("source TLS parameters");
+    let ram = RamConfig {
+        downtime_limit: Duration::from_millis(300),
+        max_bandwidth: None,
+        multifd_channels: Some(2),
+        auto_converge: false,
+        pause_before_switchover: false,
+    };
+    compute::configure_incoming(&dst.qmp, &dst_features, &ram).await.expect("incoming config");
+    let mut dst_migration = dst.bus.subscribe();
+    compute::start_incoming(&dst.qmp, &format!("unix:{}", pair.path("mig.sock").display()))
+        .await
+        .expect("migrate-incoming");
+    let tap = Tap::start(&pair.path("mig-tap.sock"), pair.path("mig.sock"));
+    compute::configure(&src.qmp, &src_features, &ram).await.expect("configure");
+    let mut src_migration = src.bus.subscribe();
+    compute::start_outgoing(&src.qmp, &format!("unix:{}", pair.path("mig-tap.sock").display()))
+        .await
+        .expect("migrate");
+    let end = compute::wait_terminal(&src.qmp, &mut src_migration, QEMU_WAIT).await.expect("source end");
+    assert!(matches!(end, MigrationEnd::Completed(_)), "{end:?}\n{}\n{}", src.qemu.log(), dst.qemu.log());
+    let dst_end = compute::wait_terminal(&dst.qmp, &mut dst_migration, QEMU_WAIT).await.expect("dest end");
+    assert!(matches!(dst_end, MigrationEnd::Completed(_)), "{dst_end:?}\n{}", dst.qemu.log());
+    let connections = tap.connections();
+    let seen = tap.take();
+    assert_eq!(connections, 3, "the main channel and two multifd channels went through the tap");
+    // No kernel: the guest RAM that is not zero (firmware, tables) is under a megabyte.
+    assert!(seen.len() > 256 << 10, "the RAM crossed the tap: {} bytes", seen.len());
+    assert!(!contains(&seen, RAM_MARKER), "the firmware's string crossed a multifd channel in clear");
 }
 
 /// Cancelling during the mirror leaves no job and no NBD node on the source and no export on

@@ -35,9 +35,12 @@ impl TlsCreds {
     }
 }
 
-/// Creates the credentials object of migration `migration_id` for `endpoint` in QEMU: the
-/// files are written into a new private directory `scratch`, read by QEMU when the object is
-/// created, and removed again whatever happened.
+/// Creates the credentials object of migration `migration_id` for `endpoint` in QEMU. The
+/// files are written into a new private directory `scratch` (this process's view), whose open
+/// descriptor goes to QEMU with `add-fd`; QEMU reads the files through `/proc/self/fd/N` when
+/// the object is created, so the path works whatever mount namespace QEMU runs in (Kata's
+/// QEMU on the host, the agent in its container). The descriptor and the directory are removed
+/// again whatever happened.
 ///
 /// # Errors
 /// [`QemuError::TlsFiles`] or [`QemuError::TlsCreds`] (QEMU refused the credentials).
@@ -52,19 +55,7 @@ pub async fn add(
     // A directory left by an agent that died between writing and removing it goes first.
     let _ = std::fs::remove_dir_all(scratch);
     let added = match creds.write_dir(scratch, endpoint) {
-        Ok(()) => qmp
-            .execute(
-                "object-add",
-                Some(json!({
-                    "qom-type": "tls-creds-x509",
-                    "id": object.id,
-                    "dir": scratch.display().to_string(),
-                    "endpoint": endpoint.as_str(),
-                    "verify-peer": true,
-                })),
-            )
-            .await
-            .map_err(|source| QemuError::TlsCreds { id: object.id.clone(), source }),
+        Ok(()) => load(qmp, scratch, &object).await,
         Err(e) => Err(QemuError::TlsFiles(e)),
     };
     let removed = std::fs::remove_dir_all(scratch);
@@ -76,6 +67,38 @@ pub async fn add(
     }
     debug!(id = %object.id, endpoint = endpoint.as_str(), "stream TLS credentials added");
     Ok(object)
+}
+
+/// `add-fd` of the directory, `object-add` through `/proc/self/fd/N`, `remove-fd`.
+async fn load(qmp: &QmpClient, dir: &Path, object: &TlsCreds) -> Result<(), QemuError> {
+    let refused = |source| QemuError::TlsCreds { id: object.id.clone(), source };
+    let handle = std::fs::File::open(dir)
+        .map_err(|source| QemuError::TlsFiles(TlsError::Write { path: dir.display().to_string(), source }))?;
+    let info = qmp
+        .execute_with_fd("add-fd", Some(json!({ "opaque": format!("katamaran {}", object.id) })), &handle)
+        .await
+        .map_err(refused)?;
+    drop(handle);
+    let (Some(set), Some(fd)) = (info["fdset-id"].as_i64(), info["fd"].as_i64()) else {
+        return Err(QemuError::TlsFiles(TlsError::Invalid(format!("add-fd answered {info}"))));
+    };
+    let added = qmp
+        .execute(
+            "object-add",
+            Some(json!({
+                "qom-type": "tls-creds-x509",
+                "id": object.id,
+                "dir": format!("/proc/self/fd/{fd}"),
+                "endpoint": object.endpoint.as_str(),
+                "verify-peer": true,
+            })),
+        )
+        .await
+        .map_err(refused);
+    if let Err(e) = qmp.execute("remove-fd", Some(json!({ "fdset-id": set }))).await {
+        debug!(error = %e, "cannot remove the credentials directory's descriptor from QEMU");
+    }
+    added.map(|_| ())
 }
 
 /// Makes the RAM migration use `creds` (and, on the client, check the server's name), or, with
