@@ -24,6 +24,8 @@ pub struct FloodReport {
     pub opened: usize,
     /// Established connections the peer had closed by the stop.
     pub closed_by_peer: usize,
+    /// How long opening them took.
+    pub opening: Duration,
 }
 
 /// A running flood; [`Flood::stop`] closes every connection.
@@ -51,6 +53,7 @@ impl Flood {
                 }
                 let mut held = Vec::with_capacity(count);
                 let mut attempted = 0;
+                let began = Instant::now();
                 while attempted < count && !flag.load(Ordering::SeqCst) {
                     attempted += 1;
                     match TcpStream::connect_timeout(&target, CONNECT_TIMEOUT) {
@@ -63,6 +66,7 @@ impl Flood {
                         Err(_) => {}
                     }
                 }
+                let opening = began.elapsed();
                 finished.store(true, Ordering::SeqCst);
                 while !flag.load(Ordering::SeqCst) {
                     std::thread::sleep(Duration::from_millis(20));
@@ -76,7 +80,7 @@ impl Flood {
                     })
                     .filter(|closed| *closed)
                     .count();
-                Ok(FloodReport { attempted, opened: held.len(), closed_by_peer })
+                Ok(FloodReport { attempted, opened: held.len(), closed_by_peer, opening })
             })
         });
         Self { stop, done, opened, thread }
