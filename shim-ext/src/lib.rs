@@ -12,6 +12,7 @@
 //! | [`host`] | the node's network namespace and VM cgroups as a pod-deployed agent reaches them |
 //! | [`node`] | one node's engine: sandboxes, migrations of either role, request validation |
 //! | [`peer`] | agents authenticate each other: the cluster CA, node certificates, mutual TLS on the control path |
+//! | [`private_files`] | root-only key files: a 0700 directory of new 0600 files |
 //! | [`kube_events`] | Kubernetes Events on the pods the node moves |
 //! | [`metrics`], [`observe`] | Prometheus metrics followed from the migrations' events; `/healthz`, `/readyz`, `/metrics` |
 //! | [`recovery`] | what a restarted agent does with its predecessor's unfinished migrations |
@@ -33,6 +34,7 @@ pub mod node;
 pub mod observe;
 pub mod peer;
 pub mod pidfd;
+pub mod private_files;
 pub mod qmp;
 pub mod recovery;
 pub mod sandbox;

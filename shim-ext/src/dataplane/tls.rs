@@ -15,8 +15,6 @@
 //! so the destination makes both. Each QEMU reads its files once when the credentials object
 //! is created; the agents delete them right after.
 
-use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -253,31 +251,15 @@ impl StreamCredentials {
     /// # Errors
     /// [`TlsError::Write`], also when `dir` exists already.
     pub fn write_dir(&self, dir: &Path, endpoint: Endpoint) -> Result<(), TlsError> {
-        let failed = |path: &Path| {
-            let path = path.display().to_string();
-            move |source| TlsError::Write { path, source }
-        };
-        std::fs::DirBuilder::new().mode(0o700).create(dir).map_err(failed(dir))?;
         let side = endpoint.as_str();
-        let mut files = vec![
-            ("ca-cert.pem".to_owned(), self.ca_pem.as_str()),
-            (format!("{side}-cert.pem"), self.cert_pem.as_str()),
-            (format!("{side}-key.pem"), self.key_pem.as_str()),
-        ];
+        let (cert, key) = (format!("{side}-cert.pem"), format!("{side}-key.pem"));
+        let mut files =
+            vec![("ca-cert.pem", self.ca_pem.as_str()), (&cert, &self.cert_pem), (&key, &self.key_pem)];
         if endpoint == Endpoint::Server {
-            files.push(("dh-params.pem".to_owned(), FFDHE2048_PEM));
+            files.push(("dh-params.pem", FFDHE2048_PEM));
         }
-        for (name, body) in files {
-            let path = dir.join(name);
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .map_err(failed(&path))?;
-            f.write_all(body.as_bytes()).map_err(failed(&path))?;
-        }
-        Ok(())
+        crate::private_files::write(dir, false, &files)
+            .map_err(|(path, source)| TlsError::Write { path: path.display().to_string(), source })
     }
 }
 

@@ -1,8 +1,6 @@
 //! The cluster CA: made once at install time, loaded by every agent, signing short-lived
 //! identities.
 
-use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -246,23 +244,11 @@ impl ClusterCa {
     /// # Errors
     /// [`Error::Write`].
     pub fn write_dir(&self, dir: &Path) -> Result<(), Error> {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|source| Error::Write { path: dir.to_owned(), source })?;
-        for (name, pem) in [(CA_CERT_FILE, &self.bundle_pem), (CA_KEY_FILE, &self.key_pem)] {
-            let path = dir.join(name);
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-                .map_err(|source| Error::Write { path: path.clone(), source })?;
-            f.write_all(pem.as_bytes())
-                .and_then(|()| f.sync_all())
-                .map_err(|source| Error::Write { path: path.clone(), source })?;
-        }
-        Ok(())
+        crate::private_files::write(
+            dir,
+            true,
+            &[(CA_CERT_FILE, &self.bundle_pem), (CA_KEY_FILE, &self.key_pem)],
+        )
+        .map_err(|(path, source)| Error::Write { path, source })
     }
 }

@@ -79,26 +79,30 @@ async fn load(qmp: &QmpClient, dir: &Path, object: &TlsCreds) -> Result<(), Qemu
         .await
         .map_err(refused)?;
     drop(handle);
-    let (Some(set), Some(fd)) = (info["fdset-id"].as_i64(), info["fd"].as_i64()) else {
-        return Err(QemuError::TlsFiles(TlsError::Invalid(format!("add-fd answered {info}"))));
+    let added = match info["fd"].as_i64() {
+        Some(fd) => qmp
+            .execute(
+                "object-add",
+                Some(json!({
+                    "qom-type": "tls-creds-x509",
+                    "id": object.id,
+                    "dir": format!("/proc/self/fd/{fd}"),
+                    "endpoint": object.endpoint.as_str(),
+                    "verify-peer": true,
+                })),
+            )
+            .await
+            .map(|_| ())
+            .map_err(refused),
+        None => Err(QemuError::TlsFiles(TlsError::Invalid(format!("add-fd answered {info}")))),
     };
-    let added = qmp
-        .execute(
-            "object-add",
-            Some(json!({
-                "qom-type": "tls-creds-x509",
-                "id": object.id,
-                "dir": format!("/proc/self/fd/{fd}"),
-                "endpoint": object.endpoint.as_str(),
-                "verify-peer": true,
-            })),
-        )
-        .await
-        .map_err(refused);
-    if let Err(e) = qmp.execute("remove-fd", Some(json!({ "fdset-id": set }))).await {
-        debug!(error = %e, "cannot remove the credentials directory's descriptor from QEMU");
+    // The descriptor goes whatever happened: QEMU read the files, or never will.
+    if let Some(set) = info["fdset-id"].as_i64() {
+        if let Err(e) = qmp.execute("remove-fd", Some(json!({ "fdset-id": set }))).await {
+            debug!(error = %e, "cannot remove the credentials directory's descriptor from QEMU");
+        }
     }
-    added.map(|_| ())
+    added
 }
 
 /// Makes the RAM migration use `creds` (and, on the client, check the server's name), or, with
