@@ -91,15 +91,6 @@ impl Flood {
         self.opened.load(Ordering::SeqCst)
     }
 
-    /// Waits until at least `n` connections are established or the flood finished opening.
-    pub fn wait_opened(&self, n: usize, timeout: Duration) -> bool {
-        let until = Instant::now() + timeout;
-        while self.opened() < n && !self.thread.is_finished() && Instant::now() < until {
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        self.opened() >= n
-    }
-
     /// Whether every connection was attempted.
     pub fn done_opening(&self) -> bool {
         self.done.load(Ordering::SeqCst)
