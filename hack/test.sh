@@ -22,6 +22,14 @@ fi
 
 hack/deps.sh
 
+# A clean checkout gains nothing from incremental builds, which double what the debug target
+# directory holds; a caller who wants them sets CARGO_INCREMENTAL=1.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+target="${CARGO_TARGET_DIR:-target}"
+mkdir -p "$target"
+disk() { df -h --output=avail,target "$target" | tail -n 1 | awk '{print "disk: " $1 " free on " $2}' >&2; }
+disk
+
 step "format"
 cargo fmt --all -- --check
 
@@ -32,8 +40,6 @@ step "guest image"
 hack/guest/build.sh
 
 step "tests"
-target="${CARGO_TARGET_DIR:-target}"
-mkdir -p "$target"
 # Absolute: each test runs in its own package's directory.
 KMR_SKIP_LOG="$(cd "$target" && pwd)/kmr-skips.tsv"
 export KMR_SKIP_LOG
@@ -52,6 +58,7 @@ PATH="$(dirname "$qemu10"):$PATH" cargo nextest run --locked --profile ci \
   -E 'binary(qemu_phases) | binary(qmp_qemu) | test(=lab_migrate_shared_storage_under_probe_loses_nothing_and_node_b_lists_the_vm) | test(=lab_migrate_over_tls_shows_the_wire_nothing_and_a_connection_flood_changes_nothing)' \
   || tests=$?
 
+disk
 step "skipped tests (from $KMR_SKIP_LOG)"
 skips=0
 hack/skip-report.sh "$KMR_SKIP_LOG" || skips=$?
@@ -65,4 +72,5 @@ step "fuzz targets build"
 hack/fuzz.sh build
 
 step "done"
+disk
 hack/skip-report.sh --summary "$KMR_SKIP_LOG"
