@@ -39,6 +39,12 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "guest image"
 hack/guest/build.sh
 
+step "lab binaries"
+# What the lab tests run (test/e2e: engine_bins, the probe): built here, so no test spends its
+# time budget on a cold build.
+cargo build --release --locked -p katamaran-shim-ext --features failpoints --bin katamaran-agent --bin katactl
+cargo build --locked -p katamaran-probe --bin katamaran-probe
+
 step "tests"
 # Absolute: each test runs in its own package's directory.
 KMR_SKIP_LOG="$(cd "$target" && pwd)/kmr-skips.tsv"

@@ -6,7 +6,8 @@
 //!             the stream TLS credentials into QEMU (unless plain streams)
 //!  STORAGE    (local disks) NBD relay per disk ─▶ blockdev-mirror ─▶ every job READY   storage.rs
 //!  RAM        migrate caps/params (return-path) ─▶ RAM stream fd ─▶ migrate fd:        ram.rs
-//!             converged: routes swapped ─▶ 2 ms ─▶ stop (STOP → route swap as fallback)
+//!             QEMU limit 1 ms (syncs each pass); the predicted pause fits the limit:     switchover.rs
+//!             routes swapped ─▶ 2 ms ─▶ stop (STOP → route swap as fallback)
 //!             pre-switchover (local disks): complete mirrors, ctl storage-done ⇄ released
 //!  CUTOVER    QEMU completed ─▶ vote `prepared` ─▶ COMMIT (journal, fsync) ─▶ `commit`  cutover.rs
 //!             ─▶ `resumed`
@@ -20,6 +21,7 @@ mod cutover;
 mod forwarding;
 mod ram;
 mod storage;
+mod switchover;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::switchover::{Switchover, Verdict, ITERATE_LIMIT};
 use super::{peer_message, spawn_stream_relay, Machine, SourceEnv, SourceRequest};
 use crate::convert::unix_nanos;
 use crate::migration::ctl::{Ctl, CtlMsg};
@@ -20,10 +21,8 @@ use crate::migration::qemu::{self, compute, mirror, EventBus, MirrorJob, QemuFea
 use crate::net::NetnsHandle;
 use crate::qmp::{EventKind, MigrationStatus, QmpClient};
 
-/// How often RAM progress is polled (for the switchover decision) ...
-const POLL_EVERY: Duration = Duration::from_millis(25);
-/// ... and how often a poll is reported as an event.
-const REPORT_EVERY_POLLS: u32 = 20;
+/// How often RAM progress is reported as an event.
+const REPORT_EVERY: Duration = Duration::from_millis(500);
 /// After the route swap and before QEMU may stop the VM: packets already routed into the sandbox
 /// (in the veth and the tap) reach the still-running VM.
 const SWITCHOVER_SETTLE: Duration = Duration::from_millis(2);
@@ -72,11 +71,12 @@ impl Ram<'_> {
             ram.downtime_limit = downtime_from_rtt(ram.downtime_limit, rtt);
         }
         compute::configure(qmp, features, &ram).await?;
-        // Controlled switchover: QEMU may stop the VM on its own only when nothing is left to
-        // send (limit 0); katamaran decides the moment, swaps the route first, then gives QEMU
-        // the real limit. A packet that reaches a stopped source is read by QEMU once and parked
-        // inside it, out of reach; swapping before STOP means no packet reaches a stopped source.
-        set_downtime_limit(qmp, Duration::ZERO).await?;
+        // Controlled switchover: QEMU iterates with a 1 ms limit and would complete by itself
+        // only after a pass that dirtied less than a millisecond of transfer; katamaran decides
+        // the moment (switchover.rs), swaps the route first, then gives QEMU the real limit. A
+        // packet that reaches a stopped source is read by QEMU once and parked inside it, out of
+        // reach; swapping before STOP means no packet reaches a stopped source.
+        set_downtime_limit(qmp, ITERATE_LIMIT).await?;
         let mut status_sub = bus.subscribe();
         let times = Arc::new(Mutex::new(CutoverTimes::default()));
         let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
@@ -110,6 +110,7 @@ impl Ram<'_> {
             });
         }
         compute::start_outgoing(qmp, &uri).await?;
+        let mut predictor = Switchover::new(Instant::now());
         log.push(Event::new(
             Phase::Ram,
             format!("RAM pre-copy to {} (downtime limit {:?})", req.dest_node, ram.downtime_limit),
@@ -117,8 +118,8 @@ impl Ram<'_> {
         failpoint::point("source-ram").await?;
 
         let deadline = tokio::time::Instant::now() + options.ram_timeout;
-        let mut ticker = tokio::time::interval(POLL_EVERY);
-        let mut polls: u32 = 0;
+        let mut next_poll = tokio::time::Instant::now();
+        let mut next_report = Instant::now();
         let mut remaining_history: Vec<u64> = Vec::new();
         let mut last_iteration = 0;
         let mut downtime_limit = ram.downtime_limit;
@@ -132,9 +133,13 @@ impl Ram<'_> {
                             failpoint::point("source-pre-switchover").await?;
                             settle_storage(qmp, bus, jobs, ctl, machine).await?;
                             compute::continue_after_switchover(qmp).await?;
+                            log.push(Event::new(Phase::Cutover, "pre-switchover: mirrors completed, the destination released its disks"));
                         }
                         // The statistics are read after the commit: not on the guest's pause.
-                        MigrationStatus::Completed => break,
+                        MigrationStatus::Completed => {
+                            log.push(Event::new(Phase::Cutover, "QEMU completed on the source"));
+                            break;
+                        }
                         MigrationStatus::Failed => {
                             let info = qmp.query_migrate().await?;
                             return Err(EngineError::QemuMigrationFailed(
@@ -144,13 +149,20 @@ impl Ram<'_> {
                         _ => {}
                     }
                 }
-                _ = ticker.tick() => {
+                () = tokio::time::sleep_until(next_poll) => {
                     let (status, p) = compute::progress(qmp).await?;
-                    polls = polls.wrapping_add(1);
-                    let limit_ms = u64::try_from(downtime_limit.as_millis()).unwrap_or(u64::MAX);
-                    if !swapped.load(Ordering::SeqCst) && status == MigrationStatus::Active && converged(&p, limit_ms) {
-                        switchover(qmp, node, forward, &swapped, &times, downtime_limit, &p, env).await?;
-                        continue;
+                    let now = Instant::now();
+                    let verdict = predictor.observe(now, &p, downtime_limit);
+                    next_poll = tokio::time::Instant::now() + match verdict {
+                        Verdict::Wait(after) => after,
+                        Verdict::Switch { .. } => super::switchover::POLL_SLOW,
+                    };
+                    if let Verdict::Switch { predicted } = verdict {
+                        if !swapped.load(Ordering::SeqCst) && status == MigrationStatus::Active {
+                            let why = Why { predicted, dirty_rate: predictor.dirty_rate(), p };
+                            switchover(qmp, node, forward, &swapped, &times, downtime_limit, &why, env).await?;
+                            continue;
+                        }
                     }
                     if options.auto_downtime && p.iteration > last_iteration {
                         last_iteration = p.iteration;
@@ -161,7 +173,8 @@ impl Ram<'_> {
                             remaining_history.clear();
                         }
                     }
-                    if log.phase() == Phase::Ram && polls % REPORT_EVERY_POLLS == 1 {
+                    if log.phase() == Phase::Ram && now >= next_report {
+                        next_report = now + REPORT_EVERY;
                         let mut e = Event::new(Phase::Ram, "pre-copy");
                         e.ram = Some(p);
                         log.push(e);
@@ -229,8 +242,17 @@ async fn settle_storage(
     }
 }
 
-/// The engine's switchover: QEMU gets its real limit, the routes move to the destination, the
-/// in-flight packets land, the VM stops.
+/// What the switchover was decided on, for its log line.
+#[derive(Debug)]
+struct Why {
+    predicted: Duration,
+    dirty_rate: Option<u64>,
+    p: RamProgress,
+}
+
+/// The engine's switchover: the routes move to the destination, the in-flight packets land, the
+/// VM stops, QEMU gets its real limit (not before the stop: with it QEMU could complete by
+/// itself ahead of the route swap).
 #[allow(clippy::too_many_arguments)]
 async fn switchover(
     qmp: &QmpClient,
@@ -239,14 +261,13 @@ async fn switchover(
     swapped: &AtomicBool,
     times: &Mutex<CutoverTimes>,
     limit: Duration,
-    p: &RamProgress,
+    why: &Why,
     env: &SourceEnv,
 ) -> Result<(), EngineError> {
     // Converged: forward first, then stop the VM ourselves. Raising QEMU's limit instead left
     // the VM running (and its traffic at the destination's plug) for up to 400 ms until QEMU's
     // next threshold update.
     let lead = Instant::now();
-    set_downtime_limit(qmp, limit).await?;
     let acked = forward.swap(node.as_ref()).await?;
     swapped.store(true, Ordering::SeqCst);
     if let Ok(mut t) = times.lock() {
@@ -255,10 +276,14 @@ async fn switchover(
     env.log.push(Event::new(Phase::Cutover, "switchover: VM routes forward to the destination"));
     tokio::time::sleep(SWITCHOVER_SETTLE).await;
     qmp.stop().await?;
+    let swap_to_stop = lead.elapsed();
+    set_downtime_limit(qmp, limit).await?;
     tracing::info!(
-        expected_downtime_ms = p.expected_downtime_ms,
-        remaining = p.remaining_bytes,
-        swap_to_stop_us = lead.elapsed().as_micros(),
+        predicted_pause_us = why.predicted.as_micros(),
+        dirty_bytes_per_second = why.dirty_rate.unwrap_or(0),
+        iteration = why.p.iteration,
+        remaining = why.p.remaining_bytes,
+        swap_to_stop_us = swap_to_stop.as_micros(),
         "switchover: VM routes forward to the destination, source VM stopped"
     );
     Ok(())
@@ -360,67 +385,8 @@ async fn watch_stop(
     }
 }
 
-/// How close to the end of what is left the switchover happens even if that exceeds the
-/// downtime limit: QEMU completes by itself once nothing is dirty (an idle guest at the end of
-/// its first pass), so the switchover must come before that, within two polls.
-const SWITCHOVER_HORIZON: Duration = Duration::from_millis(50);
-
-/// Bytes left at which the switchover happens whatever the rate says: with its limit at 0 QEMU
-/// ends the first pass by completing on its own (it never syncs the dirty bitmap below a zero
-/// threshold), and zero pages go by faster than the measured rate predicts.
-const SWITCHOVER_BYTES: u64 = 64 << 20;
-
-/// Whether to switch over now: the rest of RAM fits the downtime limit or the two-poll horizon
-/// at the measured rate, or is down to a quarter of the guest's RAM (at most
-/// [`SWITCHOVER_BYTES`]). QEMU's own estimate is useless here, its limit being 0 until then.
-fn converged(p: &RamProgress, limit_ms: u64) -> bool {
-    if p.iteration < 1 {
-        return false;
-    }
-    if p.total_bytes > 0 && p.remaining_bytes <= (p.total_bytes / 4).min(SWITCHOVER_BYTES) {
-        return true;
-    }
-    if p.throughput_bytes_per_second == 0 {
-        return false;
-    }
-    let remaining_ms = u128::from(p.remaining_bytes) * 1000 / u128::from(p.throughput_bytes_per_second);
-    remaining_ms <= u128::from(limit_ms.max(SWITCHOVER_HORIZON.as_millis() as u64))
-}
-
 async fn set_downtime_limit(qmp: &QmpClient, limit: Duration) -> Result<(), EngineError> {
     let ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
     qmp.execute("migrate-set-parameters", Some(serde_json::json!({ "downtime-limit": ms }))).await?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn convergence_needs_a_full_pass_and_a_rate() {
-        let p = |iteration, remaining_bytes, throughput_bytes_per_second| RamProgress {
-            iteration,
-            remaining_bytes,
-            throughput_bytes_per_second,
-            total_bytes: 1 << 30,
-            ..RamProgress::default()
-        };
-        assert!(!converged(&p(0, 0, 100_000_000), 25), "not started");
-        assert!(!converged(&p(1, 133_000_000, 100_000_000), 25), "most of the first pass left");
-        assert!(!converged(&p(2, 300 << 20, 0), 25), "no rate measured yet, far from the end");
-        assert!(converged(&p(1, 4_000_000, 100_000_000), 25), "40 ms left: inside the horizon");
-        assert!(converged(&p(2, 2_000_000, 100_000_000), 25), "20 ms left at 100 MB/s");
-        assert!(!converged(&p(5, 100 << 20, 1_000_000_000), 25), "105 ms left, above the byte cap");
-        assert!(converged(&p(5, 100 << 20, 1_000_000_000), 200), "a larger limit");
-        assert!(converged(&p(1, 60 << 20, 0), 25), "near the end of the pass, rate or not");
-        assert!(!converged(&p(1, 300 << 20, 0), 25), "a quarter of 1 GiB is above the cap");
-        let small = RamProgress {
-            iteration: 1,
-            remaining_bytes: 30 << 20,
-            total_bytes: 128 << 20,
-            ..RamProgress::default()
-        };
-        assert!(converged(&small, 25), "a quarter of a 128 MiB guest");
-    }
 }
