@@ -2,7 +2,9 @@
 //! plus the cost of the data-plane relay and of the cutover's route swap.
 //!
 //! ```text
-//!  per case (guest size × workload × storage × probe rate), per run, each in a fresh lab:
+//!  per case (guest size × workload × storage × probe rate), once before its runs, in a fresh lab:
+//!    baseline   guest on node-a → probe for `--baseline` → no agents, no migration
+//!  per case, per run, each in a fresh lab:
 //!    katamaran  guest on node-a → agents on both nodes → probe → client::drive → Summary
 //!    bare QEMU  guest on node-a → `-incoming` on node-b → probe → plain QMP → route after RESUME
 //!  once: relay vs direct TCP between node-a and node-b; netlink vs spawned `ip` route swap
@@ -13,6 +15,7 @@
 
 mod agents;
 mod bare;
+mod baseline;
 mod cases;
 mod guest;
 mod katamaran_run;
@@ -33,6 +36,7 @@ use katamaran_e2e::artifacts;
 use serde::Serialize;
 use tracing::{info, warn};
 
+use crate::baseline::Baseline;
 use crate::cases::Case;
 use crate::guest::GuestConfig;
 use crate::report::{CaseResult, RelayResult, RouteResult, Run};
@@ -40,6 +44,9 @@ use crate::report::{CaseResult, RelayResult, RouteResult, Run};
 const AFTER_HELP: &str = "\
 Cases are named <mem>m-<idle|dirty>-<shared|local>-<pps>; `default` is 128m-idle-shared-1000 and
 one step from it along each axis (512m, dirty, local, 5000 pps), `all` the 16 combinations.
+
+Before its runs, every case measures the lab guest without a migration for --baseline: a
+packet-loss target of a case whose guest loses packets even then reads `lab`, not NO.
 
 Needs root, QEMU and the guest image (hack/guest/build.sh); hack/bench.sh builds everything and
 runs this. The numbers depend on the host's load: the 1-minute load average is recorded per run.";
@@ -68,6 +75,12 @@ struct Cli {
     /// Deadline of one migration.
     #[arg(long, value_parser = parse_duration, default_value = "180s")]
     timeout: Duration,
+    /// Probe window of each case's baseline: the lab guest without a migration, before the runs.
+    #[arg(long, value_parser = parse_duration, default_value = "3s")]
+    baseline: Duration,
+    /// Skip each case's baseline (the lab guest without a migration).
+    #[arg(long, conflicts_with = "baseline")]
+    no_baseline: bool,
     /// Rate of the dirty workload, MiB/s (its working set is half the guest's memory).
     #[arg(long, default_value_t = 64)]
     dirty_rate: u32,
@@ -95,6 +108,13 @@ struct Cli {
     /// Where katamaran-agent is (default: next to this binary).
     #[arg(long, value_name = "DIR")]
     bin_dir: Option<PathBuf>,
+}
+
+impl Cli {
+    /// The baseline's probe window; `None` with `--no-baseline`.
+    fn baseline_window(&self) -> Option<Duration> {
+        (!self.no_baseline).then_some(self.baseline)
+    }
 }
 
 /// What every migration run needs.
@@ -229,6 +249,12 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     if !cli.no_migrations {
         for case in &selected {
             let mut result = CaseResult::new(*case);
+            if let Some(window) = cli.baseline_window() {
+                let b = baseline::run(&cfg.guest, case, window);
+                log_baseline(case, &b);
+                all_ok &= b.probe.ok;
+                result.baseline = Some(b);
+            }
             for n in 1..=cli.runs {
                 // Interleaved, so that a change in the host's load hits both drivers alike.
                 let k = katamaran_run::run(&rt, &cfg, case, n);
@@ -293,6 +319,25 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     Ok(all_ok)
 }
 
+fn log_baseline(case: &Case, b: &Baseline) {
+    let r = &b.probe;
+    let get = |k: &str| r.metrics.get(k).map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"));
+    if !r.ok {
+        warn!("{case} baseline FAILED: {}", r.error.as_deref().unwrap_or("?"));
+    } else if let Some(excuse) = b.lab_excuse() {
+        warn!("{case} {excuse}; its packet-loss target reads `lab`");
+    } else {
+        info!(
+            "{case} baseline: sent {}, lost {}, gap {} ms over {:.1} s (load {:.2})",
+            get(report::m::SENT),
+            get(report::m::LOST),
+            get(report::m::GAP_MS),
+            b.window_s,
+            r.load_1m
+        );
+    }
+}
+
 fn log_run(driver: &str, case: &Case, runs: u32, r: &Run) {
     let get = |k: &str| r.metrics.get(k).map_or_else(|| "-".to_owned(), |v| format!("{v:.0}"));
     if r.ok {
@@ -307,5 +352,34 @@ fn log_run(driver: &str, case: &Case, runs: u32, r: &Run) {
         );
     } else {
         warn!("{case} {driver} run {}/{runs} FAILED: {}", r.run, r.error.as_deref().unwrap_or("?"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("katamaran-bench").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn baseline_window_defaults_to_3s_and_can_be_skipped() {
+        let cli = parse(&[]).expect("defaults");
+        assert_eq!(cli.baseline_window(), Some(Duration::from_secs(3)));
+        let cli = parse(&["--baseline", "500ms"]).expect("a duration");
+        assert_eq!(cli.baseline_window(), Some(Duration::from_millis(500)));
+        let cli = parse(&["--baseline", "10s"]).expect("a duration");
+        assert_eq!(cli.baseline_window(), Some(Duration::from_secs(10)));
+        assert_eq!(parse(&["--no-baseline"]).expect("skip").baseline_window(), None);
+        assert!(parse(&["--baseline", "three"]).is_err(), "not a duration");
+        assert!(parse(&["--baseline", "2s", "--no-baseline"]).is_err(), "contradictory");
     }
 }
