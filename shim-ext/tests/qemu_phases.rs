@@ -168,6 +168,35 @@ async fn configure_sets_every_capability_and_an_explicit_bandwidth() {
     finish(server).await;
 }
 
+/// How a QEMU 7.2 answers `query-kvm` decides whether pre-copy may iterate: under KVM yes,
+/// under TCG (or with no answer) it runs one pass (`QemuFeatures::iterates_safely`).
+#[tokio::test]
+async fn discovery_reads_the_accelerator_that_decides_the_pre_copy_strategy() {
+    for (answer, iterates) in [(Some(true), true), (Some(false), false), (None, false)] {
+        let (qmp, _bus, server) = fake(move |mut conn| async move {
+            for _ in 0..3 {
+                let command = conn.recv_command().await;
+                let reply = match command.name.as_str() {
+                    "query-version" => json!({"qemu": {"major": 7, "minor": 2, "micro": 22}, "package": ""}),
+                    "query-commands" => json!([{"name": "migrate"}, {"name": "query-kvm"}]),
+                    "query-migrate-capabilities" => json!([]),
+                    other => panic!("unexpected discovery command {other}"),
+                };
+                conn.reply(&command, reply).await;
+            }
+            let kvm = conn.expect_command("query-kvm").await;
+            match answer {
+                Some(enabled) => conn.reply(&kvm, json!({"enabled": enabled, "present": true})).await,
+                None => conn.reply_error(&kvm, "GenericError", "no accelerator information").await,
+            }
+        })
+        .await;
+        let features = QemuFeatures::discover(&qmp).await.expect("discover");
+        assert_eq!(features.iterates_safely(), iterates, "query-kvm answered {answer:?}");
+        finish(server).await;
+    }
+}
+
 #[tokio::test]
 async fn a_missing_capability_fails_before_anything_is_sent() {
     let (qmp, _bus, server) = fake(|mut conn| async move {

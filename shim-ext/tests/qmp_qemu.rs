@@ -48,6 +48,20 @@ async fn query_version_matches_the_greeting() {
     eprintln!("QEMU {version}");
 }
 
+/// The lab's QEMU runs under TCG: discovery must read that, and only a QEMU from 9.0 on (which
+/// re-arms TCG's dirty tracking after a sync) may iterate pre-copy; CI runs this on 7.2 and 10.x.
+#[tokio::test]
+async fn discovery_sees_tcg_and_iterates_only_from_qemu_9() {
+    let Some((_qemu, qmp, _events)) = start().await else {
+        return;
+    };
+    let features = katamaran::migration::qemu::QemuFeatures::discover(&qmp).await.expect("discover");
+    assert!(!features.kvm(), "the tests run QEMU with -accel tcg");
+    let version = features.version().clone();
+    assert_eq!(features.iterates_safely(), version.at_least(9, 0), "QEMU {version}");
+    eprintln!("QEMU {version}: pre-copy iterates: {}", features.iterates_safely());
+}
+
 #[tokio::test]
 async fn stop_and_cont_emit_events_and_change_status() {
     const CYCLES: usize = 7;

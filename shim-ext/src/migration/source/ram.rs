@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::switchover::{Switchover, Verdict, ITERATE_LIMIT};
+use super::switchover::{Mode, Switchover, Verdict};
 use super::{peer_message, spawn_stream_relay, Machine, SourceEnv, SourceRequest};
 use crate::convert::unix_nanos;
 use crate::migration::ctl::{Ctl, CtlMsg};
@@ -72,11 +72,19 @@ impl Ram<'_> {
         }
         compute::configure(qmp, features, &ram).await?;
         // Controlled switchover: QEMU iterates with a 1 ms limit and would complete by itself
-        // only after a pass that dirtied less than a millisecond of transfer; katamaran decides
+        // only after a pass that dirtied less than a millisecond of transfer (or, where its
+        // dirty tracking does not survive a sync, runs one pass with limit 0); katamaran decides
         // the moment (switchover.rs), swaps the route first, then gives QEMU the real limit. A
         // packet that reaches a stopped source is read by QEMU once and parked inside it, out of
         // reach; swapping before STOP means no packet reaches a stopped source.
-        set_downtime_limit(qmp, ITERATE_LIMIT).await?;
+        let mode = if features.iterates_safely() { Mode::Iterate } else { Mode::SinglePass };
+        if mode == Mode::SinglePass {
+            tracing::warn!(
+                version = %features.version(),
+                "QEMU under TCG before 9.0 loses stores across dirty-bitmap syncs: pre-copy runs one pass, the guest pauses longer"
+            );
+        }
+        set_downtime_limit(qmp, mode.qemu_limit()).await?;
         let mut status_sub = bus.subscribe();
         let times = Arc::new(Mutex::new(CutoverTimes::default()));
         let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
@@ -110,7 +118,7 @@ impl Ram<'_> {
             });
         }
         compute::start_outgoing(qmp, &uri).await?;
-        let mut predictor = Switchover::new(Instant::now());
+        let mut predictor = Switchover::new(mode, Instant::now());
         log.push(Event::new(
             Phase::Ram,
             format!("RAM pre-copy to {} (downtime limit {:?})", req.dest_node, ram.downtime_limit),

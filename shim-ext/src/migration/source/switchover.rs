@@ -20,9 +20,41 @@ use std::time::{Duration, Instant};
 
 use crate::migration::events::RamProgress;
 
-/// QEMU's downtime limit during pre-copy: the smallest that still makes it sync (milliseconds
-/// are its unit).
-pub(super) const ITERATE_LIMIT: Duration = Duration::from_millis(1);
+/// QEMU's downtime limit during an iterating pre-copy: the smallest that still makes it sync
+/// (milliseconds are its unit).
+const ITERATE_LIMIT: Duration = Duration::from_millis(1);
+
+/// How pre-copy runs up to the switchover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Mode {
+    /// QEMU syncs at every pass end ([`ITERATE_LIMIT`]); the switchover comes when the predicted
+    /// pause fits the limit.
+    Iterate,
+    /// One pass, no sync (limit 0): for a QEMU whose dirty tracking does not survive a sync
+    /// (`QemuFeatures::iterates_safely`). The switchover comes near the end of the first pass,
+    /// and what the guest dirtied during it goes while the guest is paused.
+    SinglePass,
+}
+
+impl Mode {
+    /// QEMU's downtime limit until the switchover.
+    pub(super) fn qemu_limit(self) -> Duration {
+        match self {
+            Self::Iterate => ITERATE_LIMIT,
+            Self::SinglePass => Duration::ZERO,
+        }
+    }
+}
+
+/// [`Mode::SinglePass`]: how close to the end of what is left the switchover happens even if
+/// that exceeds the downtime limit: QEMU completes by itself once nothing is dirty (an idle guest
+/// at the end of its first pass), so the switchover must come before that, within two polls.
+const SINGLE_PASS_HORIZON: Duration = Duration::from_millis(50);
+
+/// [`Mode::SinglePass`]: bytes left at which the switchover happens whatever the rate says: with
+/// its limit at 0 QEMU ends the first pass by completing on its own, and zero pages go by faster
+/// than the measured rate predicts.
+const SINGLE_PASS_BYTES: u64 = 64 << 20;
 /// Poll interval far from a pass end ...
 pub(super) const POLL_SLOW: Duration = Duration::from_millis(25);
 /// ... and within [`TAIL`] of one, or of a switchover.
@@ -62,6 +94,7 @@ pub(super) enum Verdict {
 /// The switchover predictor of one migration (see the module documentation).
 #[derive(Debug)]
 pub(super) struct Switchover {
+    mode: Mode,
     started: Instant,
     first_iteration: Option<u64>,
     last: Option<Sample>,
@@ -77,8 +110,9 @@ pub(super) struct Switchover {
 
 impl Switchover {
     /// A predictor for a migration that QEMU started at `started`.
-    pub(super) fn new(started: Instant) -> Self {
+    pub(super) fn new(mode: Mode, started: Instant) -> Self {
         Self {
+            mode,
             started,
             first_iteration: None,
             last: None,
@@ -97,6 +131,9 @@ impl Switchover {
     /// Takes a poll made at `now` and says whether to stop the VM with `limit` as the pause
     /// allowed.
     pub(super) fn observe(&mut self, now: Instant, p: &RamProgress, limit: Duration) -> Verdict {
+        if self.mode == Mode::SinglePass {
+            return single_pass(p, limit);
+        }
         let sample = Sample {
             at: now,
             iteration: p.iteration,
@@ -151,6 +188,21 @@ impl Switchover {
     }
 }
 
+/// [`Mode::SinglePass`]: switch when the rest of RAM fits the limit or the two-poll horizon at
+/// QEMU's rate, or is down to a quarter of the guest's RAM (at most [`SINGLE_PASS_BYTES`]).
+fn single_pass(p: &RamProgress, limit: Duration) -> Verdict {
+    if p.iteration < 1 {
+        return Verdict::Wait(POLL_SLOW);
+    }
+    let rate = p.throughput_bytes_per_second;
+    let predicted = if rate == 0 { Duration::MAX } else { secs(p.remaining_bytes as f64 / rate as f64) };
+    let near_end = p.total_bytes > 0 && p.remaining_bytes <= (p.total_bytes / 4).min(SINGLE_PASS_BYTES);
+    if near_end || predicted <= limit.max(SINGLE_PASS_HORIZON) {
+        return Verdict::Switch { predicted };
+    }
+    Verdict::Wait(POLL_SLOW)
+}
+
 /// An even blend of the new rate with the old, so one odd poll does not swing a decision.
 fn blend(old: Option<f64>, new: f64) -> f64 {
     old.map_or(new, |o| (o + new) / 2.0)
@@ -175,7 +227,7 @@ mod tests {
     /// [`REACTION`] the engine needs to swap the routes and stop the VM after deciding.
     fn run(total: u64, wire: u64, dirty: u64, limit: Duration) -> (Option<Duration>, u64) {
         let t0 = Instant::now();
-        let mut s = Switchover::new(t0);
+        let mut s = Switchover::new(Mode::Iterate, t0);
         let mut now = Duration::ZERO;
         let (mut iteration, mut remaining, mut transferred, mut dirtied) = (1u64, total, 0u64, 0f64);
         let tick = Duration::from_micros(100);
@@ -239,9 +291,44 @@ mod tests {
     }
 
     #[test]
+    fn a_single_pass_switches_near_its_end() {
+        let mut s = Switchover::new(Mode::SinglePass, Instant::now());
+        let limit = Duration::from_millis(25);
+        let p = |iteration, remaining_bytes, throughput_bytes_per_second| RamProgress {
+            iteration,
+            remaining_bytes,
+            throughput_bytes_per_second,
+            total_bytes: 1 << 30,
+            ..RamProgress::default()
+        };
+        let now = Instant::now();
+        let switches =
+            |s: &mut Switchover, p: RamProgress| matches!(s.observe(now, &p, limit), Verdict::Switch { .. });
+        assert!(!switches(&mut s, p(0, 0, 100_000_000)), "not started");
+        assert!(!switches(&mut s, p(1, 133_000_000, 100_000_000)), "most of the pass left");
+        assert!(!switches(&mut s, p(2, 300 << 20, 0)), "no rate measured yet, far from the end");
+        assert!(switches(&mut s, p(1, 4_000_000, 100_000_000)), "40 ms left: inside the horizon");
+        assert!(!switches(&mut s, p(5, 100 << 20, 1_000_000_000)), "105 ms left, above the byte cap");
+        assert!(switches(&mut s, p(1, 60 << 20, 0)), "near the end of the pass, rate or not");
+        let small = RamProgress {
+            iteration: 1,
+            remaining_bytes: 30 << 20,
+            total_bytes: 128 << 20,
+            ..RamProgress::default()
+        };
+        assert!(switches(&mut s, small), "a quarter of a 128 MiB guest");
+        assert_eq!(
+            Mode::SinglePass.qemu_limit(),
+            Duration::ZERO,
+            "no sync: QEMU completes only at the pass end"
+        );
+        assert_eq!(Mode::Iterate.qemu_limit(), Duration::from_millis(1));
+    }
+
+    #[test]
     fn nothing_is_decided_during_the_first_pass() {
         let t0 = Instant::now();
-        let mut s = Switchover::new(t0);
+        let mut s = Switchover::new(Mode::Iterate, t0);
         let p = |ms: u64, remaining: u64| {
             (
                 t0 + Duration::from_millis(ms),
@@ -267,7 +354,7 @@ mod tests {
     #[test]
     fn a_sync_teaches_the_dirty_rate() {
         let t0 = Instant::now();
-        let mut s = Switchover::new(t0);
+        let mut s = Switchover::new(Mode::Iterate, t0);
         let limit = Duration::from_millis(25);
         let at = |ms| t0 + Duration::from_millis(ms);
         let progress = |iteration, remaining, transferred| RamProgress {
