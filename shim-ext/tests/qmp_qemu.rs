@@ -56,6 +56,11 @@ async fn discovery_sees_tcg_and_iterates_only_from_qemu_9() {
         return;
     };
     let features = katamaran::migration::qemu::QemuFeatures::discover(&qmp).await.expect("discover");
+    // Discovery reads TCG also when `query-kvm` is missing or answers oddly: check the answer
+    // it parses, so a QEMU that changed it fails here.
+    assert!(features.has_command("query-kvm"), "QEMU {} lists query-kvm", features.version());
+    let kvm = qmp.execute("query-kvm", None).await.expect("query-kvm");
+    assert_eq!(kvm["enabled"].as_bool(), Some(false), "query-kvm answered {kvm}");
     assert!(!features.kvm(), "the tests run QEMU with -accel tcg");
     let version = features.version().clone();
     assert_eq!(features.iterates_safely(), version.at_least(9, 0), "QEMU {version}");

@@ -284,8 +284,8 @@ pub fn evaluate(cases: &[CaseResult], relay: Option<&RelayResult>) -> Vec<Target
                 met: comparison.map(|c| Met::from(c.ratio <= TOTAL_RATIO_TARGET)),
             });
         }
-        // Not one of the brief's targets: QEMU's `downtime` misses a stop that QEMU did not make
-        // itself, the STOP→RESUME instants do not.
+        // The guest's pause from the STOP and RESUME instants: QEMU's `downtime` misses a stop
+        // that QEMU did not make itself.
         if !c.bare.is_empty() {
             let (k, b) = (median(&ks, m::STOP_TO_RESUME_MS), median(&bs, m::STOP_TO_RESUME_MS));
             out.push(Target {
