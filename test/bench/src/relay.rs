@@ -166,9 +166,9 @@ fn relayed(lab: &Lab, rt: &Runtime, bytes: u64, sample: u32, both: bool) -> anyh
         });
         let dst_sock = dst_sock.clone();
         let task = rt.spawn(async move {
-            let mut tcp = expected.accept("nbd:drive-0", STEP).await?;
-            let mut unix = tokio::net::UnixStream::connect(&dst_sock).await?;
-            anyhow::Ok(relay(&mut tcp, &mut unix).await?)
+            let tcp = expected.accept("nbd:drive-0", STEP).await?;
+            let unix = tokio::net::UnixStream::connect(&dst_sock).await?;
+            anyhow::Ok(relay(tcp, unix).await?)
         });
         (reader, Some(task))
     } else {
@@ -182,9 +182,8 @@ fn relayed(lab: &Lab, rt: &Runtime, bytes: u64, sample: u32, both: bool) -> anyh
         tokio::net::UnixListener::bind(&src_sock)?
     };
     let src_relay = rt.spawn(async move {
-        let mut tcp = tcp;
-        let (mut unix, _) = src_listener.accept().await?;
-        anyhow::Ok(relay(&mut unix, &mut tcp).await?)
+        let (unix, _) = src_listener.accept().await?;
+        anyhow::Ok(relay(unix, tcp).await?)
     });
 
     // The writer plays the source QEMU's NBD client.

@@ -92,12 +92,12 @@ pub(super) async fn serve(mut expected: Expected, streams: Streams) {
         // One acceptor per drive; each connection relays to QEMU's NBD server.
         let Some(mut rx) = expected.take_stream(&key) else { continue };
         let acceptor = tokio::spawn(async move {
-            while let Some(mut tcp) = rx.recv().await {
+            while let Some(tcp) = rx.recv().await {
                 let sock = sock.clone();
                 tokio::spawn(async move {
                     match UnixStream::connect(&sock).await {
-                        Ok(mut unix) => {
-                            let _ = relay::relay(&mut tcp, &mut unix).await;
+                        Ok(unix) => {
+                            let _ = relay::relay(tcp, unix).await;
                         }
                         Err(e) => tracing::warn!(error = %e, "NBD server unreachable"),
                     }
@@ -117,11 +117,11 @@ pub(super) async fn serve(mut expected: Expected, streams: Streams) {
             match compute::start_incoming(&qmp, &format!("unix:{}", sock.display())).await {
                 Ok(()) => {
                     let acceptor = tokio::spawn(async move {
-                        while let Some(mut tcp) = rx.recv().await {
+                        while let Some(tcp) = rx.recv().await {
                             let sock = sock.clone();
                             tokio::spawn(async move {
-                                if let Ok(mut unix) = UnixStream::connect(&sock).await {
-                                    let _ = relay::relay(&mut tcp, &mut unix).await;
+                                if let Ok(unix) = UnixStream::connect(&sock).await {
+                                    let _ = relay::relay(tcp, unix).await;
                                 }
                             });
                         }

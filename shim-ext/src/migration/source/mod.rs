@@ -356,12 +356,12 @@ fn spawn_stream_relay(
     let secret = req.secret.clone();
     let node = node.clone();
     let task = tokio::spawn(async move {
-        while let Ok((mut unix, _)) = listener.accept().await {
+        while let Ok((unix, _)) = listener.accept().await {
             let (key, secret, node) = (key.clone(), secret.clone(), node.clone());
             tokio::spawn(async move {
                 match dial(node, endpoint, &secret, &key, CONNECT_TIMEOUT).await {
-                    Ok(mut tcp) => {
-                        if let Err(e) = relay::relay(&mut unix, &mut tcp).await {
+                    Ok(tcp) => {
+                        if let Err(e) = relay::relay(unix, tcp).await {
                             tracing::debug!(error = %e, %key, "relay ended");
                         }
                     }
