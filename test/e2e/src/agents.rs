@@ -8,7 +8,6 @@
 //! SIGKILL) even when an assertion fails; declare the [`Engine`] after the [`Lab`] so that it is
 //! dropped first, while the lab (and the agents' logs under its root) still exists.
 
-use std::ffi::OsString;
 use std::fmt;
 use std::net::Ipv6Addr;
 use std::path::{Path, PathBuf};
@@ -196,8 +195,7 @@ pub fn engine_bins() -> Result<EngineBins, AgentError> {
         (Some(agent), Some(katactl)) => EngineBins { agent: agent.into(), katactl: katactl.into() },
         _ => {
             let target = artifacts::target_dir();
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
-            let mut cmd = Command::new(cargo);
+            let mut cmd = artifacts::cargo_command();
             // The test-only fail points are compiled in (inert unless KATAMARAN_FAILPOINTS is
             // set): the fault matrix holds migrations at exact moments.
             cmd.args([

@@ -150,6 +150,7 @@ pub fn ensure_guest_image() -> Result<Result<PathBuf, Skip>, LabError> {
         return Ok(Err(Skip(format!("no guest image in {} and no {}", dir.display(), script.display()))));
     }
     let mut cmd = Command::new("bash");
+    without_package_env(&mut cmd);
     cmd.arg(&script).arg("--out").arg(&dir).current_dir(workspace_root());
     run_checked(&mut cmd, "hack/guest/build.sh")?;
     if !ready(&dir) {
@@ -158,8 +159,40 @@ pub fn ensure_guest_image() -> Result<Result<PathBuf, Skip>, LabError> {
     Ok(Ok(dir))
 }
 
-fn cargo() -> OsString {
-    std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"))
+/// A `cargo` command for a build a test starts, in the environment of the shell that ran the
+/// tests.
+///
+/// Cargo gives a running test its package's variables (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, …).
+/// Build scripts that read one of them (ring's reads `CARGO_MANIFEST_DIR`) are fingerprinted
+/// with its value, so a build inheriting them from a test of one package redoes most of the
+/// release build that `hack/test.sh` made beforehand, and again for a test of another package:
+/// minutes of a lab test's budget each time.
+pub fn cargo_command() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo")));
+    without_package_env(&mut cmd);
+    cmd
+}
+
+/// Removes from `cmd`'s environment the variables cargo sets for one package's test or build
+/// script, keeping the caller's own (`CARGO_HOME`, `CARGO_TARGET_DIR`, `CARGO_INCREMENTAL`, …).
+pub fn without_package_env(cmd: &mut Command) {
+    const EXACT: &[&str] = &[
+        "CARGO_MANIFEST_DIR",
+        "CARGO_MANIFEST_PATH",
+        "CARGO_MANIFEST_LINKS",
+        "CARGO_CRATE_NAME",
+        "CARGO_BIN_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "CARGO_RUSTC_CURRENT_DIR",
+    ];
+    const PREFIXES: &[&str] = &["CARGO_PKG_", "CARGO_BIN_EXE_"];
+    for (key, _) in std::env::vars_os() {
+        let Some(name) = key.to_str() else { continue };
+        if EXACT.contains(&name) || PREFIXES.iter().any(|p| name.starts_with(p)) {
+            cmd.env_remove(&key);
+        }
+    }
 }
 
 /// Builds a binary of the workspace into [`target_dir`] (debug profile) and returns its path.
@@ -168,7 +201,7 @@ fn cargo() -> OsString {
 /// When cargo fails or does not produce the binary.
 pub fn build_bin(package: &str, bin: &str) -> Result<PathBuf, LabError> {
     let target = target_dir();
-    let mut cmd = Command::new(cargo());
+    let mut cmd = cargo_command();
     cmd.args(["build", "--quiet", "-p", package, "--bin", bin])
         .env("CARGO_TARGET_DIR", &target)
         .current_dir(workspace_root());
@@ -205,4 +238,27 @@ pub fn guest_tool() -> Result<PathBuf, LabError> {
         return Ok(static_build);
     }
     build_bin("katamaran-guest-agent", "katamaran-guest")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Cargo runs this test with its package's variables set; a build the test starts must not
+    /// see them, and must still see the caller's own.
+    #[test]
+    fn builds_started_by_a_test_do_not_inherit_its_package_variables() {
+        assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some(), "cargo sets CARGO_MANIFEST_DIR for tests");
+        assert!(std::env::var_os("CARGO_PKG_NAME").is_some(), "cargo sets CARGO_PKG_NAME for tests");
+        let mut cmd = Command::new("env");
+        without_package_env(&mut cmd);
+        let out = cmd.env("KMR_CALLER_OWN", "kept").output().expect("run env");
+        let env = String::from_utf8_lossy(&out.stdout);
+        let names: Vec<&str> = env.lines().filter_map(|l| l.split_once('=').map(|(k, _)| k)).collect();
+        for gone in ["CARGO_MANIFEST_DIR", "CARGO_PKG_NAME", "CARGO_PKG_VERSION", "CARGO_CRATE_NAME"] {
+            assert!(!names.contains(&gone), "{gone} reaches the build: {names:?}");
+        }
+        assert!(names.iter().all(|n| !n.starts_with("CARGO_PKG_")), "a CARGO_PKG_ variable reaches the build");
+        assert!(names.contains(&"PATH") && names.contains(&"KMR_CALLER_OWN"), "the caller's variables stay: {names:?}");
+    }
 }
