@@ -691,18 +691,26 @@ async fn storage_and_ram_between_two_qemus(streams: Streams) -> Option<Vec<u8>> 
     let nbd = NbdAddress::from(pair.path("nbd.sock"));
     let exports = storage::export_disks(&dst.qmp, &nbd, &targets, dst_tls.as_ref()).await.expect("export");
     let nbd_tap = Tap::start(&pair.path("nbd-tap.sock"), pair.path("nbd.sock"));
-    let via_tap = NbdAddress::from(pair.path("nbd-tap.sock"));
     src.guest_write(0xa1, 0, 4096).await;
     let mut src_jobs_events = src.bus.subscribe();
     let started = Instant::now();
     let mut jobs = Vec::new();
     for (source, _) in &pairs {
         let name = exports.export_name(&source.drive_id).expect("exported");
+        // As the engine does: a connected stream handed to the source's NBD client (`getfd`,
+        // SocketAddress `fd`), not a path QEMU connects to.
+        let conn =
+            std::os::unix::net::UnixStream::connect(pair.path("nbd-tap.sock")).expect("connect the tap");
+        let fd_name = format!("kmr-nbd-fd-{}", source.drive_id);
+        src.qmp.getfd(&fd_name, std::os::fd::AsFd::as_fd(&conn)).await.expect("getfd");
+        drop(conn);
         jobs.push(
-            mirror::start_mirror(&src.qmp, source, &via_tap, name, src_tls.as_ref())
+            mirror::start_mirror(&src.qmp, source, &NbdAddress::Fd(fd_name.clone()), name, src_tls.as_ref())
                 .await
                 .unwrap_or_else(|e| panic!("mirror: {e:#}\n{}\n{}", src.qemu.log(), dst.qemu.log())),
         );
+        // The NBD client took the descriptor: nothing is left for the engine to close.
+        assert!(src.qmp.closefd(&fd_name).await.is_err(), "QEMU's NBD client owns {fd_name}");
     }
     src.guest_write(0xa2, 5 << 20, 65_536).await;
     let mut polls = 0;

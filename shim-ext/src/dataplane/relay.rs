@@ -1,5 +1,6 @@
-//! Bridging an authenticated TCP stream to a unix socket, for streams QEMU cannot take as an fd
-//! (NBD server exports, multifd on QEMU 7.2).
+//! Bridging an authenticated TCP stream to a unix socket, for streams QEMU cannot take as an fd:
+//! the connections to the destination's NBD server (QEMU's server only accepts on a listening
+//! socket), and multifd channels (QEMU 7.2 takes no multifd channel as an fd).
 //!
 //! The bytes never enter user space: each direction `splice(2)`s from its socket into a pipe and
 //! from the pipe into the other socket, so a relay costs two system calls per pipe-full and no
@@ -109,8 +110,12 @@ mod tests {
     }
 
     /// A TCP client, a relay, a unix server: what the destination's NBD relay sits between.
-    async fn tcp_relay_unix() -> (tokio::net::TcpStream, tokio::net::UnixStream, tokio::task::JoinHandle<io::Result<Relayed>>, tempfile::TempDir)
-    {
+    async fn tcp_relay_unix() -> (
+        tokio::net::TcpStream,
+        tokio::net::UnixStream,
+        tokio::task::JoinHandle<io::Result<Relayed>>,
+        tempfile::TempDir,
+    ) {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("nbd.sock");
         let unix_listener = tokio::net::UnixListener::bind(&path).expect("bind");
@@ -204,6 +209,9 @@ mod tests {
         let result = tokio::time::timeout(std::time::Duration::from_secs(10), relay_task).await;
         let result = result.expect("the relay ends").expect("join");
         assert!(result.is_err(), "a reset is an error: {result:?}");
-        tokio::time::timeout(std::time::Duration::from_secs(10), writer).await.expect("the unix side closes").expect("join");
+        tokio::time::timeout(std::time::Duration::from_secs(10), writer)
+            .await
+            .expect("the unix side closes")
+            .expect("join");
     }
 }

@@ -263,7 +263,8 @@ async fn drive(
 
     // Control stream first: its connect time is the RTT sample for --auto-downtime.
     let t0 = Instant::now();
-    let ctl_stream = connect(node, req, ctl::STREAM).await?;
+    let key = StreamKey::new(&req.migration_id, ctl::STREAM)?;
+    let ctl_stream = dial(node.clone(), req.ram_endpoint, &req.secret, &key, CONNECT_TIMEOUT).await?;
     let rtt = t0.elapsed();
     let ctl = peer.insert(Ctl::new(ctl_stream, env.heartbeat));
 
@@ -315,13 +316,21 @@ fn check_cancel(cancel: &super::cancel::CancelToken) -> Result<(), EngineError> 
     }
 }
 
-async fn connect(
+/// Opens the authenticated stream `stream` to `endpoint` and hands it to QEMU under `fd_name`
+/// (`getfd`): QEMU reads and writes the socket itself, no relay copies its bytes.
+async fn hand_stream_to_qemu(
     node: &Arc<NetnsHandle>,
     req: &SourceRequest,
+    qmp: &QmpClient,
+    endpoint: SocketAddr,
     stream: &str,
-) -> Result<tokio::net::TcpStream, EngineError> {
+    fd_name: &str,
+) -> Result<(), EngineError> {
     let key = StreamKey::new(&req.migration_id, stream)?;
-    Ok(dial(node.clone(), req.ram_endpoint, &req.secret, &key, CONNECT_TIMEOUT).await?)
+    let tcp = dial(node.clone(), endpoint, &req.secret, &key, CONNECT_TIMEOUT).await?;
+    let std = tcp.into_std().map_err(EngineError::io(format!("detach the {stream} stream")))?;
+    qmp.getfd(fd_name, std::os::fd::AsFd::as_fd(&std)).await?;
+    Ok(())
 }
 
 /// An authenticated data stream to `addr`, its socket made in the node's network namespace

@@ -2,7 +2,6 @@
 //! decision (swap the routes, let in-flight packets land, stop), the storage hand-off at
 //! `pre-switchover`, and the STOP watcher that swaps the routes when QEMU stops first.
 
-use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -308,11 +307,8 @@ async fn start_ram_stream(
     cleanup: &crate::migration::cleanup::Cleanup,
 ) -> Result<String, EngineError> {
     if ram.multifd_channels.is_none() {
-        let tcp = super::connect(node, req, "ram").await?;
-        let std = tcp.into_std().map_err(EngineError::io("detach the RAM stream"))?;
         let name = "kmr-ram";
-        qmp.getfd(name, std.as_fd()).await?;
-        drop(std);
+        super::hand_stream_to_qemu(node, req, qmp, req.ram_endpoint, "ram", name).await?;
         return Ok(format!("fd:{name}"));
     }
     let path = req.state_dir.join("ram.sock");

@@ -1,9 +1,9 @@
-//! STORAGE on the source: one NBD relay and one `blockdev-mirror` per local disk, until every
+//! STORAGE on the source: one authenticated NBD stream handed to QEMU and one `blockdev-mirror` per local disk, until every
 //! mirror is in sync. A cancel, a destination's cancel request or a lost peer ends it.
 
 use std::time::Duration;
 
-use super::{peer_message, spawn_stream_relay, SourceEnv, SourceRequest};
+use super::{hand_stream_to_qemu, peer_message, SourceEnv, SourceRequest};
 use crate::dataplane::tls::Endpoint;
 use crate::migration::ctl::Ctl;
 use crate::migration::error::EngineError;
@@ -31,15 +31,29 @@ pub(super) async fn mirror(
     let tls = req.stream_tls.as_ref().map(|_| TlsCreds::of(&req.migration_id, Endpoint::Client));
     let mut jobs = Vec::new();
     for disk in disks {
-        let path = req.state_dir.join(format!("nbd-{}.sock", qemu::storage::qemu_id("", &disk.drive_id)));
         let endpoint = *req
             .nbd_endpoints
             .get(&disk.drive_id)
             .ok_or_else(|| EngineError::Invalid(format!("no NBD endpoint for {}", disk.drive_id)))?;
-        spawn_stream_relay(&env.node, req, endpoint, &format!("nbd:{}", disk.drive_id), &path, cleanup)?;
-        let job =
-            mirror::start_mirror(qmp, disk, &NbdAddress::Unix(path.clone()), &disk.drive_id, tls.as_ref())
-                .await?;
+        // QEMU's NBD client takes the authenticated connection itself (as the RAM stream), so
+        // the source side copies nothing; the destination relays it to its NBD server.
+        let fd_name = qemu::storage::qemu_id("kmr-nbd-fd-", &disk.drive_id);
+        hand_stream_to_qemu(&env.node, req, qmp, endpoint, &format!("nbd:{}", disk.drive_id), &fd_name)
+            .await?;
+        let started =
+            mirror::start_mirror(qmp, disk, &NbdAddress::Fd(fd_name.clone()), &disk.drive_id, tls.as_ref())
+                .await;
+        let job = match started {
+            Ok(job) => job,
+            Err(e) => {
+                // QEMU takes the descriptor only once its NBD client connects; before that a
+                // refused `blockdev-add` leaves it with the monitor.
+                if let Err(error) = qmp.closefd(&fd_name).await {
+                    tracing::debug!(%error, fd = %fd_name, "descriptor already taken by QEMU");
+                }
+                return Err(e.into());
+            }
+        };
         if let Some(speed) = options.max_bandwidth {
             // --bandwidth caps the storage streams too.
             qmp.execute(
