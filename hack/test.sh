@@ -54,14 +54,21 @@ tests=0
 cargo nextest run --workspace --locked --profile ci || tests=$?
 
 # Kata ships QEMU 10.x; Debian 12 has 7.2. The QMP tests against real QEMUs (storage, RAM, TLS
-# and plain streams between two QEMUs) and two lab moves run again on bookworm-backports' 10.x,
-# unpacked into a private prefix (hack/qemu-backports.sh), found first on PATH by the tests, the
-# lab and the agents.
+# and plain streams between two QEMUs) and every lab migration test (the lab itself, the moves,
+# the fault matrix) run again on bookworm-backports' 10.x, unpacked into a private prefix
+# (hack/qemu-backports.sh), found first on PATH by the tests, the lab and the agents. On 7.2
+# under TCG the engine runs one pre-copy pass, on 10.x it iterates: both paths are covered.
+# One test is left out, and said so: an iterating QEMU can complete by itself at its first sync,
+# ahead of katamaran's switchover, and with two local disks over plain streams (the fastest
+# stream, so the largest completion threshold) that move lost one packet in 2 of 5 runs on 10.0
+# (docs/ENGINE.md, "When QEMU completes first": open, not hidden).
+known_race='lab_migrate_local_storage_two_disks_keeps_every_write'
 step "tests again on QEMU 10.x (bookworm-backports)"
+echo "not run on 10.x: $known_race (docs/ENGINE.md, \"When QEMU completes first\")" >&2
 qemu10=$(hack/qemu-backports.sh --prefix "$target/qemu-backports")
 PATH="$(dirname "$qemu10"):$PATH" cargo nextest run --locked --profile ci \
   -p katamaran-shim-ext -p katamaran-e2e \
-  -E 'binary(qemu_phases) | binary(qmp_qemu) | test(=lab_migrate_shared_storage_under_probe_loses_nothing_and_node_b_lists_the_vm) | test(=lab_migrate_over_tls_shows_the_wire_nothing_and_a_connection_flood_changes_nothing)' \
+  -E "(binary_id(katamaran-shim-ext::qemu_phases) | binary_id(katamaran-shim-ext::qmp_qemu) | binary_id(katamaran-e2e::lab_smoke) | binary_id(katamaran-e2e::migrate) | binary_id(katamaran-e2e::faults)) - test(=$known_race)" \
   || tests=$?
 
 disk

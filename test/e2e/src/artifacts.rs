@@ -258,7 +258,13 @@ mod tests {
         for gone in ["CARGO_MANIFEST_DIR", "CARGO_PKG_NAME", "CARGO_PKG_VERSION", "CARGO_CRATE_NAME"] {
             assert!(!names.contains(&gone), "{gone} reaches the build: {names:?}");
         }
-        assert!(names.iter().all(|n| !n.starts_with("CARGO_PKG_")), "a CARGO_PKG_ variable reaches the build");
-        assert!(names.contains(&"PATH") && names.contains(&"KMR_CALLER_OWN"), "the caller's variables stay: {names:?}");
+        assert!(
+            names.iter().all(|n| !n.starts_with("CARGO_PKG_")),
+            "a CARGO_PKG_ variable reaches the build"
+        );
+        assert!(
+            names.contains(&"PATH") && names.contains(&"KMR_CALLER_OWN"),
+            "the caller's variables stay: {names:?}"
+        );
     }
 }
