@@ -1,7 +1,8 @@
 //! The data plane's cost: the same bytes from node-a to node-b as a direct TCP stream, through
-//! one `relay` (unix socket → relay → authenticated TCP, read directly on node-b), and the way
-//! an NBD stream travels — unix socket → relay → authenticated TCP → relay → unix socket — on a
-//! multi-thread runtime like the agent's.
+//! one `relay` (unix socket → relay → authenticated TCP, read directly on node-b: the shape of
+//! an NBD stream, whose source QEMU takes the socket itself and whose destination relays it), and
+//! through a relay at each end (unix → relay → authenticated TCP → relay → unix: a multifd
+//! channel on QEMU 7.2) — on a multi-thread runtime like the agent's.
 //!
 //! Sockets are created on threads that entered the node's namespace and keep it; the data
 //! moves on whatever thread runs them.

@@ -149,9 +149,11 @@ pub struct RelayResult {
     pub path: String,
     /// Direct TCP, MB/s.
     pub direct_mb_s: Vec<f64>,
-    /// Unix socket → one relay → authenticated TCP, read directly at the other end, MB/s.
+    /// One relay between a unix socket and authenticated TCP, the other end direct: the NBD path
+    /// (the source's QEMU takes its socket, the destination relays to its NBD server), MB/s.
     pub one_relay_mb_s: Vec<f64>,
-    /// The NBD path: unix → relay → authenticated TCP → relay → unix, MB/s.
+    /// A relay at both ends: unix → relay → authenticated TCP → relay → unix (multifd channels
+    /// on QEMU 7.2), MB/s.
     pub relay_mb_s: Vec<f64>,
     /// CPU seconds per GiB moved (writer, reader and relays together), direct.
     pub direct_cpu_s_per_gib: Vec<f64>,
@@ -319,7 +321,7 @@ pub fn evaluate(cases: &[CaseResult], relay: Option<&RelayResult>) -> Vec<Target
     }
     if let Some(r) = relay {
         for (scope, samples) in
-            [("one relay", &r.one_relay_mb_s), ("relay at both ends (NBD path)", &r.relay_mb_s)]
+            [("one relay (NBD path)", &r.one_relay_mb_s), ("relay at both ends (multifd on 7.2)", &r.relay_mb_s)]
         {
             let ratio = relay_ratio(&r.direct_mb_s, samples);
             out.push(Target {
