@@ -320,9 +320,10 @@ pub fn evaluate(cases: &[CaseResult], relay: Option<&RelayResult>) -> Vec<Target
         }
     }
     if let Some(r) = relay {
-        for (scope, samples) in
-            [("one relay (NBD path)", &r.one_relay_mb_s), ("relay at both ends (multifd on 7.2)", &r.relay_mb_s)]
-        {
+        for (scope, samples) in [
+            ("one relay (NBD path)", &r.one_relay_mb_s),
+            ("relay at both ends (multifd on 7.2)", &r.relay_mb_s),
+        ] {
             let ratio = relay_ratio(&r.direct_mb_s, samples);
             out.push(Target {
                 target: "relay >= 0.9x direct",
