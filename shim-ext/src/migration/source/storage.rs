@@ -40,20 +40,20 @@ pub(super) async fn mirror(
         let fd_name = qemu::storage::qemu_id("kmr-nbd-fd-", &disk.drive_id);
         hand_stream_to_qemu(&env.node, req, qmp, endpoint, &format!("nbd:{}", disk.drive_id), &fd_name)
             .await?;
-        let started =
-            mirror::start_mirror(qmp, disk, &NbdAddress::Fd(fd_name.clone()), &disk.drive_id, tls.as_ref())
-                .await;
-        let job = match started {
-            Ok(job) => job,
-            Err(e) => {
-                // QEMU takes the descriptor only once its NBD client connects; before that a
-                // refused `blockdev-add` leaves it with the monitor.
-                if let Err(error) = qmp.closefd(&fd_name).await {
-                    tracing::debug!(%error, fd = %fd_name, "descriptor already taken by QEMU");
+        {
+            // QEMU's NBD client takes the descriptor when `blockdev-add` connects; until then (a
+            // refused `blockdev-add`, a cancel in between) it stays with the monitor, open.
+            let (q, name) = (qmp.clone(), fd_name.clone());
+            cleanup.push(format!("release descriptor {fd_name}"), move || async move {
+                if let Err(error) = q.closefd(&name).await {
+                    tracing::debug!(%error, fd = %name, "descriptor already taken by QEMU");
                 }
-                return Err(e.into());
-            }
-        };
+                Ok::<(), String>(())
+            });
+        }
+        let job =
+            mirror::start_mirror(qmp, disk, &NbdAddress::Fd(fd_name.clone()), &disk.drive_id, tls.as_ref())
+                .await?;
         if let Some(speed) = options.max_bandwidth {
             // --bandwidth caps the storage streams too.
             qmp.execute(
