@@ -59,7 +59,7 @@ cargo nextest run --workspace --locked --profile ci || tests=$?
 # (hack/qemu-backports.sh), found first on PATH by the tests, the lab and the agents. On 7.2
 # under TCG the engine runs one pre-copy pass, on 10.x it iterates: both paths are covered.
 # One test is left out, and said so: with local disks over plain streams a 10.0 move loses one
-# packet now and then (1 of 2 lab runs of this test, 2 of 10 benchmark runs; docs/ENGINE.md,
+# packet now and then (1 of 2 lab runs of this test, 3 of 15 benchmark runs; docs/ENGINE.md,
 # "Local disks on QEMU 10.0": an open defect, not hidden).
 left_out='lab_migrate_local_storage_two_disks_keeps_every_write'
 step "tests again on QEMU 10.x (bookworm-backports)"
