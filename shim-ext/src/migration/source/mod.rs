@@ -263,8 +263,7 @@ async fn drive(
 
     // Control stream first: its connect time is the RTT sample for --auto-downtime.
     let t0 = Instant::now();
-    let key = StreamKey::new(&req.migration_id, ctl::STREAM)?;
-    let ctl_stream = dial(node.clone(), req.ram_endpoint, &req.secret, &key, CONNECT_TIMEOUT).await?;
+    let ctl_stream = connect(node, req, req.ram_endpoint, ctl::STREAM).await?;
     let rtt = t0.elapsed();
     let ctl = peer.insert(Ctl::new(ctl_stream, env.heartbeat));
 
@@ -316,6 +315,17 @@ fn check_cancel(cancel: &super::cancel::CancelToken) -> Result<(), EngineError> 
     }
 }
 
+/// Opens the authenticated stream `stream` to `endpoint`.
+async fn connect(
+    node: &Arc<NetnsHandle>,
+    req: &SourceRequest,
+    endpoint: SocketAddr,
+    stream: &str,
+) -> Result<tokio::net::TcpStream, EngineError> {
+    let key = StreamKey::new(&req.migration_id, stream)?;
+    Ok(dial(node.clone(), endpoint, &req.secret, &key, CONNECT_TIMEOUT).await?)
+}
+
 /// Opens the authenticated stream `stream` to `endpoint` and hands it to QEMU under `fd_name`
 /// (`getfd`): QEMU reads and writes the socket itself, no relay copies its bytes.
 async fn hand_stream_to_qemu(
@@ -326,8 +336,7 @@ async fn hand_stream_to_qemu(
     stream: &str,
     fd_name: &str,
 ) -> Result<(), EngineError> {
-    let key = StreamKey::new(&req.migration_id, stream)?;
-    let tcp = dial(node.clone(), endpoint, &req.secret, &key, CONNECT_TIMEOUT).await?;
+    let tcp = connect(node, req, endpoint, stream).await?;
     let std = tcp.into_std().map_err(EngineError::io(format!("detach the {stream} stream")))?;
     qmp.getfd(fd_name, std::os::fd::AsFd::as_fd(&std)).await?;
     Ok(())

@@ -1,5 +1,6 @@
-//! STORAGE on the source: one authenticated NBD stream handed to QEMU and one `blockdev-mirror` per local disk, until every
-//! mirror is in sync. A cancel, a destination's cancel request or a lost peer ends it.
+//! STORAGE on the source: per local disk, one authenticated NBD stream handed to QEMU and one
+//! `blockdev-mirror`, until every mirror is in sync. A cancel, a destination's cancel request or
+//! a lost peer ends it.
 
 use std::time::Duration;
 
