@@ -91,6 +91,7 @@ fn measure(rt: &Runtime, cfg: &RunConfig, case: &Case, run: &mut Run) -> anyhow:
         }
     };
     record_summary(run, &summary, drive_started);
+    record_losses(run, &report, drive_started);
     run.ok = summary.succeeded() && !summary.stopped();
     if !run.ok {
         run.error =
@@ -113,6 +114,29 @@ pub fn record_probe(run: &mut Run, r: &ProbeReport) {
     run.set(m::DUPLICATED, Some(r.duplicated as f64));
     run.set(m::REORDERED, Some(r.reordered as f64));
     run.set(m::GAP_MS, Some(r.longest_gap_ms));
+}
+
+/// The probe's lost packets on the run's timeline, so that a lossy run shows where its losses
+/// sit among the cutover's events.
+fn record_losses(run: &mut Run, r: &ProbeReport, started: SystemTime) {
+    if r.started_unix_ms <= 0.0 {
+        return;
+    }
+    let start_ms = started.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64() * 1e3);
+    for l in &r.loss_timeline {
+        let seqs = if l.first_seq == l.last_seq {
+            format!("seq {}", l.first_seq)
+        } else {
+            format!("seq {}..={}", l.first_seq, l.last_seq)
+        };
+        run.timeline.push(Mark {
+            side: "probe",
+            phase: "lost".into(),
+            message: format!("{seqs} lost (sent over {:.1} ms)", l.end_ms - l.start_ms),
+            at_ms: r.started_unix_ms + l.start_ms - start_ms,
+        });
+    }
+    run.timeline.sort_by(|a, b| a.at_ms.total_cmp(&b.at_ms));
 }
 
 fn ms(d: Duration) -> f64 {
@@ -204,4 +228,47 @@ fn record_summary(run: &mut Run, s: &Report, started: SystemTime) {
     let dropped =
         s.terminal(Side::Destination).and_then(|e| e.result.as_ref()).map(|r| r.plug_dropped_packets);
     run.set(m::PLUG_DROPPED, dropped.map(|d| d as f64));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use katamaran_e2e::reports::LossRun;
+
+    #[test]
+    fn losses_land_on_the_runs_timeline_in_order() {
+        let started = UNIX_EPOCH + Duration::from_secs(1_000);
+        let mut run = Run::new(1, 0.5);
+        for (at_ms, message) in [(100.0, "switchover"), (300.0, "resumed")] {
+            run.timeline.push(Mark {
+                side: "source",
+                phase: "cutover".into(),
+                message: message.into(),
+                at_ms,
+            });
+        }
+        let report = ProbeReport {
+            // The probe started counting 50 ms before the drive.
+            started_unix_ms: 1_000_000.0 - 50.0,
+            loss_timeline: vec![
+                LossRun { first_seq: 7, last_seq: 7, start_ms: 200.0, end_ms: 200.0 },
+                LossRun { first_seq: 9, last_seq: 11, start_ms: 400.0, end_ms: 402.0 },
+            ],
+            ..ProbeReport::default()
+        };
+        record_losses(&mut run, &report, started);
+        let marks: Vec<(String, f64)> = run.timeline.iter().map(|m| (m.message.clone(), m.at_ms)).collect();
+        assert_eq!(
+            marks,
+            vec![
+                ("switchover".to_owned(), 100.0),
+                ("seq 7 lost (sent over 0.0 ms)".to_owned(), 150.0),
+                ("resumed".to_owned(), 300.0),
+                ("seq 9..=11 lost (sent over 2.0 ms)".to_owned(), 350.0),
+            ]
+        );
+        let mut unplaced = Run::new(1, 0.5);
+        record_losses(&mut unplaced, &ProbeReport { started_unix_ms: 0.0, ..report }, started);
+        assert!(unplaced.timeline.is_empty(), "a probe that did not say when it started places nothing");
+    }
 }

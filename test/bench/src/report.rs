@@ -65,7 +65,7 @@ pub mod m {
 /// One event of a katamaran migration, relative to the start of the drive.
 #[derive(Debug, Clone, Serialize)]
 pub struct Mark {
-    /// `source` or `destination`.
+    /// `source`, `destination`, or `probe` (a run of lost packets, at its first send).
     pub side: &'static str,
     /// The phase, lower case.
     pub phase: String,

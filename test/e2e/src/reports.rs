@@ -44,6 +44,9 @@ pub struct ProbeReport {
     /// From counting start to the last send, ms.
     #[serde(default)]
     pub duration_ms: f64,
+    /// The counting start on the wall clock, ms since the Unix epoch (0 when not reported).
+    #[serde(default)]
+    pub started_unix_ms: f64,
 }
 
 /// One problem the disk checker found.

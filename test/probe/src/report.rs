@@ -107,6 +107,10 @@ pub struct Report {
     pub loss_timeline: Vec<LossRun>,
     /// From the counting start to the last send, ms.
     pub duration_ms: f64,
+    /// The counting start on the wall clock, ms since the Unix epoch: places the loss timeline
+    /// among other processes' events.
+    #[serde(default)]
+    pub started_unix_ms: f64,
     /// How long the ready handshake waited for the first reply, ms (absent without `--wait-ready`).
     pub ready_ms: Option<f64>,
     /// How late sends left compared to their absolute deadline, ms: the pacing accuracy.

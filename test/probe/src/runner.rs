@@ -164,6 +164,9 @@ pub fn run(cfg: &ProbeConfig) -> Result<Report, ProbeError> {
     };
 
     let t0 = Instant::now();
+    let started_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1e3);
     let sender_stop = Arc::new(AtomicBool::new(false));
     let recv_deadline_ns = Arc::new(AtomicU64::new(u64::MAX));
 
@@ -235,6 +238,7 @@ pub fn run(cfg: &ProbeConfig) -> Result<Report, ProbeError> {
         rtt_ms: counts.rtt_ms,
         loss_timeline: counts.loss_timeline,
         duration_ms: sent.send_ns.last().map_or(0.0, |&ns| ns as f64 / 1e6),
+        started_unix_ms,
         ready_ms,
         send_late_ms: Percentiles::from_ns(&mut late),
         send_errors: sent.errors,

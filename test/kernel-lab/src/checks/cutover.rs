@@ -361,6 +361,7 @@ mod tests {
             rtt_ms: Default::default(),
             loss_timeline: vec![run; runs],
             duration_ms: 2000.0,
+            started_unix_ms: 0.0,
             ready_ms: None,
             send_late_ms: Default::default(),
             send_errors: 0,
