@@ -9,6 +9,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use katamaran::migration::events::DriveProgress;
+use katamaran::migration::qemu::dirty_rate::{self, Measurement};
 use katamaran::migration::qemu::{
     compute, list_disks, mirror, storage, DiskInfo, EventBus, MigrationEnd, NbdAddress, QemuError,
     QemuFeatures, RamConfig,
@@ -195,6 +196,110 @@ async fn discovery_reads_the_accelerator_that_decides_the_pre_copy_strategy() {
         assert_eq!(features.iterates_safely(), iterates, "query-kvm answered {answer:?}");
         finish(server).await;
     }
+}
+
+/// Answers discovery as QEMU `major.minor` listing `commands`, with the two capabilities every
+/// migration sets.
+async fn answer_discovery_as(conn: &mut FakeConn, major: u64, minor: u64, commands: &[&str]) {
+    for _ in 0..3 {
+        let command = conn.recv_command().await;
+        let reply = match command.name.as_str() {
+            "query-version" => json!({"qemu": {"major": major, "minor": minor, "micro": 0}, "package": ""}),
+            "query-commands" => Value::Array(commands.iter().map(|name| json!({"name": name})).collect()),
+            "query-migrate-capabilities" => json!([
+                {"capability": "events", "state": false}, {"capability": "return-path", "state": false}
+            ]),
+            other => panic!("unexpected discovery command {other}"),
+        };
+        conn.reply(&command, reply).await;
+    }
+}
+
+/// From QEMU 8.2 the sending side starts with `avail-switchover-bandwidth` 0 (QEMU's own
+/// estimate): a hold left by an earlier, cancelled attempt does not carry over.
+#[tokio::test]
+async fn configure_on_qemu_8_2_resets_the_completion_hold() {
+    let (qmp, _bus, server) = fake(|mut conn| async move {
+        answer_discovery_as(&mut conn, 10, 0, &["migrate"]).await;
+        let capabilities = conn.expect_command("migrate-set-capabilities").await;
+        conn.reply(&capabilities, json!({})).await;
+        expect(
+            &mut conn,
+            "migrate-set-parameters",
+            json!({"downtime-limit": 25, "max-bandwidth": 9_223_372_036_854_775_807_u64, "avail-switchover-bandwidth": 0}),
+        )
+        .await;
+    })
+    .await;
+    let features = QemuFeatures::discover(&qmp).await.expect("discover");
+    let config = RamConfig {
+        multifd_channels: None,
+        auto_converge: false,
+        pause_before_switchover: false,
+        ..ram_config()
+    };
+    compute::configure(&qmp, &features, &config).await.expect("configure");
+    finish(server).await;
+}
+
+/// The dirty-rate measurement the first pass predicts from: offered from QEMU 8.2 (the
+/// millisecond unit), page sampling sized to the guest, and its answers read as an upper bound.
+#[tokio::test]
+async fn dirty_rate_is_sampled_for_the_first_pass_from_qemu_8_2() {
+    const BOTH: [&str; 2] = ["calc-dirty-rate", "query-dirty-rate"];
+    for (major, minor, commands, offered) in [
+        (7, 2, &BOTH[..], false),
+        (8, 1, &BOTH[..], false),
+        (8, 2, &BOTH[..1], false),
+        (8, 2, &BOTH[..], true),
+    ] {
+        let (qmp, _bus, server) = fake(move |mut conn| async move {
+            answer_discovery_as(&mut conn, major, minor, commands).await;
+        })
+        .await;
+        let features = QemuFeatures::discover(&qmp).await.expect("discover");
+        assert_eq!(dirty_rate::supported(&features), offered, "QEMU {major}.{minor} with {commands:?}");
+        finish(server).await;
+    }
+
+    let (qmp, _bus, server) = fake(|mut conn| async move {
+        let size = conn.expect_command("query-memory-size-summary").await;
+        conn.reply(&size, json!({"base-memory": 512u64 << 20, "plugged-memory": 0})).await;
+        expect(
+            &mut conn,
+            "calc-dirty-rate",
+            json!({"calc-time": 100, "calc-time-unit": "millisecond", "mode": "page-sampling", "sample-pages": 10000}),
+        )
+        .await;
+        for reply in [
+            json!({"status": "unstarted", "dirty-rate": -1}),
+            json!({"status": "measuring", "dirty-rate": -1, "calc-time": 100, "calc-time-unit": "millisecond"}),
+            json!({"status": "measured", "dirty-rate": 70, "mode": "page-sampling", "calc-time": 100}),
+        ] {
+            let query = conn.expect_command("query-dirty-rate").await;
+            assert_eq!(query.arguments, Some(json!({"calc-time-unit": "millisecond"})));
+            conn.reply(&query, reply).await;
+        }
+        let refused = conn.expect_command("query-memory-size-summary").await;
+        conn.reply(&refused, json!({"base-memory": 4u64 << 30})).await;
+        let calc = conn.expect_command("calc-dirty-rate").await;
+        assert_eq!(calc.arguments.as_ref().map(|a| a["sample-pages"].clone()), Some(json!(2048)), "4 GiB");
+        conn.reply_error(&calc, "GenericError", "the dirty rate is already being measured.").await;
+    })
+    .await;
+    dirty_rate::start(&qmp).await.expect("started");
+    assert_eq!(
+        dirty_rate::poll(&qmp).await.expect("poll"),
+        Measurement::Unstarted,
+        "its thread not yet running"
+    );
+    assert_eq!(dirty_rate::poll(&qmp).await.expect("poll"), Measurement::Measuring);
+    assert_eq!(dirty_rate::poll(&qmp).await.expect("poll"), Measurement::Measured(71 << 20));
+    let error = dirty_rate::start(&qmp).await.expect_err("refused");
+    assert_eq!(error.to_string(), "cannot measure the guest's dirty rate (calc-dirty-rate)");
+    let source = std::error::Error::source(&error).expect("source").to_string();
+    assert!(source.contains("already being measured"), "{source}");
+    finish(server).await;
 }
 
 #[tokio::test]

@@ -67,6 +67,69 @@ async fn discovery_sees_tcg_and_iterates_only_from_qemu_9() {
     eprintln!("QEMU {version}: pre-copy iterates: {}", features.iterates_safely());
 }
 
+/// The completion hold (`avail-switchover-bandwidth`) is what QEMU from 8.2 takes and reports
+/// back, and what an older QEMU refuses: the version gate matches the real QEMU.
+#[tokio::test]
+async fn the_completion_hold_is_offered_from_qemu_8_2() {
+    use katamaran::migration::qemu::compute;
+    let Some((_qemu, qmp, _events)) = start().await else {
+        return;
+    };
+    let features = katamaran::migration::qemu::QemuFeatures::discover(&qmp).await.expect("discover");
+    let version = features.version().clone();
+    let held =
+        compute::set_limit(&qmp, Duration::from_millis(1), Some(compute::COMPLETION_HOLD_BANDWIDTH)).await;
+    if !compute::has_switchover_bandwidth(&features) {
+        let error = held.expect_err("QEMU before 8.2 has no avail-switchover-bandwidth");
+        let source = std::error::Error::source(&error).expect("QEMU's answer").to_string();
+        assert!(source.contains("avail-switchover-bandwidth"), "QEMU {version}: {source}");
+        eprintln!("QEMU {version}: no completion hold; the engine does not set one");
+        return;
+    }
+    held.expect("hold set");
+    let parameters = qmp.execute("query-migrate-parameters", None).await.expect("query-migrate-parameters");
+    assert_eq!(parameters["avail-switchover-bandwidth"], 1_000_000, "QEMU {version}: {parameters}");
+    assert_eq!(parameters["downtime-limit"], 1, "QEMU {version}: {parameters}");
+    compute::set_limit(&qmp, Duration::from_millis(25), Some(0)).await.expect("released");
+    let parameters = qmp.execute("query-migrate-parameters", None).await.expect("query-migrate-parameters");
+    assert_eq!(parameters["avail-switchover-bandwidth"], 0, "QEMU {version}: {parameters}");
+    assert_eq!(parameters["downtime-limit"], 25, "QEMU {version}: {parameters}");
+}
+
+/// Where QEMU can measure the dirty rate within a first pass (8.2 on, so 10.x in CI), the engine's
+/// measurement starts and ends with a rate; on 7.2 it is not offered and the engine does not ask.
+#[tokio::test]
+async fn dirty_rate_is_measured_in_milliseconds_from_qemu_8_2() {
+    use katamaran::migration::qemu::dirty_rate::{self, Measurement};
+    let Some((_qemu, qmp, _events)) = start().await else {
+        return;
+    };
+    let features = katamaran::migration::qemu::QemuFeatures::discover(&qmp).await.expect("discover");
+    let version = features.version().clone();
+    assert_eq!(dirty_rate::supported(&features), version.at_least(8, 2), "QEMU {version}");
+    if !dirty_rate::supported(&features) {
+        eprintln!("QEMU {version}: no dirty-rate measurement in milliseconds; the engine does not ask");
+        return;
+    }
+    let started = std::time::Instant::now();
+    dirty_rate::start(&qmp).await.expect("calc-dirty-rate");
+    let rate = loop {
+        match dirty_rate::poll(&qmp).await.expect("query-dirty-rate") {
+            Measurement::Unstarted | Measurement::Measuring => {
+                assert!(started.elapsed() < Duration::from_secs(10), "still measuring after 10 s");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Measurement::Measured(rate) => break rate,
+            Measurement::Absent => panic!("QEMU {version} lost the measurement"),
+        }
+    };
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(dirty_rate::CALC_TIME_MS), "measured over {took:?}");
+    // Firmware idling on 64 MiB dirties next to nothing; the bound adds QEMU's rounding back.
+    assert!((1 << 20..=64 << 20).contains(&rate), "{rate} bytes/s");
+    eprintln!("QEMU {version}: dirty rate at most {rate} bytes/s, measured in {took:?}");
+}
+
 #[tokio::test]
 async fn stop_and_cont_emit_events_and_change_status() {
     const CYCLES: usize = 7;

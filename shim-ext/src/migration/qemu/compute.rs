@@ -27,6 +27,41 @@ pub const UNCAPPED_BANDWIDTH: u64 = i64::MAX as u64;
 /// QEMU's upper bound for `downtime-limit`, in milliseconds (2000 s).
 const MAX_DOWNTIME_LIMIT_MS: u64 = 2_000_000;
 
+/// `avail-switchover-bandwidth` (QEMU 8.2+, bytes/s) while the engine holds QEMU's completion:
+/// QEMU's threshold is this bandwidth times the downtime limit, 1000 bytes with the 1 ms limit
+/// of an iterating pre-copy. Below a page, but not 0 (with 0 QEMU would not sync at all): QEMU
+/// still syncs at every pass end, and completes by itself only after a sync that found nothing.
+pub const COMPLETION_HOLD_BANDWIDTH: u64 = 1_000_000;
+
+/// Whether QEMU takes `avail-switchover-bandwidth` (8.2 on).
+pub fn has_switchover_bandwidth(features: &QemuFeatures) -> bool {
+    features.version().at_least(8, 2)
+}
+
+/// The `migrate-set-parameters` arguments of a downtime limit; with `switchover_bandwidth`,
+/// `avail-switchover-bandwidth` too (0: QEMU's own estimate).
+pub fn limit_parameters(limit: Duration, switchover_bandwidth: Option<u64>) -> Value {
+    let mut parameters = Map::new();
+    parameters.insert("downtime-limit".into(), json!(downtime_ms(limit)));
+    if let Some(bandwidth) = switchover_bandwidth {
+        parameters.insert("avail-switchover-bandwidth".into(), json!(bandwidth));
+    }
+    Value::Object(parameters)
+}
+
+/// Sets the downtime limit (and the switchover bandwidth, see [`limit_parameters`]).
+///
+/// # Errors
+///
+/// [`QemuError::SetParameters`].
+pub async fn set_limit(
+    qmp: &QmpClient,
+    limit: Duration,
+    switchover_bandwidth: Option<u64>,
+) -> Result<(), QemuError> {
+    set_parameters(qmp, limit_parameters(limit, switchover_bandwidth)).await
+}
+
 /// How the RAM of the VM is sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RamConfig {
@@ -195,7 +230,13 @@ pub async fn configure(
     config: &RamConfig,
 ) -> Result<(), QemuError> {
     let capabilities = outgoing_capabilities(features, config)?;
-    let parameters = outgoing_parameters(config)?;
+    let mut parameters = outgoing_parameters(config)?;
+    if has_switchover_bandwidth(features) {
+        // Explicitly QEMU's own estimate: nothing carried over from an earlier attempt's hold.
+        if let Value::Object(map) = &mut parameters {
+            map.insert("avail-switchover-bandwidth".into(), json!(0));
+        }
+    }
     set_capabilities(qmp, &capabilities).await?;
     set_parameters(qmp, parameters).await
 }
@@ -536,6 +577,32 @@ mod tests {
         ] {
             assert!(matches!(outgoing_parameters(&bad), Err(QemuError::InvalidRamConfig { .. })));
         }
+    }
+
+    #[test]
+    fn the_completion_hold_keeps_qemus_threshold_under_a_page_but_above_zero() {
+        // QEMU: threshold = avail-switchover-bandwidth / 1000 (bytes per ms) × downtime-limit (ms).
+        let threshold = COMPLETION_HOLD_BANDWIDTH / 1000;
+        assert!((1..4096).contains(&threshold), "{threshold} bytes with the 1 ms limit");
+        assert_eq!(
+            limit_parameters(Duration::from_millis(1), Some(COMPLETION_HOLD_BANDWIDTH)),
+            json!({"downtime-limit": 1, "avail-switchover-bandwidth": 1_000_000})
+        );
+        assert_eq!(
+            limit_parameters(Duration::from_millis(25), Some(0)),
+            json!({"downtime-limit": 25, "avail-switchover-bandwidth": 0}),
+            "released: QEMU's own bandwidth estimate"
+        );
+        assert_eq!(limit_parameters(Duration::ZERO, None), json!({"downtime-limit": 0}), "QEMU before 8.2");
+        let version = |minor| {
+            QemuFeatures::from_parts(
+                QemuVersion { major: 8, minor, micro: 0, package: String::new() },
+                Vec::<String>::new(),
+                &[],
+            )
+        };
+        assert!(!has_switchover_bandwidth(&version(1)));
+        assert!(has_switchover_bandwidth(&version(2)));
     }
 
     #[test]

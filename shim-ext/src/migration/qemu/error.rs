@@ -108,6 +108,16 @@ pub enum QemuError {
         source: QmpError,
     },
 
+    /// A command of the dirty-rate measurement failed (the migration goes on without it).
+    #[error("cannot measure the guest's dirty rate ({command})")]
+    DirtyRate {
+        /// The command.
+        command: &'static str,
+        /// QEMU's answer.
+        #[source]
+        source: QmpError,
+    },
+
     /// `migrate-continue` failed.
     #[error("cannot continue the migration after the pre-switchover pause")]
     Continue {

@@ -36,6 +36,7 @@
 //! | `bus.rs` | [`EventBus`]: one QMP event stream fanned out to every waiter |
 //! | `features.rs` | [`QemuFeatures`]: commands and capabilities of the running QEMU |
 //! | `compute.rs` | RAM capabilities and parameters, `migrate`, progress, switch-over |
+//! | `dirty_rate.rs` | the guest's dirty rate, sampled before pre-copy's first sync |
 //! | `disks.rs` | [`DiskInfo`] from `query-block` |
 //! | `storage.rs` | destination: NBD server and exports |
 //! | `mirror.rs` | source: NBD client nodes and mirror jobs |
@@ -44,6 +45,7 @@
 
 pub mod bus;
 pub mod compute;
+pub mod dirty_rate;
 pub mod disks;
 mod error;
 pub mod features;

@@ -2,7 +2,8 @@
 //! ownership protocol ([`super::protocol`]) as its coordinator.
 //!
 //! ```text
-//!  PREPARING  discover QEMU features; pre-create the tunnel; record the VM routes (journal);
+//!  PREPARING  discover QEMU features; sample the guest's dirty rate (QEMU 8.2+, iterating);
+//!             pre-create the tunnel; record the VM routes (journal);
 //!             the stream TLS credentials into QEMU (unless plain streams)
 //!  STORAGE    (local disks) NBD relay per disk ─▶ blockdev-mirror ─▶ every job READY   storage.rs
 //!  RAM        migrate caps/params (return-path) ─▶ RAM stream fd ─▶ migrate fd:        ram.rs
@@ -197,6 +198,7 @@ async fn drive(
     log.push(Event::new(Phase::Preparing, "discovering QEMU and preparing the forward"));
     failpoint::point("source-preparing").await?;
     let features = QemuFeatures::discover(qmp).await?;
+    let sampling = ram::sample_dirty_rate(qmp, &features, log).await;
     let mut options = req.options.clone();
     let disks: Vec<DiskInfo> = qemu::list_disks(qmp).await?.into_iter().filter(|d| !d.read_only).collect();
     let mirror_disks: Vec<DiskInfo> = match options.storage {
@@ -276,8 +278,17 @@ async fn drive(
 
     // RAM, up to QEMU's completion.
     machine.step(SourceInput::RamStarted)?;
-    let ram =
-        ram::Ram { req, qmp, bus, node, forward: &forward, env, features: &features, options: &options };
+    let ram = ram::Ram {
+        req,
+        qmp,
+        bus,
+        node,
+        forward: &forward,
+        env,
+        features: &features,
+        options: &options,
+        sampling,
+    };
     let done = ram.run(&jobs, rtt, ctl, &mut machine).await?;
 
     // CUTOVER: the vote, the commit, the confirmation.

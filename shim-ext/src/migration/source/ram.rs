@@ -10,12 +10,13 @@ use super::switchover::{Mode, Switchover, Verdict};
 use super::{peer_message, spawn_stream_relay, Machine, SourceEnv, SourceRequest};
 use crate::convert::unix_nanos;
 use crate::migration::ctl::{Ctl, CtlMsg};
-use crate::migration::error::EngineError;
-use crate::migration::events::{CutoverTimes, Event, Phase, RamProgress};
+use crate::migration::error::{chain, EngineError};
+use crate::migration::events::{CutoverTimes, Event, EventLog, Phase, RamProgress};
 use crate::migration::failpoint;
 use crate::migration::network::SourceForward;
 use crate::migration::options::{downtime_from_rtt, next_downtime_limit, MigrationOptions};
 use crate::migration::protocol::SourceInput;
+use crate::migration::qemu::dirty_rate::{self, Measurement};
 use crate::migration::qemu::{self, compute, mirror, EventBus, MirrorJob, QemuFeatures, RamConfig};
 use crate::net::NetnsHandle;
 use crate::qmp::{EventKind, MigrationStatus, QmpClient};
@@ -42,6 +43,8 @@ pub(super) struct Ram<'a> {
     pub(super) env: &'a SourceEnv,
     pub(super) features: &'a QemuFeatures,
     pub(super) options: &'a MigrationOptions,
+    /// A dirty-rate sample was started ([`sample_dirty_rate`]).
+    pub(super) sampling: bool,
 }
 
 /// QEMU completed: the cutover's instants so far.
@@ -62,7 +65,7 @@ impl Ram<'_> {
         ctl: &mut Ctl,
         machine: &mut Machine,
     ) -> Result<Done, EngineError> {
-        let Self { req, qmp, bus, node, forward, env, features, options } = *self;
+        let Self { req, qmp, bus, node, forward, env, features, options, .. } = *self;
         let (log, cleanup, cancel) = (&env.log, &env.cleanup, env.gate.token());
         let mut ram = RamConfig::from_options(options);
         ram.pause_before_switchover = !jobs.is_empty();
@@ -83,7 +86,13 @@ impl Ram<'_> {
                 "QEMU under TCG before 9.0 loses stores across dirty-bitmap syncs: pre-copy runs one pass, the guest pauses longer"
             );
         }
-        set_downtime_limit(qmp, mode.qemu_limit()).await?;
+        // Where QEMU has it, a threshold below a page besides: QEMU then completes by itself only
+        // after a sync that found nothing, not at a first sync that found little.
+        let hold = mode == Mode::Iterate && compute::has_switchover_bandwidth(features);
+        compute::set_limit(qmp, mode.qemu_limit(), hold.then_some(compute::COMPLETION_HOLD_BANDWIDTH))
+            .await?;
+        // The guest's dirty rate for the first pass, sampled since PREPARING (`sample_dirty_rate`).
+        let mut measuring = self.sampling && mode == Mode::Iterate;
         let mut status_sub = bus.subscribe();
         let times = Arc::new(Mutex::new(CutoverTimes::default()));
         let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
@@ -157,6 +166,14 @@ impl Ram<'_> {
                     }
                 }
                 () = tokio::time::sleep_until(next_poll) => {
+                    // Only the first pass needs it: from the first sync on, the syncs tell.
+                    if measuring && predictor.synced() {
+                        measuring = false;
+                        log.push(Event::new(Phase::Ram, "dirty-rate sample not ready before the first sync"));
+                    }
+                    if measuring {
+                        measuring = seed_when_measured(qmp, &mut predictor, log).await;
+                    }
                     let (status, p) = compute::progress(qmp).await?;
                     let now = Instant::now();
                     let verdict = predictor.observe(now, &p, downtime_limit);
@@ -167,7 +184,8 @@ impl Ram<'_> {
                     if let Verdict::Switch { predicted } = verdict {
                         if !swapped.load(Ordering::SeqCst) && status == MigrationStatus::Active {
                             let why = Why { predicted, dirty_rate: predictor.dirty_rate(), p };
-                            switchover(qmp, node, forward, &swapped, &times, downtime_limit, &why, env).await?;
+                            let limit = Limit { downtime: downtime_limit, release_hold: hold };
+                            switchover(qmp, node, forward, &swapped, &times, limit, &why, env).await?;
                             continue;
                         }
                     }
@@ -218,6 +236,55 @@ impl Ram<'_> {
     }
 }
 
+/// Has QEMU start sampling the guest's dirty rate for the first pass of an iterating pre-copy
+/// (`qemu/dirty_rate.rs`); `true` if it started. Sampling only reads guest memory, so it may
+/// overlap the storage phase and the start of pre-copy.
+pub(super) async fn sample_dirty_rate(qmp: &QmpClient, features: &QemuFeatures, log: &EventLog) -> bool {
+    if !features.iterates_safely() || !dirty_rate::supported(features) {
+        return false;
+    }
+    match dirty_rate::start(qmp).await {
+        Ok(()) => true,
+        Err(e) => {
+            log.push(Event::new(
+                Phase::Preparing,
+                format!("no dirty-rate sample ({}): the first pass predicts nothing", chain(&e)),
+            ));
+            false
+        }
+    }
+}
+
+/// Gives the predictor the measured dirty rate once QEMU has it; `false` once there is nothing
+/// more to wait for (measured, or no measurement after all).
+async fn seed_when_measured(qmp: &QmpClient, predictor: &mut Switchover, log: &EventLog) -> bool {
+    match dirty_rate::poll(qmp).await {
+        Ok(Measurement::Unstarted | Measurement::Measuring) => true,
+        Ok(Measurement::Measured(bytes_per_second)) => {
+            predictor.seed_dirty_rate(bytes_per_second);
+            log.push(Event::new(
+                Phase::Ram,
+                format!("guest dirties at most {} MiB/s (sampled)", bytes_per_second >> 20),
+            ));
+            false
+        }
+        Ok(Measurement::Absent) => {
+            log.push(Event::new(
+                Phase::Ram,
+                "no dirty-rate sample from QEMU: the first pass predicts nothing",
+            ));
+            false
+        }
+        Err(e) => {
+            log.push(Event::new(
+                Phase::Ram,
+                format!("no dirty-rate sample ({}): the first pass predicts nothing", chain(&e)),
+            ));
+            false
+        }
+    }
+}
+
 /// At `pre-switchover` (the guest paused): completes the mirrors consistently and has the
 /// destination stop its NBD exports, each wait bounded.
 async fn settle_storage(
@@ -249,6 +316,14 @@ async fn settle_storage(
     }
 }
 
+/// QEMU's limit after the engine's stop: the real downtime limit, and QEMU's own bandwidth
+/// estimate back if the completion was held.
+#[derive(Debug, Clone, Copy)]
+struct Limit {
+    downtime: Duration,
+    release_hold: bool,
+}
+
 /// What the switchover was decided on, for its log line.
 #[derive(Debug)]
 struct Why {
@@ -267,7 +342,7 @@ async fn switchover(
     forward: &SourceForward,
     swapped: &AtomicBool,
     times: &Mutex<CutoverTimes>,
-    limit: Duration,
+    limit: Limit,
     why: &Why,
     env: &SourceEnv,
 ) -> Result<(), EngineError> {
@@ -280,11 +355,18 @@ async fn switchover(
     if let Ok(mut t) = times.lock() {
         t.route_swapped_unix_nanos = unix_nanos(acked);
     }
-    env.log.push(Event::new(Phase::Cutover, "switchover: VM routes forward to the destination"));
+    env.log.push(Event::new(
+        Phase::Cutover,
+        format!(
+            "switchover: VM routes forward to the destination (pass {}, predicted pause {} ms)",
+            why.p.iteration,
+            why.predicted.as_millis()
+        ),
+    ));
     tokio::time::sleep(SWITCHOVER_SETTLE).await;
     qmp.stop().await?;
     let swap_to_stop = lead.elapsed();
-    set_downtime_limit(qmp, limit).await?;
+    compute::set_limit(qmp, limit.downtime, limit.release_hold.then_some(0)).await?;
     tracing::info!(
         predicted_pause_us = why.predicted.as_micros(),
         dirty_bytes_per_second = why.dirty_rate.unwrap_or(0),
@@ -387,10 +469,4 @@ async fn watch_stop(
             _ => {}
         }
     }
-}
-
-async fn set_downtime_limit(qmp: &QmpClient, limit: Duration) -> Result<(), EngineError> {
-    let ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX);
-    qmp.execute("migrate-set-parameters", Some(serde_json::json!({ "downtime-limit": ms }))).await?;
-    Ok(())
 }

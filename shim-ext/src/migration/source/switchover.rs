@@ -15,6 +15,13 @@
 //! than the real downtime limit: the moment QEMU would have completed with that limit. Near the
 //! end of a pass it asks for fast polls, so a sync is seen within a few milliseconds: after a
 //! sync that finds little, the next pass is short, and QEMU completes by itself at its end.
+//!
+//! The first pass teaches nothing until it ends, and an idle guest's first sync can find less
+//! than a millisecond of transfer: QEMU then completes by itself before the engine could decide,
+//! and the packet that reaches the stopped source is lost (`qemu/dirty_rate.rs`). So where QEMU
+//! can measure the guest's dirty rate within the first pass, that measurement stands in for a
+//! sync ([`Switchover::seed_dirty_rate`]): the engine predicts from it and switches over before
+//! the first pass ends when the pause fits the limit.
 
 use std::time::{Duration, Instant};
 
@@ -61,6 +68,10 @@ pub(super) const POLL_SLOW: Duration = Duration::from_millis(25);
 pub(super) const POLL_FAST: Duration = Duration::from_millis(2);
 /// How close to the predicted end of a pass (or to a pause within the limit) polls speed up.
 const TAIL: Duration = Duration::from_millis(60);
+/// The first pass, with a measured dirty rate: the latest the switchover comes before the pass
+/// ends at the clear rate (five fast polls), so that the route swap comes before QEMU's first
+/// sync even when the polls run late.
+const FIRST_PASS_LEAD: Duration = Duration::from_millis(10);
 
 /// One poll.
 #[derive(Debug, Clone, Copy)]
@@ -106,6 +117,8 @@ pub(super) struct Switchover {
     clear_rate: Option<f64>,
     /// Bytes on the wire per second.
     wire_rate: Option<f64>,
+    /// Bytes the guest dirties per second as measured before the first sync (an upper bound).
+    seed: Option<f64>,
 }
 
 impl Switchover {
@@ -120,12 +133,24 @@ impl Switchover {
             dirty_rate: None,
             clear_rate: None,
             wire_rate: None,
+            seed: None,
         }
     }
 
-    /// Bytes the guest dirties per second, once a sync has been seen.
+    /// Bytes the guest dirties per second, from the last sync, or else from the measurement.
     pub(super) fn dirty_rate(&self) -> Option<u64> {
-        self.dirty_rate.map(|r| r as u64)
+        self.dirty_rate.or(self.seed).map(|r| r as u64)
+    }
+
+    /// Whether a dirty-bitmap sync has been seen (the first pass is over).
+    pub(super) fn synced(&self) -> bool {
+        self.sync.is_some()
+    }
+
+    /// The guest's dirty rate measured during the first pass, bytes per second (an upper bound):
+    /// until the first sync, the pause is predicted from it.
+    pub(super) fn seed_dirty_rate(&mut self, bytes_per_second: u64) {
+        self.seed = Some(bytes_per_second as f64);
     }
 
     /// Takes a poll made at `now` and says whether to stop the VM with `limit` as the pause
@@ -140,7 +165,9 @@ impl Switchover {
             remaining: p.remaining_bytes,
             transferred: p.transferred_bytes,
         };
-        let first = *self.first_iteration.get_or_insert(p.iteration);
+        // QEMU's `dirty-sync-count` is 0 until its setup syncs the bitmap once, 1 for the whole
+        // first pass: a poll that comes during setup must not take the setup's sync for a pass end.
+        let first = *self.first_iteration.get_or_insert(p.iteration.max(1));
         if let Some(last) = self.last {
             let dt = now.saturating_duration_since(last.at).as_secs_f64();
             if dt > 0.0 {
@@ -173,8 +200,26 @@ impl Switchover {
         let clear = self.clear_rate.unwrap_or(wire).max(wire);
         let to_clear = sample.remaining as f64 / clear;
         let (Some(sync), Some(dirty_rate)) = (self.sync, self.dirty_rate) else {
-            // The first pass: nothing is known of the guest's dirtying until it ends. Poll fast
-            // at its end so the first sync is seen at once.
+            // The first pass: what the guest dirtied is known only from a measurement, counted
+            // over the whole pass so far (pages dirtied before they were sent are counted twice:
+            // an upper bound). Without one, poll fast at the pass end so the first sync is seen
+            // at once.
+            if let Some(seed) = self.seed {
+                let dirtied = seed * now.saturating_duration_since(self.started).as_secs_f64();
+                let dirty_pause = dirtied / wire;
+                if secs(dirty_pause) <= limit {
+                    // As late as is safe: once what is left fits the limit at the wire rate
+                    // (QEMU's own test; the tail of a pass is often pages that are not zero),
+                    // or at the latest [`FIRST_PASS_LEAD`] before the pass ends at the clear rate.
+                    let at_wire = secs((sample.remaining as f64 + dirtied) / wire);
+                    if at_wire <= limit || secs(to_clear) <= FIRST_PASS_LEAD {
+                        return Verdict::Switch { predicted: at_wire.min(secs(to_clear + dirty_pause)) };
+                    }
+                    if at_wire <= limit + TAIL {
+                        return Verdict::Wait(POLL_FAST);
+                    }
+                }
+            }
             return Verdict::Wait(if secs(to_clear) <= TAIL { POLL_FAST } else { POLL_SLOW });
         };
         let dirtied = dirty_rate * now.saturating_duration_since(sync.at).as_secs_f64();
@@ -226,8 +271,22 @@ mod tests {
     /// the predicted pause at the switchover, or None when QEMU completed first, also within the
     /// [`REACTION`] the engine needs to swap the routes and stop the VM after deciding.
     fn run(total: u64, wire: u64, dirty: u64, limit: Duration) -> (Option<Duration>, u64) {
+        run_seeded(total, wire, dirty, limit, None)
+    }
+
+    /// [`run`], the predictor told `seed` bytes/s as the measured dirty rate at the start.
+    fn run_seeded(
+        total: u64,
+        wire: u64,
+        dirty: u64,
+        limit: Duration,
+        seed: Option<u64>,
+    ) -> (Option<Duration>, u64) {
         let t0 = Instant::now();
         let mut s = Switchover::new(Mode::Iterate, t0);
+        if let Some(rate) = seed {
+            s.seed_dirty_rate(rate);
+        }
         let mut now = Duration::ZERO;
         let (mut iteration, mut remaining, mut transferred, mut dirtied) = (1u64, total, 0u64, 0f64);
         let tick = Duration::from_micros(100);
@@ -278,6 +337,80 @@ mod tests {
         let pause = pause.expect("the engine stops the VM before QEMU completes by itself");
         assert!(pause <= Duration::from_millis(25), "{pause:?}");
         assert_eq!(iteration, 2, "after the first sync");
+    }
+
+    #[test]
+    fn a_measured_rate_switches_before_the_first_sync_at_which_qemu_would_complete_alone() {
+        // 128 MiB at 250 MB/s, the guest dirtying 200 kB/s: the first sync (~0.54 s) finds
+        // ~110 kB, under a millisecond of transfer, and QEMU completes by itself.
+        let limit = Duration::from_millis(25);
+        let (pause, iteration) = run(128 * MIB, 250_000_000, 200_000, limit);
+        assert_eq!((pause, iteration), (None, 2), "without a measurement QEMU stops the VM first");
+        // Measured from above, up to 20 times the real rate: the pass still has ~5 ms left
+        // when the predicted pause fits.
+        for seed in [MIB, 4 * MIB] {
+            let (pause, iteration) = run_seeded(128 * MIB, 250_000_000, 200_000, limit, Some(seed));
+            let pause = pause.unwrap_or_else(|| panic!("seed {seed}: QEMU completed first"));
+            assert!(pause <= limit, "seed {seed}: {pause:?}");
+            assert_eq!(iteration, 1, "seed {seed}: within the first pass");
+        }
+    }
+
+    #[test]
+    fn a_first_pass_of_zero_pages_switches_before_it_ends_and_one_of_data_once_it_fits() {
+        const MB: u64 = 1_000_000;
+        let t0 = Instant::now();
+        let limit = Duration::from_millis(25);
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let progress = |remaining: u64, transferred: u64| RamProgress {
+            iteration: 1,
+            remaining_bytes: remaining,
+            transferred_bytes: transferred,
+            total_bytes: 1000 * MB,
+            ..RamProgress::default()
+        };
+        // 250 MB/s on the wire; zero pages clear 5 times faster. The guest dirties 1 MiB/s.
+        let mut zero = Switchover::new(Mode::Iterate, t0);
+        zero.seed_dirty_rate(MIB);
+        zero.observe(at(0), &progress(1000 * MB, 0), limit);
+        zero.observe(at(100), &progress(875 * MB, 25 * MB), limit);
+        // 25 MB left: ~20 ms at the clear rate, ~100 ms at the wire rate.
+        let v = zero.observe(at(800), &progress(25 * MB, 200 * MB), limit);
+        assert_eq!(v, Verdict::Wait(POLL_FAST), "20 ms before the pass ends");
+        let v = zero.observe(at(810), &progress(12 * MB, 202 * MB + MB / 2), limit);
+        assert!(matches!(v, Verdict::Switch { .. }), "under 10 ms before the pass ends: {v:?}");
+
+        // Pages of data: remaining clears at the wire rate.
+        let mut data = Switchover::new(Mode::Iterate, t0);
+        data.seed_dirty_rate(MIB);
+        data.observe(at(0), &progress(300 * MB, 0), limit);
+        data.observe(at(100), &progress(275 * MB, 25 * MB), limit);
+        let v = data.observe(at(1150), &progress(25 * MB / 2, 575 * MB / 2), limit);
+        assert_eq!(v, Verdict::Wait(POLL_FAST), "12.5 MB and 1.2 MB dirtied: 55 ms at the wire rate");
+        let v = data.observe(at(1182), &progress(9 * MB / 2, 591 * MB / 2), limit);
+        match v {
+            Verdict::Switch { predicted } => {
+                assert!(predicted <= limit, "{predicted:?}");
+                assert!(
+                    predicted > Duration::from_millis(20),
+                    "the data goes at the wire rate: {predicted:?}"
+                );
+            }
+            other => panic!(
+                "4.5 MB and 1.2 MB dirtied fit 25 ms at the wire rate, 18 ms before the end: {other:?}"
+            ),
+        }
+    }
+
+    #[test]
+    fn a_measured_high_rate_waits_for_the_syncs() {
+        // The dirty guest below, measured truthfully: the first pass alone would pause it for
+        // ~500 ms, so the switchover still comes after the syncs.
+        let limit = Duration::from_millis(25);
+        let (pause, iteration) = run_seeded(512 * MIB, 250_000_000, 60_000_000, limit, Some(60_000_000));
+        let pause = pause.expect("switched");
+        assert!(pause <= limit, "{pause:?}");
+        assert!(iteration >= 3, "iterated: {iteration}");
     }
 
     #[test]
@@ -349,6 +482,28 @@ mod tests {
         let (at, tail) = p(190, 5 * MIB);
         assert_eq!(s.observe(at, &tail, limit), Verdict::Wait(POLL_FAST), "10 ms left: fast polls, no stop");
         assert_eq!(s.dirty_rate(), None);
+    }
+
+    #[test]
+    fn the_setup_sync_is_not_a_pass_end() {
+        let t0 = Instant::now();
+        let mut s = Switchover::new(Mode::Iterate, t0);
+        s.seed_dirty_rate(MIB);
+        let limit = Duration::from_millis(25);
+        let progress = |iteration, remaining| RamProgress {
+            iteration,
+            remaining_bytes: remaining,
+            transferred_bytes: 1000 * MIB - remaining,
+            total_bytes: 1000 * MIB,
+            ..RamProgress::default()
+        };
+        // A poll during QEMU's setup, then the first pass.
+        s.observe(t0 + Duration::from_millis(2), &progress(0, 1000 * MIB), limit);
+        s.observe(t0 + Duration::from_millis(100), &progress(1, 900 * MIB), limit);
+        assert!(!s.synced(), "still the first pass");
+        assert_eq!(s.dirty_rate(), Some(MIB), "the sample, not a rate made up from the setup");
+        s.observe(t0 + Duration::from_millis(1100), &progress(2, MIB), limit);
+        assert!(s.synced(), "the first pass ended");
     }
 
     #[test]
