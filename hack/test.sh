@@ -58,16 +58,11 @@ cargo nextest run --workspace --locked --profile ci || tests=$?
 # the fault matrix) run again on bookworm-backports' 10.x, unpacked into a private prefix
 # (hack/qemu-backports.sh), found first on PATH by the tests, the lab and the agents. On 7.2
 # under TCG the engine runs one pre-copy pass, on 10.x it iterates: both paths are covered.
-# One test is left out, and said so: with local disks over plain streams a 10.0 move loses one
-# packet now and then (1 of 2 lab runs of this test, 3 of 15 benchmark runs; docs/ENGINE.md,
-# "Local disks on QEMU 10.0": an open defect, not hidden).
-left_out='lab_migrate_local_storage_two_disks_keeps_every_write'
 step "tests again on QEMU 10.x (bookworm-backports)"
-echo "not run on 10.x: $left_out (docs/ENGINE.md, \"Local disks on QEMU 10.0\")" >&2
 qemu10=$(hack/qemu-backports.sh --prefix "$target/qemu-backports")
 PATH="$(dirname "$qemu10"):$PATH" cargo nextest run --locked --profile ci \
   -p katamaran-shim-ext -p katamaran-e2e \
-  -E "(binary_id(katamaran-shim-ext::qemu_phases) | binary_id(katamaran-shim-ext::qmp_qemu) | binary_id(katamaran-e2e::lab_smoke) | binary_id(katamaran-e2e::migrate) | binary_id(katamaran-e2e::faults)) - test(=$left_out)" \
+  -E "binary_id(katamaran-shim-ext::qemu_phases) | binary_id(katamaran-shim-ext::qmp_qemu) | binary_id(katamaran-e2e::lab_smoke) | binary_id(katamaran-e2e::migrate) | binary_id(katamaran-e2e::faults)" \
   || tests=$?
 
 disk
