@@ -139,6 +139,8 @@ impl Ram<'_> {
         let mut remaining_history: Vec<u64> = Vec::new();
         let mut last_iteration = 0;
         let mut downtime_limit = ram.downtime_limit;
+        // The engine stopped the VM (its switchover ran).
+        let mut stopped = false;
         loop {
             tokio::select! {
                 ev = status_sub.next() => {
@@ -179,15 +181,24 @@ impl Ram<'_> {
                     let verdict = predictor.observe(now, &p, downtime_limit);
                     next_poll = tokio::time::Instant::now() + match verdict {
                         Verdict::Wait(after) => after,
+                        Verdict::MoveRoutes => super::switchover::POLL_FAST,
                         Verdict::Switch { .. } => super::switchover::POLL_SLOW,
                     };
-                    if let Verdict::Switch { predicted } = verdict {
-                        if !swapped.load(Ordering::SeqCst) && status == MigrationStatus::Active {
+                    match verdict {
+                        Verdict::MoveRoutes if !swapped.load(Ordering::SeqCst) && status == MigrationStatus::Active => {
+                            let note = format!("VM routes forward to the destination ahead of QEMU's first sync (pass {})", p.iteration);
+                            move_routes(node, forward, &swapped, &times, &note, env).await?;
+                            predictor.routes_moved(Instant::now());
+                            continue;
+                        }
+                        Verdict::Switch { predicted } if !stopped && status == MigrationStatus::Active => {
                             let why = Why { predicted, dirty_rate: predictor.dirty_rate(), p };
                             let limit = Limit { downtime: downtime_limit, release_hold: hold };
                             switchover(qmp, node, forward, &swapped, &times, limit, &why, env).await?;
+                            stopped = true;
                             continue;
                         }
+                        _ => {}
                     }
                     if options.auto_downtime && p.iteration > last_iteration {
                         last_iteration = p.iteration;
@@ -332,9 +343,27 @@ struct Why {
     p: RamProgress,
 }
 
-/// The engine's switchover: the routes move to the destination, the in-flight packets land, the
-/// VM stops, QEMU gets its real limit (not before the stop: with it QEMU could complete by
-/// itself ahead of the route swap).
+/// Moves the VM routes to the destination and records when (the VM keeps running).
+async fn move_routes(
+    node: &Arc<NetnsHandle>,
+    forward: &SourceForward,
+    swapped: &AtomicBool,
+    times: &Mutex<CutoverTimes>,
+    note: &str,
+    env: &SourceEnv,
+) -> Result<(), EngineError> {
+    let acked = forward.swap(node.as_ref()).await?;
+    swapped.store(true, Ordering::SeqCst);
+    if let Ok(mut t) = times.lock() {
+        t.route_swapped_unix_nanos = unix_nanos(acked);
+    }
+    env.log.push(Event::new(Phase::Cutover, note));
+    Ok(())
+}
+
+/// The engine's switchover: the routes move to the destination (unless they moved ahead of it),
+/// the in-flight packets land, the VM stops, QEMU gets its real limit (not before the stop: with
+/// it QEMU could complete by itself ahead of the route swap).
 #[allow(clippy::too_many_arguments)]
 async fn switchover(
     qmp: &QmpClient,
@@ -350,20 +379,24 @@ async fn switchover(
     // the VM running (and its traffic at the destination's plug) for up to 400 ms until QEMU's
     // next threshold update.
     let lead = Instant::now();
-    let acked = forward.swap(node.as_ref()).await?;
-    swapped.store(true, Ordering::SeqCst);
-    if let Ok(mut t) = times.lock() {
-        t.route_swapped_unix_nanos = unix_nanos(acked);
+    let note = format!(
+        "switchover: VM routes forward to the destination (pass {}, predicted pause {} ms)",
+        why.p.iteration,
+        why.predicted.as_millis()
+    );
+    if swapped.load(Ordering::SeqCst) {
+        env.log.push(Event::new(
+            Phase::Cutover,
+            format!(
+                "switchover: source stops (pass {}, predicted pause {} ms)",
+                why.p.iteration,
+                why.predicted.as_millis()
+            ),
+        ));
+    } else {
+        move_routes(node, forward, swapped, times, &note, env).await?;
+        tokio::time::sleep(SWITCHOVER_SETTLE).await;
     }
-    env.log.push(Event::new(
-        Phase::Cutover,
-        format!(
-            "switchover: VM routes forward to the destination (pass {}, predicted pause {} ms)",
-            why.p.iteration,
-            why.predicted.as_millis()
-        ),
-    ));
-    tokio::time::sleep(SWITCHOVER_SETTLE).await;
     qmp.stop().await?;
     let swap_to_stop = lead.elapsed();
     compute::set_limit(qmp, limit.downtime, limit.release_hold.then_some(0)).await?;
