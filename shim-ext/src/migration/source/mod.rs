@@ -5,10 +5,11 @@
 //!  PREPARING  discover QEMU features; sample the guest's dirty rate (QEMU 8.2+, iterating);
 //!             pre-create the tunnel; record the VM routes (journal);
 //!             the stream TLS credentials into QEMU (unless plain streams)
-//!  STORAGE    (local disks) NBD relay per disk ─▶ blockdev-mirror ─▶ every job READY   storage.rs
+//!  STORAGE    (local disks) NBD stream per disk to QEMU (getfd) ─▶ blockdev-mirror ─▶ READY storage.rs
 //!  RAM        migrate caps/params (return-path) ─▶ RAM stream fd ─▶ migrate fd:        ram.rs
 //!             QEMU limit 1 ms (syncs each pass); the predicted pause fits the limit:     switchover.rs
-//!             routes swapped ─▶ 2 ms ─▶ stop (STOP → route swap as fallback)
+//!             routes swapped ─▶ 2 ms ─▶ stop (STOP → route swap as fallback); a guest the
+//!             sample shows idle: routes moved before the first sync, stop after it
 //!             pre-switchover (local disks): complete mirrors, ctl storage-done ⇄ released
 //!  CUTOVER    QEMU completed ─▶ vote `prepared` ─▶ COMMIT (journal, fsync) ─▶ `commit`  cutover.rs
 //!             ─▶ `resumed`

@@ -191,7 +191,8 @@ impl Ram<'_> {
                             predictor.routes_moved(Instant::now());
                             continue;
                         }
-                        Verdict::Switch { predicted } if !stopped && status == MigrationStatus::Active => {
+                        // Not once QEMU stopped the VM by itself (the STOP watcher has it).
+                        Verdict::Switch { predicted } if !stopped && !*stop_rx.borrow() && status == MigrationStatus::Active => {
                             let why = Why { predicted, dirty_rate: predictor.dirty_rate(), p };
                             let limit = Limit { downtime: downtime_limit, release_hold: hold };
                             switchover(qmp, node, forward, &swapped, &times, limit, &why, env).await?;
@@ -379,21 +380,15 @@ async fn switchover(
     // the VM running (and its traffic at the destination's plug) for up to 400 ms until QEMU's
     // next threshold update.
     let lead = Instant::now();
-    let note = format!(
-        "switchover: VM routes forward to the destination (pass {}, predicted pause {} ms)",
-        why.p.iteration,
-        why.predicted.as_millis()
-    );
+    let (pass, predicted) = (why.p.iteration, why.predicted.as_millis());
     if swapped.load(Ordering::SeqCst) {
-        env.log.push(Event::new(
-            Phase::Cutover,
-            format!(
-                "switchover: source stops (pass {}, predicted pause {} ms)",
-                why.p.iteration,
-                why.predicted.as_millis()
-            ),
-        ));
+        // The routes moved ahead of the stop, long enough ago for the in-flight packets to land.
+        let note = format!("switchover: source stops (pass {pass}, predicted pause {predicted} ms)");
+        env.log.push(Event::new(Phase::Cutover, note));
     } else {
+        let note = format!(
+            "switchover: VM routes forward to the destination (pass {pass}, predicted pause {predicted} ms)"
+        );
         move_routes(node, forward, swapped, times, &note, env).await?;
         tokio::time::sleep(SWITCHOVER_SETTLE).await;
     }
