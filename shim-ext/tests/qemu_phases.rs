@@ -104,6 +104,11 @@ fn ram_config() -> RamConfig {
     }
 }
 
+/// [`ram_config`] with every optional capability off: only `events` and `return-path` are set.
+fn events_and_return_path_only() -> RamConfig {
+    RamConfig { multifd_channels: None, auto_converge: false, pause_before_switchover: false, ..ram_config() }
+}
+
 #[tokio::test]
 async fn configure_sets_every_capability_and_an_explicit_bandwidth() {
     let (qmp, _bus, server) =
@@ -232,12 +237,7 @@ async fn configure_on_qemu_8_2_resets_the_completion_hold() {
     })
     .await;
     let features = QemuFeatures::discover(&qmp).await.expect("discover");
-    let config = RamConfig {
-        multifd_channels: None,
-        auto_converge: false,
-        pause_before_switchover: false,
-        ..ram_config()
-    };
+    let config = events_and_return_path_only();
     compute::configure(&qmp, &features, &config).await.expect("configure");
     finish(server).await;
 }
@@ -332,12 +332,7 @@ async fn qemu_refusing_a_capability_is_reported_with_what_was_asked() {
     })
     .await;
     let features = QemuFeatures::discover(&qmp).await.expect("discover");
-    let config = RamConfig {
-        multifd_channels: None,
-        auto_converge: false,
-        pause_before_switchover: false,
-        ..ram_config()
-    };
+    let config = events_and_return_path_only();
     let error = compute::configure(&qmp, &features, &config).await.expect_err("refused");
     assert_eq!(error.to_string(), "cannot set migration capabilities [events=on, return-path=on]");
     let source = std::error::Error::source(&error).expect("source").to_string();

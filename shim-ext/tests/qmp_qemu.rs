@@ -22,6 +22,13 @@ async fn start() -> Option<(Qemu, QmpClient, EventReceiver)> {
     Some((qemu, qmp, events))
 }
 
+/// [`start`], then discovery: the QEMU, its client and what it offers.
+async fn start_discovered() -> Option<(Qemu, QmpClient, katamaran::migration::qemu::QemuFeatures)> {
+    let (qemu, qmp, _events) = start().await?;
+    let features = katamaran::migration::qemu::QemuFeatures::discover(&qmp).await.expect("discover");
+    Some((qemu, qmp, features))
+}
+
 /// The next event called `name`; others (none are expected on a diskless VM) are skipped.
 async fn wait_for_event(events: &mut EventReceiver, name: &str) -> QmpEvent {
     let wait = async {
@@ -52,10 +59,9 @@ async fn query_version_matches_the_greeting() {
 /// re-arms TCG's dirty tracking after a sync) may iterate pre-copy; CI runs this on 7.2 and 10.x.
 #[tokio::test]
 async fn discovery_sees_tcg_and_iterates_only_from_qemu_9() {
-    let Some((_qemu, qmp, _events)) = start().await else {
+    let Some((_qemu, qmp, features)) = start_discovered().await else {
         return;
     };
-    let features = katamaran::migration::qemu::QemuFeatures::discover(&qmp).await.expect("discover");
     // Discovery reads TCG also when `query-kvm` is missing or answers oddly: check the answer
     // it parses, so a QEMU that changed it fails here.
     assert!(features.has_command("query-kvm"), "QEMU {} lists query-kvm", features.version());
@@ -72,10 +78,9 @@ async fn discovery_sees_tcg_and_iterates_only_from_qemu_9() {
 #[tokio::test]
 async fn the_completion_hold_is_offered_from_qemu_8_2() {
     use katamaran::migration::qemu::compute;
-    let Some((_qemu, qmp, _events)) = start().await else {
+    let Some((_qemu, qmp, features)) = start_discovered().await else {
         return;
     };
-    let features = katamaran::migration::qemu::QemuFeatures::discover(&qmp).await.expect("discover");
     let version = features.version().clone();
     let held =
         compute::set_limit(&qmp, Duration::from_millis(1), Some(compute::COMPLETION_HOLD_BANDWIDTH)).await;
@@ -101,10 +106,9 @@ async fn the_completion_hold_is_offered_from_qemu_8_2() {
 #[tokio::test]
 async fn dirty_rate_is_measured_in_milliseconds_from_qemu_8_2() {
     use katamaran::migration::qemu::dirty_rate::{self, Measurement};
-    let Some((_qemu, qmp, _events)) = start().await else {
+    let Some((_qemu, qmp, features)) = start_discovered().await else {
         return;
     };
-    let features = katamaran::migration::qemu::QemuFeatures::discover(&qmp).await.expect("discover");
     let version = features.version().clone();
     assert_eq!(dirty_rate::supported(&features), version.at_least(8, 2), "QEMU {version}");
     if !dirty_rate::supported(&features) {

@@ -437,24 +437,24 @@ mod tests {
             total_bytes: 1000 * MIB,
             ..RamProgress::default()
         };
-        let mut s = Switchover::new(Mode::Iterate, t0);
-        s.seed_dirty_rate(MIB);
-        s.observe(at(0), &progress(1, 1000 * MIB, 0), limit);
-        s.observe(at(3900), &progress(1, 25 * MIB, 975 * MIB), limit);
-        assert_eq!(s.observe(at(3960), &progress(1, 2 * MIB, 998 * MIB), limit), Verdict::MoveRoutes);
-        s.routes_moved(at(3960));
+        // A predictor that moved the routes 40 ms before its first pass would end.
+        let moved = || {
+            let mut s = Switchover::new(Mode::Iterate, t0);
+            s.seed_dirty_rate(MIB);
+            s.observe(at(0), &progress(1, 1000 * MIB, 0), limit);
+            s.observe(at(3900), &progress(1, 25 * MIB, 975 * MIB), limit);
+            assert_eq!(s.observe(at(3960), &progress(1, 2 * MIB, 998 * MIB), limit), Verdict::MoveRoutes);
+            s.routes_moved(at(3960));
+            s
+        };
+        let mut s = moved();
         // The pass outlasts its prediction: its sync is waited for, not cut short.
         let v = s.observe(at(4100), &progress(1, MIB, 999 * MIB), limit);
         assert_eq!(v, Verdict::Wait(POLL_FAST), "140 ms after the move, still the first pass");
         let v = s.observe(at(4210), &progress(1, MIB / 2, 999 * MIB), limit);
         assert!(matches!(v, Verdict::Switch { .. }), "250 ms after the move: {v:?}");
 
-        let mut s = Switchover::new(Mode::Iterate, t0);
-        s.seed_dirty_rate(MIB);
-        s.observe(at(0), &progress(1, 1000 * MIB, 0), limit);
-        s.observe(at(3900), &progress(1, 25 * MIB, 975 * MIB), limit);
-        assert_eq!(s.observe(at(3960), &progress(1, 2 * MIB, 998 * MIB), limit), Verdict::MoveRoutes);
-        s.routes_moved(at(3960));
+        let mut s = moved();
         // The first sync finds 200 MiB after all: no pause fits, but the packets wait.
         let v = s.observe(at(3970), &progress(2, 200 * MIB, 1000 * MIB), limit);
         assert!(matches!(v, Verdict::Wait(_)), "{v:?}");
