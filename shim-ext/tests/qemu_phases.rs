@@ -242,6 +242,67 @@ async fn configure_on_qemu_8_2_resets_the_completion_hold() {
     finish(server).await;
 }
 
+/// A rollback puts back exactly what the sending side changed, as QEMU had it before: the
+/// capabilities `configure` sets at their discovered states (one was already on), the
+/// parameters it and the completion hold set at the values QEMU reported, nothing else.
+#[tokio::test]
+async fn a_rollback_restores_the_settings_the_sending_side_changed() {
+    use katamaran::migration::qemu::compute::OutgoingSettings;
+    let (qmp, _bus, server) = fake(|mut conn| async move {
+        for _ in 0..3 {
+            let command = conn.recv_command().await;
+            let reply = match command.name.as_str() {
+                "query-version" => json!({"qemu": {"major": 10, "minor": 0, "micro": 2}, "package": ""}),
+                "query-commands" => json!([{"name": "migrate"}]),
+                "query-migrate-capabilities" => json!([
+                    {"capability": "events", "state": true},
+                    {"capability": "return-path", "state": false},
+                    {"capability": "auto-converge", "state": false},
+                    {"capability": "multifd", "state": false},
+                    {"capability": "pause-before-switchover", "state": false},
+                    {"capability": "xbzrle", "state": true},
+                ]),
+                other => panic!("unexpected discovery command {other}"),
+            };
+            conn.reply(&command, reply).await;
+        }
+        let query = conn.expect_command("query-migrate-parameters").await;
+        assert_eq!(query.arguments, None);
+        conn.reply(
+            &query,
+            json!({
+                "downtime-limit": 300, "max-bandwidth": 134_217_728, "avail-switchover-bandwidth": 0,
+                "multifd-channels": 2, "cpu-throttle-initial": 20, "tls-creds": ""
+            }),
+        )
+        .await;
+        expect(
+            &mut conn,
+            "migrate-set-capabilities",
+            json!({"capabilities": [
+                {"capability": "events", "state": true},
+                {"capability": "return-path", "state": false},
+                {"capability": "auto-converge", "state": false},
+                {"capability": "multifd", "state": false},
+                {"capability": "pause-before-switchover", "state": false},
+            ]}),
+        )
+        .await;
+        expect(
+            &mut conn,
+            "migrate-set-parameters",
+            json!({"downtime-limit": 300, "max-bandwidth": 134_217_728, "avail-switchover-bandwidth": 0}),
+        )
+        .await;
+    })
+    .await;
+    let features = QemuFeatures::discover(&qmp).await.expect("discover");
+    let config = RamConfig { multifd_channels: None, ..ram_config() };
+    let before = OutgoingSettings::read(&qmp, &features, &config).await.expect("read");
+    before.restore(&qmp).await.expect("restore");
+    finish(server).await;
+}
+
 /// The dirty-rate measurement the first pass predicts from: offered from QEMU 8.2 (the
 /// millisecond unit), page sampling sized to the guest, and its answers read as an upper bound.
 #[tokio::test]

@@ -101,6 +101,39 @@ async fn the_completion_hold_is_offered_from_qemu_8_2() {
     assert_eq!(parameters["downtime-limit"], 25, "QEMU {version}: {parameters}");
 }
 
+/// What a migration sets on the sending QEMU (capabilities, parameters, the completion hold)
+/// comes back off it when the migration rolls back: its settings read back as before.
+#[tokio::test]
+async fn a_rollback_leaves_the_sending_qemus_migration_settings_as_they_were() {
+    use katamaran::migration::qemu::compute::{self, OutgoingSettings, RamConfig};
+    let Some((_qemu, qmp, features)) = start_discovered().await else {
+        return;
+    };
+    let version = features.version().clone();
+    let query = |name: &'static str| {
+        let qmp = qmp.clone();
+        async move { qmp.execute(name, None).await.unwrap_or_else(|e| panic!("{name}: {e}")) }
+    };
+    let (parameters, capabilities) =
+        (query("query-migrate-parameters").await, query("query-migrate-capabilities").await);
+    let config = RamConfig {
+        downtime_limit: Duration::from_millis(25),
+        max_bandwidth: None,
+        multifd_channels: Some(4),
+        auto_converge: true,
+        pause_before_switchover: true,
+    };
+    let before = OutgoingSettings::read(&qmp, &features, &config).await.expect("read");
+    compute::configure(&qmp, &features, &config).await.expect("configure");
+    let hold = compute::has_switchover_bandwidth(&features).then_some(compute::COMPLETION_HOLD_BANDWIDTH);
+    compute::set_limit(&qmp, Duration::from_millis(1), hold).await.expect("limit");
+    assert_ne!(query("query-migrate-parameters").await, parameters, "QEMU {version}: configured");
+    assert_ne!(query("query-migrate-capabilities").await, capabilities, "QEMU {version}: configured");
+    before.restore(&qmp).await.expect("restore");
+    assert_eq!(query("query-migrate-parameters").await, parameters, "QEMU {version}");
+    assert_eq!(query("query-migrate-capabilities").await, capabilities, "QEMU {version}");
+}
+
 /// Where QEMU can measure the dirty rate within a first pass (8.2 on, so 10.x in CI), the engine's
 /// measurement starts and ends with a rate; on 7.2 it is not offered and the engine does not ask.
 #[tokio::test]

@@ -111,6 +111,23 @@ impl FaultLab {
         }
     }
 
+    /// The migration settings of `node`'s QEMU: `query-migrate-parameters` and
+    /// `query-migrate-capabilities`, read over its QMP socket (free while no migration runs).
+    #[allow(clippy::missing_panics_doc)]
+    pub fn migration_settings(&self, node: Node) -> (serde_json::Value, serde_json::Value) {
+        let socket = self.lab.paths(node, self.id).expect("paths").qmp;
+        self.engine.block_on(async {
+            let (qmp, _events) = katamaran::qmp::QmpClient::connect(&socket, &Default::default())
+                .await
+                .unwrap_or_else(|e| panic!("QMP of {node:?}: {e}"));
+            let parameters =
+                qmp.execute("query-migrate-parameters", None).await.expect("query-migrate-parameters");
+            let capabilities =
+                qmp.execute("query-migrate-capabilities", None).await.expect("query-migrate-capabilities");
+            (parameters, capabilities)
+        })
+    }
+
     /// Marks a row whose source VM paused (stopped, routes moved) before the rollback: the
     /// packets that reached the destination during that pause are lost with its copy, so the
     /// probe's loss is reported, not required to be 0.

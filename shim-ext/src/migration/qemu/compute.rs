@@ -241,6 +241,67 @@ pub async fn configure(
     set_parameters(qmp, parameters).await
 }
 
+/// What a migration changes in a sending QEMU's migration settings ([`configure`], the limits of
+/// the switchover), as it was before. A migration that rolls back puts it back: a VM that stays
+/// keeps its QEMU as the migration found it (no 1 ms downtime limit, no completion hold, no
+/// `pause-before-switchover` left for whatever migrates it next).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutgoingSettings {
+    capabilities: Vec<CapabilitySetting>,
+    parameters: Map<String, Value>,
+}
+
+impl OutgoingSettings {
+    /// Reads them before [`configure`]: the capabilities it sets as discovery found them, and
+    /// the parameters it and [`set_limit`] set, from `query-migrate-parameters` (a parameter
+    /// QEMU does not report is left alone).
+    ///
+    /// # Errors
+    /// [`QemuError::InvalidRamConfig`] and [`QemuError::MissingCapability`] as [`configure`];
+    /// [`QemuError::QueryParameters`].
+    pub async fn read(
+        qmp: &QmpClient,
+        features: &QemuFeatures,
+        config: &RamConfig,
+    ) -> Result<Self, QemuError> {
+        let capabilities = outgoing_capabilities(features, config)?
+            .into_iter()
+            .map(|set| CapabilitySetting {
+                capability: set.capability,
+                state: features.capability_enabled(set.capability).unwrap_or(false),
+            })
+            .collect();
+        let mut keys: Vec<String> = match outgoing_parameters(config)? {
+            Value::Object(map) => map.into_iter().map(|(key, _)| key).collect(),
+            _ => Vec::new(),
+        };
+        if has_switchover_bandwidth(features) {
+            keys.push("avail-switchover-bandwidth".into());
+        }
+        let current = qmp
+            .execute("query-migrate-parameters", None)
+            .await
+            .map_err(|source| QemuError::QueryParameters { source })?;
+        let parameters =
+            keys.into_iter().filter_map(|key| current.get(&key).cloned().map(|value| (key, value))).collect();
+        Ok(Self { capabilities, parameters })
+    }
+
+    /// Puts them back, once QEMU's migration has ended (it refuses capabilities while one runs).
+    ///
+    /// # Errors
+    /// [`QemuError::SetCapabilities`], [`QemuError::SetParameters`].
+    pub async fn restore(&self, qmp: &QmpClient) -> Result<(), QemuError> {
+        if !self.capabilities.is_empty() {
+            set_capabilities(qmp, &self.capabilities).await?;
+        }
+        if !self.parameters.is_empty() {
+            set_parameters(qmp, Value::Object(self.parameters.clone())).await?;
+        }
+        Ok(())
+    }
+}
+
 /// Configures the receiving QEMU, before [`start_incoming`].
 ///
 /// # Errors

@@ -108,6 +108,14 @@ pub enum QemuError {
         source: QmpError,
     },
 
+    /// `query-migrate-parameters` failed.
+    #[error("cannot read the migration parameters")]
+    QueryParameters {
+        /// QEMU's answer.
+        #[source]
+        source: QmpError,
+    },
+
     /// A command of the dirty-rate measurement failed (the migration goes on without it).
     #[error("cannot measure the guest's dirty rate ({command})")]
     DirtyRate {

@@ -72,6 +72,15 @@ impl Ram<'_> {
         if options.auto_downtime {
             ram.downtime_limit = downtime_from_rtt(ram.downtime_limit, rtt);
         }
+        // A rollback leaves the QEMU's migration settings as they were: pushed before
+        // `configure`, which may fail half-way, so that it unwinds after the migration ended.
+        let before = compute::OutgoingSettings::read(qmp, features, &ram).await?;
+        {
+            let q = qmp.clone();
+            cleanup.push("put back the source QEMU's migration settings", move || async move {
+                before.restore(&q).await.map_err(|e| e.to_string())
+            });
+        }
         compute::configure(qmp, features, &ram).await?;
         // Controlled switchover: QEMU iterates with a 1 ms limit and would complete by itself
         // only after a pass that dirtied less than a millisecond of transfer (or, where its
