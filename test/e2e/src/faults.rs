@@ -112,20 +112,35 @@ impl FaultLab {
     }
 
     /// The migration settings of `node`'s QEMU: `query-migrate-parameters` and
-    /// `query-migrate-capabilities`, read over its QMP socket (free while no migration runs).
-    #[allow(clippy::missing_panics_doc)]
-    pub fn migration_settings(&self, node: Node) -> (serde_json::Value, serde_json::Value) {
-        let socket = self.lab.paths(node, self.id).expect("paths").qmp;
+    /// `query-migrate-capabilities`, read over its QMP socket; `None` while the socket is busy
+    /// (an agent holds it during a migration and its unwind) or gone.
+    pub fn migration_settings(&self, node: Node) -> Option<(serde_json::Value, serde_json::Value)> {
+        let socket = self.lab.paths(node, self.id).ok()?.qmp;
         self.engine.block_on(async {
-            let (qmp, _events) = katamaran::qmp::QmpClient::connect(&socket, &Default::default())
-                .await
-                .unwrap_or_else(|e| panic!("QMP of {node:?}: {e}"));
-            let parameters =
-                qmp.execute("query-migrate-parameters", None).await.expect("query-migrate-parameters");
-            let capabilities =
-                qmp.execute("query-migrate-capabilities", None).await.expect("query-migrate-capabilities");
-            (parameters, capabilities)
+            let (qmp, _events) =
+                katamaran::qmp::QmpClient::connect(&socket, &Default::default()).await.ok()?;
+            let parameters = qmp.execute("query-migrate-parameters", None).await.ok()?;
+            let capabilities = qmp.execute("query-migrate-capabilities", None).await.ok()?;
+            Some((parameters, capabilities))
         })
+    }
+
+    /// Waits (up to 30 s) until `node`'s QEMU reads back `settings` ([`FaultLab::migration_settings`]):
+    /// a rollback puts back what the migration set, at the end of the source's unwind.
+    #[allow(clippy::missing_panics_doc)]
+    pub fn assert_migration_settings(
+        &self,
+        node: Node,
+        settings: &(serde_json::Value, serde_json::Value),
+        what: &str,
+    ) {
+        let until = Instant::now() + Duration::from_secs(30);
+        let mut now = self.migration_settings(node);
+        while now.as_ref() != Some(settings) && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(100));
+            now = self.migration_settings(node);
+        }
+        assert_eq!(now.as_ref(), Some(settings), "{what}: the source QEMU's migration settings as they were");
     }
 
     /// Marks a row whose source VM paused (stopped, routes moved) before the rollback: the
