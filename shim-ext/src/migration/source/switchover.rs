@@ -292,12 +292,12 @@ impl Switchover {
 fn pass_end_pays(predicted: Duration, to_clear: f64, since_sync: f64, dirty_rate: f64, wire: f64) -> bool {
     let this_end = secs(dirty_rate * (since_sync + to_clear) / wire);
     let next_end = secs(dirty_rate / wire * this_end.as_secs_f64());
-    if this_end < PASS_END_MIN || secs(to_clear) + this_end > PASS_END_HORIZON {
+    if this_end < PASS_END_MIN || secs(to_clear).saturating_add(this_end) > PASS_END_HORIZON {
         return false;
     }
     let near_end = secs(to_clear) <= POLL_FAST + PASS_END_LEAD;
     let best = if near_end { next_end } else { this_end.min(next_end) };
-    best + PASS_END_GAIN < predicted.min(if near_end { this_end } else { predicted })
+    best.saturating_add(PASS_END_GAIN) < predicted.min(if near_end { this_end } else { predicted })
 }
 
 /// [`Mode::SinglePass`]: switch when the rest of RAM fits the limit or the two-poll horizon at
