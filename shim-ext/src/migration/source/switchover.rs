@@ -343,6 +343,17 @@ mod tests {
         (run.pause, run.iteration)
     }
 
+    /// A `query-migrate` poll of a 1000 MiB guest in pass `iteration`.
+    fn progress(iteration: u64, remaining: u64, transferred: u64) -> RamProgress {
+        RamProgress {
+            iteration,
+            remaining_bytes: remaining,
+            transferred_bytes: transferred,
+            total_bytes: 1000 * MIB,
+            ..RamProgress::default()
+        }
+    }
+
     /// How a simulated pre-copy ended.
     #[derive(Debug)]
     struct Run {
@@ -478,13 +489,6 @@ mod tests {
         let t0 = Instant::now();
         let limit = Duration::from_millis(25);
         let at = |ms| t0 + Duration::from_millis(ms);
-        let progress = |iteration, remaining: u64, transferred: u64| RamProgress {
-            iteration,
-            remaining_bytes: remaining,
-            transferred_bytes: transferred,
-            total_bytes: 1000 * MIB,
-            ..RamProgress::default()
-        };
         // A predictor that moved the routes 40 ms before its first pass would end.
         let moved = || {
             let mut s = Switchover::new(Mode::Iterate, t0);
@@ -540,13 +544,6 @@ mod tests {
         // A pass whose end is 14 ms away, and a pass end through which the stop rides.
         let t0 = Instant::now();
         let at = |ms| t0 + Duration::from_millis(ms);
-        let progress = |iteration, remaining: u64, transferred: u64| RamProgress {
-            iteration,
-            remaining_bytes: remaining,
-            transferred_bytes: transferred,
-            total_bytes: 1000 * MIB,
-            ..RamProgress::default()
-        };
         let observe_pass_two = |s: &mut Switchover| {
             s.observe(at(0), &progress(1, 100 * MIB, 0), limit);
             s.observe(at(392), &progress(1, 2 * MIB, 98 * MIB), limit);
@@ -666,13 +663,6 @@ mod tests {
         let mut s = Switchover::new(Mode::Iterate, t0);
         let limit = Duration::from_millis(25);
         let at = |ms| t0 + Duration::from_millis(ms);
-        let progress = |iteration, remaining, transferred| RamProgress {
-            iteration,
-            remaining_bytes: remaining,
-            transferred_bytes: transferred,
-            total_bytes: 1000 * MIB,
-            ..RamProgress::default()
-        };
         s.observe(at(0), &progress(1, 1000 * MIB, 0), limit);
         s.observe(at(500), &progress(1, 500 * MIB, 500 * MIB), limit);
         s.observe(at(995), &progress(1, 2 * MIB, 998 * MIB), limit);
