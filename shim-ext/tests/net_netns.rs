@@ -275,6 +275,76 @@ async fn tap_is_created_inside_persistent_and_deleted() {
     assert!(h.link("kt-tap0").await.unwrap_err().is_not_found());
 }
 
+/// What the controlled switchover waits on: the frames a process's tap queue holds unread,
+/// seen through a borrowed descriptor without taking them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tap_watch_sees_unread_frames_without_taking_them() {
+    use katamaran::net::tapdrain::TapWatch;
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    if !privileged() {
+        return;
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        skip(Tier::Netns, "needs /dev/net/tun");
+        return;
+    }
+    let ns = Ns::new("w");
+    let h = ns.open();
+    // No IPv6 on the tap: no router solicitation or MLD report lands in its queue unasked.
+    h.run(|| {
+        for key in ["all", "default"] {
+            std::fs::write(format!("/proc/sys/net/ipv6/conf/{key}/disable_ipv6"), "1")?;
+        }
+        Ok::<(), io::Error>(())
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let tap = h.create_tap(&TapSpec::kata("kt-tapw")).await.unwrap();
+    // This process plays QEMU: one queue of the tap, non-blocking (QEMU's mode).
+    let queue = h
+        .run(|| -> io::Result<std::fs::File> {
+            let f = std::fs::OpenOptions::new().read(true).write(true).open("/dev/net/tun")?;
+            // SAFETY: all-zero is a valid `ifreq`.
+            let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+            for (d, c) in req.ifr_name.iter_mut().zip(b"kt-tapw") {
+                *d = *c as libc::c_char;
+            }
+            req.ifr_ifru.ifru_flags =
+                (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_MULTI_QUEUE | libc::IFF_VNET_HDR)
+                    as libc::c_short;
+            // SAFETY: TUNSETIFF reads and writes the `ifreq`, which outlives the call.
+            if unsafe { libc::ioctl(f.as_raw_fd(), libc::TUNSETIFF, &mut req) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: F_SETFL with flags only.
+            unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+            Ok(f)
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    h.add_address(&tap, prefix("10.93.0.1/24")).await.unwrap();
+    h.set_link_up(&tap, true).await.unwrap();
+    let watch = TapWatch::open(std::process::id(), "kt-tapw").unwrap();
+    assert!(TapWatch::open(std::process::id(), "kt-none").unwrap_err().kind() == io::ErrorKind::NotFound);
+
+    let mut buf = vec![0u8; 65_536];
+    let drain = |q: &std::fs::File, buf: &mut [u8]| while (&*q).read(buf).is_ok() {};
+    drain(&queue, &mut buf);
+    assert!(!watch.pending().unwrap(), "nothing queued");
+    // A datagram to a neighbour on the tap's subnet: the kernel sends an ARP request out of the
+    // tap, which queues it for the reader.
+    let sock = udp_in(&h, "10.93.0.1:0".parse().unwrap()).await;
+    sock.send_to(b"x", "10.93.0.2:9").await.unwrap();
+    eventually(Duration::from_secs(5), "a frame in the tap's queue", || async { watch.pending().unwrap() })
+        .await;
+    assert!(watch.pending().unwrap(), "looking did not take it");
+    drain(&queue, &mut buf);
+    assert!(!watch.pending().unwrap(), "read by the queue's owner");
+}
+
 /// Kata's shape: node ─veth─ pod{eth0, tap} ─veth─ guest, with tcfilter
 /// redirects eth0 ⇄ tap in the pod namespace, which has no address at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

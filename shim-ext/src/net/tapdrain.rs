@@ -6,7 +6,9 @@
 //! migration completed, katamaran borrows QEMU's tap queue descriptors (`pidfd_getfd`, Linux
 //! ≥ 5.6, needs ptrace rights over QEMU — root), reads every queued frame without blocking, and
 //! sends the IP packets out again from the node, where the VM's address now routes to the
-//! destination. They arrive late (reordered), not lost.
+//! destination. They arrive late (reordered), not lost. The controlled switchover keeps this
+//! queue empty where it can: after the route swap it waits ([`TapWatch`]) until the VM has read
+//! what its tap holds before it stops the VM.
 
 use std::ffi::CStr;
 use std::io;
@@ -75,6 +77,85 @@ fn vnet_hdr_len(fd: &OwnedFd) -> io::Result<usize> {
     usize::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))
 }
 
+/// One of a process's queue descriptors on a tap, duplicated into this process.
+struct TapQueue {
+    /// The descriptor's number in the process.
+    number: RawFd,
+    /// The duplicate (same open file description: same queue, same flags).
+    fd: OwnedFd,
+    /// `TUNGETIFF` flags.
+    flags: libc::c_short,
+}
+
+/// Every descriptor process `pid` holds on `tap` (`/proc/<pid>/fd`, `pidfd_getfd`).
+fn process_tap_queues(pid: u32, tap: &str) -> io::Result<Vec<TapQueue>> {
+    let pidfd = pidfd_open(pid)?;
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let entry = entry?;
+        let Ok(target) = std::fs::read_link(entry.path()) else { continue };
+        if target.as_os_str() != "/dev/net/tun" {
+            continue;
+        }
+        let Some(number) = entry.file_name().to_str().and_then(|n| n.parse::<RawFd>().ok()) else { continue };
+        let fd = pidfd_getfd(&pidfd, number)?;
+        let Ok((name, flags)) = tun_iff(&fd) else { continue };
+        if name == tap {
+            out.push(TapQueue { number, fd, flags });
+        }
+    }
+    Ok(out)
+}
+
+/// Whether frames wait, unread, in a running VM's tap: its QEMU's queue descriptors, borrowed
+/// and polled without reading (so the VM still gets every frame).
+///
+/// The controlled switchover uses it between the route swap and the stop: what the VM has not
+/// read when it stops can only be recovered after the move ([`drain_process_tap`]), behind the
+/// packets the destination held, out of order.
+#[derive(Debug)]
+pub struct TapWatch {
+    queues: Vec<OwnedFd>,
+}
+
+impl TapWatch {
+    /// Borrows the queue descriptors process `pid` holds on `tap`.
+    ///
+    /// # Errors
+    /// When the process cannot be inspected, or holds no descriptor on `tap` (`NotFound`).
+    pub fn open(pid: u32, tap: &str) -> io::Result<Self> {
+        let queues: Vec<OwnedFd> = process_tap_queues(pid, tap)?.into_iter().map(|q| q.fd).collect();
+        if queues.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("process {pid} holds no queue of {tap}"),
+            ));
+        }
+        Ok(Self { queues })
+    }
+
+    /// Whether any queue holds a frame (a poll that does not wait).
+    ///
+    /// # Errors
+    /// When `poll` fails.
+    pub fn pending(&self) -> io::Result<bool> {
+        let mut fds: Vec<libc::pollfd> = self
+            .queues
+            .iter()
+            .map(|fd| libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 })
+            .collect();
+        let n =
+            libc::nfds_t::try_from(fds.len()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: `fds` is a valid array of `n` pollfd structures that outlives the call; a zero
+        // timeout never blocks.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), n, 0) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(fds.iter().any(|p| p.revents & libc::POLLIN != 0))
+    }
+}
+
 /// Takes every frame queued on `tap` in process `pid`'s tap descriptors.
 ///
 /// Call only once the process will never read the tap again (a completed outgoing migration).
@@ -83,20 +164,8 @@ fn vnet_hdr_len(fd: &OwnedFd) -> io::Result<usize> {
 /// # Errors
 /// When the process cannot be inspected (`/proc/<pid>/fd`, pidfd_open, pidfd_getfd).
 pub fn drain_process_tap(pid: u32, tap: &str) -> io::Result<Drained> {
-    let pidfd = pidfd_open(pid)?;
     let mut out = Drained::default();
-    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
-        let entry = entry?;
-        let Ok(target) = std::fs::read_link(entry.path()) else { continue };
-        if target.as_os_str() != "/dev/net/tun" {
-            continue;
-        }
-        let Some(num) = entry.file_name().to_str().and_then(|n| n.parse::<RawFd>().ok()) else { continue };
-        let fd = pidfd_getfd(&pidfd, num)?;
-        let Ok((name, flags)) = tun_iff(&fd) else { continue };
-        if name != tap {
-            continue;
-        }
+    for TapQueue { number: num, fd, flags } in process_tap_queues(pid, tap)? {
         // SAFETY: F_GETFL takes no argument beyond the descriptor, which is open.
         let fl = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
         if fl < 0 || fl & libc::O_NONBLOCK == 0 {

@@ -26,6 +26,14 @@ const REPORT_EVERY: Duration = Duration::from_millis(500);
 /// After the route swap and before QEMU may stop the VM: packets already routed into the sandbox
 /// (in the veth and the tap) reach the still-running VM.
 const SWITCHOVER_SETTLE: Duration = Duration::from_millis(2);
+/// After the settle, the longest the switchover waits for the VM to read what its tap still
+/// holds: a frame left there at the stop reaches the VM only after the move, through the tap
+/// drain, behind the packets the destination held (out of order). Before the stop, so the
+/// wait adds nothing to the pause; bounded, because a guest that stopped reading its NIC would
+/// hold the migration otherwise.
+const TAP_SETTLE_LIMIT: Duration = Duration::from_millis(20);
+/// How often the tap is looked at meanwhile.
+const TAP_SETTLE_POLL: Duration = Duration::from_millis(1);
 /// The longest the paused source waits for the destination to release its disks.
 const STORAGE_RELEASE_LIMIT: Duration = Duration::from_secs(10);
 /// The longest the mirrors may take to settle at pre-switchover (the guest is paused).
@@ -204,7 +212,8 @@ impl Ram<'_> {
                         Verdict::Switch { predicted } if !stopped && !*stop_rx.borrow() && status == MigrationStatus::Active => {
                             let why = Why { predicted, dirty_rate: predictor.dirty_rate(), p };
                             let limit = Limit { downtime: downtime_limit, release_hold: hold };
-                            switchover(qmp, node, forward, &swapped, &times, limit, &why, env).await?;
+                            let tap = (self.req.qemu_pid, self.req.tap_name.as_str());
+                            switchover(qmp, node, forward, &swapped, &times, limit, &why, tap, env).await?;
                             stopped = true;
                             continue;
                         }
@@ -383,6 +392,7 @@ async fn switchover(
     times: &Mutex<CutoverTimes>,
     limit: Limit,
     why: &Why,
+    (qemu_pid, tap): (u32, &str),
     env: &SourceEnv,
 ) -> Result<(), EngineError> {
     // Converged: forward first, then stop the VM ourselves. Raising QEMU's limit instead left
@@ -390,16 +400,25 @@ async fn switchover(
     // next threshold update.
     let lead = Instant::now();
     let (pass, predicted) = (why.p.iteration, why.predicted.as_millis());
-    if swapped.load(Ordering::SeqCst) {
+    let min_settle = if swapped.load(Ordering::SeqCst) {
         // The routes moved ahead of the stop, long enough ago for the in-flight packets to land.
         let note = format!("switchover: source stops (pass {pass}, predicted pause {predicted} ms)");
         env.log.push(Event::new(Phase::Cutover, note));
+        Duration::ZERO
     } else {
         let note = format!(
             "switchover: VM routes forward to the destination (pass {pass}, predicted pause {predicted} ms)"
         );
         move_routes(node, forward, swapped, times, &note, env).await?;
-        tokio::time::sleep(SWITCHOVER_SETTLE).await;
+        SWITCHOVER_SETTLE
+    };
+    let settle = settle_into_vm(qemu_pid, tap, min_settle).await;
+    if settle.pending_at_stop == Some(true) {
+        tracing::warn!(
+            waited_ms = settle.waited.as_millis(),
+            tap,
+            "the VM had not read its tap by the stop: those packets follow after the move, out of order"
+        );
     }
     qmp.stop().await?;
     let swap_to_stop = lead.elapsed();
@@ -410,9 +429,75 @@ async fn switchover(
         iteration = why.p.iteration,
         remaining = why.p.remaining_bytes,
         swap_to_stop_us = swap_to_stop.as_micros(),
+        settle_us = settle.waited.as_micros(),
+        tap_pending_at_stop = ?settle.pending_at_stop,
         "switchover: VM routes forward to the destination, source VM stopped"
     );
     Ok(())
+}
+
+/// What the wait between the route swap and the stop found.
+#[derive(Debug, Clone, Copy)]
+struct Settle {
+    /// From the settle's start to the stop.
+    waited: Duration,
+    /// Whether frames were still unread in the VM's tap at the stop (`None`: not watched).
+    pending_at_stop: Option<bool>,
+}
+
+/// Lets the packets routed to the source before the swap reach the VM: at least `min`, then
+/// until the VM has read every frame its tap holds (at most [`TAP_SETTLE_LIMIT`]). Without a
+/// tap to watch (no QEMU pid, no descriptor found), `min` only.
+async fn settle_into_vm(qemu_pid: u32, tap: &str, min: Duration) -> Settle {
+    let started = Instant::now();
+    let watch = if qemu_pid == 0 {
+        None
+    } else {
+        let tap = tap.to_owned();
+        match tokio::task::spawn_blocking(move || crate::net::tapdrain::TapWatch::open(qemu_pid, &tap)).await
+        {
+            Ok(Ok(w)) => Some(w),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "cannot watch the source tap; the fixed settle only");
+                None
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "tap watch task failed; the fixed settle only");
+                None
+            }
+        }
+    };
+    let rest = min.saturating_sub(started.elapsed());
+    if !rest.is_zero() {
+        tokio::time::sleep(rest).await;
+    }
+    let pending_at_stop = match &watch {
+        Some(w) => Some(wait_until_read(|| w.pending(), TAP_SETTLE_LIMIT, TAP_SETTLE_POLL).await),
+        None => None,
+    };
+    Settle { waited: started.elapsed(), pending_at_stop }
+}
+
+/// Polls `pending` every `every` until it says nothing is pending, or `limit` passed. Returns
+/// whether something was still pending; a failed look counts as nothing (the fixed settle
+/// already passed).
+async fn wait_until_read(
+    mut pending: impl FnMut() -> std::io::Result<bool>,
+    limit: Duration,
+    every: Duration,
+) -> bool {
+    let until = Instant::now() + limit;
+    loop {
+        match pending() {
+            Ok(true) if Instant::now() < until => tokio::time::sleep(every).await,
+            Ok(true) => return true,
+            Ok(false) => return false,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot poll the source tap");
+                return false;
+            }
+        }
+    }
 }
 
 /// Opens the RAM transport and returns the `migrate` URI. A single stream is handed to QEMU as
@@ -505,5 +590,52 @@ async fn watch_stop(
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_tap_settle_ends_when_the_vm_read_everything_or_at_its_limit() {
+        // Read after three looks: nothing pending at the stop, well before the limit.
+        let mut looks = 0;
+        let started = Instant::now();
+        let pending = wait_until_read(
+            || {
+                looks += 1;
+                Ok(looks < 3)
+            },
+            Duration::from_secs(5),
+            Duration::from_millis(1),
+        )
+        .await;
+        assert!(!pending);
+        assert_eq!(looks, 3);
+        assert!(started.elapsed() < Duration::from_secs(1));
+
+        // Never read: still pending at the limit, which bounds the wait.
+        let started = Instant::now();
+        let pending = wait_until_read(|| Ok(true), Duration::from_millis(30), Duration::from_millis(1)).await;
+        assert!(pending);
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(30) && waited < Duration::from_secs(2), "{waited:?}");
+
+        // A look that fails ends the wait: nothing known to be pending.
+        let pending = wait_until_read(
+            || Err(std::io::Error::from(std::io::ErrorKind::PermissionDenied)),
+            Duration::from_secs(5),
+            Duration::from_millis(1),
+        )
+        .await;
+        assert!(!pending);
+    }
+
+    #[tokio::test]
+    async fn without_a_qemu_the_settle_is_the_fixed_one() {
+        let settle = settle_into_vm(0, "tap0_kata", Duration::from_millis(5)).await;
+        assert_eq!(settle.pending_at_stop, None);
+        assert!(settle.waited >= Duration::from_millis(5));
     }
 }
