@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the kernel lab VM: the lab guest image (hack/guest/build.sh) with the production-path
 # modules, plus the static katamaran-kernel-lab runner, shim-ext's privileged netns tests as a
-# static binary, and an /init that runs them and powers off. See docs/KERNEL-LAB.md.
+# static binary, katamaran-agent and the QEMU stand-in (for the engine-cutover check), and an
+# /init that runs them and powers off. See docs/KERNEL-LAB.md.
 set -euo pipefail
 
 usage() {
@@ -11,7 +12,8 @@ usage: hack/kernel-lab/build.sh [--out DIR] [--cache DIR] [--force] [--help]
 Builds the kernel lab image:
   DIR/vmlinuz         Debian's cloud kernel (from the guest image)
   DIR/initramfs.img   the guest initramfs (busybox, modules) followed by a second archive with
-                      /init, /bin/katamaran-kernel-lab and /bin/katamaran-net-netns-tests
+                      /init, /bin/katamaran-kernel-lab, /bin/katamaran-net-netns-tests,
+                      /bin/katamaran-agent and /bin/katamaran-qemu-standin
                       (the kernel unpacks concatenated archives in order; later files win)
   DIR/manifest.json   the guest manifest, binary hashes, inputs and output hashes
   DIR/guest/          the guest image built with the lab's extra modules
@@ -76,12 +78,18 @@ static_cargo() {
   (cd "$ROOT" && RUSTFLAGS="$STATIC_RUSTFLAGS" cargo "$@" --release --locked --target "$TARGET")
 }
 
-log "building katamaran-kernel-lab (static)"
-static_cargo build -p katamaran-kernel-lab 2>"$WORK/cargo.log" \
-  || { cat "$WORK/cargo.log" >&2; die "cargo build of katamaran-kernel-lab failed"; }
+log "building katamaran-kernel-lab, katamaran-agent and katamaran-qemu-standin (static)"
+static_cargo build -p katamaran-kernel-lab -p katamaran-shim-ext -p katamaran-qemu-standin \
+  --bin katamaran-kernel-lab --bin katamaran-agent --bin katamaran-qemu-standin 2>"$WORK/cargo.log" \
+  || { cat "$WORK/cargo.log" >&2; die "cargo build of the lab's programs failed"; }
 TARGET_DIR="$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
-RUNNER="${TARGET_DIR:-$ROOT/target}/$TARGET/release/katamaran-kernel-lab"
-[[ -x "$RUNNER" ]] || die "built runner not found at $RUNNER"
+RELEASE="${TARGET_DIR:-$ROOT/target}/$TARGET/release"
+RUNNER="$RELEASE/katamaran-kernel-lab"
+AGENT="$RELEASE/katamaran-agent"
+STANDIN="$RELEASE/katamaran-qemu-standin"
+for bin in "$RUNNER" "$AGENT" "$STANDIN"; do
+  [[ -x "$bin" ]] || die "built program not found at $bin"
+done
 
 log "building shim-ext's net_netns tests (static)"
 static_cargo test --no-run -p katamaran-shim-ext --test net_netns --message-format=json \
@@ -92,7 +100,7 @@ SUITE="$(grep '"kind":\["test"\]' "$WORK/suite.json" | grep '"name":"net_netns"'
   | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n1)"
 [[ -n "$SUITE" && -x "$SUITE" ]] || die "cargo did not report the net_netns test executable"
 
-for bin in "$RUNNER" "$SUITE"; do
+for bin in "$RUNNER" "$SUITE" "$AGENT" "$STANDIN"; do
   if LC_ALL=C readelf -l "$bin" 2>/dev/null | grep -q 'Requesting program interpreter'; then
     die "$bin is dynamically linked; the initramfs has no libc"
   fi
@@ -116,7 +124,7 @@ GUEST="$OUT/guest"
 # --- up to date? ----------------------------------------------------------------------------------
 INPUTS_HASH="$({
   cat "$GUEST/.inputs.sha256"
-  sha256sum "$RUNNER" "$SUITE" "$HERE/init" "$HERE/build.sh" | awk '{print $1}'
+  sha256sum "$RUNNER" "$SUITE" "$AGENT" "$STANDIN" "$HERE/init" "$HERE/build.sh" | awk '{print $1}'
 } | sha256sum | awk '{print $1}')"
 if ((FORCE == 0)) && [[ -f "$OUT/.inputs.sha256" && -f "$OUT/vmlinuz" && -f "$OUT/initramfs.img" && -f "$OUT/manifest.json" ]] \
   && [[ "$(cat "$OUT/.inputs.sha256")" == "$INPUTS_HASH" ]]; then
@@ -130,6 +138,8 @@ mkdir -p "$RFS/bin" "$RFS/etc/katamaran"
 install -m 0755 "$HERE/init" "$RFS/init"
 install -m 0755 "$RUNNER" "$RFS/bin/katamaran-kernel-lab"
 install -m 0755 "$SUITE" "$RFS/bin/katamaran-net-netns-tests"
+install -m 0755 "$AGENT" "$RFS/bin/katamaran-agent"
+install -m 0755 "$STANDIN" "$RFS/bin/katamaran-qemu-standin"
 echo "$INPUTS_HASH" >"$RFS/etc/katamaran/kernel-lab.inputs"
 # Reproducible: fixed modes and mtimes, sorted entries, owner 0.
 find "$RFS" -type d -exec chmod 0755 {} +
@@ -148,6 +158,8 @@ sha() { sha256sum "$1" | awk '{print $1}'; }
   printf '  "lab_modules": "%s",\n' "$MODULES"
   printf '  "runner_sha256": "%s",\n' "$(sha "$RUNNER")"
   printf '  "suite_sha256": "%s",\n' "$(sha "$SUITE")"
+  printf '  "agent_sha256": "%s",\n' "$(sha "$AGENT")"
+  printf '  "standin_sha256": "%s",\n' "$(sha "$STANDIN")"
   printf '  "inputs_sha256": "%s",\n' "$INPUTS_HASH"
   printf '  "sha256": {\n    "vmlinuz": "%s",\n    "initramfs.img": "%s"\n  }\n' \
     "$(sha "$WORK/vmlinuz")" "$(sha "$WORK/initramfs.img")"
@@ -157,4 +169,4 @@ for f in vmlinuz initramfs.img manifest.json; do
   mv -f "$WORK/$f" "$OUT/$f"
 done
 echo "$INPUTS_HASH" >"$OUT/.inputs.sha256"
-log "built $OUT: initramfs.img ($(du -k "$OUT/initramfs.img" | cut -f1) KiB), runner $(du -k "$RUNNER" | cut -f1) KiB, suite $(du -k "$SUITE" | cut -f1) KiB"
+log "built $OUT: initramfs.img ($(du -k "$OUT/initramfs.img" | cut -f1) KiB), runner $(du -k "$RUNNER" | cut -f1) KiB, suite $(du -k "$SUITE" | cut -f1) KiB, agent $(du -k "$AGENT" | cut -f1) KiB, stand-in $(du -k "$STANDIN" | cut -f1) KiB"

@@ -25,6 +25,12 @@ struct Cli {
     /// shim-ext's `net_netns` test binary, run by the `netns-suite` check.
     #[arg(long)]
     suite: Option<PathBuf>,
+    /// `katamaran-agent`, for the engine-cutover check (default: next to this program).
+    #[arg(long)]
+    agent: Option<PathBuf>,
+    /// `katamaran-qemu-standin`, for the engine-cutover check (default: next to this program).
+    #[arg(long)]
+    standin: Option<PathBuf>,
     /// Skip (rather than fail) checks whose kernel features are missing (for a development host).
     #[arg(long)]
     allow_missing: bool,
@@ -65,6 +71,13 @@ async fn main() -> ExitCode {
         suite: cli.suite.clone(),
         allow_missing: cli.allow_missing,
         check_timeout: cli.check_timeout,
+        programs: {
+            let beside = checks::engine::Programs::beside_self();
+            checks::engine::Programs {
+                agent: cli.agent.clone().unwrap_or(beside.agent),
+                standin: cli.standin.clone().unwrap_or(beside.standin),
+            }
+        },
     };
     let started = Instant::now();
     let mut reports = Vec::with_capacity(selected.len());

@@ -97,6 +97,33 @@ async fn vm_link(plan: &Plan, node: &Node, node_end: &str, vm: &Node) -> Result<
     Ok(w.a)
 }
 
+/// `client ══ node-a ══ node-b`: the client link (the client routes the VM to node-a), the
+/// underlay, and node-b's route back to the client through node-a, outside any tunnel. Every
+/// neighbour is permanent.
+///
+/// # Errors
+/// The first step that fails.
+pub async fn wire_client_and_underlay(
+    plan: &Plan,
+    client: &Node,
+    node_a: &Node,
+    node_b: &Node,
+) -> Result<()> {
+    let ca = wire(client, "c0", node_a, "a-c").await?;
+    client.address(&ca.a, prefix(plan.client, plan.client_len)?).await?;
+    node_a.address(&ca.b, prefix(plan.node_a_client_side, plan.client_len)?).await?;
+    client.neighbour(&ca.a, plan.node_a_client_side, ca.b_mac).await?;
+    node_a.neighbour(&ca.b, plan.client, ca.a_mac).await?;
+    client.route(&RouteSpec::via_onlink(plan.vm_prefix(), plan.node_a_client_side, ca.a.clone())).await?;
+
+    let ab = wire(node_a, "a-b", node_b, "b-a").await?;
+    node_a.address(&ab.a, prefix(plan.node_a, plan.underlay_len)?).await?;
+    node_b.address(&ab.b, prefix(plan.node_b, plan.underlay_len)?).await?;
+    node_a.neighbour(&ab.a, plan.node_b, ab.b_mac).await?;
+    node_b.neighbour(&ab.b, plan.node_a, ab.a_mac).await?;
+    node_b.route(&RouteSpec::via_onlink(host(plan.client), plan.node_a, ab.b.clone())).await
+}
+
 /// The built topology; every namespace is removed when it is dropped.
 #[derive(Debug)]
 pub struct Topo {
@@ -139,22 +166,7 @@ impl Topo {
         let vm_a = only(Node::new("vm-a").await?).await?;
         let vm_b = only(Node::new("vm-b").await?).await?;
 
-        // client ══ node-a
-        let ca = wire(&client, "c0", &node_a, "a-c").await?;
-        client.address(&ca.a, prefix(plan.client, plan.client_len)?).await?;
-        node_a.address(&ca.b, prefix(plan.node_a_client_side, plan.client_len)?).await?;
-        client.neighbour(&ca.a, plan.node_a_client_side, ca.b_mac).await?;
-        node_a.neighbour(&ca.b, plan.client, ca.a_mac).await?;
-        client.route(&RouteSpec::via_onlink(plan.vm_prefix(), plan.node_a_client_side, ca.a.clone())).await?;
-
-        // node-a ══ node-b (the underlay)
-        let ab = wire(&node_a, "a-b", &node_b, "b-a").await?;
-        node_a.address(&ab.a, prefix(plan.node_a, plan.underlay_len)?).await?;
-        node_b.address(&ab.b, prefix(plan.node_b, plan.underlay_len)?).await?;
-        node_a.neighbour(&ab.a, plan.node_b, ab.b_mac).await?;
-        node_b.neighbour(&ab.b, plan.node_a, ab.a_mac).await?;
-        // Replies of the moved VM go back to the client through node-a, outside the tunnel.
-        node_b.route(&RouteSpec::via_onlink(host(plan.client), plan.node_a, ab.b.clone())).await?;
+        wire_client_and_underlay(&plan, &client, &node_a, &node_b).await?;
 
         // node-a ══ vm-a and node-b ══ vm-b: the same VM address on both sides.
         let a_vm = vm_link(&plan, &node_a, "a-vm", &vm_a).await?;

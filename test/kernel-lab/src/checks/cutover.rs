@@ -348,26 +348,7 @@ mod tests {
 
     fn report(lost: u64, runs: usize) -> Report {
         let run = katamaran_probe::LossRun { first_seq: 1000, last_seq: 1000, start_ms: 1.0, end_ms: 1.0 };
-        Report {
-            target: "10.244.1.5:7".into(),
-            rate: 1000,
-            size: 64,
-            sent: 2000,
-            received: 2000 - lost,
-            lost,
-            duplicated: 0,
-            reordered: 0,
-            longest_gap_ms: 260.0,
-            rtt_ms: Default::default(),
-            loss_timeline: vec![run; runs],
-            duration_ms: 2000.0,
-            started_unix_ms: 0.0,
-            ready_ms: None,
-            send_late_ms: Default::default(),
-            send_errors: 0,
-            foreign: 0,
-            stop_reason: katamaran_probe::StopReason::Signal,
-        }
+        Report { loss_timeline: vec![run; runs], ..crate::checks::probe_report(2000, lost, 0, 0) }
     }
 
     #[test]

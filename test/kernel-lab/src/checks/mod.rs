@@ -11,6 +11,7 @@ use crate::error::CheckError;
 use crate::report::{chain, CheckReport, Metrics, Status};
 
 pub mod cutover;
+pub mod engine;
 pub mod features;
 pub mod plug;
 pub mod suite;
@@ -29,13 +30,15 @@ pub enum Check {
     Cutover,
     /// The controlled switchover: route swap → STOP, RESUME → plug release; nothing lost.
     CutoverControlled,
+    /// The engine's own cutover: two agents, a QEMU stand-in, the tunnel and the plug.
+    EngineCutover,
     /// shim-ext's privileged netns test suite, run as a binary.
     NetnsSuite,
 }
 
 impl Check {
     /// Every check, in run order.
-    pub const ALL: [Check; 9] = [
+    pub const ALL: [Check; 10] = [
         Check::Features,
         Check::Plug,
         Check::Tunnel(TunnelMode::Ipip),
@@ -44,6 +47,7 @@ impl Check {
         Check::Tunnel(TunnelMode::Ip6gre),
         Check::Cutover,
         Check::CutoverControlled,
+        Check::EngineCutover,
         Check::NetnsSuite,
     ];
 
@@ -56,7 +60,9 @@ impl Check {
             Check::Tunnel(TunnelMode::Gre) => &[Feature::Gre],
             Check::Tunnel(TunnelMode::Ip6ip6) => &[Feature::Ip6Tnl],
             Check::Tunnel(TunnelMode::Ip6gre) => &[Feature::Ip6Gre],
-            Check::Cutover | Check::CutoverControlled => &[Feature::Plug, Feature::Ipip],
+            Check::Cutover | Check::CutoverControlled | Check::EngineCutover => {
+                &[Feature::Plug, Feature::Ipip]
+            }
         }
     }
 }
@@ -69,6 +75,7 @@ impl fmt::Display for Check {
             Check::Tunnel(mode) => write!(f, "tunnel-{mode}"),
             Check::Cutover => f.write_str("cutover"),
             Check::CutoverControlled => f.write_str("cutover-controlled"),
+            Check::EngineCutover => f.write_str("engine-cutover"),
             Check::NetnsSuite => f.write_str("netns-suite"),
         }
     }
@@ -76,7 +83,7 @@ impl fmt::Display for Check {
 
 /// The name is not one of [`Check::ALL`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown check {0:?} (known: features, plug, tunnel-ipip, tunnel-gre, tunnel-ip6ip6, tunnel-ip6gre, cutover, cutover-controlled, netns-suite)")]
+#[error("unknown check {0:?} (known: features, plug, tunnel-ipip, tunnel-gre, tunnel-ip6ip6, tunnel-ip6gre, cutover, cutover-controlled, engine-cutover, netns-suite)")]
 pub struct UnknownCheck(String);
 
 impl FromStr for Check {
@@ -96,6 +103,8 @@ pub struct Options {
     pub allow_missing: bool,
     /// Deadline of one check.
     pub check_timeout: Duration,
+    /// The agent and the QEMU stand-in, for [`Check::EngineCutover`].
+    pub programs: engine::Programs,
 }
 
 /// Runs one check under its deadline and reports it.
@@ -151,7 +160,33 @@ async fn dispatch(check: Check, opts: &Options, m: &mut Metrics) -> Result<(), C
             let settle = cutover::ENGINE_SETTLE;
             cutover::run(&cutover::Config::new(cutover::Sequence::SwapThenStop { settle }), m).await
         }
+        Check::EngineCutover => engine::run(&opts.programs, m).await,
         Check::NetnsSuite => suite::run(opts.suite.as_deref(), opts.check_timeout, m).await,
+    }
+}
+
+/// A probe report for the verdicts' tests: `sent` datagrams at 1000 pps, the given counts.
+#[cfg(test)]
+pub(crate) fn probe_report(sent: u64, lost: u64, duplicated: u64, reordered: u64) -> katamaran_probe::Report {
+    katamaran_probe::Report {
+        target: "10.244.1.5:7".into(),
+        rate: 1000,
+        size: 64,
+        sent,
+        received: sent - lost,
+        lost,
+        duplicated,
+        reordered,
+        longest_gap_ms: 260.0,
+        rtt_ms: Default::default(),
+        loss_timeline: Vec::new(),
+        duration_ms: sent as f64,
+        started_unix_ms: 0.0,
+        ready_ms: None,
+        send_late_ms: Default::default(),
+        send_errors: 0,
+        foreign: 0,
+        stop_reason: katamaran_probe::StopReason::Signal,
     }
 }
 
@@ -174,6 +209,7 @@ mod tests {
                 "tunnel-ip6gre",
                 "cutover",
                 "cutover-controlled",
+                "engine-cutover",
                 "netns-suite"
             ]
         );
@@ -186,6 +222,7 @@ mod tests {
     #[test]
     fn the_cutover_needs_the_plug_and_ipip() {
         assert_eq!(Check::Cutover.needs(), &[Feature::Plug, Feature::Ipip]);
+        assert_eq!(Check::EngineCutover.needs(), &[Feature::Plug, Feature::Ipip]);
         assert_eq!(Check::Tunnel(TunnelMode::Ip6gre).needs(), &[Feature::Ip6Gre]);
         assert!(Check::NetnsSuite.needs().is_empty());
     }
