@@ -129,18 +129,20 @@ fn kernel_lab_vm_runs_every_check_and_all_pass() {
     // Swap first (the engine's controlled switchover): nothing lost at all.
     assert_eq!(metric("cutover-controlled", "lost"), 0.0);
     assert_eq!(metric("cutover-controlled", "stranded"), 0.0);
-    // The engine's own cutover (two agents, the QEMU stand-in): the probe lost nothing, the
-    // destination tap's plug held the pause's packets and dropped none, the VM was paused, and
-    // the stream ran through all of it (≥ 1 s each side of the move).
-    assert!(metric("engine-cutover", "sent") >= 2000.0);
-    assert_eq!(metric("engine-cutover", "lost"), 0.0);
-    assert_eq!(metric("engine-cutover", "duplicated"), 0.0);
-    // In order, but for packets the VM left in the source tap past the settle limit, which the
-    // tap drain re-sent after the move (late).
-    assert!(metric("engine-cutover", "reordered") <= metric("engine-cutover", "source_tap_drained"));
-    assert!(metric("engine-cutover", "plug_held_max") >= 1.0);
-    assert_eq!(metric("engine-cutover", "plug_drops"), 0.0);
-    assert!(metric("engine-cutover", "stop_to_resume") > 0.0);
+    // The engine's own cutover (two agents, the QEMU stand-in), IPv4 over ipip and IPv6 over
+    // ip6ip6: the probe lost nothing, the destination tap's plug held the pause's packets and
+    // dropped none, the VM was paused, and the stream ran through all of it (≥ 1 s each side of
+    // the move); in order, but for packets the VM left in the source tap past the settle limit,
+    // which the tap drain re-sent after the move (late).
+    for engine in ["engine-cutover", "engine-cutover-v6"] {
+        assert!(metric(engine, "sent") >= 2000.0, "{engine}");
+        assert_eq!(metric(engine, "lost"), 0.0, "{engine}");
+        assert_eq!(metric(engine, "duplicated"), 0.0, "{engine}");
+        assert!(metric(engine, "reordered") <= metric(engine, "source_tap_drained"), "{engine}");
+        assert!(metric(engine, "plug_held_max") >= 1.0, "{engine}");
+        assert_eq!(metric(engine, "plug_drops"), 0.0, "{engine}");
+        assert!(metric(engine, "stop_to_resume") > 0.0, "{engine}");
+    }
     // shim-ext's privileged tests ran in full: no feature missing here.
     assert!(metric("netns-suite", "passed") >= 1.0);
     assert_eq!(metric("netns-suite", "skipped"), 0.0);

@@ -2,12 +2,12 @@
 //! in its node's namespace, migrate a Kata-shaped sandbox whose "QEMU" is
 //! `katamaran-qemu-standin` (nested TCG is too slow for a real guest here) while a 1000 pps
 //! probe runs against the VM's echo. Nothing of the cutover is the check's: the agents pick the
-//! moment, create the ipip tunnel and move the route, stop the VM, hold its packets in the
-//! destination tap's `sch_plug`, commit, resume and release.
+//! moment, create the tunnel (ipip for an IPv4 VM, ip6ip6 for an IPv6 one) and move the route,
+//! stop the VM, hold its packets in the destination tap's `sch_plug`, commit, resume and release.
 //!
 //! ```text
 //!  client ─ c0 ══ a-c ─ node-a ─ a-b ══ b-a ─ node-b
-//!                         │ kmr-sb (route VM/32)       └ the incoming sandbox (agent-made:
+//!                         │ kmr-sb (route VM/32|/128)  └ the incoming sandbox (agent-made:
 //!                         ══ eth0 ─ sb-a                  netns, veth, tap0_kata + plug, QEMU)
 //!                              tcfilter ⇄ tap0_kata ─ katamaran-qemu-standin (echo :7)
 //!  katamaran-agent node (node-a)  ═ ctl + ram streams ═  katamaran-agent node (node-b)
@@ -15,11 +15,12 @@
 //! ```
 //!
 //! Asserted: the migration succeeds; the probe loses nothing, sees no duplicate, and nothing
-//! out of order but packets the source's tap drain recovered (see [`verdict`]); the destination's tap was held by a plug (kind `plug`, packets queued in it
-//! while the VM was paused); the source node's VM route ends in an `ipip` tunnel to node-b;
-//! then ReleaseForward on the source and RemoveIncoming on the destination leave no VM route on
-//! node-a and nothing of the received sandbox on node-b. Printed: STOP→RESUME, the engine's route
-//! swap relative to STOP, RESUME→release, the packets the plug held and the longest gap.
+//! out of order but packets the source's tap drain recovered (see [`verdict`]); the
+//! destination's tap was held by a plug (kind `plug`, packets queued in it while the VM was
+//! paused); the source node's VM route ends in the family's tunnel to node-b; then
+//! ReleaseForward on the source and RemoveIncoming on the destination leave no VM route on
+//! node-a and nothing of the received sandbox on node-b. Printed: STOP→RESUME, the engine's
+//! route swap relative to STOP, RESUME→release, the packets the plug held and the longest gap.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -75,15 +76,25 @@ impl Programs {
     }
 }
 
-/// Runs the check.
+/// The tunnel the engine is asked for and the kind of link the forward ends in, per family:
+/// ipip for an IPv4 VM between IPv4 nodes, ip6ip6 for an IPv6 VM between IPv6 nodes.
+fn tunnel_of(plan: Plan) -> (EngineTunnel, &'static str) {
+    if plan.vm.is_ipv4() {
+        (EngineTunnel::Ipip, "ipip")
+    } else {
+        (EngineTunnel::Ip6ip6, "ip6tnl")
+    }
+}
+
+/// Runs the check for the VM, nodes and client addresses of `plan` ([`Plan::V4`] or
+/// [`Plan::V6`]).
 ///
 /// # Errors
 /// The first step or assertion that fails.
-pub async fn run(programs: &Programs, m: &mut Metrics) -> Result<()> {
+pub async fn run(programs: &Programs, plan: Plan, m: &mut Metrics) -> Result<()> {
     for p in [&programs.agent, &programs.standin] {
         ensure(p.is_file(), || format!("{} is missing (the lab image ships it)", p.display()))?;
     }
-    let plan = Plan::V4;
     let base = PathBuf::from(format!("/run/kernel-lab/engine-{}", std::process::id()));
     let _base_guard = RemoveDir(base.clone());
     let lab = Lab::build(plan, &base).await?;
@@ -125,7 +136,7 @@ pub async fn run(programs: &Programs, m: &mut Metrics) -> Result<()> {
     let options = MigrationOptions {
         storage: StorageMode::Shared,
         plain_streams: true,
-        tunnel_mode: EngineTunnel::Ipip,
+        tunnel_mode: tunnel_of(plan).0,
         ..MigrationOptions::default()
     };
     let migration = MigrationPlan {
@@ -279,8 +290,9 @@ fn verdict(r: &Report, seen: &PlugSeen, drained: u64, forward: &Forward, plan: P
     ensure(seen.present, || "no sch_plug qdisc was seen on the incoming sandbox's tap0_kata".into())?;
     ensure(seen.max_held > 0, || "the destination's plug never held a packet during the cutover".into())?;
     ensure(seen.drops == 0, || format!("the plug dropped {} packets", seen.drops))?;
-    ensure(forward.kind == "ipip" && forward.remote == Some(plan.node_b), || {
-        format!("the source node's VM route does not end in an ipip tunnel to node-b: {forward}")
+    let kind = tunnel_of(plan).1;
+    ensure(forward.kind == kind && forward.remote == Some(plan.node_b), || {
+        format!("the source node's VM route does not end in an {kind} tunnel to node-b: {forward}")
     })
 }
 
@@ -310,12 +322,21 @@ struct Lab {
 impl Lab {
     async fn build(plan: Plan, base: &Path) -> Result<Self> {
         std::fs::create_dir_all(base).step(format!("create {}", base.display()))?;
-        let client = Node::new("client").await?.without_ipv6().await?;
+        // An IPv4 lab gives the client and the pod no IPv6 (nothing unasked in the plug).
+        let v4 = plan.vm.is_ipv4();
+        let only_v4 = |node: Node| async move {
+            if v4 {
+                node.without_ipv6().await
+            } else {
+                Ok(node)
+            }
+        };
+        let client = only_v4(Node::new("client").await?).await?;
         // The nodes keep IPv6: the destination agent gives the incoming pod's veth the
         // link-local IPv6 gateway (fe80::1), as it does on any node.
         let node_a = Node::router("node-a").await?;
         let node_b = Node::router("node-b").await?;
-        let sandbox = Node::new("sb-a").await?.without_ipv6().await?;
+        let sandbox = only_v4(Node::new("sb-a").await?).await?;
 
         crate::topo::wire_client_and_underlay(&plan, &client, &node_a, &node_b).await?;
 

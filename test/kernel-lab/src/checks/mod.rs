@@ -30,15 +30,17 @@ pub enum Check {
     Cutover,
     /// The controlled switchover: route swap → STOP, RESUME → plug release; nothing lost.
     CutoverControlled,
-    /// The engine's own cutover: two agents, a QEMU stand-in, the tunnel and the plug.
+    /// The engine's own cutover: two agents, a QEMU stand-in, the ipip tunnel and the plug.
     EngineCutover,
+    /// The same for an IPv6 VM between IPv6 nodes: the ip6ip6 tunnel.
+    EngineCutover6,
     /// shim-ext's privileged netns test suite, run as a binary.
     NetnsSuite,
 }
 
 impl Check {
     /// Every check, in run order.
-    pub const ALL: [Check; 10] = [
+    pub const ALL: [Check; 11] = [
         Check::Features,
         Check::Plug,
         Check::Tunnel(TunnelMode::Ipip),
@@ -48,6 +50,7 @@ impl Check {
         Check::Cutover,
         Check::CutoverControlled,
         Check::EngineCutover,
+        Check::EngineCutover6,
         Check::NetnsSuite,
     ];
 
@@ -63,6 +66,7 @@ impl Check {
             Check::Cutover | Check::CutoverControlled | Check::EngineCutover => {
                 &[Feature::Plug, Feature::Ipip]
             }
+            Check::EngineCutover6 => &[Feature::Plug, Feature::Ip6Tnl],
         }
     }
 }
@@ -76,6 +80,7 @@ impl fmt::Display for Check {
             Check::Cutover => f.write_str("cutover"),
             Check::CutoverControlled => f.write_str("cutover-controlled"),
             Check::EngineCutover => f.write_str("engine-cutover"),
+            Check::EngineCutover6 => f.write_str("engine-cutover-v6"),
             Check::NetnsSuite => f.write_str("netns-suite"),
         }
     }
@@ -83,7 +88,7 @@ impl fmt::Display for Check {
 
 /// The name is not one of [`Check::ALL`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown check {0:?} (known: features, plug, tunnel-ipip, tunnel-gre, tunnel-ip6ip6, tunnel-ip6gre, cutover, cutover-controlled, engine-cutover, netns-suite)")]
+#[error("unknown check {0:?} (known: features, plug, tunnel-ipip, tunnel-gre, tunnel-ip6ip6, tunnel-ip6gre, cutover, cutover-controlled, engine-cutover, engine-cutover-v6, netns-suite)")]
 pub struct UnknownCheck(String);
 
 impl FromStr for Check {
@@ -160,7 +165,8 @@ async fn dispatch(check: Check, opts: &Options, m: &mut Metrics) -> Result<(), C
             let settle = cutover::ENGINE_SETTLE;
             cutover::run(&cutover::Config::new(cutover::Sequence::SwapThenStop { settle }), m).await
         }
-        Check::EngineCutover => engine::run(&opts.programs, m).await,
+        Check::EngineCutover => engine::run(&opts.programs, crate::topo::Plan::V4, m).await,
+        Check::EngineCutover6 => engine::run(&opts.programs, crate::topo::Plan::V6, m).await,
         Check::NetnsSuite => suite::run(opts.suite.as_deref(), opts.check_timeout, m).await,
     }
 }
@@ -210,6 +216,7 @@ mod tests {
                 "cutover",
                 "cutover-controlled",
                 "engine-cutover",
+                "engine-cutover-v6",
                 "netns-suite"
             ]
         );
@@ -223,6 +230,7 @@ mod tests {
     fn the_cutover_needs_the_plug_and_ipip() {
         assert_eq!(Check::Cutover.needs(), &[Feature::Plug, Feature::Ipip]);
         assert_eq!(Check::EngineCutover.needs(), &[Feature::Plug, Feature::Ipip]);
+        assert_eq!(Check::EngineCutover6.needs(), &[Feature::Plug, Feature::Ip6Tnl]);
         assert_eq!(Check::Tunnel(TunnelMode::Ip6gre).needs(), &[Feature::Ip6Gre]);
         assert!(Check::NetnsSuite.needs().is_empty());
     }
