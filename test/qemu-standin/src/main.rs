@@ -20,8 +20,34 @@ const DEFAULT_DIRTY: u64 = 32 << 20;
 /// The NIC's MAC when the command line names none (QEMU's default prefix).
 const DEFAULT_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 
+/// `-h`, `-help`, `--help`.
+const USAGE: &str = "\
+usage: katamaran-qemu-standin [QEMU options]
+
+A stand-in for qemu-system-x86_64 in katamaran's kernel lab (docs/KERNEL-LAB.md): it runs no
+guest, serves the QMP and migration subset katamaran drives, and echoes on its tap.
+
+Options it acts on (QEMU's syntax; any other option is accepted and ignored):
+  -qmp unix:PATH,server=on[,wait=off]   serve QMP on PATH (0600, one client at a time; repeatable)
+  -pidfile PATH                         write the process id
+  -daemonize                            fork; the parent exits once the sockets are served
+  -S                                    do not start the VM (it runs on `cont`)
+  -incoming defer                       wait for migrate-incoming (fd: URIs only)
+  -netdev tap,...,ifname=NAME           open tap NAME: the guest answers ARP, ping, UDP echo :7
+  -device virtio-net-pci,...,mac=MAC    the guest NIC's address
+  -m SIZE                               guest RAM the migration sends (default 128M)
+
+Environment: KATAMARAN_STANDIN_DIRTY  bytes per second the guest dirties while it runs
+(default 33554432).
+Exit status: 0 on quit, 1 when it cannot start or an incoming migration fails, 2 usage.
+";
+
 fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.iter().any(|a| matches!(a.as_str(), "-h" | "-help" | "--help")) {
+        print!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
     let args = match Args::parse(&argv) {
         Ok(a) => a,
         Err(e) => {

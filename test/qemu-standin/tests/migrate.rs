@@ -271,3 +271,13 @@ fn usage_errors_exit_2_and_name_the_option() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("-incoming"));
 }
+
+#[test]
+fn help_names_what_it_acts_on() {
+    let out = Command::new(env!("CARGO_BIN_EXE_katamaran-qemu-standin")).arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for word in ["-qmp", "-incoming defer", "ifname=", "KATAMARAN_STANDIN_DIRTY", "Exit status"] {
+        assert!(text.contains(word), "{word} missing from --help");
+    }
+}
