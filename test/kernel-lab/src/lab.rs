@@ -97,6 +97,18 @@ impl Node {
         Ok(self)
     }
 
+    /// [`Node::without_ipv6`] when `ipv4_only` (a lab whose VM is IPv4), else unchanged.
+    ///
+    /// # Errors
+    /// When a sysctl cannot be written.
+    pub async fn without_ipv6_if(self, ipv4_only: bool) -> Result<Self> {
+        if ipv4_only {
+            self.without_ipv6().await
+        } else {
+            Ok(self)
+        }
+    }
+
     /// A namespace that forwards IPv4 and IPv6 (a Kubernetes node).
     ///
     /// # Errors

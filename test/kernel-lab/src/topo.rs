@@ -153,18 +153,11 @@ impl Topo {
     pub async fn build(plan: Plan) -> Result<Self> {
         // An IPv4 plan needs no IPv6: without it no stray solicitations reach a plug.
         let v4 = plan.vm.is_ipv4();
-        let only = |node: Node| async move {
-            if v4 {
-                node.without_ipv6().await
-            } else {
-                Ok(node)
-            }
-        };
-        let client = only(Node::new("client").await?).await?;
-        let node_a = only(Node::router("node-a").await?).await?;
-        let node_b = only(Node::router("node-b").await?).await?;
-        let vm_a = only(Node::new("vm-a").await?).await?;
-        let vm_b = only(Node::new("vm-b").await?).await?;
+        let client = Node::new("client").await?.without_ipv6_if(v4).await?;
+        let node_a = Node::router("node-a").await?.without_ipv6_if(v4).await?;
+        let node_b = Node::router("node-b").await?.without_ipv6_if(v4).await?;
+        let vm_a = Node::new("vm-a").await?.without_ipv6_if(v4).await?;
+        let vm_b = Node::new("vm-b").await?.without_ipv6_if(v4).await?;
 
         wire_client_and_underlay(&plan, &client, &node_a, &node_b).await?;
 

@@ -68,8 +68,7 @@ fn main() -> ExitCode {
     // Fork before any thread exists; the parent returns once the child serves its sockets.
     let ready = if args.daemonize {
         match daemonize() {
-            Ok(Some(w)) => Some(w),
-            Ok(None) => unreachable_parent(),
+            Ok(w) => Some(w),
             Err(e) => {
                 eprintln!("katamaran-qemu-standin: cannot daemonize: {e}");
                 return ExitCode::from(1);
@@ -158,8 +157,8 @@ fn set_nonblocking(f: &std::fs::File) -> nix::Result<()> {
 }
 
 /// Forks: the child (a new session) gets the pipe's write end to report readiness; the parent
-/// waits for that byte and exits 0, or 1 if the child died first.
-fn daemonize() -> nix::Result<Option<std::os::fd::OwnedFd>> {
+/// waits for that byte and exits 0, or 1 if the child died first (it never returns).
+fn daemonize() -> nix::Result<std::os::fd::OwnedFd> {
     use nix::unistd::{fork, pipe, read, setsid, ForkResult};
     let (r, w) = pipe()?;
     // SAFETY: no other thread exists yet (main forks before starting any), so the child may run
@@ -168,7 +167,7 @@ fn daemonize() -> nix::Result<Option<std::os::fd::OwnedFd>> {
         ForkResult::Child => {
             drop(r);
             setsid()?;
-            Ok(Some(w))
+            Ok(w)
         }
         ForkResult::Parent { .. } => {
             drop(w);
@@ -180,8 +179,4 @@ fn daemonize() -> nix::Result<Option<std::os::fd::OwnedFd>> {
             std::process::exit(code);
         }
     }
-}
-
-fn unreachable_parent() -> ! {
-    std::process::exit(1)
 }

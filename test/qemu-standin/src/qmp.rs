@@ -34,10 +34,7 @@ pub fn serve(vm: &Arc<Vm>, listener: &UnixListener) {
 fn session(vm: &Arc<Vm>, stream: UnixStream) -> std::io::Result<()> {
     stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
     let writer = Arc::new(Mutex::new(stream.try_clone()?));
-    let greeting = json!({"QMP": {
-        "version": {"qemu": {"micro": 2, "minor": 0, "major": 10}, "package": "katamaran-qemu-standin"},
-        "capabilities": ["oob"],
-    }});
+    let greeting = json!({"QMP": {"version": crate::vm::version(), "capabilities": ["oob"]}});
     send(&writer, &greeting)?;
     let mut negotiated = false;
     let mut fds: Vec<OwnedFd> = Vec::new();

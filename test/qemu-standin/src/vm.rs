@@ -274,10 +274,7 @@ impl Vm {
         fds: &mut Vec<OwnedFd>,
     ) -> Result<Value, QmpError> {
         match cmd {
-            "query-version" => Ok(json!({
-                "qemu": {"major": 10, "minor": 0, "micro": 2},
-                "package": "katamaran-qemu-standin",
-            })),
+            "query-version" => Ok(version()),
             "query-commands" => Ok(Value::Array(COMMANDS.iter().map(|c| json!({"name": c})).collect())),
             "query-name" => Ok(json!({})),
             "query-status" => {
@@ -639,6 +636,12 @@ impl Vm {
             eprintln!("katamaran-qemu-standin: cannot announce: {e}");
         }
     }
+}
+
+/// The QEMU version the stand-in claims, in the greeting and `query-version`: 10.0.2, so the
+/// engine takes its QEMU ≥ 9 path (iterating pre-copy, the completion hold).
+pub fn version() -> Value {
+    json!({"qemu": {"major": 10, "minor": 0, "micro": 2}, "package": "katamaran-qemu-standin"})
 }
 
 /// Every command the stand-in answers (`query-commands`).

@@ -324,19 +324,12 @@ impl Lab {
         std::fs::create_dir_all(base).step(format!("create {}", base.display()))?;
         // An IPv4 lab gives the client and the pod no IPv6 (nothing unasked in the plug).
         let v4 = plan.vm.is_ipv4();
-        let only_v4 = |node: Node| async move {
-            if v4 {
-                node.without_ipv6().await
-            } else {
-                Ok(node)
-            }
-        };
-        let client = only_v4(Node::new("client").await?).await?;
+        let client = Node::new("client").await?.without_ipv6_if(v4).await?;
         // The nodes keep IPv6: the destination agent gives the incoming pod's veth the
         // link-local IPv6 gateway (fe80::1), as it does on any node.
         let node_a = Node::router("node-a").await?;
         let node_b = Node::router("node-b").await?;
-        let sandbox = only_v4(Node::new("sb-a").await?).await?;
+        let sandbox = Node::new("sb-a").await?.without_ipv6_if(v4).await?;
 
         crate::topo::wire_client_and_underlay(&plan, &client, &node_a, &node_b).await?;
 
