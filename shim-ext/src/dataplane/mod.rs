@@ -5,14 +5,22 @@
 //! connection proves it belongs to a migration with a per-migration secret (mutual HMAC-SHA256
 //! challenge, [`handshake`]) before a byte of VM state crosses it. An authenticated socket is then
 //! handed to QEMU itself where QEMU can take an fd (`getfd` + `fd:` URIs, no userspace copy) or
-//! bridged to a unix socket by [`relay`] where it cannot.
+//! bridged to a unix socket by [`relay`] where it cannot (multifd channels on QEMU 7.2).
+//!
+//! Disk (NBD) streams are the exception: QEMU's NBD server only accepts on a listening socket.
+//! The destination gives it one in the node's namespace behind a [`gate`] that drops every
+//! segment not from an address and port the source admitted over its authenticated control
+//! stream; the source's QEMU takes the connected socket. With encrypted streams the two QEMUs
+//! also authenticate each other with the migration's certificates.
 //!
 //! ```text
 //!  source node                                   destination node
 //!  QEMU ─fd─ extension ══TCP(handshake)══▶ DataListener ─fd─ QEMU (-incoming)
-//!  QEMU ─unix─ relay ════TCP(handshake)══▶ DataListener ─ relay ─unix─ NBD server
+//!  QEMU ─unix─ relay ════TCP(handshake)══▶ DataListener ─ relay ─unix─ QEMU (multifd, 7.2)
+//!  QEMU ─fd─ extension ══TCP(admitted)═══▶ gate ─ QEMU's NBD server (accepts itself)
 //! ```
 
+pub mod gate;
 pub mod handshake;
 pub mod listener;
 pub mod relay;
@@ -69,6 +77,9 @@ pub enum Error {
     /// The same migration id was registered twice.
     #[error("migration {0} already expects data streams on this listener")]
     Duplicate(String),
+    /// A gate refused to admit a peer or could not be opened as asked.
+    #[error("{0}")]
+    Gate(String),
     /// Randomness was unavailable.
     #[error("cannot read random bytes for a nonce: {0}")]
     Random(String),
@@ -87,7 +98,7 @@ pub const STREAM_DEAD_AFTER: std::time::Duration = std::time::Duration::from_sec
 
 /// Sets the dead-peer bounds on a data stream: `TCP_USER_TIMEOUT` of [`STREAM_DEAD_AFTER`] and
 /// keepalive probes every second after a second of silence. Best effort: a failure is logged.
-pub fn bound_dead_peer(stream: &tokio::net::TcpStream) {
+pub fn bound_dead_peer(stream: &impl std::os::fd::AsFd) {
     use nix::sys::socket::{setsockopt, sockopt};
     let ms = u32::try_from(STREAM_DEAD_AFTER.as_millis()).unwrap_or(u32::MAX);
     let results = [
