@@ -3,7 +3,7 @@
 //! | module | what it owns |
 //! |---|---|
 //! | [`qmp`] | the QMP client: handshake, commands, events, deadlines — no migration policy |
-//! | [`dataplane`] | authenticated TCP streams between nodes (per-migration secret) and the unix↔TCP relay |
+//! | [`dataplane`] | authenticated TCP streams between nodes (per-migration secret), the NBD server's gate, and the unix↔TCP relay |
 //! | [`migration`] | the state machine (source, destination, storage, compute, cutover) and its pure decisions |
 //! | [`net`] | netlink (links, routes, tunnels, qdiscs) and netns threads — the only syscall room |
 //! | [`client`] | reaching an endpoint; driving a migration between two endpoints |

@@ -722,6 +722,7 @@ impl Node {
                 dest_nodes.push(a);
             }
         }
+        nbd_endpoints_on(&nbd_endpoints, &dest_nodes).map_err(invalid)?;
         let options = options_from_proto(req.options.as_ref().ok_or_else(|| invalid("missing options"))?)?;
         let stream_tls = match (options.plain_streams, req.stream_tls.as_ref()) {
             (true, None) => None,
@@ -1384,5 +1385,39 @@ impl ForwardWatch {
         }
         ended.send_replace(true);
         end
+    }
+}
+
+/// QEMU's NBD client speaks to a disk endpoint without the stream handshake (the destination
+/// admits the source's port over the control stream), so every endpoint must be one of the
+/// destination node's addresses.
+fn nbd_endpoints_on(endpoints: &BTreeMap<String, SocketAddr>, node: &[IpAddr]) -> Result<(), String> {
+    match endpoints.iter().find(|(_, a)| !node.contains(&a.ip())) {
+        Some((drive, addr)) => {
+            Err(format!("NBD endpoint {addr} of {drive} is not an address of the destination node"))
+        }
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nbd_endpoints_must_be_the_destination_nodes() {
+        let node: Vec<IpAddr> = vec!["10.0.0.2".parse().expect("ip"), "fd00::2".parse().expect("ip")];
+        let eps = |list: &[(&str, &str)]| -> BTreeMap<String, SocketAddr> {
+            list.iter().map(|(d, a)| ((*d).to_owned(), a.parse().expect("addr"))).collect()
+        };
+        assert_eq!(nbd_endpoints_on(&eps(&[]), &node), Ok(()));
+        assert_eq!(
+            nbd_endpoints_on(&eps(&[("drive-0", "10.0.0.2:40000"), ("drive-1", "[fd00::2]:1")]), &node),
+            Ok(())
+        );
+        let e =
+            nbd_endpoints_on(&eps(&[("drive-0", "10.0.0.2:40000"), ("drive-1", "10.0.0.9:40001")]), &node)
+                .expect_err("another host");
+        assert_eq!(e, "NBD endpoint 10.0.0.9:40001 of drive-1 is not an address of the destination node");
     }
 }

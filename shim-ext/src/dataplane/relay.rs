@@ -1,6 +1,6 @@
 //! Bridging an authenticated TCP stream to a unix socket, for streams QEMU cannot take as an fd:
-//! the connections to the destination's NBD server (QEMU's server only accepts on a listening
-//! socket), and multifd channels (QEMU 7.2 takes no multifd channel as an fd).
+//! multifd channels (QEMU 7.2 takes no multifd channel as an fd). Disk streams need none: the
+//! destination's NBD server accepts on a gate ([`super::gate`]).
 //!
 //! The bytes never enter user space: each direction `splice(2)`s from its socket into a pipe and
 //! from the pipe into the other socket, so a relay costs two system calls per pipe-full and no

@@ -9,7 +9,7 @@
 
 use std::fs::File;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
@@ -125,22 +125,32 @@ pub async fn bind_tcp_in(ns: &NetnsHandle, addr: SocketAddr) -> Result<std::net:
     .map_err(|_| Error::Thread { path: err_path })?
 }
 
+/// A TCP socket of `addr`'s family created inside `ns`, neither bound nor connected,
+/// close-on-exec, blocking.
+///
+/// # Errors
+/// [`Error::Socket`], [`Error::Thread`] when the namespace thread is gone.
+pub async fn tcp_socket_in(ns: &NetnsHandle, addr: SocketAddr) -> Result<OwnedFd, Error> {
+    let path = ns.path().to_owned();
+    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
+    let made = ns
+        .run(move || socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None))
+        .await
+        .map_err(|_| Error::Thread { path: path.clone() })?;
+    made.map_err(|e| Error::Socket { what: "create a socket for", addr, path, source: e.into() })
+}
+
 /// Connects to `addr` from a socket created inside `ns`. Only the socket is made on the
 /// namespace thread; the connection itself is awaited on the caller's runtime.
 ///
 /// # Errors
 /// [`Error::Socket`] naming the step, [`Error::Thread`] when the namespace thread is gone.
 pub async fn connect_from(ns: &NetnsHandle, addr: SocketAddr) -> Result<tokio::net::TcpStream, Error> {
-    let path = ns.path().to_owned();
-    let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
-    let made = ns
-        .run(move || socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None))
-        .await
-        .map_err(|_| Error::Thread { path: path.clone() })?;
-    let fail = |what, source| Error::Socket { what, addr, path: path.clone(), source };
-    let fd = made.map_err(|e| fail("create a socket for", e.into()))?;
-    let sock = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
-    sock.connect(addr).await.map_err(|e| fail("connect to", e))
+    let fd = tcp_socket_in(ns, addr).await?;
+    let fail = |what, source| Error::Socket { what, addr, path: ns.path().to_owned(), source };
+    let std = std::net::TcpStream::from(fd);
+    std.set_nonblocking(true).map_err(|e| fail("make non-blocking the socket for", e))?;
+    tokio::net::TcpSocket::from_std_stream(std).connect(addr).await.map_err(|e| fail("connect to", e))
 }
 
 #[cfg(test)]

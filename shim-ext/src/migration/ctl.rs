@@ -25,6 +25,11 @@ const MAX_TEXT: usize = 512;
 /// One control message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CtlMsg {
+    /// Source → destination: admit a disk stream from this source port (the address is the
+    /// control stream's) to the NBD server's gate (`dataplane::gate`).
+    NbdAdmit(u16),
+    /// Destination → source: the port is admitted; connect.
+    NbdAdmitted(u16),
     /// Source → destination: mirrors are complete, release the disks.
     StorageDone,
     /// Destination → source: the NBD exports are stopped.
@@ -61,6 +66,8 @@ pub struct ParseCtlError(String);
 impl CtlMsg {
     fn word(&self) -> &'static str {
         match self {
+            CtlMsg::NbdAdmit(_) => "nbd-admit",
+            CtlMsg::NbdAdmitted(_) => "nbd-admitted",
             CtlMsg::StorageDone => "storage-done",
             CtlMsg::StorageReleased => "storage-released",
             CtlMsg::StorageError(_) => "storage-error",
@@ -95,9 +102,10 @@ fn clean(text: &str) -> String {
 
 impl fmt::Display for CtlMsg {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.text() {
-            Some(t) => write!(f, "{} {}", self.word(), clean(t)),
-            None => f.write_str(self.word()),
+        match (self, self.text()) {
+            (CtlMsg::NbdAdmit(port) | CtlMsg::NbdAdmitted(port), _) => write!(f, "{} {port}", self.word()),
+            (_, Some(t)) => write!(f, "{} {}", self.word(), clean(t)),
+            (_, None) => f.write_str(self.word()),
         }
     }
 }
@@ -110,8 +118,15 @@ impl FromStr for CtlMsg {
             Some((w, t)) => (w, Some(clean(t))),
             None => (line, None),
         };
+        let bad = || ParseCtlError(line.chars().take(64).collect());
+        let port = || match text.as_deref().map(str::parse::<u16>) {
+            Some(Ok(p)) if p != 0 => Ok(p),
+            _ => Err(bad()),
+        };
         let text = || text.clone().unwrap_or_default();
         Ok(match word {
+            "nbd-admit" => CtlMsg::NbdAdmit(port()?),
+            "nbd-admitted" => CtlMsg::NbdAdmitted(port()?),
             "storage-done" => CtlMsg::StorageDone,
             "storage-released" => CtlMsg::StorageReleased,
             "storage-error" => CtlMsg::StorageError(text()),
@@ -124,7 +139,7 @@ impl FromStr for CtlMsg {
             "resumed" => CtlMsg::Resumed,
             "ping" => CtlMsg::Ping,
             "pong" => CtlMsg::Pong,
-            _ => return Err(ParseCtlError(line.chars().take(64).collect())),
+            _ => return Err(bad()),
         })
     }
 }
@@ -328,6 +343,8 @@ mod tests {
     #[test]
     fn every_message_round_trips_through_its_line() {
         let all = [
+            CtlMsg::NbdAdmit(40123),
+            CtlMsg::NbdAdmitted(1),
             CtlMsg::StorageDone,
             CtlMsg::StorageReleased,
             CtlMsg::StorageError("export busy".into()),
@@ -348,6 +365,11 @@ mod tests {
         }
         assert_eq!("abort a\nb".parse::<CtlMsg>(), Ok(CtlMsg::Abort("a b".into())), "no line breaks inside");
         assert!("resume".parse::<CtlMsg>().is_err());
+        for bad in
+            ["nbd-admit", "nbd-admit 0", "nbd-admit 65536", "nbd-admit -1", "nbd-admitted x", "nbd-admit 1 2"]
+        {
+            assert!(bad.parse::<CtlMsg>().is_err(), "{bad:?} is refused");
+        }
         assert!("".parse::<CtlMsg>().is_err());
         let long = CtlMsg::Abort("x".repeat(5000)).to_string();
         assert!(long.len() <= MAX_TEXT + 6, "text is bounded: {}", long.len());

@@ -79,6 +79,9 @@ pub enum EngineError {
     /// The destination gave up before its vote.
     #[error("the destination failed: {0}")]
     DestinationFailed(String),
+    /// The destination refused to admit a disk stream.
+    #[error("the destination refused a disk stream: {0}")]
+    DiskStreamRefused(String),
     /// The destination could not release its disks at pre-switchover.
     #[error("the destination could not release its disks: {0}")]
     StorageRelease(String),
@@ -147,6 +150,7 @@ impl EngineError {
                 | Q::ExportDel { .. }
                 | Q::ExportNotReleased { .. },
             )
+            | EngineError::DiskStreamRefused(_)
             | EngineError::StorageRelease(_) => ErrorKind::Storage,
             EngineError::Qemu(_)
             | EngineError::Qmp(_)

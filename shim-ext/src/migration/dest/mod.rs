@@ -5,8 +5,9 @@
 //!  PREPARING  state dir ─▶ netns ─▶ veth/tap/tcfilter/plug/routes/neighbours/decap tunnel
 //!             ─▶ empty disk images under <state>/disks (local storage) ─▶ QEMU from the
 //!             source's rewritten command line with -S -incoming defer (it never starts the
-//!             guest by itself) ─▶ QMP ─▶ NBD exports ─▶ accept authenticated streams
-//!             (ram: getfd + migrate-incoming fd:, nbd: relay, ctl — reconnectable)
+//!             guest by itself) ─▶ QMP ─▶ NBD exports on a gate (QEMU accepts the disks'
+//!             streams itself, from ports the source admits over ctl) ─▶ accept
+//!             authenticated streams (ram: getfd + migrate-incoming fd:, ctl — reconnectable)
 //!                                                                ── PrepareIncoming returns
 //!  RECEIVING  the source pushes; ctl storage-done ─▶ NBD exports stopped      streams.rs
 //!  LOADED     MIGRATION completed ─▶ journal Voted (fsync) ─▶ ctl `prepared`  receive.rs
@@ -45,6 +46,7 @@ use super::network::{self, IncomingNet, IncomingSpec};
 use super::options::{MigrationOptions, StorageMode};
 use super::protocol::DestState;
 use super::qemu::{self, compute, storage, EventBus, NbdAddress, QemuFeatures, RamConfig};
+use crate::dataplane::gate::Gate;
 use crate::dataplane::tls::{CredentialPair, Endpoint, StreamCredentials};
 use crate::dataplane::{DataListener, Secret};
 use crate::net::{self, MacAddr, NetnsHandle, NetnsRoots, TunnelSpec};
@@ -52,6 +54,8 @@ use crate::qmp::{QmpClient, QmpConfig};
 use crate::sandbox::cmdline::{IncomingRewrite, QemuCmdline};
 
 /// How long QEMU has to open its QMP socket after being spawned.
+/// The monitor's name for the NBD gate's listening socket until `nbd-server-start` takes it.
+const NBD_GATE_FD: &str = "kmr-nbd-gate";
 const QMP_APPEAR_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A source disk the destination must provide.
@@ -373,10 +377,10 @@ pub async fn prepare(
         (Some(creds), Some(pair.client))
     };
 
-    // Streams.
-    let mut streams = vec![ctl::STREAM.to_owned(), "ram".to_owned()];
+    // Local disks: NBD exports behind a gate.
     let dest_disks = qemu::list_disks(&qmp).await?;
     let mut nbd = None;
+    let mut gate = None;
     if !local_disks.is_empty() {
         let to_export: Vec<qemu::DiskInfo> = dest_disks
             .iter()
@@ -388,26 +392,30 @@ pub async fn prepare(
                 "the destination QEMU does not have every source drive".into(),
             ));
         }
-        let exports = storage::export_disks(
-            &qmp,
-            &NbdAddress::Unix(state_dir.join("nbd.sock")),
-            &to_export,
-            tls.as_ref(),
-        )
-        .await?;
+        // QEMU's NBD server accepts on the node's address itself, behind a gate only the
+        // source's admitted sockets pass (one per disk): no relay on the disks' path.
+        let socket = crate::host::netns::tcp_socket_in(&env.node, SocketAddr::new(env.node_address, 0))
+            .await
+            .map_err(|e| EngineError::io("create the NBD gate")(std::io::Error::other(e)))?;
+        let g = Arc::new(Gate::open(socket, env.node_address, local_disks.len())?);
+        qmp.getfd(NBD_GATE_FD, g.as_fd()).await?;
+        let exports =
+            storage::export_disks(&qmp, &NbdAddress::Fd(NBD_GATE_FD.into()), &to_export, tls.as_ref()).await;
+        if exports.is_err() {
+            // A server that never started left the descriptor with the monitor.
+            let _ = qmp.closefd(NBD_GATE_FD).await;
+        }
+        let exports = exports?;
         {
             let (q, b, e) = (qmp.clone(), bus.clone(), exports.clone());
             cleanup.push("stop NBD exports", move || async move {
                 storage::stop_exports(&q, &b, &e, Duration::from_secs(10)).await
             });
         }
-        for d in &local_disks {
-            streams.push(format!("nbd:{}", d.drive_id));
-        }
         nbd = Some(exports);
+        gate = Some(g);
     }
-    let names: Vec<&str> = streams.iter().map(String::as_str).collect();
-    let expected = env.listener.expect(&req.migration_id, req.secret.clone(), &names)?;
+    let expected = env.listener.expect(&req.migration_id, req.secret.clone(), &[ctl::STREAM, "ram"])?;
     let mut tasks = Vec::new();
     let (ctl_tx, ctl_in) = tokio::sync::mpsc::unbounded_channel();
     let ctl_out = streams::CtlOut::default();
@@ -421,7 +429,7 @@ pub async fn prepare(
                 nbd: nbd.clone(),
                 state_dir: state_dir.clone(),
                 multifd: ram.multifd_channels.is_some(),
-                drives: local_disks.iter().map(|d| d.drive_id.clone()).collect(),
+                gate: gate.clone(),
                 ctl_in: ctl_tx,
                 ctl_out: ctl_out.clone(),
                 heartbeat: *heartbeat,
@@ -429,7 +437,11 @@ pub async fn prepare(
         ))
         .abort_handle(),
     );
-    let nbd_endpoints = local_disks.iter().map(|d| (d.drive_id.clone(), data_addr)).collect();
+    let nbd_endpoints = match &gate {
+        Some(g) => local_disks.iter().map(|d| (d.drive_id.clone(), g.local_addr())).collect(),
+        None => BTreeMap::new(),
+    };
+    drop(gate);
     let aborts = tasks.clone();
     cleanup.push("stop stream acceptors", move || async move {
         for t in aborts {

@@ -1,7 +1,9 @@
-//! The authenticated streams of one incoming migration: NBD relays per drive, the RAM stream
-//! handed to QEMU, and the control stream — which may reconnect (a source delivering its
-//! decision after a restart or a cut link), the newest connection being the current one.
+//! The authenticated streams of one incoming migration: the RAM stream handed to QEMU, and the
+//! control stream — which may reconnect (a source delivering its decision after a restart or a
+//! cut link), the newest connection being the current one — over which the source also has its
+//! disk streams admitted to the NBD server's gate.
 
+use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -10,6 +12,7 @@ use std::time::Duration;
 use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 
+use crate::dataplane::gate::Gate;
 use crate::dataplane::{relay, Expected};
 use crate::migration::ctl::{self, Ctl, CtlError, CtlMsg, CtlSender, Heartbeat};
 use crate::migration::error::EngineError;
@@ -64,7 +67,8 @@ pub(super) struct Streams {
     pub(super) nbd: Option<NbdExports>,
     pub(super) state_dir: PathBuf,
     pub(super) multifd: bool,
-    pub(super) drives: Vec<String>,
+    /// The NBD server's listening socket (local disks only).
+    pub(super) gate: Option<Arc<Gate>>,
     pub(super) ctl_in: mpsc::UnboundedSender<CtlEvent>,
     pub(super) ctl_out: CtlOut,
     pub(super) heartbeat: Heartbeat,
@@ -84,30 +88,11 @@ impl Drop for AbortOnDrop {
 
 /// Serves the streams until aborted.
 pub(super) async fn serve(mut expected: Expected, streams: Streams) {
-    let Streams { qmp, bus, nbd, state_dir, multifd, drives, ctl_in, ctl_out, heartbeat } = streams;
+    let Streams { qmp, bus, nbd, state_dir, multifd, gate, ctl_in, ctl_out, heartbeat } = streams;
     let mut children = AbortOnDrop(Vec::new());
-    for drive in drives {
-        let key = format!("nbd:{drive}");
-        let sock = state_dir.join("nbd.sock");
-        // One acceptor per drive; each connection relays to QEMU's NBD server.
-        let Some(mut rx) = expected.take_stream(&key) else { continue };
-        let acceptor = tokio::spawn(async move {
-            while let Some(tcp) = rx.recv().await {
-                let sock = sock.clone();
-                tokio::spawn(async move {
-                    match UnixStream::connect(&sock).await {
-                        Ok(unix) => {
-                            let _ = relay::relay(tcp, unix).await;
-                        }
-                        Err(e) => tracing::warn!(error = %e, "NBD server unreachable"),
-                    }
-                });
-            }
-        });
-        children.0.push(acceptor.abort_handle());
-    }
     if let Some(rx) = expected.take_stream(ctl::STREAM) {
-        let task = tokio::spawn(serve_ctl(rx, qmp.clone(), bus.clone(), nbd, ctl_in, ctl_out, heartbeat));
+        let disks = Storage { nbd, gate };
+        let task = tokio::spawn(serve_ctl(rx, qmp.clone(), bus.clone(), disks, ctl_in, ctl_out, heartbeat));
         children.0.push(task.abort_handle());
     }
     // RAM.
@@ -144,10 +129,33 @@ pub(super) async fn serve(mut expected: Expected, streams: Streams) {
             }
         }
     }
-    // Stay registered (late NBD reconnects, control reconnects) until the migration ends and
-    // aborts this task.
+    // Stay registered (control reconnects) until the migration ends and aborts this task.
     std::future::pending::<()>().await;
     drop(expected);
+}
+
+/// The local disks' side of the control stream.
+struct Storage {
+    nbd: Option<NbdExports>,
+    /// Dropped (and closed, QEMU's copy being gone with the server) once the exports stop.
+    gate: Option<Arc<Gate>>,
+}
+
+impl Storage {
+    /// Admits `port` of the control stream's peer `peer` to the gate.
+    fn admit(&self, peer: Option<SocketAddr>, port: u16) -> CtlMsg {
+        let (Some(gate), Some(peer)) = (&self.gate, peer) else {
+            return CtlMsg::StorageError("no disk streams are expected now".into());
+        };
+        let from = SocketAddr::new(peer.ip(), port);
+        match gate.admit(from) {
+            Ok(()) => {
+                tracing::debug!(%from, gate = %gate.local_addr(), "disk stream admitted");
+                CtlMsg::NbdAdmitted(port)
+            }
+            Err(e) => CtlMsg::StorageError(e.to_string()),
+        }
+    }
 }
 
 /// Every control connection in turn; the newest replaces the current one.
@@ -155,16 +163,18 @@ async fn serve_ctl(
     mut rx: mpsc::UnboundedReceiver<tokio::net::TcpStream>,
     qmp: QmpClient,
     bus: EventBus,
-    nbd: Option<NbdExports>,
+    mut disks: Storage,
     out: mpsc::UnboundedSender<CtlEvent>,
     ctl_out: CtlOut,
     heartbeat: Heartbeat,
 ) {
     let mut current: Option<Ctl> = None;
+    let mut peer: Option<SocketAddr> = None;
     loop {
         let event = tokio::select! {
             stream = rx.recv() => {
                 let Some(stream) = stream else { return };
+                peer = stream.peer_addr().ok();
                 let c = Ctl::new(stream, heartbeat);
                 ctl_out.set(Some(c.sender()));
                 current = Some(c);
@@ -179,14 +189,20 @@ async fn serve_ctl(
             } => msg,
         };
         match event {
+            Ok(CtlMsg::NbdAdmit(port)) => {
+                let _ = ctl_out.send(disks.admit(peer, port));
+            }
             Ok(CtlMsg::StorageDone) => {
-                let reply = match &nbd {
+                let reply = match &disks.nbd {
                     Some(e) => match storage::stop_exports(&qmp, &bus, e, Duration::from_secs(30)).await {
                         Ok(()) => CtlMsg::StorageReleased,
                         Err(err) => CtlMsg::StorageError(err.to_string()),
                     },
                     None => CtlMsg::StorageReleased,
                 };
+                if matches!(reply, CtlMsg::StorageReleased) {
+                    disks.gate = None;
+                }
                 let _ = ctl_out.send(reply);
             }
             Ok(m) => {

@@ -53,7 +53,7 @@ use crate::net::{NetOps, NetnsHandle, TunnelSpec};
 use crate::qmp::QmpClient;
 
 /// Deadline of a data-stream connect + handshake.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A validated source request.
 #[derive(Debug, Clone)]

@@ -1,16 +1,25 @@
-//! STORAGE on the source: per local disk, one authenticated NBD stream handed to QEMU and one
+//! STORAGE on the source: per local disk, one NBD stream handed to QEMU and one
 //! `blockdev-mirror`, until every mirror is in sync. A cancel, a destination's cancel request or
 //! a lost peer ends it.
+//!
+//! The stream goes straight to the destination QEMU's NBD server, which accepts on a gate
+//! (`dataplane::gate`): this side binds its socket, names the port on the authenticated control
+//! stream, and connects once the destination admitted it. No relay copies the disk's bytes on
+//! either side.
 
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsFd;
+use std::sync::Arc;
 use std::time::Duration;
 
-use super::{hand_stream_to_qemu, peer_message, SourceEnv, SourceRequest};
+use super::{peer_message, SourceEnv, SourceRequest, CONNECT_TIMEOUT};
 use crate::dataplane::tls::Endpoint;
-use crate::migration::ctl::Ctl;
+use crate::migration::ctl::{Ctl, CtlMsg};
 use crate::migration::error::EngineError;
 use crate::migration::events::{Event, Phase};
 use crate::migration::options::MigrationOptions;
 use crate::migration::qemu::{self, mirror, DiskInfo, EventBus, MirrorJob, NbdAddress, TlsCreds};
+use crate::net::NetnsHandle;
 use crate::qmp::QmpClient;
 
 /// Mirrors `disks` to the destination (over TLS unless the streams are plain); returns the jobs once every one is ready.
@@ -36,11 +45,15 @@ pub(super) async fn mirror(
             .nbd_endpoints
             .get(&disk.drive_id)
             .ok_or_else(|| EngineError::Invalid(format!("no NBD endpoint for {}", disk.drive_id)))?;
-        // QEMU's NBD client takes the authenticated connection itself (as the RAM stream), so
-        // the source side copies nothing; the destination relays it to its NBD server.
+        // QEMU's NBD client takes the admitted connection itself, and the destination QEMU's
+        // NBD server accepted it: nothing between them copies a byte.
         let fd_name = qemu::storage::qemu_id("kmr-nbd-fd-", &disk.drive_id);
-        hand_stream_to_qemu(&env.node, req, qmp, endpoint, &format!("nbd:{}", disk.drive_id), &fd_name)
-            .await?;
+        let stream = admitted_stream(&env.node, ctl, endpoint).await?;
+        let stream = stream
+            .into_std()
+            .map_err(EngineError::io(format!("detach the NBD stream of {}", disk.drive_id)))?;
+        qmp.getfd(&fd_name, stream.as_fd()).await?;
+        drop(stream);
         {
             // QEMU's NBD client takes the descriptor when `blockdev-add` connects; until then (a
             // refused `blockdev-add`, a cancel in between) it stays with the monitor, open.
@@ -90,4 +103,44 @@ pub(super) async fn mirror(
     e.storage = Some(ready);
     log.push(e);
     Ok(jobs)
+}
+
+/// A TCP connection to the destination's NBD gate `gate`, from a socket in the node's namespace:
+/// bound to a port first, the port admitted over the control stream, then connected.
+///
+/// # Errors
+/// The socket's, the control stream's or the connection's failure, the destination's refusal
+/// ([`EngineError::DiskStreamRefused`]), [`EngineError::Timeout`].
+async fn admitted_stream(
+    node: &Arc<NetnsHandle>,
+    ctl: &mut Ctl,
+    gate: SocketAddr,
+) -> Result<tokio::net::TcpStream, EngineError> {
+    const DURING: &str = "admitting a disk stream";
+    let fd = crate::host::netns::tcp_socket_in(node, gate)
+        .await
+        .map_err(|e| EngineError::io("create the NBD socket")(std::io::Error::other(e)))?;
+    let std = std::net::TcpStream::from(fd);
+    std.set_nonblocking(true).map_err(EngineError::io("make the NBD socket non-blocking"))?;
+    let socket = tokio::net::TcpSocket::from_std_stream(std);
+    // Any local address: the route to the gate picks the one the control stream uses, which
+    // is the address the destination admits.
+    let any =
+        if gate.is_ipv4() { IpAddr::V4(Ipv4Addr::UNSPECIFIED) } else { IpAddr::V6(Ipv6Addr::UNSPECIFIED) };
+    socket.bind(SocketAddr::new(any, 0)).map_err(EngineError::io("bind the NBD socket"))?;
+    let port = socket.local_addr().map_err(EngineError::io("read the NBD socket's port"))?.port();
+    ctl.send(CtlMsg::NbdAdmit(port)).map_err(EngineError::ctl(DURING))?;
+    match tokio::time::timeout(CONNECT_TIMEOUT, ctl.recv()).await {
+        Ok(Ok(CtlMsg::NbdAdmitted(p))) if p == port => {}
+        Ok(Ok(CtlMsg::StorageError(why))) => return Err(EngineError::DiskStreamRefused(why)),
+        Ok(Ok(m)) => return Err(peer_message(m, DURING)),
+        Ok(Err(e)) => return Err(EngineError::ctl(DURING)(e)),
+        Err(_) => return Err(EngineError::Timeout { what: DURING, after: CONNECT_TIMEOUT }),
+    }
+    let stream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(gate))
+        .await
+        .map_err(|_| EngineError::Timeout { what: "connecting a disk stream", after: CONNECT_TIMEOUT })?
+        .map_err(EngineError::io(format!("connect the NBD stream to {gate}")))?;
+    crate::dataplane::bound_dead_peer(&stream);
+    Ok(stream)
 }
