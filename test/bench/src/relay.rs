@@ -1,25 +1,28 @@
-//! The data plane's cost: the same bytes from node-a to node-b as a direct TCP stream, through
-//! one `relay` (unix socket → relay → authenticated TCP, read directly on node-b: the shape of
-//! an NBD stream, whose source QEMU takes the socket itself and whose destination relays it), and
-//! through a relay at each end (unix → relay → authenticated TCP → relay → unix: a multifd
-//! channel on QEMU 7.2) — on a multi-thread runtime like the agent's.
+//! The data plane's cost: the same bytes from node-a to node-b as a direct TCP stream, as TCP
+//! into a gate (a listening socket on node-b whose filter admits the one port node-a bound:
+//! the shape of an NBD stream, whose two QEMUs hold its ends themselves), and through a relay
+//! at each end (unix → relay → authenticated TCP → relay → unix: a multifd channel on QEMU
+//! 7.2) — on a multi-thread runtime like the agent's.
 //!
 //! Sockets are created on threads that entered the node's namespace and keep it; the data
 //! moves on whatever thread runs them.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use katamaran::dataplane::gate::Gate;
 use katamaran::dataplane::listener::connect;
 use katamaran::dataplane::relay::{relay, Relayed};
 use katamaran::dataplane::{DataListener, Secret, StreamKey};
 use katamaran_e2e::netns::in_netns;
 use katamaran_e2e::{Lab, Node};
+use nix::sys::socket::{bind, socket, AddressFamily, SockFlag, SockType, SockaddrStorage};
 use tokio::runtime::Runtime;
 
 use crate::report::RelayResult;
@@ -43,10 +46,10 @@ pub fn measure(lab: &Lab, rt: &Runtime, bytes: u64, runs: u32) -> anyhow::Result
         let (rate, cpu) = with_cpu(|| direct(lab, bytes))?;
         out.direct_mb_s.push(rate);
         out.direct_cpu_s_per_gib.push(per_gib(cpu));
-        let (rate, cpu) = with_cpu(|| relayed(lab, rt, bytes, 2 * i, false))?;
-        out.one_relay_mb_s.push(rate);
-        out.one_relay_cpu_s_per_gib.push(per_gib(cpu));
-        let (rate, cpu) = with_cpu(|| relayed(lab, rt, bytes, 2 * i + 1, true))?;
+        let (rate, cpu) = with_cpu(|| gated(lab, bytes))?;
+        out.gated_mb_s.push(rate);
+        out.gated_cpu_s_per_gib.push(per_gib(cpu));
+        let (rate, cpu) = with_cpu(|| relayed(lab, rt, bytes, i))?;
         out.relay_mb_s.push(rate);
         out.relay_cpu_s_per_gib.push(per_gib(cpu));
     }
@@ -137,8 +140,45 @@ fn direct(lab: &Lab, bytes: u64) -> anyhow::Result<f64> {
     Ok(mb_s(bytes, end.duration_since(start)))
 }
 
-/// The stream through the source side's relay, and with `both` also through the destination's.
-fn relayed(lab: &Lab, rt: &Runtime, bytes: u64, sample: u32, both: bool) -> anyhow::Result<f64> {
+/// A stream into a gate on node-b from the one node-a port it admitted, as the NBD path runs:
+/// the reader plays the destination QEMU's NBD server, accepting on the gate itself.
+fn gated(lab: &Lab, bytes: u64) -> anyhow::Result<f64> {
+    let new_socket = || socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None);
+    let b_ip = IpAddr::V4(Node::B.addr_v4());
+    let open = move || -> anyhow::Result<Gate> { Ok(Gate::open(new_socket()?, b_ip, 1)?) };
+    let gate = in_netns(&lab.netns(Node::B.name()), move || Ok(open()))??;
+    let target = gate.local_addr();
+    // The source's socket is bound before it is admitted, as the engine's is.
+    let bound = move || -> anyhow::Result<TcpStream> {
+        let s = new_socket()?;
+        bind(s.as_raw_fd(), &SockaddrStorage::from(SocketAddr::from((Node::A.addr_v4(), 0))))?;
+        Ok(TcpStream::from(s))
+    };
+    let client = in_netns(&lab.netns(Node::A.name()), move || Ok(bound()))??;
+    gate.admit(client.local_addr()?)?;
+    let listener = TcpListener::from(gate.as_fd().try_clone_to_owned()?);
+    let reader = std::thread::spawn(move || {
+        let (conn, _) = listener.accept()?;
+        drain(conn)
+    });
+    connect_bound(&client, target).context("gated stream: connect")?;
+    let start = fill(&client, bytes).context("gated stream: write")?;
+    client.shutdown(Shutdown::Write)?;
+    let (got, end) = join_reader(reader)?;
+    drop(gate);
+    if got != bytes {
+        bail!("gated stream carried {got} of {bytes} bytes");
+    }
+    Ok(mb_s(bytes, end.duration_since(start)))
+}
+
+/// Connects the bound `client` to `to`, blocking.
+fn connect_bound(client: &TcpStream, to: SocketAddr) -> std::io::Result<()> {
+    nix::sys::socket::connect(client.as_raw_fd(), &SockaddrStorage::from(to)).map_err(std::io::Error::from)
+}
+
+/// The stream through a relay at each end.
+fn relayed(lab: &Lab, rt: &Runtime, bytes: u64, sample: u32) -> anyhow::Result<f64> {
     let dir = lab.scratch_path("relay");
     std::fs::create_dir_all(&dir)?;
     let (src_sock, dst_sock) = (dir.join("src.sock"), dir.join("dst.sock"));
@@ -157,25 +197,19 @@ fn relayed(lab: &Lab, rt: &Runtime, bytes: u64, sample: u32, both: bool) -> anyh
     let addr = listener.local_addr();
     let tcp =
         in_netns(&lab.netns(Node::A.name()), move || Ok(h.block_on(connect(addr, &secret, &key, STEP))))??;
-    // The reader plays the destination QEMU's NBD server: behind a relay and a unix socket, or
-    // reading the authenticated TCP stream itself.
-    let (reader, dst_relay) = if both {
-        let reader_listener = UnixListener::bind(&dst_sock)?;
-        let reader = std::thread::spawn(move || {
-            let (conn, _) = reader_listener.accept()?;
-            drain(conn)
-        });
+    // The reader plays the destination QEMU: behind a relay and a unix socket.
+    let reader_listener = UnixListener::bind(&dst_sock)?;
+    let reader = std::thread::spawn(move || {
+        let (conn, _) = reader_listener.accept()?;
+        drain(conn)
+    });
+    let dst_relay = {
         let dst_sock = dst_sock.clone();
-        let task = rt.spawn(async move {
+        rt.spawn(async move {
             let tcp = expected.accept("nbd:drive-0", STEP).await?;
             let unix = tokio::net::UnixStream::connect(&dst_sock).await?;
             anyhow::Ok(relay(tcp, unix).await?)
-        });
-        (reader, Some(task))
-    } else {
-        let tcp = rt.block_on(expected.accept("nbd:drive-0", STEP))?.into_std()?;
-        tcp.set_nonblocking(false)?;
-        (std::thread::spawn(move || drain(tcp)), None)
+        })
     };
 
     let src_listener = {
@@ -200,22 +234,15 @@ fn relayed(lab: &Lab, rt: &Runtime, bytes: u64, sample: u32, both: bool) -> anyh
     };
     let (a, b) = rt.block_on(async {
         let a = tokio::time::timeout(STEP, src_relay).await.context("source relay did not end")?;
-        let b = match dst_relay {
-            Some(t) => Some(tokio::time::timeout(STEP, t).await.context("destination relay did not end")?),
-            None => None,
-        };
+        let b = tokio::time::timeout(STEP, dst_relay).await.context("destination relay did not end")?;
         anyhow::Ok((a, b))
     })?;
     let a = counts(a, "source")?;
-    let b = b.map(|b| counts(b, "destination")).transpose()?;
+    let b = counts(b, "destination")?;
     drop(listener);
     remove_dir(&dir);
-    if got != bytes || a.a_to_b != bytes || b.is_some_and(|b| b.a_to_b != bytes) {
-        bail!(
-            "relayed stream carried {got} of {bytes} bytes (relays: {} and {:?})",
-            a.a_to_b,
-            b.map(|b| b.a_to_b)
-        );
+    if got != bytes || a.a_to_b != bytes || b.a_to_b != bytes {
+        bail!("relayed stream carried {got} of {bytes} bytes (relays: {} and {})", a.a_to_b, b.a_to_b);
     }
     Ok(mb_s(bytes, end.duration_since(start)))
 }
