@@ -382,12 +382,15 @@ impl Journal {
 pub struct Entry {
     journal: Arc<Journal>,
     record: Arc<Mutex<Record>>,
+    /// Held across a whole write, so writes of the entry (from any clone, on any thread) reach
+    /// the file one at a time and in the order they took their snapshots.
+    writing: Arc<Mutex<()>>,
 }
 
 impl Entry {
     /// A new entry; nothing is written until [`Entry::record`].
     pub fn new(journal: Arc<Journal>, record: Record) -> Self {
-        Self { journal, record: Arc::new(Mutex::new(record)) }
+        Self { journal, record: Arc::new(Mutex::new(record)), writing: Arc::new(Mutex::new(())) }
     }
 
     /// A copy of the record.
@@ -406,6 +409,8 @@ impl Entry {
     /// # Errors
     /// [`JournalError`]; the in-memory record keeps the change (the next write carries it).
     pub fn record(&self, standing: Standing, f: impl FnOnce(&mut Record)) -> Result<Duration, JournalError> {
+        // A poisoned lock only means another write panicked; this one still writes whole.
+        let _writing = self.writing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let snapshot = {
             let mut r = self.record.lock().map_err(|_| JournalError::Write {
                 id: String::new(),
@@ -470,6 +475,37 @@ mod tests {
             destination: None,
             vm_stopped_unix_nanos: None,
         }
+    }
+
+    /// The destination writes its commit on a blocking thread while its loop goes on and
+    /// writes the next state: writes from clones on several threads must neither fail (they
+    /// share one temporary file) nor land out of the order of their snapshots.
+    #[test]
+    fn concurrent_writes_of_one_entry_land_whole_and_in_order() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let j = Arc::new(Journal::open(&tmp.path().join("migrations")).expect("open"));
+        let e = Entry::new(j.clone(), record("mig-c", Standing::Destination(DestState::Voted)));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let e = e.clone();
+                std::thread::spawn(move || {
+                    for i in 0..25 {
+                        e.record(Standing::Destination(DestState::Voted), |r| r.message = format!("{t}-{i}"))
+                            .expect("every write succeeds");
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("join");
+        }
+        e.record(Standing::Destination(DestState::Running), |r| r.message = "last".into()).expect("write");
+        let all = j.load_all().expect("load");
+        assert_eq!(all.len(), 1);
+        assert_eq!(
+            (all[0].standing, all[0].message.as_str()),
+            (Standing::Destination(DestState::Running), "last")
+        );
     }
 
     #[test]

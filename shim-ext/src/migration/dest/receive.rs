@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 
 use super::streams::CtlEvent;
 use super::Incoming;
@@ -13,7 +14,7 @@ use crate::migration::ctl::CtlMsg;
 use crate::migration::error::EngineError;
 use crate::migration::events::{CutoverTimes, Event, EventLog, Phase};
 use crate::migration::failpoint;
-use crate::migration::journal::{Entry, Standing};
+use crate::migration::journal::{Entry, JournalError, Standing};
 use crate::migration::network;
 use crate::migration::protocol::{Action, DestInput, DestState, Owner, ProtocolError};
 use crate::qmp::{EventKind, MigrationStatus};
@@ -114,6 +115,12 @@ impl Machine<'_> {
         self.journal.record(Standing::Destination(state), |_| {})?;
         Ok(())
     }
+
+    /// Records `state` durably on a blocking thread, for a record nothing waits for.
+    fn record_meanwhile(&self, state: DestState) -> JoinHandle<Result<Duration, JournalError>> {
+        let entry = self.journal.clone();
+        tokio::task::spawn_blocking(move || entry.record(Standing::Destination(state), |_| {}))
+    }
 }
 
 /// Why the source aborted, as this side reports it.
@@ -149,6 +156,7 @@ pub async fn receive(
     let mut verdicts: Vec<Verdict> = Vec::new();
     let mut cancel_by: Option<(String, tokio::time::Instant)> = None;
     let mut resume_from: Option<tokio::time::Instant> = None;
+    let mut committed_write: Option<JoinHandle<Result<Duration, JournalError>>> = None;
     let connect_by = tokio::time::Instant::now() + CONNECT_LIMIT;
     let mut connected = false;
     let answer = |verdicts: &mut Vec<Verdict>, v: Result<bool, ProtocolError>| {
@@ -183,6 +191,14 @@ pub async fn receive(
                             tracing::warn!(error = %e, "announce-self failed");
                         }
                         m.step(DestInput::Resumed)?;
+                        // After the commit's record, whose write may still be going on.
+                        if let Some(write) = committed_write.take() {
+                            match write.await {
+                                Ok(Ok(took)) => tracing::debug!(took_us = took.as_micros(), "commit recorded"),
+                                Ok(Err(e)) => tracing::warn!(error = %e, "cannot record the commit"),
+                                Err(e) => tracing::warn!(error = %e, "the commit's record did not finish"),
+                            }
+                        }
                         if let Err(e) = m.record(DestState::Running) {
                             tracing::warn!(error = %e, "cannot record that the VM runs");
                         }
@@ -244,15 +260,21 @@ pub async fn receive(
             }
             ev = inc.ctl_in.recv() => match ev {
                 Some(CtlEvent::Msg(CtlMsg::Commit)) => {
-                    if m.get() == DestState::Voted {
-                        // This side owns the VM from here: recorded before it acts.
-                        m.record(DestState::Committed)?;
-                    }
+                    let voted = m.get() == DestState::Voted;
                     match m.step(DestInput::CommitReceived) {
                         Ok(_) => {
                             answer(&mut verdicts, Err(ProtocolError::PastCommit { owner: Owner::Destination }));
                             if let Err(e) = failpoint::point("dest-before-resume").await {
                                 tracing::warn!(error = %e, "fail point before the resume");
+                            }
+                            // The decision is durable on the source, which recorded it before
+                            // sending it and delivers it until acknowledged. This side's record
+                            // only spares a restarted agent the question, so it is written while
+                            // the VM resumes rather than before, out of the guest's pause: an
+                            // agent restarted in `voted` keeps the copy (paused or running) and
+                            // waits for the decision, and nothing destroys it.
+                            if voted {
+                                committed_write = Some(m.record_meanwhile(DestState::Committed));
                             }
                             resume_from.get_or_insert_with(tokio::time::Instant::now);
                             if let Err(e) = inc.qmp.cont().await {
