@@ -477,9 +477,10 @@ mod tests {
         }
     }
 
-    /// The destination writes its commit on a blocking thread while its loop goes on and
-    /// writes the next state: writes from clones on several threads must neither fail (they
-    /// share one temporary file) nor land out of the order of their snapshots.
+    /// Clones of an entry write from several tasks (the source's decision delivered in the
+    /// background records the confirmation while its forwarding goes on): writes on several
+    /// threads must neither fail (they share one temporary file) nor land out of the order of
+    /// their snapshots.
     #[test]
     fn concurrent_writes_of_one_entry_land_whole_and_in_order() {
         let tmp = tempfile::tempdir().expect("tmp");

@@ -10,7 +10,7 @@
 //!     │           the destination loaded the state)      │  journal Voted (fsync)
 //!     │  ◀──────────────────────── ctl `prepared` ────── Voted   (in doubt: never rolls back alone)
 //!     │  journal HandedOver (fsync)  ══ COMMIT POINT ══
-//!  HandedOver ─────────────────── ctl `commit` ───────▶ Committed  `cont`; journal meanwhile
+//!  HandedOver ─────────────────── ctl `commit` ───────▶ Committed  `cont`; journal after RESUME
 //!     │  ◀──────────────────────── ctl `resumed` ─────── Running    plug released, announce-self
 //!  Confirmed ─▶ (forwarding) ─▶ Finished
 //! ```

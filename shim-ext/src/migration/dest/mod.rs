@@ -11,7 +11,7 @@
 //!                                                                ── PrepareIncoming returns
 //!  RECEIVING  the source pushes; ctl storage-done ─▶ NBD exports stopped      streams.rs
 //!  LOADED     MIGRATION completed ─▶ journal Voted (fsync) ─▶ ctl `prepared`  receive.rs
-//!  COMMITTED  ctl `commit` ─▶ `cont` (journal written meanwhile) ─▶ RESUME ─▶ plug released ─▶ announce-self
+//!  COMMITTED  ctl `commit` ─▶ `cont` ─▶ RESUME ─▶ plug released ─▶ announce-self ─▶ journal
 //!             ─▶ ctl `resumed`
 //! ```
 //! Before the vote any failure or cancel unwinds the stack: the packets held for the VM taken

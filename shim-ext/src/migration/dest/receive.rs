@@ -5,7 +5,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
-use tokio::task::JoinHandle;
 
 use super::streams::CtlEvent;
 use super::Incoming;
@@ -14,7 +13,7 @@ use crate::migration::ctl::CtlMsg;
 use crate::migration::error::EngineError;
 use crate::migration::events::{CutoverTimes, Event, EventLog, Phase};
 use crate::migration::failpoint;
-use crate::migration::journal::{Entry, JournalError, Standing};
+use crate::migration::journal::{Entry, Standing};
 use crate::migration::network;
 use crate::migration::protocol::{Action, DestInput, DestState, Owner, ProtocolError};
 use crate::qmp::{EventKind, MigrationStatus};
@@ -115,12 +114,6 @@ impl Machine<'_> {
         self.journal.record(Standing::Destination(state), |_| {})?;
         Ok(())
     }
-
-    /// Records `state` durably on a blocking thread, for a record nothing waits for.
-    fn record_meanwhile(&self, state: DestState) -> JoinHandle<Result<Duration, JournalError>> {
-        let entry = self.journal.clone();
-        tokio::task::spawn_blocking(move || entry.record(Standing::Destination(state), |_| {}))
-    }
 }
 
 /// Why the source aborted, as this side reports it.
@@ -156,7 +149,8 @@ pub async fn receive(
     let mut verdicts: Vec<Verdict> = Vec::new();
     let mut cancel_by: Option<(String, tokio::time::Instant)> = None;
     let mut resume_from: Option<tokio::time::Instant> = None;
-    let mut committed_write: Option<JoinHandle<Result<Duration, JournalError>>> = None;
+    // The commit arrived while this side had voted, and is not in its journal yet.
+    let mut commit_unrecorded = false;
     let connect_by = tokio::time::Instant::now() + CONNECT_LIMIT;
     let mut connected = false;
     let answer = |verdicts: &mut Vec<Verdict>, v: Result<bool, ProtocolError>| {
@@ -191,12 +185,9 @@ pub async fn receive(
                             tracing::warn!(error = %e, "announce-self failed");
                         }
                         m.step(DestInput::Resumed)?;
-                        // After the commit's record, whose write may still be going on.
-                        if let Some(write) = committed_write.take() {
-                            match write.await {
-                                Ok(Ok(took)) => tracing::debug!(took_us = took.as_micros(), "commit recorded"),
-                                Ok(Err(e)) => tracing::warn!(error = %e, "cannot record the commit"),
-                                Err(e) => tracing::warn!(error = %e, "the commit's record did not finish"),
+                        if std::mem::take(&mut commit_unrecorded) {
+                            if let Err(e) = m.record(DestState::Committed) {
+                                tracing::warn!(error = %e, "cannot record the commit");
                             }
                         }
                         if let Err(e) = m.record(DestState::Running) {
@@ -269,13 +260,12 @@ pub async fn receive(
                             }
                             // The decision is durable on the source, which recorded it before
                             // sending it and delivers it until acknowledged. This side's record
-                            // only spares a restarted agent the question, so it is written while
-                            // the VM resumes rather than before, out of the guest's pause: an
-                            // agent restarted in `voted` keeps the copy (paused or running) and
-                            // waits for the decision, and nothing destroys it.
-                            if voted {
-                                committed_write = Some(m.record_meanwhile(DestState::Committed));
-                            }
+                            // only spares a restarted agent the question, so it is written once
+                            // the VM runs and its packets are released, out of the guest's pause
+                            // and off the release's path: an agent restarted in `voted` keeps
+                            // the copy (paused or running) and waits for the decision, and
+                            // nothing destroys it.
+                            commit_unrecorded = voted;
                             resume_from.get_or_insert_with(tokio::time::Instant::now);
                             if let Err(e) = inc.qmp.cont().await {
                                 tracing::warn!(error = %e, "cont failed; retrying");
