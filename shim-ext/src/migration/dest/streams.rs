@@ -147,7 +147,9 @@ impl Storage {
         let (Some(gate), Some(peer)) = (&self.gate, peer) else {
             return CtlMsg::StorageError("no disk streams are expected now".into());
         };
-        let from = SocketAddr::new(peer.ip(), port);
+        // A dual-stack listener sees an IPv4 peer as `::ffff:a.b.c.d`; the gate, on the node's
+        // IPv4 address, sees it as itself.
+        let from = SocketAddr::new(peer.ip().to_canonical(), port);
         match gate.admit(from) {
             Ok(()) => {
                 tracing::debug!(%from, gate = %gate.local_addr(), "disk stream admitted");
