@@ -54,9 +54,9 @@ use crate::qmp::{QmpClient, QmpConfig};
 use crate::sandbox::cmdline::{IncomingRewrite, QemuCmdline};
 
 /// How long QEMU has to open its QMP socket after being spawned.
+const QMP_APPEAR_TIMEOUT: Duration = Duration::from_secs(20);
 /// The monitor's name for the NBD gate's listening socket until `nbd-server-start` takes it.
 const NBD_GATE_FD: &str = "kmr-nbd-gate";
-const QMP_APPEAR_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A source disk the destination must provide.
 #[derive(Debug, Clone, PartialEq, Eq)]
