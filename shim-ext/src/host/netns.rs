@@ -126,7 +126,7 @@ pub async fn bind_tcp_in(ns: &NetnsHandle, addr: SocketAddr) -> Result<std::net:
 }
 
 /// A TCP socket of `addr`'s family created inside `ns`, neither bound nor connected,
-/// close-on-exec, blocking.
+/// close-on-exec, non-blocking (ready for `tokio::net::TcpSocket::from_std_stream`).
 ///
 /// # Errors
 /// [`Error::Socket`], [`Error::Thread`] when the namespace thread is gone.
@@ -134,7 +134,7 @@ pub async fn tcp_socket_in(ns: &NetnsHandle, addr: SocketAddr) -> Result<OwnedFd
     let path = ns.path().to_owned();
     let family = if addr.is_ipv4() { AddressFamily::Inet } else { AddressFamily::Inet6 };
     let made = ns
-        .run(move || socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None))
+        .run(move || socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None))
         .await
         .map_err(|_| Error::Thread { path: path.clone() })?;
     made.map_err(|e| Error::Socket { what: "create a socket for", addr, path, source: e.into() })
@@ -146,11 +146,14 @@ pub async fn tcp_socket_in(ns: &NetnsHandle, addr: SocketAddr) -> Result<OwnedFd
 /// # Errors
 /// [`Error::Socket`] naming the step, [`Error::Thread`] when the namespace thread is gone.
 pub async fn connect_from(ns: &NetnsHandle, addr: SocketAddr) -> Result<tokio::net::TcpStream, Error> {
-    let fd = tcp_socket_in(ns, addr).await?;
-    let fail = |what, source| Error::Socket { what, addr, path: ns.path().to_owned(), source };
-    let std = std::net::TcpStream::from(fd);
-    std.set_nonblocking(true).map_err(|e| fail("make non-blocking the socket for", e))?;
-    tokio::net::TcpSocket::from_std_stream(std).connect(addr).await.map_err(|e| fail("connect to", e))
+    let sock =
+        tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(tcp_socket_in(ns, addr).await?));
+    sock.connect(addr).await.map_err(|source| Error::Socket {
+        what: "connect to",
+        addr,
+        path: ns.path().to_owned(),
+        source,
+    })
 }
 
 #[cfg(test)]

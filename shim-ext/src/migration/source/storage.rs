@@ -120,9 +120,7 @@ async fn admitted_stream(
     let fd = crate::host::netns::tcp_socket_in(node, gate)
         .await
         .map_err(|e| EngineError::io("create the NBD socket")(std::io::Error::other(e)))?;
-    let std = std::net::TcpStream::from(fd);
-    std.set_nonblocking(true).map_err(EngineError::io("make the NBD socket non-blocking"))?;
-    let socket = tokio::net::TcpSocket::from_std_stream(std);
+    let socket = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(fd));
     // Any local address: the route to the gate picks the one the control stream uses, which
     // is the address the destination admits.
     let any =

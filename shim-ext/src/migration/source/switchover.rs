@@ -300,7 +300,7 @@ impl Switchover {
 /// [`PASS_END_MIN`], so QEMU's sync at its end does not let QEMU complete by itself, and
 /// within [`PASS_END_HORIZON`]. Close to this pass end, only the next one can still pay.
 fn pass_end_pays(predicted: Duration, to_clear: f64, since_sync: f64, dirty_rate: f64, wire: f64) -> bool {
-    let this_end = secs(dirty_rate * (since_sync + to_clear) / wire);
+    let this_end = pause_at_pass_end(to_clear, since_sync, dirty_rate, wire);
     let next_end = secs(dirty_rate / wire * this_end.as_secs_f64());
     if this_end < PASS_END_MIN || secs(to_clear).saturating_add(this_end) > PASS_END_HORIZON {
         return false;
@@ -308,6 +308,12 @@ fn pass_end_pays(predicted: Duration, to_clear: f64, since_sync: f64, dirty_rate
     let near_end = secs(to_clear) <= POLL_FAST + PASS_END_LEAD;
     let best = if near_end { next_end } else { this_end.min(next_end) };
     best.saturating_add(PASS_END_GAIN) < predicted.min(if near_end { this_end } else { predicted })
+}
+
+/// The pause a stop at the end of this pass would cost: what the guest dirtied since the last
+/// sync and until then, at the wire's rate.
+fn pause_at_pass_end(to_clear: f64, since_sync: f64, dirty_rate: f64, wire: f64) -> Duration {
+    secs(dirty_rate * (since_sync + to_clear) / wire)
 }
 
 /// Once the routes moved, the guest's inbound packets wait at the destination, so the client's
@@ -326,7 +332,7 @@ fn pass_end_is_cheap(
     dirty_rate: f64,
     wire: f64,
 ) -> bool {
-    let this_end = secs(dirty_rate * (since_sync + to_clear) / wire);
+    let this_end = pause_at_pass_end(to_clear, since_sync, dirty_rate, wire);
     let cost = secs(dirty_rate * to_clear / wire);
     cost <= MOVED_WAIT_COST && this_end.saturating_add(PASS_END_GAIN) < predicted
 }
