@@ -13,6 +13,9 @@
 //! stream; the source's QEMU takes the connected socket. With encrypted streams the two QEMUs
 //! also authenticate each other with the migration's certificates.
 //!
+//! [`sendq`] keeps a second descriptor of the RAM stream QEMU writes, to let what it queued
+//! leave before the switchover's stop.
+//!
 //! ```text
 //!  source node                                   destination node
 //!  QEMU ─fd─ extension ══TCP(handshake)══▶ DataListener ─fd─ QEMU (-incoming)
@@ -24,6 +27,7 @@ pub mod gate;
 pub mod handshake;
 pub mod listener;
 pub mod relay;
+pub mod sendq;
 pub mod tls;
 
 pub use handshake::{Secret, StreamKey};

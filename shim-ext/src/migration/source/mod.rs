@@ -339,7 +339,8 @@ async fn connect(
 }
 
 /// Opens the authenticated stream `stream` to `endpoint` and hands it to QEMU under `fd_name`
-/// (`getfd`): QEMU reads and writes the socket itself, no relay copies its bytes.
+/// (`getfd`): QEMU reads and writes the socket itself, no relay copies its bytes. Returns this
+/// side's descriptor of the socket (closing it leaves QEMU's open).
 async fn hand_stream_to_qemu(
     node: &Arc<NetnsHandle>,
     req: &SourceRequest,
@@ -347,11 +348,11 @@ async fn hand_stream_to_qemu(
     endpoint: SocketAddr,
     stream: &str,
     fd_name: &str,
-) -> Result<(), EngineError> {
+) -> Result<std::net::TcpStream, EngineError> {
     let tcp = connect(node, req, endpoint, stream).await?;
     let std = tcp.into_std().map_err(EngineError::io(format!("detach the {stream} stream")))?;
     qmp.getfd(fd_name, std::os::fd::AsFd::as_fd(&std)).await?;
-    Ok(())
+    Ok(std)
 }
 
 /// An authenticated data stream to `addr`, its socket made in the node's network namespace
