@@ -416,13 +416,13 @@ async fn switchover(
         env.log.push(Event::new(Phase::Cutover, note));
         tokio::join!(drain_ram_stream(queue), settle_into_vm(qemu_pid, tap, Duration::ZERO))
     } else {
-        // Drained while the VM's packets still reach it here: the wait is not the client's.
-        let drained = drain_ram_stream(queue).await;
+        // The routes move first, as the switchover decided: a drain before the move could let
+        // QEMU complete by itself while the VM's packets still reach the source.
         let note = format!(
             "switchover: VM routes forward to the destination (pass {pass}, predicted pause {predicted} ms)"
         );
         move_routes(node, forward, swapped, times, &note, env).await?;
-        (drained, settle_into_vm(qemu_pid, tap, SWITCHOVER_SETTLE).await)
+        tokio::join!(drain_ram_stream(queue), settle_into_vm(qemu_pid, tap, SWITCHOVER_SETTLE))
     };
     if settle.pending_at_stop == Some(true) {
         tracing::warn!(
