@@ -43,7 +43,7 @@ const MIRROR_SETTLE_LIMIT: Duration = Duration::from_secs(30);
 /// under a millisecond of transfer at the lab's slowest stream (TLS under TCG, ~130 MB/s).
 const DRAIN_BOUND: u32 = 64 * 1024;
 /// The longest the switchover waits for the RAM stream's queue to fall to [`DRAIN_BOUND`]
-/// (2.3–3.4 MB at 130–150 MB/s took ~25 ms in the lab). The guest runs meanwhile.
+/// (the benchmark's moves drained 0.3–4.1 MB in 3–43 ms). The guest runs meanwhile.
 const DRAIN_LIMIT: Duration = Duration::from_millis(50);
 /// How long the STOP watcher may lag QEMU's completion.
 const STOP_SEEN_LIMIT: Duration = Duration::from_secs(5);
