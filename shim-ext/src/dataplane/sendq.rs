@@ -4,12 +4,13 @@
 //! sender's queue grow to megabytes while the destination's QEMU (decrypting, loading pages) is
 //! the slower end: in the lab the source held 2.3–3.4 MB not yet sent and the destination 1 MB
 //! not yet read, for the whole pre-copy. Whatever sits there when the VM stops crosses inside
-//! the guest's pause: QEMU's trace showed the destination 12–57 ms behind the source when the
-//! source sent its device state.
+//! the guest's pause: QEMU's trace showed the destination 8–57 ms behind the source when the
+//! source sent its device state (katamaran and bare QEMU alike).
 //!
 //! Smaller buffers for the whole stream would bound that, but each wake-up of a QEMU blocked
-//! on a full socket costs a scheduling delay on a busy host, and pre-copy ran at a third of its
-//! rate with 256 KiB buffers or a 128 KiB `TCP_NOTSENT_LOWAT` from the start. So the queue is
+//! on a full socket costs a scheduling delay on a busy host: a dirtying guest's pre-copy ran
+//! at a third to under half of its rate with 256 KiB buffers or a 128 KiB `TCP_NOTSENT_LOWAT`
+//! from the start. So the queue is
 //! bounded only for the switchover: [`SendQueue::drain`] sets `TCP_NOTSENT_LOWAT` (QEMU's
 //! writes then block while more than that waits unsent), waits until what waits is below it,
 //! and the caller stops the VM and calls [`SendQueue::unbound`]. The guest runs meanwhile; the
