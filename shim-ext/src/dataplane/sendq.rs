@@ -45,6 +45,13 @@ pub struct Drained {
     pub timed_out: bool,
 }
 
+/// Takes this side's descriptor of the socket (QEMU holds its own).
+impl From<OwnedFd> for SendQueue {
+    fn from(fd: OwnedFd) -> Self {
+        Self { fd }
+    }
+}
+
 impl SendQueue {
     /// Duplicates `socket` (a connected TCP socket).
     ///

@@ -2,6 +2,7 @@
 //! decision (swap the routes, let in-flight packets land, stop), the storage hand-off at
 //! `pre-switchover`, and the STOP watcher that swaps the routes when QEMU stops first.
 
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -409,21 +410,22 @@ async fn switchover(
     // next threshold update.
     let lead = Instant::now();
     let (pass, predicted) = (why.p.iteration, why.predicted.as_millis());
-    let queue = queue.as_ref();
-    let (drained, settle) = if swapped.load(Ordering::SeqCst) {
+    let min_settle = if swapped.load(Ordering::SeqCst) {
         // The routes moved ahead of the stop, long enough ago for the in-flight packets to land.
         let note = format!("switchover: source stops (pass {pass}, predicted pause {predicted} ms)");
         env.log.push(Event::new(Phase::Cutover, note));
-        tokio::join!(drain_ram_stream(queue), settle_into_vm(qemu_pid, tap, Duration::ZERO))
+        Duration::ZERO
     } else {
-        // The routes move first, as the switchover decided: a drain before the move could let
-        // QEMU complete by itself while the VM's packets still reach the source.
         let note = format!(
             "switchover: VM routes forward to the destination (pass {pass}, predicted pause {predicted} ms)"
         );
         move_routes(node, forward, swapped, times, &note, env).await?;
-        tokio::join!(drain_ram_stream(queue), settle_into_vm(qemu_pid, tap, SWITCHOVER_SETTLE))
+        SWITCHOVER_SETTLE
     };
+    // After the route swap, as the switchover decided: a drain before it could let QEMU complete
+    // by itself while the VM's packets still reach the source.
+    let queue = queue.as_ref();
+    let (drained, settle) = tokio::join!(drain_ram_stream(queue), settle_into_vm(qemu_pid, tap, min_settle));
     if settle.pending_at_stop == Some(true) {
         tracing::warn!(
             waited_ms = settle.waited.as_millis(),
@@ -562,10 +564,7 @@ async fn start_ram_stream(
     if ram.multifd_channels.is_none() {
         let name = "kmr-ram";
         let stream = super::hand_stream_to_qemu(node, req, qmp, req.ram_endpoint, "ram", name).await?;
-        let queue = SendQueue::of(&stream)
-            .inspect_err(|e| tracing::warn!(error = %e, "no handle on the RAM stream's queue; it is not drained before the stop"))
-            .ok();
-        return Ok((format!("fd:{name}"), queue));
+        return Ok((format!("fd:{name}"), Some(SendQueue::from(OwnedFd::from(stream)))));
     }
     let path = req.state_dir.join("ram.sock");
     spawn_stream_relay(node, req, req.ram_endpoint, "ram", &path, cleanup)?;
