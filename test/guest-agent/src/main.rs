@@ -31,7 +31,9 @@ usage: katamaran-guest SUBCOMMAND [OPTIONS]
   disk-compare --prefix SRC --full DST [--json] [--record-size 4096]
                SRC's log must be a byte-identical prefix of DST's; exit 0 when it is, 1 if not
   dirty-mem    --mb N [--rate-mb-per-s R] [--duration 60s] [--fill TEXT]
-               keep N MiB of memory dirty, R MiB/s (default: as fast as possible)
+               keep N MiB of memory dirty, R MiB/s (default: as fast as possible), and check
+               that every page keeps what was last written to it (`STALE MEMORY:` lines on
+               stderr; exit 1 after --duration when a page lost a write)
 
 --ready-file is created once the service is up (the guest's init waits for it).
 ";
@@ -205,12 +207,39 @@ fn dirty_mem(rest: &[String]) -> Result<Outcome, Failure> {
         sys::uptime_ms().unwrap_or(0)
     );
     let filled = cfg.fill.len();
-    let bytes = run_dirty(&cfg, &AtomicBool::new(false), || {
-        if filled > 0 {
-            eprintln!("katamaran-guest dirty-mem: working set filled ({mb} MiB)");
-        }
-    })
+    let mut reported = 0u64;
+    let mut last_report: Option<std::time::Instant> = None;
+    let done = run_dirty(
+        &cfg,
+        &AtomicBool::new(false),
+        || {
+            if filled > 0 {
+                eprintln!("katamaran-guest dirty-mem: working set filled ({mb} MiB)");
+            }
+        },
+        |m| {
+            // The first stale page at once, then at most a line a second with the count.
+            if last_report.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1)) {
+                eprintln!(
+                    "{STALE_LINE} page {} holds round {}, last written {} ({} stale page(s) so far, uptime {} ms)",
+                    m.page,
+                    m.found,
+                    m.expected,
+                    m.total,
+                    sys::uptime_ms().unwrap_or(0)
+                );
+                last_report = Some(std::time::Instant::now());
+                reported = m.total;
+            }
+        },
+    )
     .map_err(run_err)?;
-    eprintln!("katamaran-guest dirty-mem: dirtied {} MiB", bytes >> 20);
-    Ok(Outcome::Ok)
+    if done.stale_pages > reported {
+        eprintln!("{STALE_LINE} {} stale page(s) in all", done.stale_pages);
+    }
+    eprintln!("katamaran-guest dirty-mem: dirtied {} MiB", done.bytes >> 20);
+    Ok(if done.stale_pages == 0 { Outcome::Ok } else { Outcome::CheckFailed })
 }
+
+/// What `dirty-mem` prints when guest memory lost a write (`hack/guest/README.md`).
+const STALE_LINE: &str = "katamaran-guest dirty-mem: STALE MEMORY:";
