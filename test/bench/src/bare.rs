@@ -107,6 +107,7 @@ fn measure(rt: &Runtime, cfg: &RunConfig, case: &Case, run: &mut Run) -> anyhow:
     let report = probe.stop(Duration::from_secs(15)).context("the probe did not report")?;
     record_probe(run, &report);
     let t = migrated?;
+    guest::record_health(run, &dst_paths.console, case);
     run.set(m::TOTAL_MS, Some(t.total.as_secs_f64() * 1e3));
     if let Some((d, bytes)) = t.storage {
         run.set(m::STORAGE_MS, Some(d.as_secs_f64() * 1e3));

@@ -79,6 +79,9 @@ fn measure(rt: &Runtime, cfg: &RunConfig, case: &Case, run: &mut Run) -> anyhow:
     std::thread::sleep(cfg.after);
     let report = probe.stop(Duration::from_secs(15)).context("the probe did not report")?;
     record_probe(run, &report);
+    if driven.is_ok() {
+        guest::record_health(run, &guest::incoming_console(&lab), case);
+    }
 
     let summary = match driven {
         Ok(s) => s,

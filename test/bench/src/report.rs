@@ -60,6 +60,11 @@ pub mod m {
     pub const REORDERED: &str = "reordered";
     /// Probe: longest time without answers while packets were outstanding.
     pub const GAP_MS: &str = "longest_gap_ms";
+    /// Guest, on the destination's console: pages of the dirty workload's working set that
+    /// lost their last write (dirty cases only).
+    pub const STALE_PAGES: &str = "guest_stale_pages";
+    /// Guest, on the destination's console: kernel fault lines (panic, Oops, BUG, …).
+    pub const GUEST_FAULTS: &str = "guest_kernel_faults";
 }
 
 /// One event of a katamaran migration, relative to the start of the drive.
@@ -372,6 +377,23 @@ fn ok_cell(runs: &[Run]) -> String {
     format!("{}/{}", runs.iter().filter(|r| r.ok).count(), runs.len())
 }
 
+/// A driver's moved guests as their destination consoles showed them: `clean` when no run's
+/// guest reported stale memory or a kernel fault, else how many runs did and what they reported.
+fn health_cell(runs: &[Run]) -> String {
+    let read: Vec<&Run> = runs.iter().filter(|r| r.metrics.contains_key(m::GUEST_FAULTS)).collect();
+    if read.is_empty() {
+        return "-".into();
+    }
+    let get = |r: &Run, k: &str| r.metrics.get(k).copied().unwrap_or(0.0);
+    let damaged = read.iter().filter(|r| get(r, m::STALE_PAGES) > 0.0 || get(r, m::GUEST_FAULTS) > 0.0).count();
+    if damaged == 0 {
+        return format!("clean in {}", read.len());
+    }
+    let pages: f64 = read.iter().map(|r| get(r, m::STALE_PAGES)).sum();
+    let faults: f64 = read.iter().map(|r| get(r, m::GUEST_FAULTS)).sum();
+    format!("DAMAGED in {damaged} of {}: {pages:.0} stale pages, {faults:.0} fault lines", read.len())
+}
+
 fn load_cell(runs: &[Run]) -> String {
     spread_cell(spread(&runs.iter().map(|r| r.load_1m).collect::<Vec<_>>()), 1)
 }
@@ -543,7 +565,26 @@ pub fn case_tables(cases: &[CaseResult]) -> Vec<Table> {
     if cases.iter().any(|c| !c.bare.is_empty()) {
         tables.extend([bare, cmp]);
     }
+    tables.extend(health_table(cases));
     tables
+}
+
+/// The moved guest after each driver's runs: what the destination's console said (the dirty
+/// workload's memory check, the guest kernel's fault reports). A pause bought with lost writes
+/// is no pause to compare with. `None` when no run's console was read.
+fn health_table(cases: &[CaseResult]) -> Option<Table> {
+    let read = |runs: &[Run]| runs.iter().any(|r| r.metrics.contains_key(m::GUEST_FAULTS));
+    if !cases.iter().any(|c| read(&c.katamaran) || read(&c.bare)) {
+        return None;
+    }
+    let mut t = Table::new(
+        "the moved guest — stale memory and kernel faults on the destination's console",
+        &["case", "katamaran", "bare QEMU"],
+    );
+    for c in cases {
+        t.row(vec![c.name.clone(), health_cell(&c.katamaran), health_cell(&c.bare)]);
+    }
+    Some(t)
 }
 
 /// The relay table.
@@ -611,6 +652,21 @@ mod tests {
             r.set(k, Some(*v));
         }
         r
+    }
+
+    #[test]
+    fn the_health_cell_names_damaged_runs_and_what_they_reported() {
+        let clean = run(1, true, &[(m::STALE_PAGES, 0.0), (m::GUEST_FAULTS, 0.0)]);
+        let stale = run(2, true, &[(m::STALE_PAGES, 12.0), (m::GUEST_FAULTS, 0.0)]);
+        let panicked = run(3, true, &[(m::GUEST_FAULTS, 3.0)]);
+        assert_eq!(health_cell(&[clean.clone(), clean.clone()]), "clean in 2");
+        assert_eq!(
+            health_cell(&[clean.clone(), stale, panicked]),
+            "DAMAGED in 2 of 3: 12 stale pages, 3 fault lines"
+        );
+        // A run whose console was not read says nothing either way.
+        assert_eq!(health_cell(&[run(1, false, &[])]), "-");
+        assert_eq!(health_cell(&[clean, run(2, false, &[])]), "clean in 1");
     }
 
     #[test]
