@@ -206,6 +206,25 @@ impl World {
         });
     }
 
+    /// Claims the marked guest's memory came over whole: its `dirty-mem` keeps checking that
+    /// every page of its working set holds the last write (hack/guest/README.md, "Memory
+    /// check"), and the destination's console, which holds only what the guest printed after
+    /// the move, shows that check running and no stale page.
+    fn expect_memory_intact(&self) {
+        let console = agents::incoming_dir(&self.lab, Node::B, self.id).join("console.log");
+        let until = std::time::Instant::now() + Duration::from_secs(15);
+        let text = loop {
+            let text = std::fs::read_to_string(&console).unwrap_or_default();
+            if text.contains(MEMORY_CHECK_LINE) || std::time::Instant::now() > until {
+                break text;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        self.claim(text.contains(MEMORY_CHECK_LINE) && !text.contains(STALE_MEMORY_LINE), || {
+            format!("the moved guest's memory check runs on node-b and finds no stale page; its console:\n{text}")
+        });
+    }
+
     /// Fails the test if a claim failed, then stops the agents, tears the lab down and checks
     /// that nothing of it remains.
     fn finish(self) {
@@ -217,6 +236,11 @@ impl World {
         assert_eq!(lab.leftovers(), Vec::<String>::new(), "down leaves nothing behind");
     }
 }
+
+/// What the marked guest's `dirty-mem` prints every two seconds while it checks its memory.
+const MEMORY_CHECK_LINE: &str = "katamaran-guest dirty-mem: memory check:";
+/// What it prints when a page of its working set lost its last write.
+const STALE_MEMORY_LINE: &str = "katamaran-guest dirty-mem: STALE MEMORY:";
 
 /// What the marked guest fills its memory with: guest RAM an observer on the wire recognises.
 const RAM_MARKER: &str = "KMR-GUEST-RAM-MARKER-5e1f7a";
@@ -434,6 +458,7 @@ fn lab_migrate_local_storage_two_disks_keeps_every_write() {
     });
     w.expect_no_loss(&r, 1500, &format!("cutover: {n}"));
     assert_moved(&w, &boot_id);
+    w.expect_memory_intact();
 
     // Stop the destination VM (its writers with it), then read both sides' logs on the host. Its
     // pid comes from node-b's Inspect; the engine's pidfile is the fallback while that fails.
@@ -526,6 +551,7 @@ fn lab_migrate_over_tls_shows_the_wire_nothing_and_a_connection_flood_changes_no
     );
     w.expect_no_loss(&r, 1500, &format!("cutover: {n}"));
     assert_moved(&w, &boot_id);
+    w.expect_memory_intact();
     w.claim(seen.bytes() > 64 << 20, || {
         format!("the capture saw the streams (the guest's RAM at least): {}", wire(&seen))
     });

@@ -80,7 +80,12 @@ pub struct Dirtied {
     /// Pages found not holding what was last written to them (each counted once: the scan
     /// repairs what it reports).
     pub stale_pages: u64,
+    /// Pages the scan has read so far.
+    pub verified_pages: u64,
 }
+
+/// How often [`run_dirty`] reports that its check runs.
+pub const HEARTBEAT: Duration = Duration::from_secs(2);
 
 /// What each page's marker byte holds: the round that last wrote it.
 struct Ledger {
@@ -129,7 +134,8 @@ fn previous(round: u8) -> u8 {
 /// that last wrote it before it is written again, and a scan goes over the whole set every
 /// [`VERIFY_TICKS`] ticks. `ready` runs once the working set is allocated and filled;
 /// `on_stale` for each page found stale (the scan then writes the expected byte back, so a page
-/// is reported once).
+/// is reported once); `heartbeat` every [`HEARTBEAT`] with the counts so far, so a reader of the
+/// reports can tell a check that finds nothing from one that does not run.
 ///
 /// # Errors
 /// [`DirtyError`] for an empty working set, a non-positive rate or a failed allocation.
@@ -138,6 +144,7 @@ pub fn run_dirty(
     stop: &AtomicBool,
     ready: impl FnOnce(),
     mut on_stale: impl FnMut(Mismatch),
+    mut heartbeat: impl FnMut(&Dirtied),
 ) -> Result<Dirtied, DirtyError> {
     if cfg.rate_mb_per_s.is_some_and(|r| r.is_nan() || r <= 0.0) {
         return Err(DirtyError::Rate);
@@ -145,9 +152,14 @@ pub fn run_dirty(
     let mut dirtier = Dirtier::new(cfg)?;
     ready();
     let t0 = Instant::now();
+    let mut beat = t0 + HEARTBEAT;
     let mut tick = 0u32;
     while !stop.load(Ordering::Relaxed) && cfg.duration.is_none_or(|d| t0.elapsed() < d) {
         dirtier.tick(&mut on_stale);
+        if Instant::now() >= beat {
+            heartbeat(&dirtier.out);
+            beat += HEARTBEAT;
+        }
         tick += 1;
         if cfg.rate_mb_per_s.is_some() {
             let due = t0 + TICK.saturating_mul(tick);
@@ -201,6 +213,7 @@ impl Dirtier {
             self.check(self.scan, on_stale);
             self.scan = (self.scan + 1) % pages;
         }
+        self.out.verified_pages += self.verify_per_tick as u64;
         // Keeps the writes and the reads: nothing else uses the buffer.
         std::hint::black_box(&mut self.memory);
         self.out.bytes += (self.per_tick * PAGE) as u64;
@@ -234,7 +247,7 @@ mod tests {
             duration: Some(Duration::from_millis(300)),
             fill: Vec::new(),
         };
-        let done = run_dirty(&cfg, &AtomicBool::new(false), || (), never).unwrap();
+        let done = run_dirty(&cfg, &AtomicBool::new(false), || (), never, |_| ()).unwrap();
         let mb = done.bytes as f64 / MIB as f64;
         // 20 MiB/s for 0.3 s is 6 MiB; pacing is per 10 ms tick.
         assert!((5.0..7.5).contains(&mb), "dirtied {mb} MiB");
@@ -253,7 +266,7 @@ mod tests {
         assert_eq!(memory.len(), MIB);
         assert_eq!(memory.windows(4).step_by(4).filter(|w| *w == b"MARK").count(), MIB / 4);
         let mut seen = false;
-        run_dirty(&cfg, &AtomicBool::new(false), || seen = true, never).unwrap();
+        run_dirty(&cfg, &AtomicBool::new(false), || seen = true, never, |_| ()).unwrap();
         assert!(seen, "ready runs once the working set is filled");
     }
 
@@ -301,8 +314,8 @@ mod tests {
     fn rejects_nonsense() {
         let stop = AtomicBool::new(false);
         let cfg = DirtyConfig { mb: 0, rate_mb_per_s: None, duration: None, fill: Vec::new() };
-        assert!(matches!(run_dirty(&cfg, &stop, || (), never), Err(DirtyError::Empty)));
+        assert!(matches!(run_dirty(&cfg, &stop, || (), never, |_| ()), Err(DirtyError::Empty)));
         let cfg = DirtyConfig { mb: 1, rate_mb_per_s: Some(0.0), duration: None, fill: Vec::new() };
-        assert!(matches!(run_dirty(&cfg, &stop, || (), never), Err(DirtyError::Rate)));
+        assert!(matches!(run_dirty(&cfg, &stop, || (), never, |_| ()), Err(DirtyError::Rate)));
     }
 }

@@ -232,6 +232,14 @@ fn dirty_mem(rest: &[String]) -> Result<Outcome, Failure> {
                 reported = m.total;
             }
         },
+        |d| {
+            eprintln!(
+                "{CHECK_LINE} {} pages verified, {} stale (uptime {} ms)",
+                d.verified_pages,
+                d.stale_pages,
+                sys::uptime_ms().unwrap_or(0)
+            );
+        },
     )
     .map_err(run_err)?;
     if done.stale_pages > reported {
@@ -243,3 +251,5 @@ fn dirty_mem(rest: &[String]) -> Result<Outcome, Failure> {
 
 /// What `dirty-mem` prints when guest memory lost a write (`hack/guest/README.md`).
 const STALE_LINE: &str = "katamaran-guest dirty-mem: STALE MEMORY:";
+/// What `dirty-mem` prints every two seconds while its memory check runs.
+const CHECK_LINE: &str = "katamaran-guest dirty-mem: memory check:";
