@@ -385,7 +385,8 @@ fn health_cell(runs: &[Run]) -> String {
         return "-".into();
     }
     let get = |r: &Run, k: &str| r.metrics.get(k).copied().unwrap_or(0.0);
-    let damaged = read.iter().filter(|r| get(r, m::STALE_PAGES) > 0.0 || get(r, m::GUEST_FAULTS) > 0.0).count();
+    let damaged =
+        read.iter().filter(|r| get(r, m::STALE_PAGES) > 0.0 || get(r, m::GUEST_FAULTS) > 0.0).count();
     if damaged == 0 {
         return format!("clean in {}", read.len());
     }

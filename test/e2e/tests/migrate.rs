@@ -221,7 +221,9 @@ impl World {
             std::thread::sleep(Duration::from_millis(200));
         };
         self.claim(text.contains(MEMORY_CHECK_LINE) && !text.contains(STALE_MEMORY_LINE), || {
-            format!("the moved guest's memory check runs on node-b and finds no stale page; its console:\n{text}")
+            format!(
+                "the moved guest's memory check runs on node-b and finds no stale page; its console:\n{text}"
+            )
         });
     }
 

@@ -189,11 +189,23 @@ impl Dirtier {
         }
         let memory = working_set(cfg)?;
         let pages = memory.len() / PAGE;
-        let per_tick = cfg
-            .rate_mb_per_s
-            .map_or(pages, |r| ((r * MIB as f64 / PAGE as f64) * TICK.as_secs_f64()).ceil().max(1.0) as usize);
-        let ledger = Ledger { initial: (0..pages).map(|p| memory[p * PAGE]).collect(), round: 1, first: true, next: 0 };
-        Ok(Self { memory, ledger, per_tick, verify_per_tick: pages.div_ceil(VERIFY_TICKS), scan: 0, out: Dirtied::default() })
+        let per_tick = cfg.rate_mb_per_s.map_or(pages, |r| {
+            ((r * MIB as f64 / PAGE as f64) * TICK.as_secs_f64()).ceil().max(1.0) as usize
+        });
+        let ledger = Ledger {
+            initial: (0..pages).map(|p| memory[p * PAGE]).collect(),
+            round: 1,
+            first: true,
+            next: 0,
+        };
+        Ok(Self {
+            memory,
+            ledger,
+            per_tick,
+            verify_per_tick: pages.div_ceil(VERIFY_TICKS),
+            scan: 0,
+            out: Dirtied::default(),
+        })
     }
 
     fn pages(&self) -> usize {
