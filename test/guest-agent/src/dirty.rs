@@ -156,9 +156,11 @@ pub fn run_dirty(
     let mut tick = 0u32;
     while !stop.load(Ordering::Relaxed) && cfg.duration.is_none_or(|d| t0.elapsed() < d) {
         dirtier.tick(&mut on_stale);
-        if Instant::now() >= beat {
+        let now = Instant::now();
+        if now >= beat {
             heartbeat(&dirtier.out);
-            beat += HEARTBEAT;
+            // From now: after a long pause of the guest (a migration), one line, not a burst.
+            beat = now + HEARTBEAT;
         }
         tick += 1;
         if cfg.rate_mb_per_s.is_some() {
