@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use katamaran_e2e::{Disks, Lab, LabConfig, Node, SandboxPaths, VmOptions};
+use katamaran_e2e::{agents, reports, Disks, Lab, LabConfig, Node, SandboxPaths, VmOptions};
 
 use crate::cases::{dirty_working_set_mib, Case, Storage, Workload};
 
@@ -121,45 +121,6 @@ pub fn start(lab: &Lab, case: &Case, cfg: &GuestConfig) -> anyhow::Result<Sandbo
     Ok(paths)
 }
 
-/// What the moved guest printed on the destination's console that says it is damaged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Health {
-    /// Pages the dirty workload found not holding their last write (`STALE MEMORY:` lines);
-    /// `None` where the workload does not run.
-    pub stale_pages: Option<u64>,
-    /// Lines of the guest kernel's own fault reports.
-    pub kernel_faults: u64,
-}
-
-/// The dirty workload's report of a page that lost a write (`hack/guest/README.md`).
-const STALE_LINE: &str = "katamaran-guest dirty-mem: STALE MEMORY:";
-
-/// How a guest kernel announces that something broke; the image boots with `quiet`, so the
-/// console carries these and little else from the kernel.
-const KERNEL_FAULTS: [&str; 6] =
-    ["Kernel panic", "BUG:", "Oops:", "general protection fault", "invalid opcode:", "segfault at"];
-
-/// Reads a destination console: stale pages (the largest count the workload printed) and
-/// kernel fault lines.
-pub fn health_of(console: &str, dirty: bool) -> Health {
-    let mut h = Health { stale_pages: dirty.then_some(0), kernel_faults: 0 };
-    for line in console.lines() {
-        if let Some(rest) = line.split_once(STALE_LINE).map(|(_, r)| r) {
-            // "... (N stale page(s) so far, ..." or " N stale page(s) in all"
-            let count = rest
-                .split(" stale page")
-                .next()
-                .and_then(|head| head.rsplit(|c: char| !c.is_ascii_digit()).next())
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap_or(1);
-            h.stale_pages = Some(h.stale_pages.unwrap_or(0).max(count));
-        } else if KERNEL_FAULTS.iter().any(|f| line.contains(f)) {
-            h.kernel_faults += 1;
-        }
-    }
-    h
-}
-
 /// Records what the guest's console on the destination shows after the move. A console that
 /// cannot be read is logged and recorded as nothing.
 pub fn record_health(run: &mut crate::report::Run, console: &Path, case: &Case) {
@@ -170,7 +131,7 @@ pub fn record_health(run: &mut crate::report::Run, console: &Path, case: &Case) 
             return;
         }
     };
-    let h = health_of(&String::from_utf8_lossy(&text), case.workload == Workload::Dirty);
+    let h = reports::guest_health(&String::from_utf8_lossy(&text), case.workload == Workload::Dirty);
     if h.stale_pages.is_some_and(|n| n > 0) || h.kernel_faults > 0 {
         tracing::warn!(
             stale_pages = h.stale_pages,
@@ -186,7 +147,7 @@ pub fn record_health(run: &mut crate::report::Run, console: &Path, case: &Case) 
 /// Where katamaran's destination agent puts the incoming guest's console (its incoming
 /// sandbox's state directory on node-b).
 pub fn incoming_console(lab: &Lab) -> PathBuf {
-    lab.root().join(Node::B.name()).join("run/katamaran/incoming").join(ID).join("console.log")
+    agents::incoming_dir(lab, Node::B, ID).join("console.log")
 }
 
 /// Waits until `needle` appears in the file at `path`.
@@ -226,24 +187,6 @@ pub fn load_1m() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn health_counts_stale_pages_and_kernel_faults_and_nothing_else() {
-        let clean = "KATAMARAN-GUEST-READY id=bench0 uptime=4.25s services=udp-echo\n\
-                     katamaran-guest dirty-mem: 256 MiB at 64 MiB/s (uptime 4300 ms)\n";
-        assert_eq!(health_of(clean, true), Health { stale_pages: Some(0), kernel_faults: 0 });
-        assert_eq!(health_of(clean, false), Health { stale_pages: None, kernel_faults: 0 });
-        let damaged = format!(
-            "{clean}{STALE_LINE} page 5123 holds round 6, last written 7 (1 stale page(s) so far, uptime 41250 ms)\n\
-             {STALE_LINE} page 77 holds round 6, last written 7 (12 stale page(s) so far, uptime 42250 ms)\n\
-             [   41.3] BUG: unable to handle page fault for address: ffff8880deadbeef\n\
-             [   41.3] Oops: 0000 [#1] PREEMPT SMP NOPTI\n\
-             [   41.4] Kernel panic - not syncing: Fatal exception\n"
-        );
-        assert_eq!(health_of(&damaged, true), Health { stale_pages: Some(12), kernel_faults: 3 });
-        let total = format!("{STALE_LINE} page 1 holds round 2, last written 3 (1 stale page(s) so far, uptime 1 ms)\n{STALE_LINE} 40 stale page(s) in all\n");
-        assert_eq!(health_of(&total, true).stale_pages, Some(40));
-    }
 
     #[test]
     fn dirty_append_is_one_init_argument_without_equals() {

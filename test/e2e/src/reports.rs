@@ -1,4 +1,5 @@
-//! The JSON the lab's ground-truth tools print: the probe's report and the disk checker's.
+//! The JSON the lab's ground-truth tools print: the probe's report and the disk checker's; and
+//! what a guest's console says about the guest after a move ([`guest_health`]).
 //!
 //! Only the fields the suites assert on are typed; unknown fields are ignored so the tools can
 //! grow without breaking the suites.
@@ -7,6 +8,8 @@ use std::path::Path;
 use std::process::Command;
 
 use serde::Deserialize;
+
+use katamaran_guest::dirty::{CHECK_LINE, STALE_LINE};
 
 use crate::error::LabError;
 
@@ -110,4 +113,76 @@ pub fn disk_check(tool: &Path, image: &Path) -> Result<DiskCheck, LabError> {
         });
     }
     serde_json::from_slice(&output.stdout).map_err(|source| LabError::ReportParse { origin: what, source })
+}
+
+/// What a moved guest printed on its console that says it is damaged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GuestHealth {
+    /// Pages `dirty-mem` found not holding their last write (the largest count it printed);
+    /// `None` where the workload does not run.
+    pub stale_pages: Option<u64>,
+    /// Lines of the guest kernel's own fault reports.
+    pub kernel_faults: u64,
+}
+
+/// How a guest kernel announces that something broke; the image boots with `quiet`, so the
+/// console carries these and little else from the kernel.
+const KERNEL_FAULTS: [&str; 6] =
+    ["Kernel panic", "BUG:", "Oops:", "general protection fault", "invalid opcode:", "segfault at"];
+
+/// Reads a guest's console (`dirty` when `dirty-mem` runs in it): stale pages and kernel fault
+/// lines.
+pub fn guest_health(console: &str, dirty: bool) -> GuestHealth {
+    let mut h = GuestHealth { stale_pages: dirty.then_some(0), kernel_faults: 0 };
+    for line in console.lines() {
+        if let Some((_, rest)) = line.split_once(STALE_LINE) {
+            // "... (N stale page(s) so far, ..." or " N stale page(s) in all"
+            let count = rest
+                .split(" stale page")
+                .next()
+                .and_then(|head| head.rsplit(|c: char| !c.is_ascii_digit()).next())
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(1);
+            h.stale_pages = Some(h.stale_pages.unwrap_or(0).max(count));
+        } else if KERNEL_FAULTS.iter().any(|f| line.contains(f)) {
+            h.kernel_faults += 1;
+        }
+    }
+    h
+}
+
+/// Whether `dirty-mem`'s memory check printed its heartbeat on this console.
+pub fn memory_check_ran(console: &str) -> bool {
+    console.contains(CHECK_LINE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_health_counts_stale_pages_and_kernel_faults_and_nothing_else() {
+        let clean = format!(
+            "KATAMARAN-GUEST-READY id=bench0 uptime=4.25s services=udp-echo\n\
+             katamaran-guest dirty-mem: 256 MiB at 64 MiB/s (uptime 4300 ms)\n\
+             {CHECK_LINE} 262144 pages verified, 0 stale (uptime 43010 ms)\n"
+        );
+        assert_eq!(guest_health(&clean, true), GuestHealth { stale_pages: Some(0), kernel_faults: 0 });
+        assert_eq!(guest_health(&clean, false), GuestHealth { stale_pages: None, kernel_faults: 0 });
+        assert!(memory_check_ran(&clean));
+        assert!(!memory_check_ran("KATAMARAN-GUEST-READY id=bench0\n"));
+        let damaged = format!(
+            "{clean}{STALE_LINE} page 5123 holds round 6, last written 7 (1 stale page(s) so far, uptime 41250 ms)\n\
+             {STALE_LINE} page 77 holds round 6, last written 7 (12 stale page(s) so far, uptime 42250 ms)\n\
+             [   41.3] BUG: unable to handle page fault for address: ffff8880deadbeef\n\
+             [   41.3] Oops: 0000 [#1] PREEMPT SMP NOPTI\n\
+             [   41.4] Kernel panic - not syncing: Fatal exception\n"
+        );
+        assert_eq!(guest_health(&damaged, true), GuestHealth { stale_pages: Some(12), kernel_faults: 3 });
+        let total = format!(
+            "{STALE_LINE} page 1 holds round 2, last written 3 (1 stale page(s) so far, uptime 1 ms)\n\
+             {STALE_LINE} 40 stale page(s) in all\n"
+        );
+        assert_eq!(guest_health(&total, true).stale_pages, Some(40));
+    }
 }

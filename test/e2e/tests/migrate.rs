@@ -215,12 +215,13 @@ impl World {
         let until = std::time::Instant::now() + Duration::from_secs(15);
         let text = loop {
             let text = std::fs::read_to_string(&console).unwrap_or_default();
-            if text.contains(MEMORY_CHECK_LINE) || std::time::Instant::now() > until {
+            if reports::memory_check_ran(&text) || std::time::Instant::now() > until {
                 break text;
             }
             std::thread::sleep(Duration::from_millis(200));
         };
-        self.claim(text.contains(MEMORY_CHECK_LINE) && !text.contains(STALE_MEMORY_LINE), || {
+        let stale = reports::guest_health(&text, true).stale_pages;
+        self.claim(reports::memory_check_ran(&text) && stale == Some(0), || {
             format!(
                 "the moved guest's memory check runs on node-b and finds no stale page; its console:\n{text}"
             )
@@ -238,11 +239,6 @@ impl World {
         assert_eq!(lab.leftovers(), Vec::<String>::new(), "down leaves nothing behind");
     }
 }
-
-/// What the marked guest's `dirty-mem` prints every two seconds while it checks its memory.
-const MEMORY_CHECK_LINE: &str = "katamaran-guest dirty-mem: memory check:";
-/// What it prints when a page of its working set lost its last write.
-const STALE_MEMORY_LINE: &str = "katamaran-guest dirty-mem: STALE MEMORY:";
 
 /// What the marked guest fills its memory with: guest RAM an observer on the wire recognises.
 const RAM_MARKER: &str = "KMR-GUEST-RAM-MARKER-5e1f7a";

@@ -87,6 +87,11 @@ pub struct Dirtied {
 /// How often [`run_dirty`] reports that its check runs.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
 
+/// How `dirty-mem` begins the line for a page that lost its last write (`hack/guest/README.md`).
+pub const STALE_LINE: &str = "katamaran-guest dirty-mem: STALE MEMORY:";
+/// How it begins its heartbeat, every [`HEARTBEAT`] while the check runs.
+pub const CHECK_LINE: &str = "katamaran-guest dirty-mem: memory check:";
+
 /// What each page's marker byte holds: the round that last wrote it.
 struct Ledger {
     /// The marker of page `p` before its first write (the fill, or 0).

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 
 use katamaran_guest::args::{switch, value, ArgError, Args};
-use katamaran_guest::dirty::{run_dirty, DirtyConfig};
+use katamaran_guest::dirty::{run_dirty, DirtyConfig, CHECK_LINE, STALE_LINE};
 use katamaran_guest::net::{self, PageInfo};
 use katamaran_guest::record::DEFAULT_RECORD_SIZE;
 use katamaran_guest::writer::{self, run_writer, WriterConfig};
@@ -248,8 +248,3 @@ fn dirty_mem(rest: &[String]) -> Result<Outcome, Failure> {
     eprintln!("katamaran-guest dirty-mem: dirtied {} MiB", done.bytes >> 20);
     Ok(if done.stale_pages == 0 { Outcome::Ok } else { Outcome::CheckFailed })
 }
-
-/// What `dirty-mem` prints when guest memory lost a write (`hack/guest/README.md`).
-const STALE_LINE: &str = "katamaran-guest dirty-mem: STALE MEMORY:";
-/// What `dirty-mem` prints every two seconds while its memory check runs.
-const CHECK_LINE: &str = "katamaran-guest dirty-mem: memory check:";
