@@ -100,8 +100,9 @@ impl Ram<'_> {
         compute::configure(qmp, features, &ram).await?;
         // Controlled switchover: QEMU iterates with a 1 ms limit and would complete by itself
         // only after a pass that dirtied less than a millisecond of transfer (or, where its
-        // dirty tracking does not survive a sync, runs one pass with limit 0); katamaran decides
-        // the moment (switchover.rs), swaps the route first, then gives QEMU the real limit. A
+        // dirty tracking does not survive a sync, runs one pass with limit 0 and completes at
+        // its end, the routes moved just before); katamaran decides the moment (switchover.rs),
+        // swaps the route first, then gives QEMU the real limit. A
         // packet that reaches a stopped source is read by QEMU once and parked inside it, out of
         // reach; swapping before STOP means no packet reaches a stopped source.
         let mode = if features.iterates_safely() { Mode::Iterate } else { Mode::SinglePass };
@@ -211,7 +212,13 @@ impl Ram<'_> {
                     };
                     match verdict {
                         Verdict::MoveRoutes if !swapped.load(Ordering::SeqCst) && status == MigrationStatus::Active => {
-                            let note = format!("VM routes forward to the destination ahead of QEMU's first sync (pass {})", p.iteration);
+                            let note = match mode {
+                                Mode::Iterate => format!("VM routes forward to the destination ahead of QEMU's first sync (pass {})", p.iteration),
+                                Mode::SinglePass => format!(
+                                    "VM routes forward to the destination ahead of QEMU's completion at the end of its only pass ({} MiB left)",
+                                    p.remaining_bytes >> 20
+                                ),
+                            };
                             move_routes(node, forward, &swapped, &times, &note, env).await?;
                             predictor.routes_moved(Instant::now());
                             continue;
