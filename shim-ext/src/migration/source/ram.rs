@@ -102,9 +102,9 @@ impl Ram<'_> {
         // only after a pass that dirtied less than a millisecond of transfer (or, where its
         // dirty tracking does not survive a sync, runs one pass with limit 0 and completes at
         // its end, the routes moved just before); katamaran decides the moment (switchover.rs),
-        // swaps the route first, then gives QEMU the real limit. A
-        // packet that reaches a stopped source is read by QEMU once and parked inside it, out of
-        // reach; swapping before STOP means no packet reaches a stopped source.
+        // swaps the route first, then gives QEMU the real limit. A packet that reaches a stopped
+        // source is read by QEMU once and parked inside it, out of reach; swapping before STOP
+        // means no packet reaches a stopped source.
         let mode = if features.iterates_safely() { Mode::Iterate } else { Mode::SinglePass };
         if mode == Mode::SinglePass {
             tracing::warn!(

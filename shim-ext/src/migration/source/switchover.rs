@@ -101,8 +101,9 @@ pub(super) const MOVED_LIMIT: Duration = Duration::from_millis(50);
 /// pass end: what the guest dirties meanwhile, at the wire's rate (see [`pass_end_is_cheap`]).
 const MOVED_WAIT_COST: Duration = Duration::from_millis(2);
 /// ... and, while the first pass has not ended (its tail held more data than the clear rate
-/// promised), for its first sync: stopping inside the pass would send the rest of it, and all it
-/// dirtied, with the guest paused (226 ms in the lab where a 50 ms wait ran out).
+/// promised), for its first sync, or in a [`Mode::SinglePass`] for QEMU's completion at its end:
+/// stopping inside the pass would send the rest of it, and all it dirtied, with the guest paused
+/// (226 ms in the lab where a 50 ms wait ran out).
 pub(super) const MOVED_FIRST_PASS_LIMIT: Duration = Duration::from_millis(250);
 
 /// One poll.
