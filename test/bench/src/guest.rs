@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use katamaran_e2e::{agents, reports, Disks, Lab, LabConfig, Node, SandboxPaths, VmOptions};
+use katamaran_guest::dirty;
 
 use crate::cases::{dirty_working_set_mib, Case, Storage, Workload};
 
@@ -28,8 +29,6 @@ pub const IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 0x10);
 pub const NODE_B_V6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x201, 0, 0, 0, 0, 0, 0x12);
 /// The probe's target: the guest's UDP echo.
 pub const PROBE_TARGET: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(IP), 7);
-/// What `dirty-mem` prints when it starts (`hack/guest/README.md`).
-const DIRTY_STARTED: &str = "katamaran-guest dirty-mem:";
 /// A booted guest has the workload going within a second; a loaded machine gets more.
 const DIRTY_START_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -110,7 +109,7 @@ pub fn start(lab: &Lab, case: &Case, cfg: &GuestConfig) -> anyhow::Result<Sandbo
             if !out.status.success() {
                 bail!("lab.sh vm (dirty workload) failed: {}", tail(&out.stderr, 15));
             }
-            wait_for_line(&paths.console, DIRTY_STARTED, DIRTY_START_TIMEOUT)?;
+            wait_for_line(&paths.console, dirty::PREFIX, DIRTY_START_TIMEOUT)?;
             // The workload allocates its working set zeroed (zero pages cost QEMU nearly
             // nothing) and then dirties it page by page at the given rate: let it make one full
             // pass, so every page of the working set holds data when the migration starts.

@@ -112,7 +112,7 @@ impl World {
             .output()
             .expect("lab.sh vm runs");
         assert!(out.status.success(), "lab.sh vm (marked guest): {}", String::from_utf8_lossy(&out.stderr));
-        let filled = "katamaran-guest dirty-mem: working set filled";
+        let filled = katamaran_guest::dirty::FILLED_LINE;
         let until = std::time::Instant::now() + Duration::from_secs(90);
         while !std::fs::read_to_string(&paths.console).unwrap_or_default().contains(filled) {
             assert!(

@@ -87,7 +87,11 @@ pub struct Dirtied {
 /// How often [`run_dirty`] reports that its check runs.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
 
-/// How `dirty-mem` begins the line for a page that lost its last write (`hack/guest/README.md`).
+/// How every line of `dirty-mem` begins; its first says the size and rate (`hack/guest/README.md`).
+pub const PREFIX: &str = "katamaran-guest dirty-mem:";
+/// How it begins the line that says its working set holds the `--fill` pattern.
+pub const FILLED_LINE: &str = "katamaran-guest dirty-mem: working set filled";
+/// How it begins the line for a page that lost its last write.
 pub const STALE_LINE: &str = "katamaran-guest dirty-mem: STALE MEMORY:";
 /// How it begins its heartbeat, every [`HEARTBEAT`] while the check runs.
 pub const CHECK_LINE: &str = "katamaran-guest dirty-mem: memory check:";

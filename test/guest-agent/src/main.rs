@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 
 use katamaran_guest::args::{switch, value, ArgError, Args};
-use katamaran_guest::dirty::{run_dirty, DirtyConfig, CHECK_LINE, STALE_LINE};
+use katamaran_guest::dirty::{run_dirty, DirtyConfig, CHECK_LINE, FILLED_LINE, PREFIX, STALE_LINE};
 use katamaran_guest::net::{self, PageInfo};
 use katamaran_guest::record::DEFAULT_RECORD_SIZE;
 use katamaran_guest::writer::{self, run_writer, WriterConfig};
@@ -202,7 +202,7 @@ fn dirty_mem(rest: &[String]) -> Result<Outcome, Failure> {
     let fill = args.get("fill").map(|f| f.as_bytes().to_vec()).unwrap_or_default();
     let cfg = DirtyConfig { mb, rate_mb_per_s: rate, duration: args.duration("duration")?, fill };
     eprintln!(
-        "katamaran-guest dirty-mem: {mb} MiB at {} (uptime {} ms)",
+        "{PREFIX} {mb} MiB at {} (uptime {} ms)",
         rate.map_or("full speed".to_owned(), |r| format!("{r} MiB/s")),
         sys::uptime_ms().unwrap_or(0)
     );
@@ -214,7 +214,7 @@ fn dirty_mem(rest: &[String]) -> Result<Outcome, Failure> {
         &AtomicBool::new(false),
         || {
             if filled > 0 {
-                eprintln!("katamaran-guest dirty-mem: working set filled ({mb} MiB)");
+                eprintln!("{FILLED_LINE} ({mb} MiB)");
             }
         },
         |m| {
@@ -245,6 +245,6 @@ fn dirty_mem(rest: &[String]) -> Result<Outcome, Failure> {
     if done.stale_pages > reported {
         eprintln!("{STALE_LINE} {} stale page(s) in all", done.stale_pages);
     }
-    eprintln!("katamaran-guest dirty-mem: dirtied {} MiB", done.bytes >> 20);
+    eprintln!("{PREFIX} dirtied {} MiB", done.bytes >> 20);
     Ok(if done.stale_pages == 0 { Outcome::Ok } else { Outcome::CheckFailed })
 }
