@@ -109,17 +109,35 @@ fn lab_fault_panic_in_the_source_task_rolls_back() {
 
 #[test]
 fn lab_fault_destination_qemu_killed_after_the_load_before_the_vote_rolls_back() {
-    let Some(w) = FaultLab::boot("fdk0", "", "dest-before-vote=hold") else { return };
+    incoming_qemu_killed_before_the_vote(
+        "fdk0",
+        None,
+        "destination QEMU killed after the load, before the vote",
+    );
+}
+
+/// The incoming QEMU killed while the destination is held before its vote (and the source, where
+/// given, at `source_hold`): the destination does not vote for a dead copy; the source rolls back
+/// and runs the same guest; nothing is left.
+fn incoming_qemu_killed_before_the_vote(id: &'static str, source_hold: Option<&str>, what: &str) {
+    let fail_a = source_hold.map(|point| format!("{point}=hold")).unwrap_or_default();
+    let Some(w) = FaultLab::boot(id, &fail_a, "dest-before-vote=hold") else { return };
     let boot_id = w.boot_id();
     let before = w.snapshot();
     let run = w.migrate_in_background(Node::A, &[]);
+    if let Some(point) = source_hold {
+        w.wait_held(point);
+    }
     w.wait_held("dest-before-vote");
     w.paused_first();
     w.kill_incoming_qemu();
     w.release("dest-before-vote");
+    if let Some(point) = source_hold {
+        w.release(point);
+    }
     let run = run.join().expect("katactl thread");
     assert_ne!(run.code, Some(0), "not a completed migration: {}", run.stdout);
-    w.assert_rolled_back(&before, &boot_id, "destination QEMU killed after the load, before the vote");
+    w.assert_rolled_back(&before, &boot_id, what);
     w.finish();
 }
 
@@ -405,24 +423,11 @@ fn lab_fault_destination_qemu_killed_after_the_vote_the_source_never_resumes() {
 /// does on every failure"): the kill must land before the vote for this case to be the one named.
 #[test]
 fn lab_fault_destination_qemu_killed_with_the_source_stopped_before_the_vote_rolls_back() {
-    let Some(w) = FaultLab::boot("fdq1", "source-after-stop=hold", "dest-before-vote=hold") else { return };
-    let boot_id = w.boot_id();
-    let before = w.snapshot();
-    let run = w.migrate_in_background(Node::A, &[]);
-    w.wait_held("source-after-stop");
-    w.wait_held("dest-before-vote");
-    w.kill_incoming_qemu();
-    w.paused_first();
-    w.release("dest-before-vote");
-    w.release("source-after-stop");
-    let run = run.join().expect("katactl thread");
-    assert_ne!(run.code, Some(0), "not a completed migration: {}", run.stdout);
-    w.assert_rolled_back(
-        &before,
-        &boot_id,
+    incoming_qemu_killed_before_the_vote(
+        "fdq1",
+        Some("source-after-stop"),
         "destination QEMU killed with the source stopped, before the vote",
     );
-    w.finish();
 }
 
 #[test]
